@@ -1,0 +1,9 @@
+"""The lab: profiles, a training loop, tiny models, the lab language model and its tasks.
+
+Submodules are imported on demand (``from peftlab.lab import profile``) so that a chapter
+that needs only the profile does not pay for transformers or datasets.
+
+Explained in: book/lab.ipynb
+"""
+
+__all__ = ["profile", "train", "models", "lm", "tasks"]

@@ -1,0 +1,98 @@
+"""The training loop: losses fall, only trainable parameters move, evals are recorded."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from peftlab.lab.train import History, train
+
+
+def _data(n=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    return x, y
+
+
+def test_loss_falls_and_evals_recorded():
+    x, y = _data()
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    acc = lambda m: (m(x).argmax(-1) == y).float().mean().item()
+    h = train(model, [(x, y)], steps=60, lr=1e-2, eval_fn=acc, eval_every=20, progress=False)
+    assert h.steps == list(range(1, 61)) and len(h.loss) == 60
+    assert h.final_loss(5) < 0.6 * h.loss[0]
+    assert [s for s, _ in h.evals["eval"]] == [0, 20, 40, 60]
+    assert h.last() > 0.9
+    assert h.seconds > 0
+
+
+def test_same_seed_same_run():
+    x, y = _data()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.2), nn.Linear(16, 2))
+        runs.append(train(model, [(x, y)], steps=10, seed=5, progress=False).loss)
+    assert runs[0] == runs[1]
+
+
+def test_only_requires_grad_parameters_train():
+    x, y = _data()
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    model[0].requires_grad_(False)
+    frozen = model[0].weight.clone()
+    head = model[2].weight.clone()
+    train(model, [(x, y)], steps=5, lr=1e-2, progress=False)
+    assert torch.equal(model[0].weight, frozen)
+    assert not torch.equal(model[2].weight, head)
+
+
+def test_callable_batches_dict_loss_scheduler_and_clip():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+
+        def forward(self, x, labels):
+            return {"loss": ((self.lin(x).squeeze(-1) - labels) ** 2).mean()}
+
+    seen = []
+
+    def batch(step):
+        seen.append(step)
+        x = torch.randn(8, 3)
+        return {"x": x, "labels": x.sum(-1)}
+
+    model = M()
+    sched = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    h = train(model, batch, steps=4, lr=1e-2, scheduler=sched, grad_clip=1.0, progress=False)
+    assert seen == [0, 1, 2, 3]
+    assert len(h.loss) == 4 and all(math.isfinite(v) for v in h.loss)
+
+
+def test_iterable_is_cycled():
+    x, y = _data(16)
+    data = [(x[:8], y[:8]), (x[8:], y[8:])]
+    h = train(nn.Linear(4, 2), data, steps=5, progress=False)
+    assert len(h.loss) == 5
+
+
+def test_history_helpers():
+    h = History(steps=[1, 2, 3, 4], loss=[4.0, 2.0, 1.0, 1.0])
+    assert h.smoothed(2) == [4.0, 3.0, 1.5, 1.0]
+    assert h.final_loss(2) == 1.0
+    assert h.steps_to(1.6, window=2) == 3
+    assert h.steps_to(0.1) is None
+    with pytest.raises(KeyError):
+        h.last("acc")
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="requires_grad"):
+        train(nn.Linear(2, 2).requires_grad_(False), [(torch.randn(2, 2), torch.zeros(2).long())], steps=1, progress=False)
+    with pytest.raises(TypeError, match="loss_fn"):
+        train(nn.Linear(2, 2), ["text"], steps=1, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        train(nn.Linear(2, 2), [], steps=1, progress=False)

@@ -1,0 +1,402 @@
+"""One look for every plot in the book: heatmaps, spectra, curves and parameter bars.
+
+Every function draws on a given ``ax`` (or makes one), labels its axes with what is shown
+and in which unit, and returns the matplotlib ``Axes`` (``heatmaps`` returns the ``Figure``).
+Importing the module applies the book's style (:func:`set_style`); it never chooses a
+backend, so it works under Agg (tests, CI) as in a notebook.
+
+Explained in: book/products.ipynb
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
+
+import matplotlib as mpl
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.colors import Normalize, TwoSlopeNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+ArrayLike = Any  # torch.Tensor, numpy array, nested lists, sympy Matrix of numbers
+
+# Diverging map centred at 0 for signed matrices (weights, deltas), sequential otherwise.
+SIGNED_CMAP = "RdBu_r"
+UNSIGNED_CMAP = "viridis"
+# Line colours, in order (colour-blind-safe "tab10" subset).
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+
+STYLE: dict[str, Any] = {
+    "figure.figsize": (5.0, 3.4),
+    "figure.dpi": 100,
+    "savefig.dpi": 150,
+    "figure.constrained_layout.use": True,
+    "font.size": 10,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "xtick.labelsize": 9,
+    "ytick.labelsize": 9,
+    "legend.fontsize": 9,
+    "legend.frameon": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linestyle": "-",
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.prop_cycle": mpl.cycler(color=COLORS),
+    "lines.linewidth": 1.6,
+    "image.cmap": UNSIGNED_CMAP,
+}
+
+
+def set_style() -> None:
+    """Apply the book's plotting style to matplotlib's global settings.
+
+    Explained in: book/products.ipynb
+    """
+    mpl.rcParams.update(STYLE)
+
+
+set_style()
+
+
+def _to_numpy(M: ArrayLike) -> np.ndarray:
+    """A float numpy copy of a tensor / array / nested list (detached, on CPU)."""
+    if hasattr(M, "detach"):  # torch.Tensor
+        M = M.detach().to("cpu").float().numpy()
+    return np.asarray(M, dtype=float)
+
+
+def _new_ax(ax: Optional[Axes], figsize: Optional[tuple[float, float]] = None) -> Axes:
+    if ax is not None:
+        return ax
+    _, ax = plt.subplots(figsize=figsize)
+    return ax
+
+
+# ----------------------------------------------------------------------------- heatmaps
+
+
+def heatmap(
+    M: ArrayLike,
+    ax: Optional[Axes] = None,
+    title: Optional[str] = None,
+    signed: bool = True,
+    annotate: bool = False,
+    *,
+    vmax: Optional[float] = None,
+    blocks: Optional[tuple[int, int]] = None,
+    colorbar: bool = True,
+    xlabel: str = "column j",
+    ylabel: str = "row i",
+    fmt: str = "{:.2g}",
+) -> Axes:
+    """Draw a matrix as coloured cells, row i down and column j across.
+
+    ``signed=True`` uses a diverging map centred at 0 (blue < 0 < red) with a symmetric
+    range ±``vmax`` (default max |M|); ``signed=False`` a sequential map. ``annotate``
+    writes each value in its cell (for small matrices); ``blocks=(p, q)`` draws lines every
+    p rows and q columns, e.g. the p×q blocks a_ij·B of a Kronecker product A ⊗ B.
+
+    Explained in: book/products.ipynb
+    """
+    X = _to_numpy(M)
+    if X.ndim == 1:
+        X = X[None, :]
+    if X.ndim != 2:
+        raise ValueError(f"heatmap needs a matrix (2-D), got shape {tuple(X.shape)}")
+    ax = _new_ax(ax)
+    finite = X[np.isfinite(X)]
+    if signed:
+        vm = float(vmax) if vmax is not None else (float(np.abs(finite).max()) if finite.size else 1.0)
+        vm = vm if vm > 0 else 1.0
+        norm: Normalize = TwoSlopeNorm(vcenter=0.0, vmin=-vm, vmax=vm)
+        cmap = SIGNED_CMAP
+    else:
+        lo = float(finite.min()) if finite.size else 0.0
+        hi = float(vmax) if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+        norm = Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1.0)
+        cmap = UNSIGNED_CMAP
+    im = ax.imshow(X, cmap=cmap, norm=norm, interpolation="nearest", aspect="equal")
+    ax.grid(False)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(True)
+    rows, cols = X.shape
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(cols, 8)))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(rows, 8)))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_title(title)
+    if blocks is not None:
+        p, q = blocks
+        for r in range(p, rows, p):
+            ax.axhline(r - 0.5, color="black", linewidth=1.2)
+        for c in range(q, cols, q):
+            ax.axvline(c - 0.5, color="black", linewidth=1.2)
+    if annotate:
+        for i in range(rows):
+            for j in range(cols):
+                v = X[i, j] + 0.0  # + 0.0 turns -0.0 into 0.0
+                # dark cells get white text
+                rgba = im.cmap(im.norm(v))
+                light = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.5
+                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8,
+                        color="black" if light else "white")
+    if colorbar:
+        ax.figure.colorbar(im, ax=ax, shrink=0.8, label="value")
+    return ax
+
+
+def heatmaps(
+    Ms: Sequence[ArrayLike],
+    titles: Optional[Sequence[str]] = None,
+    signed: bool = True,
+    annotate: bool = False,
+    *,
+    shared_scale: bool = False,
+    blocks: Optional[Sequence[Optional[tuple[int, int]]]] = None,
+    size: float = 2.8,
+    suptitle: Optional[str] = None,
+) -> Figure:
+    """Draw several matrices side by side in one row (one colour bar each, or a shared scale).
+
+    Explained in: book/products.ipynb
+    """
+    Ms = list(Ms)
+    if not Ms:
+        raise ValueError("heatmaps needs at least one matrix")
+    if titles is not None and len(titles) != len(Ms):
+        raise ValueError(f"got {len(Ms)} matrices but {len(titles)} titles")
+    if blocks is not None and len(blocks) != len(Ms):
+        raise ValueError(f"got {len(Ms)} matrices but {len(blocks)} block specs")
+    vmax = None
+    if shared_scale:
+        vmax = max(float(np.abs(_to_numpy(M)).max()) for M in Ms) or 1.0
+    fig, axes = plt.subplots(1, len(Ms), figsize=(size * len(Ms) + 0.6, size), squeeze=False)
+    for k, (M, ax) in enumerate(zip(Ms, axes[0])):
+        heatmap(
+            M,
+            ax=ax,
+            title=None if titles is None else titles[k],
+            signed=signed,
+            annotate=annotate,
+            vmax=vmax,
+            blocks=None if blocks is None else blocks[k],
+            colorbar=not shared_scale,
+            ylabel="row i" if k == 0 else "",
+        )
+    if shared_scale:
+        fig.colorbar(axes[0][-1].images[0], ax=list(axes[0]), shrink=0.8, label="value")
+    if suptitle:
+        fig.suptitle(suptitle)
+    return fig
+
+
+# ----------------------------------------------------------------------------- spectra
+
+
+def _singular_values(x: ArrayLike) -> np.ndarray:
+    X = _to_numpy(x)
+    if X.ndim == 2:
+        return np.linalg.svd(X, compute_uv=False)
+    if X.ndim == 1:
+        return np.sort(np.abs(X))[::-1]
+    raise ValueError(f"spectrum needs singular values (1-D) or a matrix (2-D), got shape {X.shape}")
+
+
+def spectrum(
+    values: Union[ArrayLike, Mapping[str, ArrayLike], Sequence[ArrayLike]],
+    ax: Optional[Axes] = None,
+    label: Optional[Union[str, Sequence[str]]] = None,
+    log: bool = True,
+    normalise: bool = False,
+    *,
+    threshold: Optional[float] = None,
+    marker: str = "o",
+) -> Axes:
+    """Plot singular-value spectra σ_1 ≥ σ_2 ≥ … against their index k.
+
+    ``values`` is one matrix or one vector of singular values, a list of them, or a dict
+    name → matrix/values (the names become the legend). ``normalise`` divides each
+    spectrum by its σ_1; ``log`` uses a log y-axis (zeros are clipped to the smallest
+    positive value shown); ``threshold`` draws a horizontal line, e.g. the cut-off of a
+    numerical rank.
+
+    Explained in: book/products.ipynb
+    """
+    if isinstance(values, Mapping):
+        names: list[Optional[str]] = list(values.keys())
+        items = list(values.values())
+    elif isinstance(values, (list, tuple)) and values and _is_matrix_or_vector(values[0]):
+        items = list(values)
+        if label is None or isinstance(label, str):
+            names = [label] + [None] * (len(items) - 1) if label else [None] * len(items)
+        else:
+            names = list(label)
+    else:
+        items = [values]
+        names = [label if isinstance(label, str) or label is None else label[0]]
+    ax = _new_ax(ax)
+    floor = None
+    for name, item in zip(names, items):
+        s = _singular_values(item)
+        if normalise and s.size and s[0] > 0:
+            s = s / s[0]
+        if log:
+            pos = s[s > 0]
+            tiny = pos.min() * 1e-1 if pos.size else 1e-16
+            floor = tiny if floor is None else min(floor, tiny)
+            s = np.where(s > 0, s, tiny)
+        k = np.arange(1, s.size + 1)
+        ax.plot(k, s, marker=marker, markersize=3 if s.size > 20 else 5, label=name)
+    if threshold is not None:
+        ax.axhline(threshold, color="grey", linestyle="--", linewidth=1, label="threshold")
+    if log:
+        ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("index k (largest first)")
+    ax.set_ylabel("σ_k / σ_1" if normalise else "singular value σ_k")
+    if any(n for n in names) or threshold is not None:
+        ax.legend()
+    return ax
+
+
+def _is_matrix_or_vector(x: Any) -> bool:
+    return hasattr(x, "shape") or (isinstance(x, (list, tuple)) and len(x) > 0 and isinstance(x[0], (list, tuple)))
+
+
+# ----------------------------------------------------------------------------- curves
+
+
+def _series(v: Any) -> tuple[np.ndarray, np.ndarray]:
+    """x and y of one curve: a sequence of numbers (x = 0, 1, …), a pair (xs, ys), a
+    sequence of (x, y) pairs, or a History-like object with a ``.loss`` list."""
+    if hasattr(v, "loss") and not hasattr(v, "shape"):
+        v = v.loss
+    if isinstance(v, tuple) and len(v) == 2 and np.ndim(v[0]) == 1 and np.ndim(v[1]) == 1:
+        return np.asarray(v[0], dtype=float), np.asarray(_to_numpy(v[1]), dtype=float)
+    y = _to_numpy(v)
+    if y.ndim == 2 and y.shape[1] == 2:  # [(x, y), ...]
+        return y[:, 0], y[:, 1]
+    if y.ndim != 1:
+        raise ValueError(f"a curve needs a 1-D sequence, (xs, ys) or (x, y) pairs; got shape {y.shape}")
+    return np.arange(y.size, dtype=float), y
+
+
+def _smooth(y: np.ndarray, window: int) -> np.ndarray:
+    """Trailing running mean over ``window`` points (shorter at the start)."""
+    if window <= 1 or y.size == 0:
+        return y
+    c = np.cumsum(np.insert(y, 0, 0.0))
+    idx = np.arange(1, y.size + 1)
+    lo = np.maximum(idx - window, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def curves(
+    data: Mapping[str, Any],
+    ax: Optional[Axes] = None,
+    xlabel: str = "step",
+    ylabel: str = "training loss",
+    smooth: int = 0,
+    *,
+    log: bool = False,
+    title: Optional[str] = None,
+    raw_alpha: float = 0.25,
+) -> Axes:
+    """Plot named curves (loss or accuracy against steps) on one axes.
+
+    Each value is a list/array of numbers (x = 0, 1, …), a pair ``(xs, ys)``, a list of
+    ``(x, y)`` pairs, or a History-like object with a ``.loss`` list. ``smooth=w`` draws the
+    trailing running mean over w points, with the raw curve faint behind it.
+
+    Explained in: book/products.ipynb
+    """
+    if not isinstance(data, Mapping) or not data:
+        raise ValueError("curves needs a non-empty dict name -> values")
+    ax = _new_ax(ax)
+    for k, (name, v) in enumerate(data.items()):
+        x, y = _series(v)
+        color = COLORS[k % len(COLORS)]
+        if smooth and smooth > 1:
+            ax.plot(x, y, color=color, alpha=raw_alpha, linewidth=1)
+            ax.plot(x, _smooth(y, int(smooth)), color=color, label=name)
+        else:
+            ax.plot(x, y, color=color, label=name)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    return ax
+
+
+# ----------------------------------------------------------------------------- bars
+
+
+def bars(
+    counts: Mapping[str, float],
+    ax: Optional[Axes] = None,
+    ylabel: str = "parameters",
+    log: bool = False,
+    *,
+    annotate: bool = True,
+    title: Optional[str] = None,
+    colors: Optional[Sequence[str]] = None,
+) -> Axes:
+    """Bar chart of named counts (e.g. trainable parameters per method), values on the bars.
+
+    Explained in: book/products.ipynb
+    """
+    if not isinstance(counts, Mapping) or not counts:
+        raise ValueError("bars needs a non-empty dict name -> count")
+    ax = _new_ax(ax)
+    names = [str(n) for n in counts]
+    vals = [float(_to_numpy(v)) for v in counts.values()]
+    cols = list(colors) if colors is not None else [COLORS[k % len(COLORS)] for k in range(len(vals))]
+    rects = ax.bar(names, vals, color=cols)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="x", visible=False)
+    if annotate:
+        labels = [_fmt_count(v) for v in vals]
+        ax.bar_label(rects, labels=labels, padding=2, fontsize=8)
+        pos = [v for v in vals if v > 0]
+        if log and pos:
+            ax.set_ylim(min(pos) / 3, max(pos) * 2)  # room for the smallest bar and the labels
+        elif not log:
+            ax.set_ylim(0, max(vals) * 1.12 if max(vals) > 0 else 1)
+    if len(names) > 4 and max(len(n) for n in names) > 6:
+        ax.tick_params(axis="x", labelrotation=30)
+        for t in ax.get_xticklabels():
+            t.set_horizontalalignment("right")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def _fmt_count(v: float) -> str:
+    if v == int(v):
+        return f"{int(v):,}"
+    return f"{v:.3g}"
+
+
+__all__ = [
+    "COLORS",
+    "SIGNED_CMAP",
+    "STYLE",
+    "UNSIGNED_CMAP",
+    "bars",
+    "curves",
+    "heatmap",
+    "heatmaps",
+    "set_style",
+    "spectrum",
+]

@@ -1,0 +1,101 @@
+"""peftlab.viz: every plot draws, labels its axes, and returns what it says."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from matplotlib.axes import Axes
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
+
+from peftlab import viz
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def test_heatmap_signed_is_centred_at_zero_and_labelled():
+    M = torch.tensor([[1.0, -3.0], [0.5, 2.0]])
+    ax = viz.heatmap(M, title="M", annotate=True)
+    assert isinstance(ax, Axes)
+    assert ax.get_title() == "M"
+    assert ax.get_xlabel() and ax.get_ylabel()
+    norm = ax.images[0].norm
+    assert isinstance(norm, TwoSlopeNorm)
+    assert norm.vmin == -3.0 and norm.vmax == 3.0 and norm.vcenter == 0.0
+    assert [t.get_text() for t in ax.texts] == ["1", "-3", "0.5", "2"]
+
+
+def test_heatmap_unsigned_blocks_and_existing_ax():
+    fig, ax = plt.subplots()
+    out = viz.heatmap(np.arange(16.0).reshape(4, 4), ax=ax, signed=False, blocks=(2, 2))
+    assert out is ax
+    assert ax.images[0].norm.vmin == 0.0 and ax.images[0].norm.vmax == 15.0
+    assert len(ax.lines) == 2  # one horizontal and one vertical block boundary
+
+
+def test_heatmap_rejects_3d():
+    with pytest.raises(ValueError, match="2-D"):
+        viz.heatmap(np.zeros((2, 2, 2)))
+
+
+def test_heatmaps_row_with_titles_and_shared_scale():
+    fig = viz.heatmaps([np.eye(2), -2 * np.eye(3)], titles=["A", "B"], shared_scale=True)
+    assert isinstance(fig, Figure)
+    axes = [a for a in fig.axes if a.images]
+    assert [a.get_title() for a in axes] == ["A", "B"]
+    assert all(a.images[0].norm.vmax == 2.0 for a in axes)
+    with pytest.raises(ValueError, match="titles"):
+        viz.heatmaps([np.eye(2)], titles=["a", "b"])
+
+
+def test_spectrum_from_matrix_values_and_dict():
+    ax = viz.spectrum(torch.diag(torch.tensor([3.0, 2.0, 0.0])), label="diag")
+    assert isinstance(ax, Axes)
+    assert ax.get_yscale() == "log"
+    y = ax.lines[0].get_ydata()
+    assert y[0] == pytest.approx(3.0) and y[1] == pytest.approx(2.0) and 0 < y[2] < 2.0  # zero clipped
+    assert "singular value" in ax.get_ylabel() and "index" in ax.get_xlabel()
+    ax2 = viz.spectrum({"a": [4.0, 2.0, 1.0], "b": np.eye(3)}, normalise=True, log=False)
+    assert len(ax2.lines) == 2
+    assert ax2.lines[0].get_ydata()[0] == pytest.approx(1.0)
+    assert [t.get_text() for t in ax2.get_legend().get_texts()] == ["a", "b"]
+    ax3 = viz.spectrum([np.eye(2), 2 * np.eye(3)], label=["I2", "2·I3"])
+    assert len(ax3.lines) == 2
+
+
+def test_curves_lists_pairs_history_and_smoothing():
+    class History:
+        loss = [3.0, 2.0, 1.0, 0.5]
+
+    ax = viz.curves(
+        {"list": [1.0, 0.5, 0.25], "pairs": [(0, 1.0), (10, 0.3)], "xy": ([0, 5], [2.0, 1.0]), "hist": History()},
+        ylabel="loss (nats)",
+    )
+    assert ax.get_xlabel() == "step" and ax.get_ylabel() == "loss (nats)"
+    assert len(ax.lines) == 4
+    assert list(ax.lines[1].get_xdata()) == [0, 10]
+    ax2 = viz.curves({"s": np.array([0.0, 2.0, 4.0])}, smooth=2)
+    assert len(ax2.lines) == 2  # raw (faint) + smoothed
+    np.testing.assert_allclose(ax2.lines[1].get_ydata(), [0.0, 1.0, 3.0])
+
+
+def test_bars_counts_labelled():
+    ax = viz.bars({"LoRA r=4": 4392, "full": 85002}, log=True)
+    assert isinstance(ax, Axes)
+    assert ax.get_ylabel() == "parameters" and ax.get_yscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["LoRA r=4", "full"]
+    assert [t.get_text() for t in ax.texts] == ["4,392", "85,002"]
+    with pytest.raises(ValueError):
+        viz.bars({})

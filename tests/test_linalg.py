@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from peftlab import linalg
 
 torch.set_num_threads(1)
-settings.register_profile("peftlab_linalg", max_examples=40, deadline=None, derandomize=True)
-settings.load_profile("peftlab_linalg")
+# local to this module (a global profile would change other test files' settings)
+small = settings(max_examples=40, deadline=None, derandomize=True)
 
 dims = st.integers(min_value=1, max_value=4)
 seeds = st.integers(min_value=0, max_value=2**31 - 1)
@@ -37,18 +37,21 @@ def rank(X: torch.Tensor) -> int:
 # ------------------------------------------------------------------ equal to the torch ops
 
 
+@small
 @given(m=dims, n=dims, p=dims, seed=seeds)
 def test_matmul_equals_torch(m, n, p, seed):
     A, B = rand(seed, m, n), rand(seed + 7, n, p)
     torch.testing.assert_close(linalg.matmul(A, B), A @ B)
 
 
+@small
 @given(m=dims, n=dims, seed=seeds)
 def test_hadamard_equals_torch(m, n, seed):
     A, B = rand(seed, m, n), rand(seed + 7, m, n)
     torch.testing.assert_close(linalg.hadamard(A, B), A * B)
 
 
+@small
 @given(m=dims, n=dims, p=dims, q=dims, seed=seeds)
 def test_kron_equals_torch_and_index_formula(m, n, p, q, seed):
     A, B = rand(seed, m, n), rand(seed + 7, p, q)
@@ -76,6 +79,7 @@ def test_the_notes_2x2_examples_on_integers():
 # ------------------------------------------------------------------ vec / unvec
 
 
+@small
 @given(m=dims, n=dims, seed=seeds)
 def test_vec_stacks_columns_and_unvec_inverts(m, n, seed):
     X = rand(seed, m, n)
@@ -88,12 +92,14 @@ def test_vec_stacks_columns_and_unvec_inverts(m, n, seed):
 # ------------------------------------------------------------------ identities
 
 
+@small
 @given(m=dims, n=dims, p=dims, q=dims, r1=dims, r2=dims, seed=seeds)
 def test_rank_of_kron_is_product_of_ranks(m, n, p, q, r1, r2, seed):
     A, B = low_rank(seed, m, n, r1), low_rank(seed + 3, p, q, r2)
     assert rank(linalg.kron(A, B)) == rank(A) * rank(B)
 
 
+@small
 @given(m=st.integers(1, 6), n=st.integers(1, 6), r1=dims, r2=dims, seed=seeds)
 def test_rank_of_hadamard_at_most_product_of_ranks(m, n, r1, r2, seed):
     A, B = low_rank(seed, m, n, r1), low_rank(seed + 3, m, n, r2)
@@ -107,6 +113,7 @@ def test_hadamard_of_two_rank_2_reaches_rank_4():
     assert rank(linalg.hadamard(A, B)) == 4
 
 
+@small
 @given(m=dims, n=dims, k=dims, p=dims, q=dims, s=dims, seed=seeds)
 def test_mixed_product_rule(m, n, k, p, q, s, seed):
     # (A ⊗ B)(C ⊗ D) = (AC) ⊗ (BD) with A m×n, C n×k, B p×q, D q×s
@@ -117,6 +124,7 @@ def test_mixed_product_rule(m, n, k, p, q, s, seed):
     torch.testing.assert_close(left, right)
 
 
+@small
 @given(m=dims, n=dims, p=dims, q=dims, seed=seeds)
 def test_kron_times_vec_is_vec_of_sandwich(m, n, p, q, seed):
     # (A ⊗ B) vec(X) = vec(B X Aᵀ), A m×n, B p×q, X q×n
@@ -126,6 +134,7 @@ def test_kron_times_vec_is_vec_of_sandwich(m, n, p, q, seed):
     torch.testing.assert_close(left, right)
 
 
+@small
 @given(m=dims, n=dims, p=dims, q=dims, seed=seeds)
 def test_transpose_rules(m, n, p, q, seed):
     A, B = rand(seed, m, n), rand(seed + 1, p, q)

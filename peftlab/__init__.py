@@ -1,0 +1,24 @@
+"""peftlab: parameter-efficient fine-tuning built from scratch, with PEFT's API and adapter files.
+
+Replace ``import peft`` with ``import peftlab``: the names below behave as peft 0.21's do, and adapters
+saved by either library load in the other.
+
+Explained in: book/quickstart.ipynb
+"""
+
+from peftlab.config import PeftConfig, PeftType, TaskType
+from peftlab.mapping import get_peft_model, inject_adapter_in_model
+from peftlab.peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction,
+                                PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM,
+                                PeftModelForSequenceClassification, PeftModelForTokenClassification)
+from peftlab.tuners.lora import LoraConfig, LoraModel
+from peftlab.utils.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PeftConfig", "PeftType", "TaskType", "LoraConfig", "LoraModel", "get_peft_model", "inject_adapter_in_model",
+    "PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
+    "get_peft_model_state_dict", "set_peft_model_state_dict", "__version__",
+]

@@ -1,0 +1,46 @@
+"""Entry points: ``get_peft_model`` and ``inject_adapter_in_model``, and the method registry.
+
+Explained in: book/quickstart.ipynb
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from peftlab.config import PeftConfig
+from peftlab.peft_model import MODEL_TYPE_TO_PEFT_MODEL, PEFT_TYPE_TO_TUNER, PeftModel, tuner_for
+from peftlab.tuners.lora import LoraConfig, LoraModel
+
+PEFT_TYPE_TO_TUNER.update({LoraConfig.PEFT_TYPE: LoraModel})
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", mixed: bool = False,
+                   autocast_adapter_dtype: bool = True, revision: str | None = None,
+                   low_cpu_mem_usage: bool = False) -> PeftModel:
+    """Wrap ``model`` with a new adapter described by ``peft_config``; only the adapter is trainable.
+
+    The class returned follows ``peft_config.task_type`` (e.g. ``PeftModelForCausalLM``).
+
+    Explained in: book/quickstart.ipynb
+    """
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(f"peft_config must be a PeftConfig such as LoraConfig(...), not {type(peft_config).__name__}")
+    if mixed:
+        raise ValueError("mixed=True (several adapter types in one model) is not implemented in peftlab")
+    if revision is not None:
+        peft_config.revision = revision
+    cls = MODEL_TYPE_TO_PEFT_MODEL.get(str(peft_config.task_type), PeftModel)
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
+                            low_cpu_mem_usage: bool = False) -> nn.Module:
+    """Put adapter layers into ``model`` itself (no ``PeftModel`` around it) and return it.
+
+    State-dict names then have no ``base_model.model.`` prefix, as in transformers' and diffusers'
+    adapter integrations.
+
+    Explained in: book/integrations.ipynb
+    """
+    tuner_for(peft_config)(model, {adapter_name: peft_config}, adapter_name)
+    return model

@@ -1,0 +1,357 @@
+"""``PeftModel``: a base model plus adapters, with PEFT's public API (save, load, switch, merge, count).
+
+``PeftModel`` holds the tuner as ``base_model`` and the original model as ``base_model.model``, which gives
+PEFT's state-dict names. The task subclasses (causal LM, seq2seq, sequence classification, ...) add what
+their task needs: ``generate``, a trainable classification head.
+
+Explained in: book/quickstart.ipynb
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftlab.config import PeftConfig, TaskType
+from peftlab.tuners.base import BaseTuner
+from peftlab.tuners.routing import BASE_ADAPTER, mixed_batch
+from peftlab.utils.io import (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, atomic_save_tensors, load_adapter_weights,
+                              resolve_adapter_dir)
+from peftlab.utils.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
+
+# peft_type -> tuner class; methods register themselves in peftlab.mapping
+PEFT_TYPE_TO_TUNER: dict[str, type[BaseTuner]] = {}
+
+
+def tuner_for(config: PeftConfig) -> type[BaseTuner]:
+    peft_type = str(config.peft_type.value if hasattr(config.peft_type, "value") else config.peft_type)
+    if peft_type not in PEFT_TYPE_TO_TUNER:
+        raise ValueError(f"peft_type={peft_type!r} is not implemented; implemented: {sorted(PEFT_TYPE_TO_TUNER)}")
+    return PEFT_TYPE_TO_TUNER[peft_type]
+
+
+def _model_name(model: nn.Module) -> str | None:
+    name = model.__dict__.get("name_or_path")
+    if name is None:
+        name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return name or None
+
+
+class PeftModel(nn.Module):
+    """A base model with adapters.
+
+    Explained in: book/quickstart.ipynb
+    """
+
+    #: modules a task adds to ``modules_to_save`` by itself (e.g. the classifier head)
+    task_modules_to_save: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True) -> None:
+        super().__init__()
+        peft_config = self._add_task_modules(peft_config, model)
+        if peft_config.base_model_name_or_path is None:
+            peft_config.base_model_name_or_path = _model_name(model)
+        self.base_model = tuner_for(peft_config)(model, {adapter_name: peft_config}, adapter_name)
+        if not autocast_adapter_dtype:  # keep adapters in the base dtype (e.g. bf16) instead of float32
+            dtype = next(model.parameters()).dtype
+            for _, layer in self.base_model.adapter_layers():
+                for attr in layer.adapter_layer_names:
+                    getattr(layer, attr).to(dtype)
+
+    def _add_task_modules(self, config: PeftConfig, model: nn.Module) -> PeftConfig:
+        if not self.task_modules_to_save or not hasattr(config, "modules_to_save"):
+            return config
+        wanted = list(config.modules_to_save or [])
+        config.modules_to_save = wanted + [m for m in self.task_modules_to_save if m not in wanted]
+        # peft lists every head name; the tuner skips the ones this model lacks
+        return config
+
+    # ---- delegation ---------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (its adapter layers included)."""
+        return self.base_model.model
+
+    # ---- forward ----------------------------------------------------------------------------------
+    def _check_adapter_names(self, adapter_names: Sequence[str] | None, batch: int | None) -> None:
+        if adapter_names is None:
+            return
+        if isinstance(adapter_names, str):
+            raise TypeError("adapter_names takes one adapter name per row of the batch (a list), not a string")
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE_ADAPTER})
+        if unknown:
+            raise ValueError(f"adapter_names contains unknown adapters {unknown}; adapters: "
+                             f"{sorted(self.peft_config)} (or {BASE_ADAPTER!r} for the base model)")
+        if batch is not None and len(adapter_names) != batch:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows; "
+                             "give one adapter name per row")
+
+    @staticmethod
+    def _batch_size(args: tuple, kwargs: dict) -> int | None:
+        for v in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds"), kwargs.get("x")):
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                return v.shape[0]
+        return None
+
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """Run the model; ``adapter_names`` (one per row) routes each row through its own adapter."""
+        self._check_adapter_names(adapter_names, self._batch_size(args, kwargs))
+        with mixed_batch(adapter_names):
+            return self.base_model(*args, **kwargs)
+
+    # ---- adapters ---------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add a new adapter (not activated: call ``set_adapter`` to use it)."""
+        current = next(iter(self.peft_config.values()))
+        if str(peft_config.peft_type) != str(current.peft_type):
+            raise ValueError(f"this model's adapters are {current.peft_type}; a {peft_config.peft_type} adapter "
+                             "cannot be added to it")
+        peft_config = self._add_task_modules(peft_config, self.get_base_model())
+        if peft_config.base_model_name_or_path is None:
+            peft_config.base_model_name_or_path = current.base_model_name_or_path
+        self.base_model.inject_adapter(adapter_name, peft_config)
+        # a fresh adapter is trainable only when it is active: keep the current active adapter as it was
+        self.base_model.set_adapter(self.active_adapter)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active adapter (it becomes trainable unless loaded for inference)."""
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter that is not active."""
+        if adapter_name in self.active_adapters:
+            others = sorted(set(self.peft_config) - {adapter_name})
+            raise ValueError(
+                f"adapter {adapter_name!r} is the active adapter; switch with set_adapter(...) to one of {others} "
+                "first" if others else
+                f"adapter {adapter_name!r} is the only adapter; use unload() to get the plain model back"
+            )
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within this context the model computes exactly what the base model computes."""
+        self.base_model.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.base_model.enable_adapter_layers()
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Sequence[str] | None = None) -> nn.Module:
+        """Merge adapters into the base weights and return the plain base model."""
+        return self.base_model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge,
+                                                adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove all adapter layers and return the plain base model, unchanged."""
+        return self.base_model.unload()
+
+    # ---- counting ---------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), counting every ``named_parameters()`` entry once."""
+        trainable = total = 0
+        for _, p in self.named_parameters():
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print peft's line: ``trainable params: N || all params: M || trainable%: P``."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ---- files ------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        selected_adapters: Sequence[str] | None = None, is_main_process: bool = True,
+                        **kwargs: Any) -> None:
+        """Write each adapter as ``adapter_model.safetensors`` + ``adapter_config.json``; the ``default``
+        adapter in ``save_directory``, any other in ``save_directory/<name>``.
+
+        Explained in: book/configs.ipynb
+        """
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!s} is a file; pass a folder path")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = sorted(set(names) - set(self.peft_config))
+        if unknown:
+            raise ValueError(f"selected_adapters {unknown} do not exist; adapters: {sorted(self.peft_config)}")
+        if not is_main_process:
+            return
+        for name in names:
+            folder = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
+            config = copy.copy(self.peft_config[name])
+            state = get_peft_model_state_dict(self, name, config)
+            os.makedirs(folder, exist_ok=True)
+            weights = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+            atomic_save_tensors(state, os.path.join(folder, weights), safe_serialization)
+            config.inference_mode = True
+            if config.base_model_name_or_path is None:
+                config.base_model_name_or_path = _model_name(self.get_base_model())
+            if config.task_type is None:
+                base = self.get_base_model()
+                config.auto_mapping = {"base_model_class": type(base).__name__,
+                                       "parent_library": type(base).__module__}
+            config.save_pretrained(folder)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: PeftConfig | None = None, allow_pickle: bool = False,
+                        **kwargs: Any) -> PeftModel:
+        """Wrap ``model`` with the adapter saved in ``model_id`` (a folder written by ``save_pretrained`` in
+        peftlab or peft). The adapter is frozen unless ``is_trainable=True``.
+
+        Explained in: book/configs.ipynb
+        """
+        folder = resolve_adapter_dir(model_id, subfolder=kwargs.get("subfolder"))
+        if config is None:
+            config = PeftConfig.from_pretrained(folder)
+        config.inference_mode = not is_trainable
+        weights = load_adapter_weights(folder, allow_pickle=allow_pickle)  # read before touching the model
+        task = config.task_type
+        peft_cls = MODEL_TYPE_TO_PEFT_MODEL.get(str(task), PeftModel) if cls is PeftModel else cls
+        peft_model = peft_cls(model, config, adapter_name)
+        try:
+            set_peft_model_state_dict(peft_model, weights, adapter_name, config)
+        except ValueError:
+            peft_model.unload()  # leave the caller's model as it was
+            raise
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     allow_pickle: bool = False, **kwargs: Any) -> None:
+        """Add the adapter saved in ``model_id`` under ``adapter_name`` (not activated)."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another adapter_name")
+        folder = resolve_adapter_dir(model_id, subfolder=kwargs.get("subfolder"))
+        config = PeftConfig.from_pretrained(folder)
+        config.inference_mode = not is_trainable
+        weights = load_adapter_weights(folder, allow_pickle=allow_pickle)
+        self.add_adapter(adapter_name, config)
+        try:
+            set_peft_model_state_dict(self, weights, adapter_name, config)
+        except ValueError:
+            self.base_model.delete_adapter(adapter_name)
+            raise
+        if not is_trainable:
+            self.eval()
+
+
+class PeftModelForCausalLM(PeftModel):
+    """A causal language model with adapters; ``generate`` accepts ``adapter_names`` for mixed batches.
+
+    Explained in: book/quickstart.ipynb
+    """
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, adapter_names: Sequence[str] | None = None,
+                **kwargs: Any) -> Any:
+        return PeftModel.forward(self, adapter_names=adapter_names, **_drop_none(dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=return_dict, **kwargs)))
+
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        self._check_adapter_names(adapter_names, self._batch_size(args, kwargs))
+        with mixed_batch(adapter_names):
+            return self.get_base_model().generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
+
+
+class PeftModelForSeq2SeqLM(PeftModelForCausalLM):
+    """An encoder-decoder model with adapters (T5, BART, mT0, ...).
+
+    Explained in: book/quickstart.ipynb
+    """
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, adapter_names: Sequence[str] | None = None,
+                **kwargs: Any) -> Any:
+        return PeftModel.forward(self, adapter_names=adapter_names, **_drop_none(dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+            decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)))
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """A sequence classifier with adapters; its head (``classifier`` or ``score``) trains and is saved too.
+
+    Explained in: book/quickstart.ipynb
+    """
+
+    task_modules_to_save = ("classifier", "score")
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, adapter_names: Sequence[str] | None = None,
+                **kwargs: Any) -> Any:
+        return PeftModel.forward(self, adapter_names=adapter_names, **_drop_none(dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=return_dict, **kwargs)))
+
+
+class PeftModelForTokenClassification(PeftModelForSequenceClassification):
+    """A token classifier with adapters; its ``classifier``/``score`` head trains and is saved too."""
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """An extractive QA model with adapters; its ``qa_outputs`` head trains and is saved too."""
+
+    task_modules_to_save = ("qa_outputs",)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """An encoder producing features (embeddings) with adapters."""
+
+
+def _drop_none(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+MODEL_TYPE_TO_PEFT_MODEL: dict[str, type[PeftModel]] = {
+    TaskType.CAUSAL_LM.value: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM.value: PeftModelForSeq2SeqLM,
+    TaskType.SEQ_CLS.value: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS.value: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS.value: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION.value: PeftModelForFeatureExtraction,
+}

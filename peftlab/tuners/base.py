@@ -1,0 +1,522 @@
+"""The one adapter mechanism every method plugs into.
+
+Two pieces:
+
+* :class:`AdapterLayer` wraps one frozen layer (``base_layer``) and holds any number of *named* adapters
+  for it. It owns everything that is the same for all methods: which adapters are active, enabling and
+  disabling, merging into and unmerging out of the base weight, deleting, and mixed batches (each row of a
+  batch through its own adapter). A method subclass adds only its math: ``update_layer`` (create the
+  tensors of one adapter), ``adapter_forward`` and ``get_delta_weight`` (or its own merge rule).
+* :class:`BaseTuner` walks a model, finds the target modules, wraps them, marks only adapter tensors as
+  trainable, and merges or unloads everything at the end. A method subclass says which layer class wraps
+  which module type (``create_new_module``).
+
+State-dict names, saving and loading live in :mod:`peftlab.utils.save_and_load` and work from the
+structure built here (``adapter_layer_names``), not from substrings of parameter names.
+
+Explained in: book/lora.ipynb
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from peftlab.tuners import matching
+from peftlab.tuners.modules_to_save import ModulesToSaveWrapper
+from peftlab.tuners.routing import _ROUTING, BASE_ADAPTER, Routing, mixed_batch  # noqa: F401
+
+# ---------------------------------------------------------------------------------------------------
+# Adapter layers
+# ---------------------------------------------------------------------------------------------------
+class AdapterLayer(nn.Module):
+    """A frozen ``base_layer`` plus named adapters; the base of every method's layer.
+
+    Subclasses set ``adapter_layer_names`` (the ``nn.ModuleDict``/``nn.ParameterDict`` attributes holding
+    trainable adapter tensors, keyed by adapter name) and ``other_param_names`` (plain per-adapter dicts such
+    as ``r`` or ``scaling``), and implement ``update_layer``, ``adapter_forward`` and ``get_delta_weight``.
+
+    Explained in: book/lora.ipynb
+    """
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+    #: True when the stored base weight is (in, out) rather than (out, in) (GPT-2's Conv1D).
+    fan_in_fan_out: bool = False
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+
+    # ---- bookkeeping ----------------------------------------------------------------------------
+    def get_base_layer(self) -> nn.Module:
+        base = self.base_layer
+        while isinstance(base, AdapterLayer):
+            base = base.base_layer
+        return base
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.get_base_layer(), "bias", None)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Adapters this layer holds (in the order they were added)."""
+        names: list[str] = []
+        for attr in self.adapter_layer_names:
+            for name in getattr(self, attr).keys():
+                if name not in names:
+                    names.append(name)
+        return names
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def set_adapter(self, adapter_names: str | Sequence[str], trainable: bool = True) -> None:
+        """Make ``adapter_names`` the active adapters; they train (unless ``trainable=False``), others freeze."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            for name, entry in container.items():
+                entry.requires_grad_(trainable and name in names)
+        self._active_adapters = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Switch all adapters of this layer on or off (off: the layer computes ``base_layer(x)`` exactly)."""
+        if not enabled and self.merged:
+            self.unmerge()
+        self.disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove every tensor and setting of ``adapter_name`` from this layer."""
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge it before deleting")
+        for attr in (*self.adapter_layer_names, *self.other_param_names):
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
+        self._active_adapters = [n for n in self._active_adapters if n != adapter_name]
+
+    def set_scale(self, adapter_name: str, scale: float) -> None:
+        """Multiply the adapter's output by ``scale`` at run time (a weighted combination of adapters)."""
+        raise NotImplementedError(f"{type(self).__name__} has no run-time scale")
+
+    # ---- method hooks ---------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, **kwargs: Any) -> None:
+        raise NotImplementedError
+
+    def adapter_forward(self, x: torch.Tensor, adapters: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``base_layer(x)`` changed by ``adapters`` (each present in this layer), unmerged."""
+        raise NotImplementedError
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """ΔW of one adapter, shaped like the base weight (for additive methods)."""
+        raise NotImplementedError
+
+    def merged_weights(self, adapter_name: str, weight: torch.Tensor, bias: torch.Tensor | None):
+        """(W', b') with the adapter folded in. Additive methods: W' = W + ΔW. Computed in float32."""
+        delta = self.get_delta_weight(adapter_name)
+        return (weight.float() + delta.float()).to(weight.dtype), bias
+
+    def unmerged_weights(self, adapter_name: str, weight: torch.Tensor, bias: torch.Tensor | None):
+        """Inverse of :meth:`merged_weights`: W = W' − ΔW."""
+        delta = self.get_delta_weight(adapter_name)
+        return (weight.float() - delta.float()).to(weight.dtype), bias
+
+    # ---- merge and unmerge ----------------------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+        """Fold adapters into the base weight (in place); they stay in the layer so ``unmerge`` can undo it.
+
+        ``safe_merge`` computes the result on a copy first and refuses it if it holds NaN or inf.
+        """
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        base = self.get_base_layer()
+        for name in names:
+            if name in self.merged_adapters or name not in self.adapter_names:
+                continue
+            bias = base.bias.data if getattr(base, "bias", None) is not None else None
+            with torch.no_grad():
+                new_w, new_b = self.merged_weights(name, base.weight.data, bias)
+            if safe_merge and not (torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all())):
+                raise ValueError(
+                    f"merging adapter {name!r} would put NaN or inf into {type(base).__name__} weights; the base "
+                    "was left unchanged. Check the adapter for diverged values, or keep it unmerged"
+                )
+            base.weight.data = new_w
+            if new_b is not None:
+                if base.bias is None:
+                    base.bias = nn.Parameter(new_b, requires_grad=False)
+                else:
+                    base.bias.data = new_b
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Take merged adapters back out of the base weight, last merged first."""
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            bias = base.bias.data if getattr(base, "bias", None) is not None else None
+            with torch.no_grad():
+                new_w, new_b = self.unmerged_weights(name, base.weight.data, bias)
+            base.weight.data = new_w
+            if new_b is not None:
+                base.bias.data = new_b
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        routing = _ROUTING.get()
+        if routing is not None:
+            if self.merged:
+                raise ValueError(
+                    "mixed-adapter batches need unmerged adapters; call unmerge_adapter() first"
+                )
+            return self.mixed_batch_forward(x, routing, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        adapters = [a for a in self._active_adapters if a in self._own(a)]
+        if not adapters:
+            return self.base_layer(x, *args, **kwargs)
+        return self.adapter_forward(x, adapters, *args, **kwargs)
+
+    def _own(self, name: str) -> Any:
+        # The first container tells whether this layer holds ``name`` (every adapter has an entry there).
+        return getattr(self, self.adapter_layer_names[0])
+
+    def mixed_batch_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Row ``i`` of ``x`` through the adapter named for it (generic: one ``adapter_forward`` per group)."""
+        result = self.base_layer(x, *args, **kwargs)
+        own = self._own("")
+        for name, rows in routing.groups(x.shape[0], x.device).items():
+            if name == BASE_ADAPTER or name not in own:
+                continue
+            part = self.adapter_forward(x.index_select(0, rows), [name], *args, **kwargs)
+            result = result.index_copy(0, rows, part.to(result.dtype))
+        return result
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, active={self._active_adapters}, merged={self.merged_adapters}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tuner: injection into a model and whole-model operations
+# ---------------------------------------------------------------------------------------------------
+def get_submodule_parent(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
+    parent_name, _, child = key.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return parent, getattr(parent, child), child
+
+
+# Task heads the task models add to modules_to_save; a model may have one of them and not the other.
+OPTIONAL_MODULES_TO_SAVE = ("classifier", "score", "qa_outputs")
+
+
+class BaseTuner(nn.Module):
+    """Injects one method's adapter layers into ``model`` and operates on all of them at once.
+
+    The wrapped model is ``self.model``; inside a :class:`~peftlab.PeftModel` this gives PEFT's state-dict
+    names ``base_model.model.<module path>...``.
+
+    Explained in: book/lora.ipynb
+    """
+
+    #: the method's layer class (its ``adapter_layer_names`` define what is saved)
+    layer_cls: type[AdapterLayer] = AdapterLayer
+    #: prefix shared by the method's parameter names, e.g. ``"lora_"``
+    prefix: str = ""
+    #: default targets per transformers ``model_type``
+    default_target_modules: dict[str, list[str]] = matching.DEFAULT_TARGET_MODULES
+
+    def __init__(self, model: nn.Module, peft_config: dict[str, Any], adapter_name: str = "default") -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, Any] = {}
+        self.active_adapter: str | list[str] = adapter_name
+        self.inject_adapter(adapter_name, peft_config[adapter_name])
+
+    # ---- forwarding -----------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # ---- method hooks ---------------------------------------------------------------------------
+    def create_new_module(self, config: Any, adapter_name: str, target: nn.Module, key: str) -> AdapterLayer:
+        raise NotImplementedError
+
+    def check_target(self, config: Any, target: nn.Module, key: str) -> None:
+        """Raise a clear error when ``target`` cannot carry this method (called before anything changes)."""
+
+    def update_existing(self, config: Any, adapter_name: str, target: AdapterLayer, key: str) -> None:
+        raise NotImplementedError
+
+    # ---- injection ------------------------------------------------------------------------------
+    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, AdapterLayer):
+                yield name, module
+
+    def _candidate_names(self) -> list[str]:
+        """Names of modules that may be targets: everything except the insides of adapter layers and
+        ``modules_to_save`` wrappers (an adapter layer itself is a candidate: it takes more adapters)."""
+        inner: set[str] = set()
+        for name, module in self.model.named_modules():
+            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+                inner.update(f"{name}.{sub}" if name else sub for sub, _ in module.named_modules() if sub)
+        return [n for n, _ in self.model.named_modules() if n and n not in inner]
+
+    def _prepare_config(self, config: Any) -> Any:
+        if getattr(config, "target_modules", "unset") is None:
+            model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+            if model_type not in self.default_target_modules:
+                raise ValueError(
+                    f"target_modules=None, and there is no default for model_type={model_type!r}; name the modules "
+                    "to adapt, e.g. target_modules=['q_proj', 'v_proj'] or target_modules='all-linear'"
+                )
+            config.target_modules = list(self.default_target_modules[model_type])
+        targets = getattr(config, "target_modules", None)
+        if isinstance(targets, str) and targets.lower() == matching.ALL_LINEAR:
+            candidates = set(self._candidate_names())
+            linear = {n for n in matching.linear_module_names(self.model, config.task_type) if n in candidates}
+            # layers already wrapped by an earlier adapter are linear layers too
+            head = matching.output_head_names(self.model, config.task_type)
+            linear |= {n for n, m in self.adapter_layers() if n in candidates and n not in head
+                       and isinstance(m.get_base_layer(), matching.LINEAR_TYPES)}
+            config.target_modules = sorted(linear)
+            if not config.target_modules:
+                raise ValueError("target_modules='all-linear' found no nn.Linear or Conv1D layer in this model")
+        return config
+
+    def inject_adapter(self, adapter_name: str, config: Any) -> None:
+        """Wrap every target module with this method's layer (or add ``adapter_name`` to an existing one).
+
+        Validates first: when nothing matches, or a target cannot carry the method, the model is unchanged.
+        """
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another adapter_name")
+        if not adapter_name or "." in adapter_name or adapter_name == BASE_ADAPTER:
+            raise ValueError(
+                f"adapter_name={adapter_name!r} is not usable: it must be non-empty, contain no '.', and not be "
+                f"{BASE_ADAPTER!r}"
+            )
+        config = self._prepare_config(config)
+        names = self._candidate_names()
+        keys = [k for k in names if matching.check_target_module_exists(config, k)]
+        wrapper_keys = {k for k, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+        keys = [k for k in keys if k not in wrapper_keys]
+        if not keys:
+            spec = config.target_modules
+            hint = matching.near_misses(spec, names)
+            extra = ""
+            if getattr(config, "layers_to_transform", None) is not None:
+                extra = f" with layers_to_transform={config.layers_to_transform}"
+            raise ValueError(
+                f"target_modules={spec!r}{extra} matched no module of {type(self.model).__name__}; "
+                f"modules that look close: {hint}. A list entry matches a full name or a name's last dotted "
+                "parts; a string is a regex that must match the whole name"
+            )
+        for key in keys:
+            _, target, _ = get_submodule_parent(self.model, key)
+            if not isinstance(target, AdapterLayer):
+                self.check_target(config, target, key)
+        for key in keys:
+            parent, target, child = get_submodule_parent(self.model, key)
+            if isinstance(target, AdapterLayer):
+                self.update_existing(config, adapter_name, target, key)
+            else:
+                new = self.create_new_module(config, adapter_name, target, key)
+                setattr(parent, child, new)
+        for m in config.modules_to_save or ():
+            self._wrap_modules_to_save(m, adapter_name, required=m not in OPTIONAL_MODULES_TO_SAVE)
+        self.peft_config[adapter_name] = config
+        # A new adapter is active only when it is the first one (peft's behaviour).
+        if len(self.peft_config) == 1:
+            self.set_adapter(adapter_name)
+        else:
+            self._mark_trainable()
+
+    def _wrap_modules_to_save(self, name: str, adapter_name: str, required: bool = True) -> None:
+        found = False
+        for key, module in list(self.model.named_modules()):
+            if not key or not (key == name or key.endswith("." + name)):
+                continue
+            if any(p in key.split(".") for p in ("modules_to_save", "original_module")):
+                continue
+            found = True
+            if isinstance(module, ModulesToSaveWrapper):
+                module.add(adapter_name)
+            else:
+                parent, _, child = get_submodule_parent(self.model, key)
+                setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
+        if not found and required:
+            names = [n for n, _ in self.model.named_modules() if n]
+            raise ValueError(
+                f"modules_to_save entry {name!r} matched no module; modules that look close: "
+                f"{matching.near_misses([name], names)}"
+            )
+
+    # ---- adapters -------------------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        a = self.active_adapter
+        return [a] if isinstance(a, str) else list(a)
+
+    def _mark_trainable(self) -> None:
+        """Freeze everything, then unfreeze the active adapters (unless their config says inference_mode)
+        and the biases that ``bias`` asks for."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        active = self.active_adapters
+        trainable = not any(self.peft_config[a].inference_mode for a in active if a in self.peft_config)
+        for _, layer in self.adapter_layers():
+            layer.set_adapter(active, trainable=trainable)  # a layer skips names it does not hold
+        for module in self.model.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                module.set_adapter([a for a in active if a in module.modules_to_save], trainable=trainable)
+        if not trainable:
+            return
+        for a in active:
+            bias = getattr(self.peft_config.get(a), "bias", "none")
+            if bias == "all":
+                for n, p in self.model.named_parameters():
+                    if n.endswith("bias") and ".modules_to_save." not in f".{n}" and "original_module" not in n:
+                        p.requires_grad_(True)
+            elif bias in ("lora_only", "oft_only", "boft_only"):
+                for _, layer in self.adapter_layers():
+                    if a in layer.adapter_names and layer.get_base_layer().bias is not None:
+                        layer.get_base_layer().bias.requires_grad_(True)
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Activate one adapter (or several: their effects add up) in every layer."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for n in names:
+            if n not in self.peft_config:
+                raise ValueError(f"no adapter named {n!r}; adapters: {sorted(self.peft_config)}")
+        for _, layer in self.adapter_layers():
+            if layer.merged:
+                warnings.warn("adapters are merged; unmerging them before switching", UserWarning, stacklevel=2)
+                layer.unmerge()
+        self.active_adapter = names[0] if isinstance(adapter_name, str) else names
+        self._mark_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name`` from every layer and wrapper, and its config."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        merged = [k for k, layer in self.adapter_layers() if adapter_name in layer.merged_adapters]
+        if merged:
+            raise ValueError(
+                f"adapter {adapter_name!r} is merged into {len(merged)} layers (e.g. {merged[0]}); call "
+                "unmerge_adapter() before deleting it"
+            )
+        del self.peft_config[adapter_name]
+        for key, layer in list(self.adapter_layers()):
+            layer.delete_adapter(adapter_name)
+            if not layer.adapter_names:  # no adapter left here: put the plain layer back
+                parent, _, child = get_submodule_parent(self.model, key)
+                setattr(parent, child, layer.base_layer)
+        for key, module in list(self.model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper):
+                module.delete(adapter_name)
+                if not module.modules_to_save:
+                    parent, _, child = get_submodule_parent(self.model, key)
+                    setattr(parent, child, module.original_module)
+        remaining = [a for a in self.active_adapters if a != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [sorted(self.peft_config)[0]]
+        if remaining:
+            self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
+            self.set_adapter(self.active_adapter)
+        else:
+            self.active_adapter = []
+
+    def enable_adapter_layers(self) -> None:
+        for _, layer in self.adapter_layers():
+            layer.enable_adapters(True)
+        for module in self.model.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                module.enable_adapters(True)
+
+    def disable_adapter_layers(self) -> None:
+        for a in self.active_adapters:
+            if getattr(self.peft_config.get(a), "bias", "none") != "none":
+                warnings.warn(
+                    f"adapter {a!r} trains biases (bias={self.peft_config[a].bias!r}); disabling adapters does not "
+                    "undo those changes, so outputs differ from the base model",
+                    UserWarning, stacklevel=2,
+                )
+        for _, layer in self.adapter_layers():
+            layer.enable_adapters(False)
+        for module in self.model.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                module.enable_adapters(False)
+
+    # ---- merge and unload -----------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the (active or named) adapters into the base weights, keeping them for ``unmerge_adapter``."""
+        for n in adapter_names or ():
+            if n not in self.peft_config:
+                raise ValueError(f"no adapter named {n!r}; adapters: {sorted(self.peft_config)}")
+        for _, layer in self.adapter_layers():
+            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.adapter_layers():
+            layer.unmerge()
+
+    def _unload(self, merge: bool, progressbar: bool = False, safe_merge: bool = False,
+                adapter_names: Sequence[str] | None = None) -> nn.Module:
+        layers = list(self.adapter_layers())
+        if merge:  # merge everything first, so a safe_merge failure leaves the model as it was
+            done: list[AdapterLayer] = []
+            try:
+                for _, layer in layers:
+                    layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                    done.append(layer)
+            except ValueError:
+                for layer in done:
+                    layer.unmerge()
+                raise
+        for key, layer in tqdm(layers, disable=not progressbar, desc="Unloading" + (" and merging" if merge else "")):
+            parent, _, child = get_submodule_parent(self.model, key)
+            setattr(parent, child, layer.get_base_layer())
+        for key, module in list(self.model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper):
+                parent, _, child = get_submodule_parent(self.model, key)
+                setattr(parent, child, module.active_module() if merge else module.original_module)
+        return self.model
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Sequence[str] | None = None) -> nn.Module:
+        """Merge the adapters into the base weights and return the plain model, without adapter layers."""
+        return self._unload(True, progressbar, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Return the plain base model with every adapter layer removed (nothing merged)."""
+        return self._unload(False)

@@ -1,0 +1,264 @@
+"""LoRA layers: h = W₀x + (α/r)·B(A(dropout(x))), for Linear, GPT-2 Conv1D, Embedding and Conv1d/2d/3d.
+
+Shapes (PEFT's and the paper's): ``lora_A`` is r × in, ``lora_B`` is out × r, so ΔW = (α/r)·B A is
+out × in like W₀. B starts at zero, so a fresh adapter changes nothing.
+
+Explained in: book/lora.ipynb
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.tuners.base import AdapterLayer
+from peftlab.tuners.routing import BASE_ADAPTER, Routing
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # Adapters train in float32 even on a half-precision base (peft's autocast_adapter_dtype=True).
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+class LoraLayer(AdapterLayer):
+    """What every LoRA layer shares: rank, α, scaling, dropout and initialisation of A and B.
+
+    Explained in: book/lora.ipynb
+    """
+
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_rslora")
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
+        super().__init__(base_layer)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.lora_dropout = nn.ModuleDict()
+
+    def _set_hyperparameters(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
+                             use_rslora: bool) -> None:
+        if r <= 0:
+            raise ValueError(f"r={r} for adapter {adapter_name!r}: the rank must be a positive integer")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.use_rslora[adapter_name] = use_rslora
+        # scaling = α/r (LoRA), or α/√r (rsLoRA)
+        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+
+    def set_scale(self, adapter_name: str, scale: float) -> None:
+        """scaling = scale · α/r: weight one adapter at run time (diffusers' ``set_adapters``)."""
+        if adapter_name not in self.r:
+            return
+        r, alpha = self.r[adapter_name], self.lora_alpha[adapter_name]
+        self.scaling[adapter_name] = scale * alpha / (math.sqrt(r) if self.use_rslora[adapter_name] else r)
+
+    def _new_tensor_kwargs(self) -> dict[str, Any]:
+        w = self.weight
+        return {"device": w.device, "dtype": _adapter_dtype(w)}
+
+    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """B(A(dropout(x))) of one adapter, before scaling."""
+        raise NotImplementedError
+
+    def adapter_forward(self, x: torch.Tensor, adapters: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in adapters:
+            delta = self._delta(x, name)
+            # h = W₀x + s · B A x   (one fused multiply-add)
+            result = torch.add(result, delta.to(result.dtype), alpha=self.scaling[name])
+        return result
+
+    def mixed_batch_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name, rows in routing.groups(x.shape[0], x.device).items():
+            if name == BASE_ADAPTER or name not in self.lora_A:
+                continue
+            delta = self._delta(x.index_select(0, rows), name) * self.scaling[name]
+            result = result.index_add(0, rows, delta.to(result.dtype))
+        return result
+
+    def merged_weights(self, adapter_name, weight, bias):
+        weight, bias = super().merged_weights(adapter_name, weight, bias)
+        b = self._lora_bias(adapter_name)
+        if b is not None:  # lora_bias: the base bias absorbs s · b_B
+            base_bias = bias if bias is not None else torch.zeros_like(b)
+            bias = (base_bias.float() + b.float() * self.scaling[adapter_name]).to(base_bias.dtype)
+        return weight, bias
+
+    def unmerged_weights(self, adapter_name, weight, bias):
+        weight, bias = super().unmerged_weights(adapter_name, weight, bias)
+        b = self._lora_bias(adapter_name)
+        if b is not None and bias is not None:
+            bias = (bias.float() - b.float() * self.scaling[adapter_name]).to(bias.dtype)
+        return weight, bias
+
+    def _lora_bias(self, adapter_name: str) -> torch.Tensor | None:
+        lora_B = getattr(self, "lora_B", None)
+        return lora_B[adapter_name].bias if lora_B is not None and adapter_name in lora_B else None
+
+
+class Linear(LoraLayer):
+    """LoRA on ``nn.Linear`` and on GPT-2's ``Conv1D`` (weight stored in × out: ``fan_in_fan_out=True``).
+
+    Explained in: book/lora.ipynb
+    """
+
+    adapter_layer_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 8, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, fan_in_fan_out: bool = False, init_lora_weights: bool | str = True,
+                 use_rslora: bool = False, lora_bias: bool = False) -> None:
+        w = base_layer.weight
+        in_f, out_f = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+        super().__init__(base_layer, in_f, out_f)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias)
+        self.set_adapter([adapter_name])
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                     init_lora_weights: bool | str = True, use_rslora: bool = False, lora_bias: bool = False,
+                     **_: Any) -> None:
+        self._set_hyperparameters(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
+        kw = self._new_tensor_kwargs()
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **kw)  # A: r × in
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias, **kw)  # B: out × r
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))  # nn.Linear's own init
+        elif init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / r)
+        if init_lora_weights is not False:
+            nn.init.zeros_(self.lora_B[adapter_name].weight)  # B = 0  ⇒  ΔW = 0 at step 0
+            if lora_bias:
+                nn.init.zeros_(self.lora_B[adapter_name].bias)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A = self.lora_A[adapter_name].weight
+        B = self.lora_B[adapter_name].weight
+        if A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16):
+            A, B = A.float(), B.float()  # half-precision matmul on CPU is slow and loses bits
+        delta = (B @ A) * self.scaling[adapter_name]  # ΔW = (α/r)·B A, shape (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        A = self.lora_A[name].weight
+        B = self.lora_B[name]
+        x = self.lora_dropout[name](x)
+        if x.dtype != A.dtype:
+            x = x.to(A.dtype)
+        return F.linear(F.linear(x, A), B.weight, B.bias)  # B(A(x)), shape (..., out)
+
+class Embedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: the lookup of token t gains (α/r)·B·A[:, t] (no dropout, as in peft).
+
+    ``lora_embedding_A`` is r × num_embeddings, ``lora_embedding_B`` is dim × r.
+
+    Explained in: book/lora.ipynb
+    """
+
+    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding, adapter_name: str, r: int = 8, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, init_lora_weights: bool | str = True, use_rslora: bool = False,
+                 **_: Any) -> None:
+        super().__init__(base_layer, base_layer.num_embeddings, base_layer.embedding_dim)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+        self.set_adapter([adapter_name])
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                     init_lora_weights: bool | str = True, use_rslora: bool = False, lora_bias: bool = False,
+                     **_: Any) -> None:
+        if lora_bias:
+            raise ValueError("lora_bias=True is not supported for nn.Embedding; exclude embeddings or set it False")
+        self._set_hyperparameters(adapter_name, r, lora_alpha, 0.0, use_rslora)
+        kw = self._new_tensor_kwargs()
+        A = torch.randn(r, self.in_features, **kw)  # r × num_embeddings
+        B = torch.randn(self.out_features, r, **kw)  # dim × r
+        if init_lora_weights is True:
+            nn.init.zeros_(A)  # the LoRA paper's embedding init: A = 0, B ~ N(0, 1)
+            nn.init.normal_(B)
+        elif init_lora_weights == "gaussian":
+            nn.init.normal_(A, std=1 / r)
+            nn.init.zeros_(B)
+        self.lora_embedding_A[adapter_name] = nn.Parameter(A)
+        self.lora_embedding_B[adapter_name] = nn.Parameter(B)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        if A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16):
+            A, B = A.float(), B.float()
+        return (B @ A).T * self.scaling[adapter_name]  # ΔW, shape (num_embeddings, dim)
+
+    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        base = self.get_base_layer()
+        after_A = F.embedding(x, self.lora_embedding_A[name].T, base.padding_idx, base.max_norm, base.norm_type,
+                              base.scale_grad_by_freq, base.sparse)
+        out = after_A @ self.lora_embedding_B[name].T
+        scale = getattr(base, "embed_scale", None)  # scaled embeddings (Gemma-style) scale the adapter too
+        return out * scale.to(out.dtype) if isinstance(scale, torch.Tensor) else out
+
+
+class Conv(LoraLayer):
+    """LoRA on ``nn.Conv1d/2d/3d``: A is a conv with the base's kernel, stride, padding and dilation
+    (r output channels), B a 1×1 conv to the base's output channels. ΔW[o,i,…] = s · Σ_k B[o,k] A[k,i,…].
+
+    Explained in: book/lora.ipynb
+    """
+
+    adapter_layer_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 8, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, init_lora_weights: bool | str = True, use_rslora: bool = False,
+                 lora_bias: bool = False, **_: Any) -> None:
+        super().__init__(base_layer, base_layer.in_channels, base_layer.out_channels)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias)
+        self.set_adapter([adapter_name])
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                     init_lora_weights: bool | str = True, use_rslora: bool = False, lora_bias: bool = False,
+                     **_: Any) -> None:
+        self._set_hyperparameters(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
+        base = self.get_base_layer()
+        conv = type(base)
+        kw = self._new_tensor_kwargs()
+        ones = (1,) * len(base.kernel_size)
+        self.lora_A[adapter_name] = conv(self.in_features, r, base.kernel_size, base.stride, base.padding,
+                                         dilation=base.dilation, bias=False, padding_mode=base.padding_mode, **kw)
+        self.lora_B[adapter_name] = conv(r, self.out_features, ones, ones, bias=lora_bias, **kw)
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
+        elif init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / r)
+        if init_lora_weights is not False:
+            nn.init.zeros_(self.lora_B[adapter_name].weight)
+            if lora_bias:
+                nn.init.zeros_(self.lora_B[adapter_name].bias)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A = self.lora_A[adapter_name].weight  # (r, in, *kernel)
+        B = self.lora_B[adapter_name].weight  # (out, r, 1, …)
+        if A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16):
+            A, B = A.float(), B.float()
+        delta = B.flatten(1) @ A.flatten(1)  # (out, in·k)
+        return delta.view(self.out_features, *A.shape[1:]) * self.scaling[adapter_name]
+
+    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        A = self.lora_A[name]
+        x = self.lora_dropout[name](x)
+        if x.dtype != A.weight.dtype:
+            x = x.to(A.weight.dtype)
+        return self.lora_B[name](A(x))

@@ -1,0 +1,69 @@
+"""``LoraModel``: which LoRA layer wraps which module type, and how a config becomes layer arguments.
+
+Explained in: book/lora.ipynb
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftlab.tuners.base import AdapterLayer, BaseTuner
+from peftlab.tuners.lora.config import LoraConfig
+from peftlab.tuners.lora.layer import Conv, Embedding, Linear, LoraLayer
+
+SUPPORTED = (nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class LoraModel(BaseTuner):
+    """Injects LoRA layers into a model (see :class:`~peftlab.tuners.base.BaseTuner`).
+
+    Explained in: book/lora.ipynb
+    """
+
+    layer_cls = LoraLayer
+    prefix = "lora_"
+
+    def check_target(self, config: LoraConfig, target: nn.Module, key: str) -> None:
+        if not isinstance(target, SUPPORTED):
+            raise ValueError(
+                f"target module {key!r} is a {type(target).__name__}; LoRA supports "
+                f"{', '.join(t.__name__ for t in SUPPORTED)}. Narrow target_modules (or add it to exclude_modules)"
+            )
+        if isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and target.groups != 1:
+            raise ValueError(
+                f"target module {key!r} is a grouped convolution (groups={target.groups}); peftlab's LoRA supports "
+                "groups=1 only. Exclude it with exclude_modules"
+            )
+
+    def _layer_kwargs(self, config: LoraConfig, key: str) -> dict[str, Any]:
+        r, alpha = config.rank_and_alpha(key)
+        return {"r": r, "lora_alpha": alpha, "lora_dropout": config.lora_dropout,
+                "init_lora_weights": config.init_lora_weights, "use_rslora": config.use_rslora,
+                "lora_bias": config.lora_bias}
+
+    def create_new_module(self, config: LoraConfig, adapter_name: str, target: nn.Module, key: str) -> AdapterLayer:
+        kwargs = self._layer_kwargs(config, key)
+        if isinstance(target, nn.Embedding):
+            return Embedding(target, adapter_name, **kwargs)
+        if isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return Conv(target, adapter_name, **kwargs)
+        if isinstance(target, Conv1D):
+            if not config.fan_in_fan_out:
+                warnings.warn(f"{key} is a Conv1D (weight stored in × out): setting fan_in_fan_out=True",
+                              UserWarning, stacklevel=4)
+                config.fan_in_fan_out = True
+            return Linear(target, adapter_name, fan_in_fan_out=True, **kwargs)
+        if config.fan_in_fan_out:
+            warnings.warn(f"{key} is an nn.Linear (weight stored out × in): setting fan_in_fan_out=False",
+                          UserWarning, stacklevel=4)
+            config.fan_in_fan_out = False
+        return Linear(target, adapter_name, fan_in_fan_out=False, **kwargs)
+
+    def update_existing(self, config: LoraConfig, adapter_name: str, target: AdapterLayer, key: str) -> None:
+        if not isinstance(target, LoraLayer):
+            raise ValueError(f"{key} already carries a {type(target).__name__} adapter; LoRA cannot be added to it")
+        target.update_layer(adapter_name, **self._layer_kwargs(config, key))

@@ -1,0 +1,60 @@
+"""Mixed batches: which adapter each row of a batch uses, visible to every adapter layer during one forward.
+
+Explained in: book/integrations.ipynb
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+
+import torch
+
+BASE_ADAPTER = "__base__"  # name for "no adapter" in a mixed batch
+
+
+# ---------------------------------------------------------------------------------------------------
+class Routing:
+    """Row -> adapter assignment for one forward pass; groups rows once, shared by all layers."""
+
+    def __init__(self, adapter_names: Sequence[str]):
+        self.adapter_names = list(adapter_names)
+        self._groups: dict[tuple[int, torch.device], dict[str, torch.Tensor]] = {}
+
+    def groups(self, n_rows: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Adapter name -> row indices. Rows beyond the names (beam search, several samples per prompt)
+        repeat each name ``n_rows // len(names)`` times, in order."""
+        key = (n_rows, device)
+        if key not in self._groups:
+            names = self.adapter_names
+            if n_rows != len(names):
+                if n_rows % len(names):
+                    raise ValueError(
+                        f"a batch of {n_rows} rows cannot be split over {len(names)} adapter_names; pass one name "
+                        "per row of the input"
+                    )
+                names = [n for n in names for _ in range(n_rows // len(names))]
+            groups: dict[str, list[int]] = {}
+            for row, name in enumerate(names):
+                groups.setdefault(name, []).append(row)
+            self._groups[key] = {n: torch.tensor(rows, device=device) for n, rows in groups.items()}
+        return self._groups[key]
+
+
+_ROUTING: contextvars.ContextVar[Routing | None] = contextvars.ContextVar("peftlab_routing", default=None)
+
+
+@contextlib.contextmanager
+def mixed_batch(adapter_names: Sequence[str] | None) -> Iterator[None]:
+    """Within this context every adapter layer routes row ``i`` through ``adapter_names[i]``."""
+    if adapter_names is None:
+        yield
+        return
+    token = _ROUTING.set(Routing(adapter_names))
+    try:
+        yield
+    finally:
+        _ROUTING.reset(token)
+
+

@@ -1,0 +1,141 @@
+"""State-dict names of adapters, in PEFT's on-disk layout.
+
+In memory a LoRA tensor is ``base_model.model.<module path>.lora_A.<adapter>.weight``; on disk the adapter
+name is dropped: ``base_model.model.<module path>.lora_A.weight``. ``nn.Parameter`` entries have no
+``.weight`` suffix (``...lora_embedding_A``), ``modules_to_save`` copies are saved under the original
+module's name, and ``bias="all"``/``"lora_only"`` add base biases under their own names.
+
+The list of (in-memory name, on-disk name, tensor) is built from the adapter layers themselves, and the
+same list is used to save and to load, so the two directions cannot drift apart.
+
+Explained in: book/configs.ipynb
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftlab.tuners.base import AdapterLayer
+from peftlab.tuners.modules_to_save import ModulesToSaveWrapper
+
+PEFT_PREFIX = "base_model.model."
+
+
+def adapter_state_items(model: nn.Module, adapter_name: str, config: Any = None) -> list[tuple[str, str, torch.Tensor]]:
+    """(in-memory key, on-disk key, tensor) for every tensor that belongs to ``adapter_name``.
+
+    Explained in: book/configs.ipynb
+    """
+    items: list[tuple[str, str, torch.Tensor]] = []
+    adapter_tensor_ids: set[int] = set()
+    for path, module in model.named_modules():
+        p = f"{path}." if path else ""
+        if isinstance(module, AdapterLayer):
+            for attr in module.adapter_layer_names:
+                container = getattr(module, attr)
+                for name, entry in container.items():
+                    tensors = [("", entry)] if isinstance(entry, nn.Parameter) else \
+                        list(entry.state_dict(keep_vars=True).items())
+                    adapter_tensor_ids.update(id(t) for _, t in tensors)
+                    if name != adapter_name:
+                        continue
+                    for sub, t in tensors:
+                        tail = f".{sub}" if sub else ""
+                        items.append((f"{p}{attr}.{adapter_name}{tail}", f"{p}{attr}{tail}", t))
+        elif isinstance(module, ModulesToSaveWrapper):
+            if adapter_name in module.modules_to_save:
+                for sub, t in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                    items.append((f"{p}modules_to_save.{adapter_name}.{sub}", f"{p}{sub}", t))
+    bias = getattr(config, "bias", "none")
+    if bias == "all":
+        # every bias outside the adapter tensors, as peft selects them: a modules_to_save copy's bias appears
+        # a second time as <module>.modules_to_save.bias, the frozen original's as <module>.original_module.bias
+        for n, t in model.named_parameters(remove_duplicate=False):
+            if not n.endswith("bias") or id(t) in adapter_tensor_ids:
+                continue
+            parts = n.split(".")
+            if "modules_to_save" in parts:
+                i = parts.index("modules_to_save")
+                if parts[i + 1] != adapter_name:
+                    continue
+                items.append((n, ".".join(parts[:i + 1] + parts[i + 2:]), t))
+            else:
+                items.append((n, n, t))
+    elif bias in ("lora_only", "oft_only", "boft_only"):
+        for path, module in model.named_modules():
+            if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names:
+                b = module.get_base_layer().bias
+                if b is not None:
+                    key = f"{path}.base_layer.bias" if path else "base_layer.bias"
+                    items.append((key, key, b))
+    return items
+
+
+def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default",
+                              config: Any = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under their on-disk names (what ``adapter_model.safetensors`` holds).
+
+    Explained in: book/configs.ipynb
+    """
+    if config is None:
+        config = _find_config(model, adapter_name)
+    return {disk: t.detach() for _, disk, t in adapter_state_items(model, adapter_name, config)}
+
+
+def _find_config(model: nn.Module, adapter_name: str) -> Any:
+    configs = getattr(model, "peft_config", None) or {}
+    return configs.get(adapter_name)
+
+
+def set_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str = "default",
+                              config: Any = None) -> None:
+    """Copy checkpoint tensors (on-disk names) into the adapter ``adapter_name`` of ``model``.
+
+    Everything is checked before anything is copied: a missing tensor, a tensor for a module this model
+    lacks, or a shape that does not fit raises ``ValueError`` naming the module and both shapes.
+
+    Explained in: book/configs.ipynb
+    """
+    if config is None:
+        config = _find_config(model, adapter_name)
+    items = adapter_state_items(model, adapter_name, config)
+    by_disk = {disk: t for _, disk, t in items}
+    sd = _align_prefix(state_dict, set(by_disk))
+    missing = sorted(k for k in by_disk if k not in sd)
+    unexpected = sorted(k for k in sd if k not in by_disk)
+    mismatched = [(k, tuple(sd[k].shape), tuple(t.shape)) for k, t in by_disk.items()
+                  if k in sd and sd[k].shape != t.shape]
+    problems = []
+    if mismatched:
+        lines = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, a, b in mismatched[:5])
+        problems.append(f"{len(mismatched)} tensors have other shapes than this model expects ({lines})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} checkpoint tensors belong to no module of this model "
+                        f"(e.g. {unexpected[:3]})")
+    if missing:
+        problems.append(f"{len(missing)} adapter tensors are missing from the checkpoint (e.g. {missing[:3]})")
+    if problems:
+        raise ValueError(
+            "the adapter does not fit this model: " + "; ".join(problems)
+            + ". Was it trained on another base model, or with other target_modules / r? The model was left unchanged"
+        )
+    with torch.no_grad():
+        for k, t in by_disk.items():
+            t.copy_(sd[k].to(device=t.device, dtype=t.dtype))
+
+
+def _align_prefix(sd: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Add or strip ``base_model.model.`` so a checkpoint from a PeftModel loads into an injected plain
+    model and the reverse."""
+    if not sd or not expected:
+        return sd
+    want_prefix = all(k.startswith(PEFT_PREFIX) for k in expected)
+    has_prefix = all(k.startswith(PEFT_PREFIX) for k in sd)
+    if want_prefix and not has_prefix:
+        return {PEFT_PREFIX + k: v for k, v in sd.items()}
+    if has_prefix and not want_prefix:
+        return {k[len(PEFT_PREFIX):]: v for k, v in sd.items()}
+    return sd

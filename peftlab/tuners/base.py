@@ -194,7 +194,8 @@ class AdapterLayer(nn.Module):
             return self.mixed_batch_forward(x, routing, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        adapters = [a for a in self._active_adapters if a in self._own(a)]
+        own = getattr(self, self.adapter_layer_names[0])  # every adapter of this layer has an entry here
+        adapters = [a for a in self._active_adapters if a in own]
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
         return self.adapter_forward(x, adapters, *args, **kwargs)

@@ -158,6 +158,23 @@ class Linear(LoraLayer):
             x = x.to(A.dtype)
         return F.linear(F.linear(x, A), B.weight, B.bias)  # B(A(x)), shape (..., out)
 
+    def adapter_forward(self, x: torch.Tensor, adapters: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in adapters:
+            A = self.lora_A[name].weight
+            B = self.lora_B[name]
+            if B.bias is not None or A.dtype != result.dtype:
+                result = torch.add(result, self._delta(x, name).to(result.dtype), alpha=self.scaling[name])
+                continue
+            dropout = self.lora_dropout[name]
+            xa = F.linear(x if isinstance(dropout, nn.Identity) else dropout(x), A)  # A x, shape (..., r)
+            # h = W₀x + s · B (A x): the B product and the sum in one addmm over the flattened rows
+            out = torch.addmm(result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]), B.weight.t(),
+                              alpha=self.scaling[name])
+            result = out.view(result.shape)
+        return result
+
+
 class Embedding(LoraLayer):
     """LoRA on ``nn.Embedding``: the lookup of token t gains (α/r)·B·A[:, t] (no dropout, as in peft).
 

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import contextlib
+
 import torch
 
 from peftlab.lab import profile as _profile
@@ -195,6 +197,20 @@ def pretrain(
     return model, tokenizer, history
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Any:
+    """Hide transformers' per-file progress bars (loading / writing weights) for the lab's tiny files."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 # --- cache ------------------------------------------------------------------------------------
 
 
@@ -290,7 +306,8 @@ def ensure_pretrained(
         model, tokenizer, hist = pretrain(cfg, seed, progress=progress)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{key}-"))
         try:
-            model.save_pretrained(tmp)
+            with _quiet_transformers():
+                model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             with open(tmp / history_file, "w") as f:  # written last: its presence marks a complete folder
                 json.dump({"config": asdict(cfg), "seed": seed, "profile": prof.name,
@@ -325,8 +342,9 @@ def load_pretrained_folder(path: Union[str, Path], device: Union[str, torch.devi
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(path))
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:

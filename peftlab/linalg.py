@@ -1,7 +1,7 @@
 """The three matrix products behind LoRA, LoHa and LoKr, written from their definitions.
 
 * matrix product     (AB)[i, j]         = Σ_k A[i, k] · B[k, j]          (矩阵乘法)
-* Hadamard product   (A ∘ B)[i, j]      = A[i, j] · B[i, j]               (哈达玛积)
+* Hadamard product   (A ⊙ B)[i, j]      = A[i, j] · B[i, j]               (哈达玛积)
 * Kronecker product  (A ⊗ B)[i·p+k, j·q+l] = A[i, j] · B[k, l]            (克罗内克积)
 
 plus ``vec`` (向量化: stack the columns) and its inverse ``unvec``. Each function is
@@ -47,7 +47,7 @@ def matmul(A: Tensor, B: Tensor) -> Tensor:
 
 
 def hadamard(A: Tensor, B: Tensor) -> Tensor:
-    """Hadamard (element-wise) product: C[i, j] = A[i, j] · B[i, j]; both m × n.
+    """Hadamard (element-wise) product A ⊙ B: C[i, j] = A[i, j] · B[i, j]; both m × n.
 
     Explained in: book/products.ipynb
     """

@@ -65,8 +65,8 @@ set_style()
 
 def _to_numpy(M: ArrayLike) -> np.ndarray:
     """A float numpy copy of a tensor / array / nested list (detached, on CPU)."""
-    if hasattr(M, "detach"):  # torch.Tensor
-        M = M.detach().to("cpu").float().numpy()
+    if hasattr(M, "detach"):  # torch.Tensor; float64 keeps tiny singular values visible
+        M = M.detach().to("cpu").double().numpy()
     return np.asarray(M, dtype=float)
 
 
@@ -93,6 +93,7 @@ def heatmap(
     xlabel: str = "column j",
     ylabel: str = "row i",
     fmt: str = "{:.2g}",
+    colorbar_label: str = "value",
 ) -> Axes:
     """Draw a matrix as coloured cells, row i down and column j across.
 
@@ -100,6 +101,7 @@ def heatmap(
     range ±``vmax`` (default max |M|); ``signed=False`` a sequential map. ``annotate``
     writes each value in its cell (for small matrices); ``blocks=(p, q)`` draws lines every
     p rows and q columns, e.g. the p×q blocks a_ij·B of a Kronecker product A ⊗ B.
+    ``fmt`` formats the annotations; ``colorbar_label`` names what the colours measure.
 
     Explained in: book/products.ipynb
     """
@@ -147,7 +149,7 @@ def heatmap(
                 ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8,
                         color="black" if light else "white")
     if colorbar:
-        ax.figure.colorbar(im, ax=ax, shrink=0.8, label="value")
+        ax.figure.colorbar(im, ax=ax, shrink=0.8, label=colorbar_label)
     return ax
 
 
@@ -216,6 +218,7 @@ def spectrum(
     normalise: bool = False,
     *,
     threshold: Optional[float] = None,
+    threshold_label: str = "threshold",
     marker: str = "o",
 ) -> Axes:
     """Plot singular-value spectra σ_1 ≥ σ_2 ≥ … against their index k.
@@ -223,8 +226,8 @@ def spectrum(
     ``values`` is one matrix or one vector of singular values, a list of them, or a dict
     name → matrix/values (the names become the legend). ``normalise`` divides each
     spectrum by its σ_1; ``log`` uses a log y-axis (zeros are clipped to the smallest
-    positive value shown); ``threshold`` draws a horizontal line, e.g. the cut-off of a
-    numerical rank.
+    positive value shown); ``threshold`` draws a horizontal line (legend ``threshold_label``),
+    e.g. the cut-off of a numerical rank.
 
     Explained in: book/products.ipynb
     """
@@ -254,7 +257,7 @@ def spectrum(
         k = np.arange(1, s.size + 1)
         ax.plot(k, s, marker=marker, markersize=3 if s.size > 20 else 5, label=name)
     if threshold is not None:
-        ax.axhline(threshold, color="grey", linestyle="--", linewidth=1, label="threshold")
+        ax.axhline(threshold, color="grey", linestyle="--", linewidth=1, label=threshold_label)
     if log:
         ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -99,3 +99,15 @@ def test_bars_counts_labelled():
     assert [t.get_text() for t in ax.texts] == ["4,392", "85,002"]
     with pytest.raises(ValueError):
         viz.bars({})
+
+
+def test_spectrum_keeps_float64_precision_and_labels_threshold():
+    ax = viz.spectrum(torch.diag(torch.tensor([1.0, 1e-15], dtype=torch.float64)), threshold=1e-10,
+                      threshold_label="rank cut-off")
+    assert ax.lines[0].get_ydata()[1] == pytest.approx(1e-15)  # not float32 noise
+    assert "rank cut-off" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_heatmap_colorbar_label():
+    ax = viz.heatmap(np.eye(2), signed=False, colorbar_label="rank")
+    assert ax.figure.axes[-1].get_ylabel() == "rank"

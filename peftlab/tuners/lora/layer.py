@@ -79,8 +79,9 @@ class LoraLayer(AdapterLayer):
 
     def mixed_batch_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        own = getattr(self, self.adapter_layer_names[0])  # lora_A, or lora_embedding_A for Embedding
         for name, rows in routing.groups(x.shape[0], x.device).items():
-            if name == BASE_ADAPTER or name not in self.lora_A:
+            if name == BASE_ADAPTER or name not in own:
                 continue
             delta = self._delta(x.index_select(0, rows), name) * self.scaling[name]
             result = result.index_add(0, rows, delta.to(result.dtype))

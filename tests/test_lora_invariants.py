@@ -1,0 +1,455 @@
+"""One table of (case, tiny model, LoRA config) rows, each run through every invariant LoRA must keep.
+
+Invariants (one test function each, parametrized over ``CASES``):
+
+* identity at init: a fresh adapter (B = 0, or A = 0 for embeddings) changes no output;
+* only adapter parameters train, exactly the right ones for ``bias`` and ``modules_to_save``;
+* the trainable count equals the chapter's formula r·(in+out) per linear, r·(num_emb+dim) per
+  embedding, r·(in·k+out) per conv, plus lora_bias, ``modules_to_save`` copies and trained biases;
+* merge then unmerge restores the base weights; merged output equals unmerged output;
+* save/load round trip gives the same outputs and the same tensors (every trained tensor is saved);
+* disabling adapters gives the base model's output exactly;
+* deleting an adapter removes every tensor and key of it; ``unload()`` gives back the original classes;
+* a mixed batch (``adapter_names=[...]`` with ``"__base__"``) equals each adapter run on its own rows.
+
+Checks that would be vacuous with a zero-initialised B use non-identity adapters: every trainable tensor
+is filled with deterministic values seeded by its name (distinct per tensor, so swapped tensors show).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from conftest import base_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import peftlab
+from peftlab import LoraConfig, PeftModel, get_peft_model
+from peftlab.lab.models import example_inputs
+from peftlab.tuners.base import AdapterLayer
+from peftlab.tuners.modules_to_save import ModulesToSaveWrapper
+from peftlab.utils.save_and_load import get_peft_model_state_dict
+
+ATOL_MERGE = 1e-5  # merged vs unmerged output, float32
+ATOL_WEIGHTS = 1e-6  # weights after merge + unmerge vs before
+ATOL_OUT = 1e-5  # outputs after merge + unmerge vs before (T5's logits reach ~10: a few float32 ulps)
+
+
+@dataclass
+class Case:
+    name: str
+    model: str
+    kwargs: dict[str, Any]
+    n_targets: int  # how many modules the config must adapt (checked against the model)
+    task_modules: tuple[str, ...] = field(default=())  # heads the task type adds to modules_to_save
+
+
+LLAMA_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+CASES = [
+    # --- toy modules ----------------------------------------------------------------------------
+    Case("mlp-default", "mlp", dict(target_modules=["lin0"]), 1),
+    Case("mlp-both", "mlp", dict(target_modules=["lin0", "lin1"]), 2),
+    Case("mlp-gaussian", "mlp", dict(target_modules=["lin0", "lin1"], init_lora_weights="gaussian"), 2),
+    Case("mlp-init-false", "mlp", dict(target_modules=["lin0"], init_lora_weights=False), 1),
+    Case("mlp-rslora", "mlp", dict(target_modules=["lin0", "lin1"], r=4, lora_alpha=16, use_rslora=True), 2),
+    Case("mlp-rank-alpha-pattern", "mlp",
+         dict(target_modules=["lin0", "lin1"], r=8, lora_alpha=8, rank_pattern={"lin0": 3},
+              alpha_pattern={"lin1": 32}), 2),
+    Case("mlp-dropout", "mlp", dict(target_modules=["lin0"], lora_dropout=0.1), 1),
+    Case("mlp-bias-all", "mlp", dict(target_modules=["lin0"], bias="all"), 1),
+    Case("mlp-bias-lora-only", "mlp", dict(target_modules=["lin0"], bias="lora_only"), 1),
+    Case("mlp-lora-bias", "mlp", dict(target_modules=["lin0", "lin1"], lora_bias=True), 2),
+    Case("mlp-modules-to-save", "mlp", dict(target_modules=["lin0"], modules_to_save=["lin1"]), 1),
+    Case("mlp-mts-bias-all", "mlp", dict(target_modules=["lin0"], modules_to_save=["lin1"], bias="all"), 1),
+    Case("mlp-regex", "mlp", dict(target_modules=r"lin\d"), 2),
+    Case("mlp-all-linear", "mlp", dict(target_modules="all-linear"), 2),
+    Case("emb-conv1d", "emb_conv1d", dict(target_modules=["emb", "conv1d"]), 2),
+    Case("emb-conv1d-gaussian", "emb_conv1d", dict(target_modules=["emb", "conv1d", "lin0"], r=4,
+                                                   init_lora_weights="gaussian"), 3),
+    Case("emb-conv1d-init-false", "emb_conv1d", dict(target_modules=["emb", "conv1d"], init_lora_weights=False), 2),
+    Case("conv1d", "conv1d", dict(target_modules=["conv1d"], r=4), 1),
+    Case("conv1d-lora-bias", "conv1d", dict(target_modules=["conv1d", "lin0"], r=2, lora_bias=True), 2),
+    Case("conv2d", "conv2d", dict(target_modules=["conv2d"]), 1),
+    Case("conv2d-lin-bias-all", "conv2d", dict(target_modules=["conv2d", "lin0"], bias="all", r=3,
+                                                lora_alpha=6), 2),
+    # --- tiny transformers models -----------------------------------------------------------------
+    Case("llama-qv", "llama", dict(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"), 4),
+    Case("llama-all-linear", "llama", dict(target_modules="all-linear", task_type="CAUSAL_LM", r=4), 14),
+    Case("llama-layers", "llama", dict(target_modules=LLAMA_ATTN, layers_to_transform=[1], layers_pattern="layers",
+                                       task_type="CAUSAL_LM"), 4),
+    Case("llama-embed-rank-pattern", "llama",
+         dict(target_modules=["embed_tokens", "q_proj", "down_proj"], rank_pattern={"down_proj": 2},
+              alpha_pattern={r"layers\.0\.self_attn\.q_proj": 2}, task_type="CAUSAL_LM"), 5),
+    Case("gpt2-conv1d", "gpt2", dict(target_modules=["c_attn", "c_proj"], task_type="CAUSAL_LM"), 6),
+    Case("gpt2-cls", "gpt2_cls", dict(target_modules=["c_attn"], task_type="SEQ_CLS"), 2, ("score",)),
+    Case("opt-layer0", "opt", dict(target_modules=["q_proj", "v_proj", "fc1"], layers_to_transform=0,
+                                   task_type="CAUSAL_LM", lora_dropout=0.05), 3),
+    Case("opt-bias-lora-only", "opt", dict(target_modules=["q_proj", "out_proj"], bias="lora_only",
+                                           task_type="CAUSAL_LM"), 4),
+    Case("t5-qv", "t5", dict(target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"), 12),
+    Case("t5-regex", "t5", dict(target_modules=r".*decoder.*(SelfAttention|EncDecAttention)\.(q|k)",
+                                task_type="SEQ_2_SEQ_LM", init_lora_weights="gaussian"), 8),
+    Case("bert-qv", "bert", dict(target_modules=["query", "value"]), 4),
+    Case("bert-cls-rslora", "bert_cls", dict(target_modules=["query", "value", "dense"], task_type="SEQ_CLS",
+                                              use_rslora=True, r=4), 11, ("classifier",)),
+]
+CASE_IDS = [c.name for c in CASES]
+IDENTITY_INITS = (True, "gaussian")
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------
+def inputs(case: Case, batch: int = 2):
+    return example_inputs(case.model, batch=batch)
+
+
+def output(model: nn.Module, x, **kwargs) -> torch.Tensor:
+    """The model's main output tensor (logits, hidden states or the toy model's output)."""
+    with torch.no_grad():
+        out = model(**x, **kwargs) if isinstance(x, dict) else model(x, **kwargs)
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def make(case: Case, adapter_name: str = "default", **overrides) -> PeftModel:
+    """The case's PeftModel in eval mode (new LoRA dropout modules start in training mode, as in peft)."""
+    return get_peft_model(base_model(case.model), LoraConfig(**{**case.kwargs, **overrides}),
+                          adapter_name=adapter_name).eval()
+
+
+def fill_(tensor: torch.Tensor, name: str) -> None:
+    """Deterministic values in ±0.1 seeded by ``name`` (different tensors get different values)."""
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    with torch.no_grad():
+        tensor.copy_((torch.rand(tensor.shape, generator=g) * 0.2 - 0.1).to(tensor.dtype))
+
+
+def is_adapter_param(name: str, adapter: str) -> bool:
+    parts = name.split(".")
+    return adapter in parts and any(
+        p in parts for p in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "modules_to_save"))
+
+
+def fill_adapter(model: nn.Module, adapter: str, biases: bool = False) -> None:
+    """Make ``adapter`` non-trivial (as if trained); with ``biases`` also the trainable base biases."""
+    for n, p in model.named_parameters():
+        if is_adapter_param(n, adapter) or (biases and p.requires_grad and n.endswith("bias")):
+            fill_(p, f"{adapter}:{n}")
+
+
+def trained(case: Case, **overrides) -> PeftModel:
+    """The case's model with a non-identity ``default`` adapter (trainable biases filled too)."""
+    model = make(case, **overrides)
+    fill_adapter(model, "default", biases=True)
+    return model
+
+
+def base_params(model: PeftModel) -> dict[str, torch.Tensor]:
+    """Weights of the wrapped base model under their original names (adapter tensors left out)."""
+    out = {}
+    for n, p in model.get_base_model().named_parameters():
+        parts = n.split(".")
+        if is_adapter_param(n, "default") or "modules_to_save" in parts:
+            continue
+        if any(is_adapter_param(n, a) for a in model.peft_config):
+            continue
+        out[".".join(x for x in parts if x not in ("base_layer", "original_module"))] = p.detach().clone()
+    return out
+
+
+def module_types(model: nn.Module) -> dict[str, type]:
+    return {n: type(m) for n, m in model.named_modules()}
+
+
+def expected_r_alpha(kwargs: dict[str, Any], key: str) -> tuple[int, float]:
+    """r and α for module ``key`` by peft's pattern rule: first key with re.match(rf'(.*\\.)?({k})$')."""
+    r, alpha = kwargs.get("r", 8), kwargs.get("lora_alpha", 8)
+    for k, v in kwargs.get("rank_pattern", {}).items():
+        if re.match(rf"(.*\.)?({k})$", key):
+            r = v
+            break
+    for k, v in kwargs.get("alpha_pattern", {}).items():
+        if re.match(rf"(.*\.)?({k})$", key):
+            alpha = v
+            break
+    return r, alpha
+
+
+def lora_count(layer: AdapterLayer, r: int, lora_bias: bool) -> int:
+    """The chapter's formula for one adapted module."""
+    base = layer.get_base_layer()
+    if isinstance(base, nn.Embedding):
+        return r * (base.num_embeddings + base.embedding_dim)
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        k = math.prod(base.kernel_size)
+        return r * (base.in_channels * k + base.out_channels) + (base.out_channels if lora_bias else 0)
+    if isinstance(base, Conv1D):
+        fan_in, fan_out = base.weight.shape  # stored (in, out)
+    else:
+        fan_in, fan_out = base.in_features, base.out_features
+    return r * (fan_in + fan_out) + (fan_out if lora_bias else 0)
+
+
+def adapted(model: PeftModel) -> dict[str, AdapterLayer]:
+    return {n: m for n, m in model.get_base_model().named_modules() if isinstance(m, AdapterLayer)}
+
+
+def expected_trainable(model: PeftModel, case: Case, adapter: str = "default") -> set[str]:
+    """Names that must train: the adapter's own tensors, its modules_to_save copies and the biases
+    ``bias`` asks for, written from the naming rules rather than taken from the library."""
+    bias = case.kwargs.get("bias", "none")
+    want = set()
+    for n, _ in model.named_parameters():
+        parts = n.split(".")
+        if is_adapter_param(n, adapter):
+            want.add(n)
+        elif bias == "all" and parts[-1] == "bias" and "original_module" not in parts \
+                and "modules_to_save" not in parts and not any(a in parts for a in ("lora_A", "lora_B")):
+            want.add(n)
+        elif bias == "lora_only" and n.endswith("base_layer.bias"):
+            want.add(n)
+    return want
+
+
+# ---------------------------------------------------------------------------------------------------
+# the invariants
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_identity_at_init(case: Case):
+    init = case.kwargs.get("init_lora_weights", True)
+    overrides = {} if init in IDENTITY_INITS else {"init_lora_weights": True}
+    x = inputs(case)
+    expected = output(base_model(case.model), x)
+    model = make(case, **overrides)
+    torch.testing.assert_close(output(model, x), expected, atol=0, rtol=0)
+    if init is False:  # the opposite claim: random A and B change the output
+        assert not torch.allclose(output(make(case), x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_only_adapter_parameters_trainable(case: Case):
+    model = make(case)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == expected_trainable(model, case)
+    assert not any(n.endswith("base_layer.weight") for n in trainable)
+    for m in case.task_modules:
+        assert any(f"{m}.modules_to_save.default." in n for n in trainable), f"task head {m} is not trained"
+    # a gradient step moves exactly the trainable tensors
+    fill_adapter(model, "default")  # non-zero B, so A gets gradients too
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = output_with_grad(model, inputs(case))
+    out.float().pow(2).mean().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved <= trainable
+    assert moved, "no parameter moved in a gradient step"
+
+
+def output_with_grad(model: nn.Module, x) -> torch.Tensor:
+    out = model(**x) if isinstance(x, dict) else model(x)
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_parameter_count_formula(case: Case, capsys):
+    base = base_model(case.model)
+    base_total = sum(p.numel() for p in base.parameters())
+    model = make(case)
+    layers = adapted(model)
+    assert len(layers) == case.n_targets, sorted(layers)
+    lora_bias = case.kwargs.get("lora_bias", False)
+    adapter_total = 0
+    for key, layer in layers.items():
+        r, alpha = expected_r_alpha(case.kwargs, key)
+        assert layer.r["default"] == r, key
+        root = math.sqrt(r) if case.kwargs.get("use_rslora") else r
+        assert layer.scaling["default"] == pytest.approx(alpha / root), key
+        adapter_total += lora_count(layer, r, lora_bias)
+    expected = adapter_total
+    copies = 0
+    for _, w in model.get_base_model().named_modules():
+        if isinstance(w, ModulesToSaveWrapper):
+            copies += sum(p.numel() for p in w.original_module.parameters())
+    bias = case.kwargs.get("bias", "none")
+    if bias == "all":  # every bias of the base model; a modules_to_save copy's bias is already counted
+        wrapped = {n for n, m in base.named_modules()
+                   if isinstance(model.get_base_model().get_submodule(n), ModulesToSaveWrapper)} if copies else set()
+        expected += sum(p.numel() for n, p in base.named_parameters()
+                        if n.endswith("bias") and n.rpartition(".")[0] not in wrapped)
+    elif bias == "lora_only":
+        expected += sum(layer.get_base_layer().bias.numel() for layer in layers.values()
+                        if layer.get_base_layer().bias is not None)
+    expected += copies
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == expected
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+    # all params = base + adapter tensors + the copies (biases are base tensors, counted once)
+    assert total == base_total + adapter_total + copies
+    model.print_trainable_parameters()
+    line = capsys.readouterr().out.strip()
+    assert line == (f"trainable params: {expected:,d} || all params: {total:,d} || "
+                    f"trainable%: {100 * expected / total:.4f}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_merge_unmerge_restores_and_merged_equals_unmerged(case: Case):
+    model = trained(case)
+    x = inputs(case)
+    unmerged = output(model, x)
+    before = base_params(model)
+    model.merge_adapter()
+    merged_weights = base_params(model)
+    assert any(not torch.equal(before[k], merged_weights[k]) for k in before), "merging changed nothing"
+    torch.testing.assert_close(output(model, x), unmerged, atol=ATOL_MERGE, rtol=0)
+    model.unmerge_adapter()
+    after = base_params(model)
+    assert after.keys() == before.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], atol=ATOL_WEIGHTS, rtol=0, msg=k)
+    torch.testing.assert_close(output(model, x), unmerged, atol=ATOL_OUT, rtol=0)
+    # merge_and_unload: the plain model with the original classes computes the adapted output
+    types = module_types(base_model(case.model))
+    plain = model.merge_and_unload()
+    assert module_types(plain) == types
+    torch.testing.assert_close(output(plain, x), unmerged, atol=ATOL_MERGE, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_save_load_round_trip(case: Case, tmp_path):
+    model = trained(case)
+    x = inputs(case)
+    expected = output(model, x)
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    loaded = PeftModel.from_pretrained(base_model(case.model), tmp_path)
+    assert type(loaded) is type(model)
+    torch.testing.assert_close(output(loaded, x), expected, atol=0, rtol=0)
+    saved, reloaded = get_peft_model_state_dict(model), get_peft_model_state_dict(loaded)
+    assert saved.keys() == reloaded.keys()
+    for k in saved:
+        assert torch.equal(saved[k], reloaded[k]), k
+    # every tensor that trained comes back (bias="lora_only" included: peft issue #3306)
+    loaded_params = dict(loaded.named_parameters())
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(loaded_params[n], p), n
+    assert not any(p.requires_grad for p in loaded.parameters())  # loaded for inference by default
+    trainable = PeftModel.from_pretrained(base_model(case.model), tmp_path, is_trainable=True)
+    assert {n for n, p in trainable.named_parameters() if p.requires_grad} == \
+        {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _base_with_current_params(case: Case, model: PeftModel) -> nn.Module:
+    """A plain base model holding the wrapped model's current base weights (e.g. trained biases)."""
+    plain = base_model(case.model)
+    plain.load_state_dict(base_params(model), strict=False)
+    return plain
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_disable_restores_base(case: Case):
+    x = inputs(case)
+    original = output(base_model(case.model), x)
+    model = trained(case)
+    adapted_out = output(model, x)
+    assert not torch.allclose(adapted_out, original, atol=1e-6)
+    bias = case.kwargs.get("bias", "none")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with model.disable_adapter():
+            disabled = output(model, x)
+    if bias == "none":
+        torch.testing.assert_close(disabled, original, atol=0, rtol=0)
+    else:  # trained biases stay: disabled = the base model with those biases, and a warning says so
+        assert any("bias" in str(w.message) for w in caught)
+        torch.testing.assert_close(disabled, output(_base_with_current_params(case, model), x), atol=0, rtol=0)
+    torch.testing.assert_close(output(model, x), adapted_out, atol=0, rtol=0)
+    # disabling a merged model unmerges first, so it still computes the base
+    model.merge_adapter()
+    with model.disable_adapter():
+        torch.testing.assert_close(output(model, x), disabled, atol=ATOL_OUT, rtol=0)
+
+
+def _names_in_layers(model: PeftModel) -> set[str]:
+    names = set()
+    for m in model.get_base_model().modules():
+        if isinstance(m, AdapterLayer):
+            names.update(m.adapter_names)
+            for attr in m.other_param_names:
+                names.update(getattr(m, attr).keys())
+        elif isinstance(m, ModulesToSaveWrapper):
+            names.update(m.modules_to_save.keys())
+    return names
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_delete_removes_everything(case: Case):
+    x = inputs(case)
+    model = trained(case)
+    expected = output(model, x)
+    # a second adapter, added then deleted, leaves no trace
+    model.add_adapter("other", LoraConfig(**{**case.kwargs, "bias": "none"}))
+    model.eval()  # the new adapter's dropout modules start in training mode
+    fill_adapter(model, "other")
+    model.delete_adapter("other")
+    assert "other" not in model.peft_config
+    assert "other" not in _names_in_layers(model)
+    assert not [k for k in model.state_dict() if "other" in k.split(".")]
+    torch.testing.assert_close(output(model, x), expected, atol=0, rtol=0)
+    # switch to a second adapter and delete the first: nothing of "default" remains
+    model.add_adapter("second", LoraConfig(**{**case.kwargs, "bias": "none"}))
+    model.eval()  # the new adapter's dropout modules start in training mode
+    fill_adapter(model, "second")
+    model.set_adapter("second")
+    model.delete_adapter("default")
+    assert set(model.peft_config) == {"second"} and model.active_adapter == "second"
+    assert "default" not in _names_in_layers(model)
+    assert not [k for k in model.state_dict() if "default" in k.split(".")]
+    assert len(adapted(model)) == case.n_targets
+    # unload: the original classes, with the original weights (trained biases aside)
+    types = module_types(base_model(case.model))
+    current = base_params(model)
+    plain = model.unload()
+    assert module_types(plain) == types
+    sd = plain.state_dict()
+    for k, v in current.items():
+        assert torch.equal(sd[k], v), k
+    if case.kwargs.get("bias", "none") == "none":
+        torch.testing.assert_close(output(plain, x), output(base_model(case.model), x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_mixed_batch_equals_separate_runs(case: Case):
+    x = inputs(case, batch=4)
+    model = trained(case)
+    model.add_adapter("other", LoraConfig(**{**case.kwargs, "bias": "none"}))
+    model.eval()  # the new adapter's dropout modules start in training mode
+    fill_adapter(model, "other")
+    names = ["other", "__base__", "default", "other"]
+    mixed = output(model, x, adapter_names=names)
+    alone = {"default": output(model, x)}
+    model.set_adapter("other")
+    alone["other"] = output(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with model.disable_adapter():
+            alone["__base__"] = output(model, x)
+    assert not torch.allclose(alone["default"], alone["other"], atol=1e-6)
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], alone[name][row], atol=1e-6, rtol=0, msg=f"row {row} ({name})")

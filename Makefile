@@ -1,0 +1,104 @@
+# peftlab: the two commands are `make book` and `make test` (see README.md).
+#
+#   make book                       set up, run every chapter, build _build/html
+#   make test                       set up, unit tests, every chapter in the smoke profile,
+#                                   strict build (warnings are errors), offline checks
+#   make chapter NB=book/lab.ipynb  run one chapter (PEFTLAB_PROFILE picks its size)
+#   make setup                      only create/update .venv and fetch the book's JavaScript
+#   make strip                      strip outputs from book/**/*.ipynb before committing
+#   make clean                      remove _build and the executed copy
+#
+# Knobs: PEFTLAB_PROFILE=smoke|cpu|gpu (default: gpu with CUDA, else cpu) for `book` and
+# `chapter`; JOBS (parallel notebooks/test workers, default 2); THREADS (torch/BLAS threads
+# per worker, default 1); PYTHON (interpreter that creates .venv, default python3.11).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON  ?= python3.11
+VENV    := .venv
+PY      := $(VENV)/bin/python
+JOBS    ?= 2
+THREADS ?= 1
+TORCH   := torch==2.13.0
+STAMP   := $(VENV)/.peftlab-installed
+JS      := _vendor/.fetched.json
+EXEC    := .cache/book-exec
+REPORTS := _build/reports
+NB_TIMEOUT ?= 1200
+
+# Every process gets THREADS threads: JOBS workers x THREADS must fit the machine.
+export OMP_NUM_THREADS := $(THREADS)
+export MKL_NUM_THREADS := $(THREADS)
+export OPENBLAS_NUM_THREADS := $(THREADS)
+export TOKENIZERS_PARALLELISM := false
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: help setup book test chapter strip clean unit notebooks html check
+
+help:
+	@sed -n '2,13p' Makefile | sed 's/^# \{0,1\}//'
+
+# ---------------------------------------------------------------- set-up (shared)
+setup: $(STAMP) $(JS)
+
+# torch first, from the pinned CPU wheel: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	@touch $@
+
+# MathJax and the ipywidgets manager from the npm registry (never committed), see tools/.
+$(JS): tools/fetch_js.py | $(STAMP)
+	$(PY) tools/fetch_js.py
+	@touch $@
+
+# ---------------------------------------------------------------- the book
+# Execute every chapter once (nbmake, in a scratch copy so sources stay stripped), then
+# render that copy with execution off: outputs, glue values and widget state come from
+# the one run.
+book: setup
+	$(MAKE) --no-print-directory notebooks
+	$(MAKE) --no-print-directory html
+	@echo "book: open _build/html/index.html"
+
+notebooks:
+	@mkdir -p $(REPORTS)
+	$(PY) tools/prepare_exec.py $(EXEC)
+	$(PY) -m pytest $(EXEC)/book --nbmake --overwrite --nbmake-timeout=$(NB_TIMEOUT) \
+	    -n $(JOBS) -p no:cacheprovider -o addopts="" \
+	    --junitxml=$(REPORTS)/notebooks.xml
+
+html:
+	$(VENV)/bin/jupyter-book build $(EXEC) --path-output . $(STRICT)
+
+# ---------------------------------------------------------------- tests
+test: setup
+	$(MAKE) --no-print-directory unit
+	PEFTLAB_PROFILE=smoke HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+	    $(MAKE) --no-print-directory notebooks
+	$(MAKE) --no-print-directory html STRICT="-W --keep-going"
+	$(MAKE) --no-print-directory check
+	@$(PY) tools/test_summary.py $(REPORTS)/unit.xml $(REPORTS)/notebooks.xml
+
+unit:
+	@mkdir -p $(REPORTS)
+	MPLBACKEND=Agg HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+	    $(PY) -m pytest tests -n $(JOBS) -p no:cacheprovider --junitxml=$(REPORTS)/unit.xml
+
+check:
+	$(PY) tools/check_build.py --html _build/html
+
+# ---------------------------------------------------------------- helpers
+chapter: setup
+	@test -n "$(NB)" || { echo "usage: make chapter NB=book/<chapter>.ipynb"; exit 2; }
+	$(PY) -m pytest "$(NB)" --nbmake --nbmake-timeout=$(NB_TIMEOUT) -p no:cacheprovider -v
+
+strip:
+	$(PY) tools/strip_notebooks.py
+
+clean:
+	rm -rf _build $(EXEC)

@@ -96,3 +96,12 @@ def test_bad_inputs():
         train(nn.Linear(2, 2), ["text"], steps=1, progress=False)
     with pytest.raises(ValueError, match="empty"):
         train(nn.Linear(2, 2), [], steps=1, progress=False)
+
+
+def test_model_output_without_loss_is_a_clear_error():
+    from peftlab.lab.models import example_inputs, tiny_model
+
+    batch = example_inputs("llama")
+    batch.pop("labels")
+    with pytest.raises(ValueError, match="labels"):
+        train(tiny_model("llama"), [batch], steps=1, progress=False)

@@ -117,7 +117,7 @@ def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """
     if isinstance(batch, Mapping):
         out = model(**batch)
-        loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
+        loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
         if loss is None:
             raise ValueError(
                 "model(**batch) returned no loss; put 'labels' in the batch or pass loss_fn=..."

@@ -236,7 +236,9 @@ class PeftModel(nn.Module):
 
         Explained in: book/configs.ipynb
         """
-        folder = resolve_adapter_dir(model_id, subfolder=kwargs.get("subfolder"))
+        # from the Hub, fetch adapter_model.bin too when the caller accepts pickles (older adapters have no safetensors)
+        folder = resolve_adapter_dir(model_id, subfolder=kwargs.get("subfolder"), revision=kwargs.get("revision"),
+                                     filenames=(WEIGHTS_NAME,) if allow_pickle else ())
         if config is None:
             config = PeftConfig.from_pretrained(folder)
         config.inference_mode = not is_trainable
@@ -258,7 +260,9 @@ class PeftModel(nn.Module):
         """Add the adapter saved in ``model_id`` under ``adapter_name`` (not activated)."""
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another adapter_name")
-        folder = resolve_adapter_dir(model_id, subfolder=kwargs.get("subfolder"))
+        # from the Hub, fetch adapter_model.bin too when the caller accepts pickles (older adapters have no safetensors)
+        folder = resolve_adapter_dir(model_id, subfolder=kwargs.get("subfolder"), revision=kwargs.get("revision"),
+                                     filenames=(WEIGHTS_NAME,) if allow_pickle else ())
         config = PeftConfig.from_pretrained(folder)
         config.inference_mode = not is_trainable
         weights = load_adapter_weights(folder, allow_pickle=allow_pickle)

@@ -330,7 +330,13 @@ class BaseTuner(nn.Module):
         names = self._candidate_names()
         keys = [k for k in names if matching.check_target_module_exists(config, k)]
         wrapper_keys = {k for k, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
-        keys = [k for k in keys if k not in wrapper_keys]
+        wrapped = [k for k in keys if k in wrapper_keys]
+        if wrapped:  # peft refuses these too; skipping them silently would drop a requested target
+            raise ValueError(
+                f"target_modules={config.target_modules!r} matches {wrapped}, which another adapter trains whole "
+                "as modules_to_save; a module cannot also carry an adapter. Leave it out of target_modules (or "
+                "add it to exclude_modules)"
+            )
         if not keys:
             spec = config.target_modules
             hint = matching.near_misses(spec, names)

@@ -105,6 +105,9 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     by_disk = {disk: t for _, disk, t in items}
     sd = _align_prefix(state_dict, set(by_disk))
     missing = sorted(k for k in by_disk if k not in sd)
+    # peft also writes whole embedding matrices (when embed_tokens/lm_head are targets, or the vocabulary was
+    # resized); they are base weights, optional in a checkpoint, and loaded like peft loads them
+    by_disk.update({k: t for k, t in _embedding_params(model).items() if k in sd and k not in by_disk})
     unexpected = sorted(k for k in sd if k not in by_disk)
     mismatched = [(k, tuple(sd[k].shape), tuple(t.shape)) for k, t in by_disk.items()
                   if k in sd and sd[k].shape != t.shape]
@@ -125,6 +128,22 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     with torch.no_grad():
         for k, t in by_disk.items():
             t.copy_(sd[k].to(device=t.device, dtype=t.dtype))
+
+
+def _embedding_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters of the model's embedding layers and output embedding, under their state-dict names."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    try:
+        out = get_out() if callable(get_out) else None
+    except (AttributeError, NotImplementedError):
+        out = None
+    heads = {id(out), id(out.get_base_layer())} if isinstance(out, AdapterLayer) else {id(out)}
+    params = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.Embedding) or (out is not None and id(module) in heads):
+            for n, t in module.named_parameters(recurse=False):
+                params[f"{path}.{n}" if path else n] = t
+    return params
 
 
 def _align_prefix(sd: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:

@@ -215,9 +215,6 @@ class PeftModel(nn.Module):
             folder = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
             config = copy.copy(self.peft_config[name])
             state = get_peft_model_state_dict(self, name, config)
-            os.makedirs(folder, exist_ok=True)
-            weights = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
-            atomic_save_tensors(state, os.path.join(folder, weights), safe_serialization)
             config.inference_mode = True
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = _model_name(self.get_base_model())
@@ -225,6 +222,10 @@ class PeftModel(nn.Module):
                 base = self.get_base_model()
                 config.auto_mapping = {"base_model_class": type(base).__name__,
                                        "parent_library": type(base).__module__}
+            config.to_json_string()  # a value JSON cannot hold fails here, before any file is replaced
+            os.makedirs(folder, exist_ok=True)
+            weights = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+            atomic_save_tensors(state, os.path.join(folder, weights), safe_serialization)
             config.save_pretrained(folder)
 
     @classmethod
@@ -245,11 +246,14 @@ class PeftModel(nn.Module):
         weights = load_adapter_weights(folder, allow_pickle=allow_pickle)  # read before touching the model
         task = config.task_type
         peft_cls = MODEL_TYPE_TO_PEFT_MODEL.get(str(task), PeftModel) if cls is PeftModel else cls
+        requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         peft_model = peft_cls(model, config, adapter_name)
         try:
             set_peft_model_state_dict(peft_model, weights, adapter_name, config)
         except ValueError:
-            peft_model.unload()  # leave the caller's model as it was
+            peft_model.unload()  # leave the caller's model as it was, trainable flags included
+            for p, flag in requires_grad:
+                p.requires_grad_(flag)
             raise
         if not is_trainable:
             peft_model.eval()

@@ -154,11 +154,8 @@ class AdapterLayer(nn.Module):
             bias = base.bias.data if getattr(base, "bias", None) is not None else None
             with torch.no_grad():
                 new_w, new_b = self.merged_weights(name, base.weight.data, bias)
-            if safe_merge and not (torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all())):
-                raise ValueError(
-                    f"merging adapter {name!r} would put NaN or inf into {type(base).__name__} weights; the base "
-                    "was left unchanged. Check the adapter for diverged values, or keep it unmerged"
-                )
+            if safe_merge:
+                self._refuse_non_finite(name, new_w, new_b)
             base.weight.data = new_w
             if new_b is not None:
                 if base.bias is None:
@@ -166,6 +163,23 @@ class AdapterLayer(nn.Module):
                 else:
                     base.bias.data = new_b
             self.merged_adapters.append(name)
+
+    def check_merge(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Raise if merging ``adapter_names`` would put NaN or inf into the base weights; changes nothing."""
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        base = self.get_base_layer()
+        bias = base.bias.data if getattr(base, "bias", None) is not None else None
+        for name in names:
+            if name not in self.merged_adapters and name in self.adapter_names:
+                with torch.no_grad():
+                    self._refuse_non_finite(name, *self.merged_weights(name, base.weight.data, bias))
+
+    def _refuse_non_finite(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        if not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
+            raise ValueError(
+                f"merging adapter {name!r} would put NaN or inf into {type(self.get_base_layer()).__name__} "
+                "weights; the base was left unchanged. Check the adapter for diverged values, or keep it unmerged"
+            )
 
     def unmerge(self) -> None:
         """Take merged adapters back out of the base weight, last merged first."""
@@ -352,6 +366,8 @@ class BaseTuner(nn.Module):
             _, target, _ = get_submodule_parent(self.model, key)
             if not isinstance(target, AdapterLayer):
                 self.check_target(config, target, key)
+        for m in config.modules_to_save or ():  # also before anything changes
+            self._modules_to_save_keys(m, required=m not in OPTIONAL_MODULES_TO_SAVE)
         for key in keys:
             parent, target, child = get_submodule_parent(self.model, key)
             if isinstance(target, AdapterLayer):
@@ -368,25 +384,26 @@ class BaseTuner(nn.Module):
         else:
             self._mark_trainable()
 
-    def _wrap_modules_to_save(self, name: str, adapter_name: str, required: bool = True) -> None:
-        found = False
-        for key, module in list(self.model.named_modules()):
-            if not key or not (key == name or key.endswith("." + name)):
-                continue
-            if any(p in key.split(".") for p in ("modules_to_save", "original_module")):
-                continue
-            found = True
-            if isinstance(module, ModulesToSaveWrapper):
-                module.add(adapter_name)
-            else:
-                parent, _, child = get_submodule_parent(self.model, key)
-                setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
-        if not found and required:
+    def _modules_to_save_keys(self, name: str, required: bool = True) -> list[str]:
+        """Full names of the modules a ``modules_to_save`` entry means (exact name or dotted suffix)."""
+        keys = [key for key, _ in self.model.named_modules()
+                if key and (key == name or key.endswith("." + name))
+                and not any(p in key.split(".") for p in ("modules_to_save", "original_module"))]
+        if not keys and required:
             names = [n for n, _ in self.model.named_modules() if n]
             raise ValueError(
                 f"modules_to_save entry {name!r} matched no module; modules that look close: "
                 f"{matching.near_misses([name], names)}"
             )
+        return keys
+
+    def _wrap_modules_to_save(self, name: str, adapter_name: str, required: bool = True) -> None:
+        for key in self._modules_to_save_keys(name, required):
+            parent, module, child = get_submodule_parent(self.model, key)
+            if isinstance(module, ModulesToSaveWrapper):
+                module.add(adapter_name)
+            else:
+                setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
 
     # ---- adapters -------------------------------------------------------------------------------
     @property
@@ -490,6 +507,9 @@ class BaseTuner(nn.Module):
         for n in adapter_names or ():
             if n not in self.peft_config:
                 raise ValueError(f"no adapter named {n!r}; adapters: {sorted(self.peft_config)}")
+        if safe_merge:  # check every layer before changing any, so a refusal leaves all weights as they were
+            for _, layer in self.adapter_layers():
+                layer.check_merge(adapter_names)
         for _, layer in self.adapter_layers():
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -501,6 +521,9 @@ class BaseTuner(nn.Module):
                 adapter_names: Sequence[str] | None = None) -> nn.Module:
         layers = list(self.adapter_layers())
         if merge:  # merge everything first, so a safe_merge failure leaves the model as it was
+            if safe_merge:
+                for _, layer in layers:
+                    layer.check_merge(adapter_names)
             done: list[AdapterLayer] = []
             try:
                 for _, layer in layers:

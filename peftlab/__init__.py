@@ -6,6 +6,9 @@ saved by either library load in the other.
 Explained in: book/quickstart.ipynb
 """
 
+from peftlab.auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeatureExtraction,
+                          AutoPeftModelForQuestionAnswering, AutoPeftModelForSeq2SeqLM,
+                          AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification)
 from peftlab.config import PeftConfig, PeftType, TaskType
 from peftlab.mapping import get_peft_model, inject_adapter_in_model
 from peftlab.peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction,
@@ -21,4 +24,6 @@ __all__ = [
     "PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
     "get_peft_model_state_dict", "set_peft_model_state_dict", "__version__",
+    "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification", "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
 ]

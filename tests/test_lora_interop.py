@@ -334,6 +334,53 @@ def test_same_files(case, pair_cache, tmp_path):
         {k: v for k, v in our_config.items()})
 
 
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_loading_for_training_trains_the_same_tensors(case, pair_cache, tmp_path):
+    """``is_trainable=True``: the same tensors train in both libraries, and the count lines agree."""
+    name, model, kwargs = case
+    ref, ours = pair(pair_cache, case)
+    ours.save_pretrained(tmp_path)
+    with quiet():
+        ref_loaded = peft.PeftModel.from_pretrained(base_model(model), tmp_path, is_trainable=True)
+    our_loaded = peftlab.PeftModel.from_pretrained(base_model(model), tmp_path, is_trainable=True)
+    assert trainable_names(our_loaded) == trainable_names(ref_loaded) == trainable_names(ours)
+    assert count_line(our_loaded) == count_line(ref_loaded)
+    frozen = peftlab.PeftModel.from_pretrained(base_model(model), tmp_path)  # for inference: nothing trains
+    assert not trainable_names(frozen)
+    if kwargs.get("bias", "none") == "none":  # see test_divergence_inference_load_freezes_biases
+        with quiet():
+            assert not trainable_names(peft.PeftModel.from_pretrained(base_model(model), tmp_path))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] in ("mlp", "llama", "gpt2")],
+                         ids=[c[0] for c in CASES if c[1] in ("mlp", "llama", "gpt2")])
+def test_inject_adapter_in_model(case):
+    """Adapters put into the plain model (no PeftModel around it): the same module names and tensors, and
+    the adapter state dict without the ``base_model.model.`` prefix."""
+    name, model, kwargs = case
+    kwargs = {k: v for k, v in kwargs.items() if k != "task_type"}
+    injected = {}
+    for lib_name, lib in LIBS.items():
+        with quiet():
+            injected[lib_name] = lib.inject_adapter_in_model(lib.LoraConfig(**kwargs), base_model(model))
+    ref, ours = injected["peft"], injected["peftlab"]
+    assert set(ours.state_dict()) == set(ref.state_dict())
+    assert adapted_names_plain(ours) == adapted_names_plain(ref)
+    for m in (ref, ours):
+        fill_trainable(m)
+    with quiet():
+        ref_sd = peft.get_peft_model_state_dict(ref)
+    our_sd = peftlab.get_peft_model_state_dict(ours, config=LIBS["peftlab"].LoraConfig(**kwargs))
+    assert our_sd.keys() == ref_sd.keys() - set(embedding_copies(ref_sd))
+    assert not any(k.startswith("base_model.model.") for k in our_sd)
+    x = inputs(model)
+    torch.testing.assert_close(output(ours.eval(), x), output(ref.eval(), x), atol=ATOL, rtol=0)
+
+
+def adapted_names_plain(model) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, (BaseTunerLayer, AdapterLayer))}
+
+
 # ---------------------------------------------------------------------------------------------------
 # several adapters, a non-default one in a sub-folder
 # ---------------------------------------------------------------------------------------------------
@@ -546,6 +593,22 @@ def run_each_of(pm, x, adapters) -> dict[str, torch.Tensor]:
             pm.set_adapter(adapter)
             outs[adapter] = output(pm, x)
     return outs
+
+
+def test_divergence_inference_load_freezes_biases(tmp_path):
+    """Loaded for inference (``is_trainable=False``), an adapter with bias="all"/"lora_only" leaves the base
+    biases trainable in peft 0.21.2 (an optimizer built on the model would change them); in peftlab
+    nothing of a model loaded for inference trains."""
+    for bias, expected in (("all", {"base_model.model.lin0.base_layer.bias", "base_model.model.lin1.bias"}),
+                           ("lora_only", {"base_model.model.lin0.base_layer.bias"})):
+        folder = tmp_path / bias
+        build("peftlab", "mlp", dict(target_modules=["lin0"], bias=bias)).save_pretrained(folder)
+        with quiet():
+            ref = peft.PeftModel.from_pretrained(base_model("mlp"), folder)
+        ours = peftlab.PeftModel.from_pretrained(base_model("mlp"), folder)
+        assert ref.peft_config["default"].inference_mode and ours.peft_config["default"].inference_mode
+        assert trainable_names(ref) == expected
+        assert trainable_names(ours) == set()
 
 
 def test_divergence_config_lists_are_sorted(tmp_path):

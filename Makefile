@@ -16,7 +16,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 .DEFAULT_GOAL := help
 
-PYTHON  ?= python3.11
+PYTHON  ?= $(shell command -v python3.11 || command -v python3)
 VENV    := .venv
 PY      := $(VENV)/bin/python
 JOBS    ?= 2

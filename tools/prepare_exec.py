@@ -5,7 +5,9 @@ build the HTML from the executed copies with execution off. The sources must sta
 so the run happens in a copy:
 
     .cache/book-exec/_config.yml, _toc.yml   copied
-    .cache/book-exec/book/                   copied (nbmake --overwrite writes outputs here)
+    .cache/book-exec/book/                   copied (nbmake --overwrite writes outputs here);
+                                             only the notebooks _toc.yml lists, so a draft
+                                             notebook not yet in the book is not run
     .cache/book-exec/<everything else>       relative symlinks to the repository (peftlab/
                                              for literalinclude, _vendor/ for the offline
                                              JavaScript)
@@ -28,6 +30,30 @@ COPIED = ("_config.yml", "_toc.yml", "book")
 SKIPPED = {"_build", ".git", ".venv"}
 
 
+def toc_notebooks(root: Path = ROOT) -> set[Path]:
+    """The notebooks that ``_toc.yml`` lists (absolute paths)."""
+    import yaml
+
+    found: set[Path] = set()
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for key in ("root", "file"):
+                entry = node.get(key)
+                if isinstance(entry, str):
+                    stem = entry[: -len(".ipynb")] if entry.endswith(".ipynb") else entry
+                    if (root / f"{stem}.ipynb").is_file():
+                        found.add((root / f"{stem}.ipynb").resolve())
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(yaml.safe_load((root / "_toc.yml").read_text()))
+    return found
+
+
 def prepare(dest: Path) -> Path:
     """Recreate ``dest`` as an executable copy of the book; return it."""
     dest = dest.resolve()
@@ -36,6 +62,19 @@ def prepare(dest: Path) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
+    in_toc = toc_notebooks()
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        skip = []
+        for n in names:
+            p = (Path(folder) / n).resolve()
+            if n in (".ipynb_checkpoints", "__pycache__"):
+                skip.append(n)
+            elif n.endswith(".ipynb") and p not in in_toc:
+                print(f"prepare_exec: {p.relative_to(ROOT)} is not in _toc.yml; not run")
+                skip.append(n)
+        return skip
+
     for entry in sorted(ROOT.iterdir()):
         name = entry.name
         if name in SKIPPED or name.startswith(".") or entry in dest.parents:
@@ -43,9 +82,7 @@ def prepare(dest: Path) -> Path:
         target = dest / name
         if name in COPIED:
             if entry.is_dir():
-                shutil.copytree(
-                    entry, target, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__")
-                )
+                shutil.copytree(entry, target, ignore=ignore)
             else:
                 shutil.copy2(entry, target)
         else:

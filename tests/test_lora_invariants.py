@@ -89,8 +89,10 @@ CASES = [
     Case("llama-embed-rank-pattern", "llama",
          dict(target_modules=["embed_tokens", "q_proj", "down_proj"], rank_pattern={"down_proj": 2},
               alpha_pattern={r"layers\.0\.self_attn\.q_proj": 2}, task_type="CAUSAL_LM"), 5),
-    Case("gpt2-conv1d", "gpt2", dict(target_modules=["c_attn", "c_proj"], task_type="CAUSAL_LM"), 6),
-    Case("gpt2-cls", "gpt2_cls", dict(target_modules=["c_attn"], task_type="SEQ_CLS"), 2, ("score",)),
+    Case("gpt2-conv1d", "gpt2", dict(target_modules=["c_attn", "c_proj"], task_type="CAUSAL_LM",
+                                     fan_in_fan_out=True), 6),
+    Case("gpt2-cls", "gpt2_cls", dict(target_modules=["c_attn"], task_type="SEQ_CLS", fan_in_fan_out=True), 2,
+         ("score",)),
     Case("opt-layer0", "opt", dict(target_modules=["q_proj", "v_proj", "fc1"], layers_to_transform=0,
                                    task_type="CAUSAL_LM", lora_dropout=0.05), 3),
     Case("opt-bias-lora-only", "opt", dict(target_modules=["q_proj", "out_proj"], bias="lora_only",
@@ -124,8 +126,10 @@ def output(model: nn.Module, x, **kwargs) -> torch.Tensor:
 
 def make(case: Case, adapter_name: str = "default", **overrides) -> PeftModel:
     """The case's PeftModel in eval mode (new LoRA dropout modules start in training mode, as in peft)."""
-    return get_peft_model(base_model(case.model), LoraConfig(**{**case.kwargs, **overrides}),
-                          adapter_name=adapter_name).eval()
+    with warnings.catch_warnings():  # Conv1D rows without fan_in_fan_out=True: see test_conv1d_fan_in_fan_out
+        warnings.filterwarnings("ignore", message=".*setting fan_in_fan_out", category=UserWarning)
+        return get_peft_model(base_model(case.model), LoraConfig(**{**case.kwargs, **overrides}),
+                              adapter_name=adapter_name).eval()
 
 
 def fill_(tensor: torch.Tensor, name: str) -> None:
@@ -146,6 +150,15 @@ def fill_adapter(model: nn.Module, adapter: str, biases: bool = False) -> None:
     for n, p in model.named_parameters():
         if is_adapter_param(n, adapter) or (biases and p.requires_grad and n.endswith("bias")):
             fill_(p, f"{adapter}:{n}")
+
+
+def add_second(model: PeftModel, case: Case, name: str) -> None:
+    """Add a non-identity adapter ``name`` with the case's config (bias="none": one adapter may train biases)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*setting fan_in_fan_out", category=UserWarning)
+        model.add_adapter(name, LoraConfig(**{**case.kwargs, "bias": "none"}))
+    model.eval()  # the new adapter's dropout modules start in training mode
+    fill_adapter(model, name)
 
 
 def trained(case: Case, **overrides) -> PeftModel:
@@ -382,8 +395,10 @@ def test_disable_restores_base(case: Case):
     torch.testing.assert_close(output(model, x), adapted_out, atol=0, rtol=0)
     # disabling a merged model unmerges first, so it still computes the base
     model.merge_adapter()
-    with model.disable_adapter():
-        torch.testing.assert_close(output(model, x), disabled, atol=ATOL_OUT, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the bias warning again
+        with model.disable_adapter():
+            torch.testing.assert_close(output(model, x), disabled, atol=ATOL_OUT, rtol=0)
 
 
 def _names_in_layers(model: PeftModel) -> set[str]:
@@ -404,18 +419,14 @@ def test_delete_removes_everything(case: Case):
     model = trained(case)
     expected = output(model, x)
     # a second adapter, added then deleted, leaves no trace
-    model.add_adapter("other", LoraConfig(**{**case.kwargs, "bias": "none"}))
-    model.eval()  # the new adapter's dropout modules start in training mode
-    fill_adapter(model, "other")
+    add_second(model, case, "other")
     model.delete_adapter("other")
     assert "other" not in model.peft_config
     assert "other" not in _names_in_layers(model)
     assert not [k for k in model.state_dict() if "other" in k.split(".")]
     torch.testing.assert_close(output(model, x), expected, atol=0, rtol=0)
     # switch to a second adapter and delete the first: nothing of "default" remains
-    model.add_adapter("second", LoraConfig(**{**case.kwargs, "bias": "none"}))
-    model.eval()  # the new adapter's dropout modules start in training mode
-    fill_adapter(model, "second")
+    add_second(model, case, "second")
     model.set_adapter("second")
     model.delete_adapter("default")
     assert set(model.peft_config) == {"second"} and model.active_adapter == "second"
@@ -438,9 +449,7 @@ def test_delete_removes_everything(case: Case):
 def test_mixed_batch_equals_separate_runs(case: Case):
     x = inputs(case, batch=4)
     model = trained(case)
-    model.add_adapter("other", LoraConfig(**{**case.kwargs, "bias": "none"}))
-    model.eval()  # the new adapter's dropout modules start in training mode
-    fill_adapter(model, "other")
+    add_second(model, case, "other")
     names = ["other", "__base__", "default", "other"]
     mixed = output(model, x, adapter_names=names)
     alone = {"default": output(model, x)}
@@ -453,3 +462,19 @@ def test_mixed_batch_equals_separate_runs(case: Case):
     assert not torch.allclose(alone["default"], alone["other"], atol=1e-6)
     for row, name in enumerate(names):
         torch.testing.assert_close(mixed[row], alone[name][row], atol=1e-6, rtol=0, msg=f"row {row} ({name})")
+
+
+def test_conv1d_fan_in_fan_out():
+    """GPT-2's Conv1D stores its weight (in, out): LoRA sets fan_in_fan_out=True with a warning (as peft does,
+    changing the config), and ΔW comes out transposed like the weight."""
+    config = LoraConfig(target_modules=["c_attn"])
+    with pytest.warns(UserWarning, match="fan_in_fan_out=True"):
+        model = get_peft_model(base_model("gpt2"), config)
+    assert config.fan_in_fan_out is True
+    layer = model.base_model.model.transformer.h[0].attn.c_attn
+    fill_adapter(model, "default")
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert layer.get_base_layer().weight.shape == (32, 96)  # (in, out)
+    torch.testing.assert_close(layer.get_delta_weight("default"), (B @ A).T * layer.scaling["default"])
+    with pytest.warns(UserWarning, match="fan_in_fan_out=False"):
+        get_peft_model(base_model("mlp"), LoraConfig(target_modules=["lin0"], fan_in_fan_out=True))

@@ -73,6 +73,10 @@ def test_setup_threads(monkeypatch):
         monkeypatch.setenv("PEFTLAB_THREADS", "1")
         profile.setup(quiet=True)
         assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        monkeypatch.delenv("PEFTLAB_THREADS")
+        profile.setup(quiet=True)  # smoke without PEFTLAB_THREADS: one thread
+        assert torch.get_num_threads() == 1
         monkeypatch.setenv("PEFTLAB_THREADS", "many")
         with pytest.raises(ValueError, match="PEFTLAB_THREADS"):
             profile.setup(quiet=True)

@@ -1,4 +1,4 @@
-"""The lab: profiles, a training loop, tiny models, the lab language model and its tasks.
+"""The lab: profiles, a training loop, tiny models, the lab language model, its tasks, and the digits harnesses.
 
 Submodules are imported on demand (``from peftlab.lab import profile``) so that a chapter
 that needs only the profile does not pay for transformers or datasets.
@@ -6,4 +6,4 @@ that needs only the profile does not pay for transformers or datasets.
 Explained in: book/lab.ipynb
 """
 
-__all__ = ["profile", "train", "models", "lm", "tasks"]
+__all__ = ["profile", "train", "models", "lm", "tasks", "digits"]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -64,6 +66,25 @@ class PeftModel(nn.Module):
             for _, layer in self.base_model.adapter_layers():
                 for attr in layer.adapter_layer_names:
                     getattr(layer, attr).to(dtype)
+        if type(self).forward is PeftModel.forward:
+            self._show_base_signature(model)
+
+    def _show_base_signature(self, model: nn.Module) -> None:
+        """Give this instance's ``forward`` the signature of ``model.forward`` (plus ``adapter_names``).
+
+        transformers' Trainer keeps only the dataset columns named in ``signature(model.forward)``; for peft's
+        own PeftModel it inspects the base model instead, which it cannot know to do for peftlab's.
+        """
+        try:
+            base = inspect.signature(model.forward)
+        except (TypeError, ValueError):
+            return
+        params = [p for p in base.parameters.values() if p.name != "adapter_names"]
+        names = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+        var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+        forward = functools.partial(PeftModel.forward, self)
+        forward.__signature__ = base.replace(parameters=[p for p in params if p not in var_kw] + [names] + var_kw)
+        self.forward = forward
 
     def _add_task_modules(self, config: PeftConfig, model: nn.Module) -> PeftConfig:
         if not self.task_modules_to_save or not hasattr(config, "modules_to_save"):

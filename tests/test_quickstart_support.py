@@ -5,7 +5,9 @@ Explained in: book/quickstart.ipynb, book/configs.ipynb
 
 from __future__ import annotations
 
+import copy
 import fnmatch
+import inspect
 import io
 import os
 import shutil
@@ -156,3 +158,31 @@ def test_hub_adapter_saved_as_pickle_is_not_fetched_by_default(fake_hub) -> None
         PeftModel.from_pretrained(model, "someone/tiny-lora")
     assert "adapter_model.bin" not in calls[-1]["allow_patterns"]
     assert not any("lora_" in n for n, _ in model.named_parameters())  # the model was left as it was
+
+
+# ---- a PeftModel without a task type: Trainer keeps the columns the base model's forward takes -----------
+def test_trainer_keeps_columns_for_a_peft_model_without_task_type(tmp_path: Path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))  # plain PeftModel
+    assert type(peft_model) is PeftModel
+    params = inspect.signature(peft_model.forward).parameters
+    assert {"input_ids", "attention_mask", "labels", "adapter_names"} <= set(params)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2, save_strategy="no",
+                             report_to=[], disable_tqdm=True, use_cpu=True)
+    trainer = Trainer(model=peft_model, args=args, train_dataset=dataset())
+    assert set(next(iter(trainer.get_train_dataloader()))) == {"input_ids", "attention_mask", "labels"}
+    trainer.train()
+
+
+def test_plain_peft_model_forward_still_behaves_like_a_method(tmp_path: Path) -> None:
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    peft_model = get_peft_model(mlp, LoraConfig(r=2, target_modules=["0"], init_lora_weights=False)).eval()
+    x = torch.randn(3, 4)
+    expected = peft_model(x)
+    assert torch.equal(peft_model.forward(x), expected)
+    clone = copy.deepcopy(peft_model)
+    assert clone.forward.args[0] is clone and torch.equal(clone(x), expected)  # bound to the copy, not the original
+    torch.save(peft_model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert torch.equal(loaded(x), expected)

@@ -385,6 +385,65 @@ def bars(
     return ax
 
 
+# ----------------------------------------------------------------------------- image grids
+
+
+def image_grid(
+    images: ArrayLike,
+    row_labels: Optional[Sequence[str]] = None,
+    col_labels: Optional[Sequence[str]] = None,
+    *,
+    vmin: float = -1.0,
+    vmax: float = 1.0,
+    size: float = 0.75,
+    title: Optional[str] = None,
+    xlabel: Optional[str] = None,
+    ylabel: Optional[str] = None,
+) -> Figure:
+    """Draw small grey-scale images in a grid: ``images`` shaped (rows, cols, H, W) or (n, H, W) for one row.
+
+    High values are dark (ink on paper), on a fixed range [``vmin``, ``vmax``] shared by all cells, so
+    brightness is comparable across the grid. Rows and columns are labelled with what varies along them.
+
+    Explained in: book/integrations.ipynb
+    """
+    X = _to_numpy(images)
+    if X.ndim == 3:
+        X = X[None]
+    if X.ndim != 4:
+        raise ValueError(f"image_grid needs (rows, cols, H, W) or (n, H, W), got shape {tuple(X.shape)}")
+    rows, cols = X.shape[:2]
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"got {rows} rows of images but {len(row_labels)} row labels")
+    if col_labels is not None and len(col_labels) != cols:
+        raise ValueError(f"got {cols} columns of images but {len(col_labels)} column labels")
+    left = 0.9 if row_labels is not None else 0.2
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols + left, size * rows + 0.5), squeeze=False,
+                             layout="constrained")
+    for i in range(rows):
+        for j in range(cols):
+            ax = axes[i][j]
+            ax.imshow(X[i, j], cmap="gray_r", vmin=vmin, vmax=vmax, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+            for spine in ax.spines.values():  # a thin frame: paper-white cells stay visible
+                spine.set_visible(True)
+                spine.set_linewidth(0.5)
+                spine.set_color("0.75")
+            if row_labels is not None and j == 0:
+                ax.set_ylabel(row_labels[i], rotation=0, ha="right", va="center", fontsize=8)
+            if col_labels is not None and i == 0:
+                ax.set_title(col_labels[j], fontsize=8)
+    if xlabel:
+        fig.supxlabel(xlabel, fontsize=9)
+    if ylabel:
+        fig.supylabel(ylabel, fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
 def _fmt_count(v: float) -> str:
     if v == int(v):
         return f"{int(v):,}"
@@ -400,6 +459,7 @@ __all__ = [
     "curves",
     "heatmap",
     "heatmaps",
+    "image_grid",
     "set_style",
     "spectrum",
 ]

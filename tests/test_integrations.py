@@ -507,3 +507,19 @@ def test_auto_peft_model_from_a_local_folder(make_base, tmp_path):
     save_file({}, str(tmp_path / "no_base" / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="no base_model_name_or_path"):
         peftlab.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "no_base")
+
+
+def test_image_grid_shapes_and_labels():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from peftlab import viz
+
+    fig = viz.image_grid(torch.zeros(2, 3, 8, 8), row_labels=["a", "b"], col_labels=["0", "1", "2"], title="t")
+    assert len(fig.axes) == 6 and fig.axes[0].get_ylabel() == "a" and fig.axes[2].get_title() == "2"
+    assert len(viz.image_grid(torch.zeros(4, 8, 8)).axes) == 4  # (n, H, W): one row
+    with pytest.raises(ValueError, match="row labels"):
+        viz.image_grid(torch.zeros(2, 3, 8, 8), row_labels=["a"])
+    with pytest.raises(ValueError, match="rows, cols, H, W"):
+        viz.image_grid(torch.zeros(8, 8))
+    matplotlib.pyplot.close("all")

@@ -154,6 +154,8 @@ def test_saved_adapter_loads_in_peft(make_base, adapter_dir):
     model.save_pretrained(raw, save_peft_format=False)  # the keys get_adapter_state_dict gives
     assert not any(k.startswith(PEFT_PREFIX) for k in load_file(raw / "adapter_model.safetensors"))
     assert torch.allclose(_logits(PeftModel.from_pretrained(make_base("llama"), raw), ids), expected, atol=1e-6)
+    with pytest.warns(UserWarning, match="missing adapter keys"):  # peft needs the prefix: why it is the default
+        peft.PeftModel.from_pretrained(make_base("llama"), raw)
 
     model.set_adapter(["sort", "other"])
     with pytest.raises(ValueError, match="one at a time"):

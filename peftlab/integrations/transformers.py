@@ -263,42 +263,69 @@ class PeftAdapterMixin:
     """
 
     def add_adapter(self, adapter_config: PeftConfig, adapter_name: str | None = None) -> None:
-        """Add a fresh adapter (for training) and activate it."""
+        """Add a fresh adapter (for training) and activate it.
+
+        Explained in: book/integrations.ipynb
+        """
         add_adapter(self, adapter_config, adapter_name)
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
-        """Activate one adapter, or several (a list) whose effects add up."""
+        """Activate one adapter, or several (a list) whose effects add up.
+
+        Explained in: book/integrations.ipynb
+        """
         set_adapter(self, adapter_name)
 
     def disable_adapters(self) -> None:
-        """Run the base model only, until :meth:`enable_adapters`."""
+        """Run the base model only, until :meth:`enable_adapters`.
+
+        Explained in: book/integrations.ipynb
+        """
         disable_adapters(self)
 
     def enable_adapters(self) -> None:
-        """Switch the active adapters back on."""
+        """Switch the active adapters back on.
+
+        Explained in: book/integrations.ipynb
+        """
         enable_adapters(self)
 
     def active_adapters(self) -> list[str]:
-        """The active adapters' names."""
+        """The active adapters' names.
+
+        Explained in: book/integrations.ipynb
+        """
         return active_adapters(self)
 
     def delete_adapter(self, adapter_names: str | Sequence[str]) -> None:
-        """Remove one or several adapters."""
+        """Remove one or several adapters.
+
+        Explained in: book/integrations.ipynb
+        """
         delete_adapter(self, adapter_names)
 
     def load_adapter(self, peft_model_id: str | os.PathLike | None = None, adapter_name: str | None = None,
                      is_trainable: bool = False, adapter_state_dict: dict[str, torch.Tensor] | None = None,
                      peft_config: PeftConfig | None = None, **kwargs: Any) -> None:
-        """Load a saved adapter (peft's folder layout) under ``adapter_name`` and activate it."""
+        """Load a saved adapter (peft's folder layout) under ``adapter_name`` and activate it.
+
+        Explained in: book/integrations.ipynb
+        """
         load_adapter(self, peft_model_id, adapter_name, is_trainable, adapter_state_dict, peft_config, **kwargs)
 
     def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """The adapter's tensors, keys without ``base_model.model.``."""
+        """The adapter's tensors, keys without ``base_model.model.``.
+
+        Explained in: book/integrations.ipynb
+        """
         return get_adapter_state_dict(self, adapter_name)
 
     @property
     def peft_config(self) -> dict[str, PeftConfig]:
-        """Adapter name -> config, for every adapter in the model."""
+        """Adapter name -> config, for every adapter in the model.
+
+        Explained in: book/integrations.ipynb
+        """
         tuner = get_tuner(self)
         if tuner is not None:
             return tuner.peft_config
@@ -312,7 +339,10 @@ class PeftAdapterMixin:
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, save_peft_format: bool = True,
                         adapter_name: str | None = None, **kwargs: Any) -> None:
-        """With adapters: write only the active adapter, in peft's format. Without: the class's own save."""
+        """With adapters: write only the active adapter, in peft's format. Without: the class's own save.
+
+        Explained in: book/integrations.ipynb
+        """
         if get_tuner(self) is not None:
             save_adapter(self, save_directory, adapter_name, save_peft_format,
                          kwargs.get("safe_serialization", True))

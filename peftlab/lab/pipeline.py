@@ -158,15 +158,26 @@ class DDIMScheduler:
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """The noisy image of step t: x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε.
+
+        Explained in: book/integrations.ipynb
+        """
         ab = self.alphas_cumprod.to(x0.device)[t].view(-1, *([1] * (x0.dim() - 1)))
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
     def set_timesteps(self, num_inference_steps: int) -> None:
+        """Sample with ``num_inference_steps`` evenly spaced steps out of the training steps, last first.
+
+        Explained in: book/integrations.ipynb
+        """
         step = self.num_train_timesteps / num_inference_steps
         self.timesteps = torch.tensor([int(round(step * i)) for i in range(num_inference_steps)][::-1])
 
     def step(self, eps: Tensor, t: int, t_prev: int, x_t: Tensor) -> Tensor:
-        """One DDIM step t → t_prev: x̂₀ = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t (clipped to [−1, 1]), then re-noise to t_prev."""
+        """One DDIM step t → t_prev: x̂₀ = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t (clipped to [−1, 1]), then re-noise to t_prev.
+
+        Explained in: book/integrations.ipynb
+        """
         ac = self.alphas_cumprod.to(x_t.device)
         a_t = ac[t]
         a_prev = ac[t_prev] if t_prev >= 0 else torch.ones((), device=x_t.device)
@@ -212,15 +223,20 @@ class DigitDiffusionPipeline(LoraLoaderMixin):
 
     @property
     def device(self) -> torch.device:
+        """Where the models are."""
         return self.unet.in_proj.weight.device
 
     def to(self, device: Union[str, torch.device]) -> DigitDiffusionPipeline:
+        """Move both models to ``device``; returns the pipeline."""
         self.text_encoder.to(device)
         self.unet.to(device)
         return self
 
     def components(self) -> _Components:
-        """The two models as one ``nn.Module`` (for an optimizer, or ``state_dict``)."""
+        """The two models as one ``nn.Module`` (for an optimizer, or ``state_dict``).
+
+        Explained in: book/integrations.ipynb
+        """
         return _Components(self.text_encoder, self.unet)
 
     def encode_prompt(self, prompts: Union[str, Sequence[str]]) -> Tensor:

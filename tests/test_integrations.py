@@ -208,6 +208,27 @@ def test_load_adapter_bad_input_leaves_model_unchanged(make_base, adapter_dir, t
     assert model.active_adapters() == ["small"]
 
 
+def test_trainer_trains_the_adapter_and_checkpoints_only_it(make_base, tmp_path):
+    """The notes' flow: model.add_adapter(config), then transformers' Trainer; checkpoints hold the adapter."""
+    from transformers import Trainer, TrainingArguments
+
+    model = enable_adapters_api(make_base("llama"))
+    model.add_adapter(LoraConfig(target_modules=TARGETS))
+    rows = torch.randint(0, 128, (8, 6), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": r, "labels": r} for r in rows]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                             save_steps=2, use_cpu=True, disable_tqdm=True, learning_rate=1e-2)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    Trainer(model=model, args=args, train_dataset=data).train()
+    assert model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.abs().sum() > 0  # B left zero
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    saved = sorted(os.listdir(tmp_path / "checkpoint-2"))
+    assert "adapter_model.safetensors" in saved and "model.safetensors" not in saved
+    again = PeftModel.from_pretrained(make_base("llama"), tmp_path / "checkpoint-2")
+    ids = _ids(8)
+    assert torch.allclose(_logits(again, ids), _logits(model, ids), atol=1e-6)
+
+
 def test_mixin_on_a_plain_module(adapter_dir):
     class Net(PeftAdapterMixin, nn.Module):
         def __init__(self):

@@ -73,7 +73,9 @@ def lora_state_dict(path_or_dict: str | os.PathLike | Mapping[str, torch.Tensor]
         if weight_name is not None:
             file = os.path.join(path, weight_name)
             if not os.path.isfile(file):
-                raise FileNotFoundError(f"weight_name={weight_name!r} is not in {path}; files there: {present or 'none'}")
+                raise FileNotFoundError(
+                    f"weight_name={weight_name!r} is not in {path}; files there: {present or 'none'}"
+                )
             path = file
         elif os.path.isfile(os.path.join(path, CONFIG_NAME)):  # a peft adapter folder
             config = PeftConfig.from_pretrained(path)

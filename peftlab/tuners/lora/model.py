@@ -67,3 +67,19 @@ class LoraModel(BaseTuner):
         if not isinstance(target, LoraLayer):
             raise ValueError(f"{key} already carries a {type(target).__name__} adapter; LoRA cannot be added to it")
         target.update_layer(adapter_name, **self._layer_kwargs(config, key))
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total", *, seed: int | None = None) -> None:
+        """Add ``adapter_name``, a weighted merge of ``adapters`` (``combination_type``: svd, linear, cat,
+        ties, ties_svd, dare_ties, dare_linear, dare_ties_svd, dare_linear_svd, magnitude_prune,
+        magnitude_prune_svd). The new adapter is frozen and not active: ``set_adapter(adapter_name)``.
+
+        Explained in: book/merging_adapters.ipynb
+        """
+        from peftlab.merging.lora import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+                             svd_full_matrices, svd_driver, density, majority_sign_method, seed=seed)

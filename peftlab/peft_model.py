@@ -191,10 +191,16 @@ class PeftModel(nn.Module):
         self.base_model.unmerge_adapter()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: Sequence[str] | None = None) -> nn.Module:
-        """Merge adapters into the base weights and return the plain base model."""
+                         adapter_names: Sequence[str] | None = None, requantize: bool = False) -> nn.Module:
+        """Merge adapters into the base weights and return the plain base model.
+
+        A 4-bit base layer becomes an ``nn.Linear`` holding deq(Q) + ΔW exactly (in its compute dtype), or,
+        with ``requantize=True``, a 4-bit layer again holding quant(deq(Q) + ΔW), which loses precision.
+
+        Explained in: book/lora_in_practice.ipynb
+        """
         return self.base_model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge,
-                                                adapter_names=adapter_names)
+                                                adapter_names=adapter_names, requantize=requantize)
 
     def unload(self) -> nn.Module:
         """Remove all adapter layers and return the plain base model, unchanged."""
@@ -218,11 +224,18 @@ class PeftModel(nn.Module):
     # ---- files ------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
                         selected_adapters: Sequence[str] | None = None, is_main_process: bool = True,
+                        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
                         **kwargs: Any) -> None:
         """Write each adapter as ``adapter_model.safetensors`` + ``adapter_config.json``; the ``default``
         adapter in ``save_directory``, any other in ``save_directory/<name>``.
 
-        Explained in: book/configs.ipynb
+        ``path_initial_model_for_weight_conversion``: the folder where a PiSSA/OLoRA adapter was saved right
+        after ``get_peft_model`` (before training). The adapter is then written as a plain LoRA for the
+        *unmodified* base: ΔW = s(B A − B₀A₀) = s·[B, −B₀]·[A; A₀], so the saved adapter has **rank 2r** (and
+        α doubled, α·√2 with rsLoRA, to keep the scaling). The initial folder's config is rewritten with
+        ``init_lora_weights=True``, as peft does.
+
+        Explained in: book/configs.ipynb, book/lora_in_practice.ipynb
         """
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!s} is a file; pass a folder path")
@@ -236,6 +249,8 @@ class PeftModel(nn.Module):
             folder = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
             config = copy.copy(self.peft_config[name])
             state = get_peft_model_state_dict(self, name, config)
+            if path_initial_model_for_weight_conversion is not None:
+                state, config = self._convert_mutated_init(state, config, path_initial_model_for_weight_conversion)
             config.inference_mode = True
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = _model_name(self.get_base_model())
@@ -248,6 +263,25 @@ class PeftModel(nn.Module):
             weights = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
             atomic_save_tensors(state, os.path.join(folder, weights), safe_serialization)
             config.save_pretrained(folder)
+
+    @staticmethod
+    def _convert_mutated_init(state: dict[str, torch.Tensor], config: PeftConfig,
+                              initial_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], PeftConfig]:
+        """A PiSSA/OLoRA adapter as a plain LoRA on the original base (see ``save_pretrained``)."""
+        from peftlab.tuners.lora import init as lora_init
+
+        lora_init.check_conversion(config)
+        if not os.path.isdir(initial_dir):
+            raise ValueError(f"path_initial_model_for_weight_conversion={os.fspath(initial_dir)!r} is not a folder; "
+                             "save the adapter right after get_peft_model(...) and pass that folder")
+        initial = load_adapter_weights(initial_dir)
+        converted = lora_init.subtract_mutated_init(state, initial)
+        initial_config = copy.deepcopy(config)
+        initial_config.init_lora_weights = True  # the initial folder now loads as a plain LoRA (peft does this)
+        initial_config.inference_mode = True
+        initial_config.save_pretrained(initial_dir)
+        config = lora_init.converted_config(copy.deepcopy(config))
+        return converted, config
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
@@ -348,14 +382,7 @@ class PeftModelForSequenceClassification(PeftModel):
     """
 
     task_modules_to_save = ("classifier", "score")
-
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, adapter_names: Sequence[str] | None = None,
-                **kwargs: Any) -> Any:
-        return PeftModel.forward(self, adapter_names=adapter_names, **_drop_none(dict(
-            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            return_dict=return_dict, **kwargs)))
+    forward = PeftModelForCausalLM.forward  # same named inputs (Trainer reads them from the signature)
 
 
 class PeftModelForTokenClassification(PeftModelForSequenceClassification):

@@ -14,13 +14,14 @@ from peftlab.mapping import get_peft_model, inject_adapter_in_model
 from peftlab.peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction,
                                 PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM,
                                 PeftModelForSequenceClassification, PeftModelForTokenClassification)
-from peftlab.tuners.lora import LoraConfig, LoraModel
+from peftlab.tuners.lora import LoftQConfig, LoraConfig, LoraModel
 from peftlab.utils.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "PeftConfig", "PeftType", "TaskType", "LoraConfig", "LoraModel", "get_peft_model", "inject_adapter_in_model",
+    "PeftConfig", "PeftType", "TaskType", "LoraConfig", "LoftQConfig", "LoraModel", "get_peft_model",
+    "inject_adapter_in_model",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
     "get_peft_model_state_dict", "set_peft_model_state_dict", "__version__",

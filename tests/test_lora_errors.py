@@ -86,8 +86,8 @@ def saved(tmp_path) -> Path:
     (dict(lora_dropout=1.5), ["lora_dropout=1.5", "[0, 1)"]),
     (dict(bias="some"), ["bias='some'", "'none'", "'all'", "'lora_only'"]),
     (dict(init_lora_weights="kaiming"), ["init_lora_weights='kaiming'", "True", "'gaussian'"]),
-    (dict(use_dora=True), ["use_dora", "does not implement"]),
-    (dict(loftq_config={"loftq_bits": 4}), ["loftq_config", "does not implement"]),
+    (dict(use_qalora=True), ["use_qalora", "does not implement"]),
+    (dict(eva_config={"rho": 2.0}), ["eva_config", "does not implement"]),
     (dict(layer_replication=[[0, 1]]), ["layer_replication", "does not implement"]),
     (dict(target_modules=r".*", layers_to_transform=[0]), ["layers_to_transform", "regex"]),
     (dict(target_modules=["q"], layers_pattern="layers"), ["layers_pattern", "layers_to_transform"]),
@@ -104,8 +104,8 @@ def test_bad_config_values(kwargs, words):
     ("r", 0, ["r=0", "positive"]),
     ("lora_dropout", 1.0, ["lora_dropout", "[0, 1)"]),
     ("bias", "everything", ["bias='everything'", "'lora_only'"]),
-    ("init_lora_weights", "pissa", ["init_lora_weights='pissa'", "not implemented"]),
-    ("use_dora", True, ["use_dora", "does not implement"]),
+    ("init_lora_weights", "eva", ["init_lora_weights='eva'", "not implemented"]),
+    ("use_qalora", True, ["use_qalora", "does not implement"]),
 ])
 def test_bad_config_file_refused_before_touching_model(saved, key, value, words):
     config = json.loads((saved / "adapter_config.json").read_text())

@@ -2,7 +2,7 @@
 
 * a list: a module matches when its full name equals an entry or ends with ``"." + entry``;
 * a string: a regular expression that must match the *whole* module name (``re.fullmatch``);
-* ``"all-linear"``: every ``nn.Linear`` and GPT-2 ``Conv1D`` except the output head;
+* ``"all-linear"``: every ``nn.Linear``, GPT-2 ``Conv1D`` and 4-bit ``Linear4bit`` except the output head;
 * ``exclude_modules`` (same rules) is checked first; ``modules_to_save`` modules are never targets;
 * ``layers_to_transform`` (+ ``layers_pattern``) keeps only the blocks with those indices.
 
@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from peftlab.quantization.nf4 import Linear4bit
 
 ALL_LINEAR = "all-linear"
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
@@ -93,7 +95,8 @@ def get_pattern_key(pattern_keys: Iterable[str], key: str) -> str:
     return key
 
 
-LINEAR_TYPES = (nn.Linear, Conv1D)
+# a 4-bit base layer is a linear layer too (QLoRA on "all-linear")
+LINEAR_TYPES = (nn.Linear, Conv1D, Linear4bit)
 
 
 def output_head_names(model: nn.Module, task_type=None) -> set[str]:

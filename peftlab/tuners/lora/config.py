@@ -5,13 +5,25 @@ Explained in: book/configs.ipynb
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from peftlab.config import PeftConfig, PeftType, register_config
+from peftlab.tuners.lora.init import INIT_CHOICES, check_init_lora_weights  # noqa: F401
 
-# init_lora_weights values peftlab implements (more arrive with the LoRA-in-practice chapter)
-INIT_CHOICES = (True, False, "gaussian")
+
+@dataclass
+class LoftQConfig:
+    """LoftQ's settings: ``loftq_bits`` of the quantised base (4: NF4) and ``loftq_iter`` alternations of
+    Q = quant(W − s·B A) and s·B A = SVD_r(W − Q).
+
+    Explained in: book/lora_in_practice.ipynb
+    """
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
 
 
 @register_config
@@ -24,7 +36,7 @@ class LoraConfig(PeftConfig):
 
     PEFT_TYPE = PeftType.LORA.value
     UNSUPPORTED_KEYS = {
-        "use_dora": False, "loftq_config": {}, "layer_replication": None, "megatron_config": None,
+        "layer_replication": None, "megatron_config": None,
         "trainable_token_indices": None, "eva_config": None, "corda_config": None, "lora_ga_config": None,
         "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "monteclora_config": None,
         "target_parameters": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
@@ -46,9 +58,9 @@ class LoraConfig(PeftConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     lora_bias: bool = False
-    # Accepted for file compatibility with peft 0.21; only their default values are allowed (see UNSUPPORTED_KEYS).
     use_dora: bool = False
-    loftq_config: dict = field(default_factory=dict)
+    loftq_config: dict | LoftQConfig = field(default_factory=dict)
+    # Accepted for file compatibility with peft 0.21; only their default values are allowed (see UNSUPPORTED_KEYS).
     layer_replication: Any = None
     megatron_config: Any = None
     megatron_core: str | None = "megatron.core"
@@ -85,17 +97,41 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"lora_dropout={self.lora_dropout!r} must lie in [0, 1); 0.0 turns dropout off")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias={self.bias!r}; valid values: 'none', 'all', 'lora_only'")
-        if self.init_lora_weights not in INIT_CHOICES:
-            raise ValueError(
-                f"init_lora_weights={self.init_lora_weights!r} is not implemented; valid values: "
-                f"{', '.join(map(repr, INIT_CHOICES))}"
-            )
+        check_init_lora_weights(self.init_lora_weights)
+        self._check_loftq_and_dora()
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("layers_to_transform cannot be combined with a regex target_modules string; use a list")
         if isinstance(self.target_modules, str) and self.layers_pattern is not None:
             raise ValueError("layers_pattern cannot be combined with a regex target_modules string; use a list")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern needs layers_to_transform (the block indices to adapt)")
+
+    def _check_loftq_and_dora(self) -> None:
+        if self.init_lora_weights == "loftq":
+            if not self.loftq_config:
+                raise ValueError("init_lora_weights='loftq' needs loftq_config, e.g. "
+                                 "loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=1)")
+            if isinstance(self.loftq_config, LoftQConfig):
+                self.loftq_config = dataclasses.asdict(self.loftq_config)
+            if not isinstance(self.loftq_config, dict):
+                raise TypeError(f"loftq_config must be a LoftQConfig or a dict, not {type(self.loftq_config).__name__}")
+            bits, iters = self.loftq_config.get("loftq_bits", 4), self.loftq_config.get("loftq_iter", 1)
+            if bits != 4:
+                raise ValueError(f"loftq_config loftq_bits={bits!r}: peftlab's LoftQ quantises to NF4, so "
+                                 "loftq_bits must be 4")
+            if not isinstance(iters, int) or iters < 1:
+                raise ValueError(f"loftq_config loftq_iter={iters!r}: the number of alternations must be an integer "
+                                 ">= 1")
+        elif self.loftq_config:
+            warnings.warn("loftq_config is ignored because init_lora_weights is not 'loftq'", UserWarning, stacklevel=3)
+            self.loftq_config = {}
+        if self.lora_bias:
+            if self.init_lora_weights not in (True, False):
+                raise ValueError(f"lora_bias=True works with init_lora_weights=True or False only, not "
+                                 f"init_lora_weights={self.init_lora_weights!r}")
+            if self.use_dora:
+                raise ValueError("lora_bias=True cannot be combined with use_dora=True (DoRA rescales the whole "
+                                 "output); set one of them to False")
 
     def rank_and_alpha(self, key: str) -> tuple[int, float]:
         """r and α for the module named ``key``, after ``rank_pattern`` and ``alpha_pattern``."""

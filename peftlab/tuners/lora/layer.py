@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.tuners.base import AdapterLayer
+from peftlab.tuners.lora import init as lora_init
+from peftlab.tuners.lora.dora import DoraLinearVariant
 from peftlab.tuners.routing import BASE_ADAPTER, Routing
 
 
@@ -31,7 +33,7 @@ class LoraLayer(AdapterLayer):
     Explained in: book/lora.ipynb
     """
 
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_rslora")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_rslora", "lora_variant")
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
         super().__init__(base_layer)
@@ -42,6 +44,8 @@ class LoraLayer(AdapterLayer):
         self.scaling: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
         self.lora_dropout = nn.ModuleDict()
+        # adapter name -> its variant (e.g. DoRA), which supplies the forward and the merge rule
+        self.lora_variant: dict[str, Any] = {}
 
     def _set_hyperparameters(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
                              use_rslora: bool) -> None:
@@ -83,11 +87,17 @@ class LoraLayer(AdapterLayer):
         for name, rows in routing.groups(x.shape[0], x.device).items():
             if name == BASE_ADAPTER or name not in own:
                 continue
+            if name in self.lora_variant:  # e.g. DoRA rescales the base output too: replace those rows
+                part = self.lora_variant[name].forward(self, name, x.index_select(0, rows), None, *args, **kwargs)
+                result = result.index_copy(0, rows, part.to(result.dtype))
+                continue
             delta = self._delta(x.index_select(0, rows), name) * self.scaling[name]
             result = result.index_add(0, rows, delta.to(result.dtype))
         return result
 
     def merged_weights(self, adapter_name, weight, bias):
+        if adapter_name in self.lora_variant:
+            return self.lora_variant[adapter_name].merged_weights(self, adapter_name, weight, bias)
         weight, bias = super().merged_weights(adapter_name, weight, bias)
         b = self._lora_bias(adapter_name)
         if b is not None:  # lora_bias: the base bias absorbs s · b_B
@@ -96,6 +106,8 @@ class LoraLayer(AdapterLayer):
         return weight, bias
 
     def unmerged_weights(self, adapter_name, weight, bias):
+        if adapter_name in self.lora_variant:
+            return self.lora_variant[adapter_name].unmerged_weights(self, adapter_name, weight, bias)
         weight, bias = super().unmerged_weights(adapter_name, weight, bias)
         b = self._lora_bias(adapter_name)
         if b is not None and bias is not None:
@@ -107,8 +119,22 @@ class LoraLayer(AdapterLayer):
         return lora_B[adapter_name].bias if lora_B is not None and adapter_name in lora_B else None
 
 
+def _linear_only(layer: LoraLayer, init_lora_weights: bool | str, use_dora: bool = False, **_: Any) -> None:
+    """DoRA and the initialisations that read the base weight exist for linear layers only."""
+    kind = type(layer.get_base_layer()).__name__
+    if use_dora:
+        raise ValueError(f"use_dora=True supports nn.Linear, Conv1D and Linear4bit layers, not {kind}; leave this "
+                         "module out of target_modules (or add it to exclude_modules)")
+    if lora_init.reads_base_weight(init_lora_weights):
+        raise ValueError(f"init_lora_weights={init_lora_weights!r} supports nn.Linear, Conv1D and Linear4bit layers, "
+                         f"not {kind}; leave this module out of target_modules (or add it to exclude_modules)")
+
+
 class Linear(LoraLayer):
-    """LoRA on ``nn.Linear`` and on GPT-2's ``Conv1D`` (weight stored in × out: ``fan_in_fan_out=True``).
+    """LoRA on ``nn.Linear``, on GPT-2's ``Conv1D`` (weight stored in × out: ``fan_in_fan_out=True``) and on a
+    4-bit ``Linear4bit`` (QLoRA). ``use_dora=True`` adds DoRA's magnitude (see :mod:`peftlab.tuners.lora.dora`);
+    ``init_lora_weights`` may also be ``"pissa"``, ``"pissa_niter_N"``, ``"olora"`` or ``"loftq"``
+    (see :mod:`peftlab.tuners.lora.init`).
 
     Explained in: book/lora.ipynb
     """
@@ -117,19 +143,27 @@ class Linear(LoraLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False, init_lora_weights: bool | str = True,
-                 use_rslora: bool = False, lora_bias: bool = False) -> None:
-        w = base_layer.weight
-        in_f, out_f = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+                 use_rslora: bool = False, lora_bias: bool = False, use_dora: bool = False,
+                 loftq_config: dict | None = None) -> None:
+        if fan_in_fan_out:
+            in_f, out_f = base_layer.weight.shape
+        elif hasattr(base_layer, "in_features"):
+            in_f, out_f = base_layer.in_features, base_layer.out_features
+        else:
+            out_f, in_f = base_layer.weight.shape
         super().__init__(base_layer, in_f, out_f)
         self.fan_in_fan_out = fan_in_fan_out
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias,
+                          use_dora=use_dora, loftq_config=loftq_config)
         self.set_adapter([adapter_name])
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      init_lora_weights: bool | str = True, use_rslora: bool = False, lora_bias: bool = False,
-                     **_: Any) -> None:
+                     use_dora: bool = False, loftq_config: dict | None = None, **_: Any) -> None:
+        if use_dora and lora_bias:
+            raise ValueError("lora_bias=True cannot be combined with use_dora=True; set one of them to False")
         self._set_hyperparameters(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
         kw = self._new_tensor_kwargs()
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **kw)  # A: r × in
@@ -138,10 +172,16 @@ class Linear(LoraLayer):
             nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))  # nn.Linear's own init
         elif init_lora_weights == "gaussian":
             nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / r)
-        if init_lora_weights is not False:
+        if lora_init.reads_base_weight(init_lora_weights):  # PiSSA, OLoRA, LoftQ: A, B and the base from W
+            lora_init.initialize(self, adapter_name, init_lora_weights, loftq_config)
+        elif init_lora_weights is not False:
             nn.init.zeros_(self.lora_B[adapter_name].weight)  # B = 0  ⇒  ΔW = 0 at step 0
             if lora_bias:
                 nn.init.zeros_(self.lora_B[adapter_name].bias)
+        self.lora_variant.pop(adapter_name, None)
+        if use_dora:  # after the initialisation, which may change the base (as in peft)
+            self.lora_variant[adapter_name] = DoraLinearVariant
+            DoraLinearVariant.init(self, adapter_name)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         A = self.lora_A[adapter_name].weight
@@ -160,8 +200,13 @@ class Linear(LoraLayer):
         return F.linear(F.linear(x, A), B.weight, B.bias)  # B(A(x)), shape (..., out)
 
     def adapter_forward(self, x: torch.Tensor, adapters: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        result = None  # a variant (DoRA) first in line computes the base itself, fused with its adapter
         for name in adapters:
+            if name in self.lora_variant:
+                result = self.lora_variant[name].forward(self, name, x, result, *args, **kwargs)
+                continue
+            if result is None:
+                result = self.base_layer(x, *args, **kwargs)
             A = self.lora_A[name].weight
             B = self.lora_B[name]
             if B.bias is not None or A.dtype != result.dtype:
@@ -200,6 +245,7 @@ class Embedding(LoraLayer):
                      **_: Any) -> None:
         if lora_bias:
             raise ValueError("lora_bias=True is not supported for nn.Embedding; exclude embeddings or set it False")
+        _linear_only(self, init_lora_weights, **_)
         self._set_hyperparameters(adapter_name, r, lora_alpha, 0.0, use_rslora)
         kw = self._new_tensor_kwargs()
         A = torch.randn(r, self.in_features, **kw)  # r × num_embeddings
@@ -249,6 +295,7 @@ class Conv(LoraLayer):
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      init_lora_weights: bool | str = True, use_rslora: bool = False, lora_bias: bool = False,
                      **_: Any) -> None:
+        _linear_only(self, init_lora_weights, **_)
         self._set_hyperparameters(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
         base = self.get_base_layer()
         conv = type(base)

@@ -11,11 +11,15 @@ from typing import Any
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from peftlab.quantization.nf4 import Linear4bit
 from peftlab.tuners.base import AdapterLayer, BaseTuner
+from peftlab.tuners.lora import init as lora_init
 from peftlab.tuners.lora.config import LoraConfig
 from peftlab.tuners.lora.layer import Conv, Embedding, Linear, LoraLayer
 
-SUPPORTED = (nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SUPPORTED = (nn.Linear, Conv1D, Linear4bit, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: layers that take DoRA and the initialisations that read the base weight (PiSSA, OLoRA, LoftQ)
+LINEAR = (nn.Linear, Conv1D, Linear4bit)
 
 
 class LoraModel(BaseTuner):
@@ -38,12 +42,38 @@ class LoraModel(BaseTuner):
                 f"target module {key!r} is a grouped convolution (groups={target.groups}); peftlab's LoRA supports "
                 "groups=1 only. Exclude it with exclude_modules"
             )
+        init = config.init_lora_weights
+        if not isinstance(target, LINEAR):
+            if config.use_dora:
+                raise ValueError(
+                    f"use_dora=True: target module {key!r} is a {type(target).__name__}, but peftlab's DoRA supports "
+                    "nn.Linear, Conv1D and Linear4bit layers. Leave it out of target_modules (or add it to "
+                    "exclude_modules)"
+                )
+            if lora_init.reads_base_weight(init):
+                raise ValueError(
+                    f"init_lora_weights={init!r}: target module {key!r} is a {type(target).__name__}, but this "
+                    "initialisation supports nn.Linear, Conv1D and Linear4bit layers. Leave it out of "
+                    "target_modules (or add it to exclude_modules)"
+                )
+            return
+        if lora_init.reads_base_weight(init):
+            r, _ = config.rank_and_alpha(key)
+            shape = tuple(target.weight.shape) if hasattr(target, "weight") else (target.out_features,
+                                                                                  target.in_features)
+            if r > min(shape):
+                raise ValueError(f"init_lora_weights={init!r} with r={r} needs r <= min(in, out) = {min(shape)}, but "
+                                 f"target module {key!r} has a weight of shape {shape}; lower r for it (rank_pattern)")
+            if init == "loftq" and isinstance(target, Linear4bit):
+                raise ValueError(f"init_lora_weights='loftq': target module {key!r} is already 4-bit, but LoftQ needs "
+                                 "the full-precision weight; apply it to the unquantised model, then quantize_model()")
 
     def _layer_kwargs(self, config: LoraConfig, key: str) -> dict[str, Any]:
         r, alpha = config.rank_and_alpha(key)
         return {"r": r, "lora_alpha": alpha, "lora_dropout": config.lora_dropout,
                 "init_lora_weights": config.init_lora_weights, "use_rslora": config.use_rslora,
-                "lora_bias": config.lora_bias}
+                "lora_bias": config.lora_bias, "use_dora": config.use_dora,
+                "loftq_config": config.loftq_config or None}
 
     def create_new_module(self, config: LoraConfig, adapter_name: str, target: nn.Module, key: str) -> AdapterLayer:
         kwargs = self._layer_kwargs(config, key)

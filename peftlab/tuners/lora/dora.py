@@ -1,0 +1,245 @@
+"""DoRA (Liu et al., 2024): weight-decomposed low-rank adaptation, a variant of the LoRA linear layer.
+
+The adapted weight is split into a magnitude and a direction, per output feature i:
+
+    W'_i = m_i · (W + s·B A)_i / ‖(W + s·B A)_i‖,     m = ``lora_magnitude_vector`` (out,), trained,
+
+initialised to m = ‖W + s·B A‖ row by row, so W' = W at step 0. As in the paper (§4.3) the norm
+n = ‖W + s·B A‖ is treated as a constant (detached): gradients reach m, A and B, never through n. The
+forward is h = (m/n) ⊙ (W x + s·B A x) + b (the bias is not rescaled).
+
+peft materialises B A every step (``lora_B(lora_A(eye(in)))``) to get n. Here n comes from a low-rank
+identity, without forming B A or W + s·B A:
+
+    n_i² = ‖W_i‖² + 2s·⟨W_i, (B A)_i⟩ + s²·‖(B A)_i‖²,
+    ⟨W_i, (B A)_i⟩ = B_i · (A W_iᵀ)   (row i of (W Aᵀ) ⊙ B),   ‖(B A)_i‖² = B_i (A Aᵀ) B_iᵀ,
+
+with ‖W_i‖² cached (the base is frozen): O(out·in·r) instead of O(in²·r + out·in·r) and no (out, in)
+temporaries. The forward and backward of one layer are one autograd function that never forms the
+elementwise products peft builds on the activations.
+
+The variant plugs into :class:`~peftlab.tuners.lora.layer.Linear` through its ``lora_variant`` hook: the
+layer asks it for the forward, the merged/unmerged weights and its own tensor container.
+
+Explained in: book/lora_in_practice.ipynb
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAGNITUDE = "lora_magnitude_vector"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the norm ‖W + s·B A‖ per output feature
+# ---------------------------------------------------------------------------------------------------
+def _oriented(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return weight.T if fan_in_fan_out else weight  # (out, in)
+
+
+def _row_sq_norms(layer: Any, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """‖W_i‖² per output feature, cached while the frozen base weight stays the same tensor."""
+    if callable(getattr(layer.get_base_layer(), "dequantize_weight", None)):
+        key = ("quantised", weight.device, dtype)  # a fresh tensor each time; _set_base_weight clears the cache
+    else:
+        key = (weight.data_ptr(), weight._version, weight.device, dtype)
+    cached = layer._base_cache.get("dora_w2")
+    if cached is None or cached[0] != key:
+        w = _oriented(weight.detach(), layer.fan_in_fan_out).to(dtype)
+        cached = (key, (w * w).sum(dim=1))
+        layer._base_cache["dora_w2"] = cached
+    return cached[1]
+
+
+@torch.no_grad()
+def weight_norm(layer: Any, adapter_name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """n = ‖W + s·B A‖ per output feature by the low-rank identity (no (out, in) temporary), detached.
+
+    Explained in: book/lora_in_practice.ipynb
+    """
+    A = layer.lora_A[adapter_name].weight.detach()  # (r, in)
+    B = layer.lora_B[adapter_name].weight.detach()  # (out, r)
+    s = layer.scaling[adapter_name]
+    W = layer._base_weight() if weight is None else weight
+    w2 = _row_sq_norms(layer, W, A.dtype)  # ‖W_i‖²
+    W = W.detach().to(A.dtype)
+    WAt = (A @ W).T if layer.fan_in_fan_out else W @ A.T  # W Aᵀ, (out, r)
+    cross = (WAt * B).sum(dim=1)  # ⟨W_i, (B A)_i⟩ = B_i · (A W_iᵀ)
+    ba2 = ((B @ (A @ A.T)) * B).sum(dim=1)  # ‖(B A)_i‖² = B_i (A Aᵀ) B_iᵀ
+    return (w2 + 2 * s * cross + s * s * ba2).clamp_min(0).sqrt()
+
+
+@torch.no_grad()
+def reference_weight_norm(layer: Any, adapter_name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """n = ‖W + s·B A‖ per output feature, the direct way (materialises the (out, in) matrix), in float32.
+
+    Explained in: book/lora_in_practice.ipynb
+    """
+    A = layer.lora_A[adapter_name].weight.float()
+    B = layer.lora_B[adapter_name].weight.float()
+    W = _oriented((layer._base_weight() if weight is None else weight).float(), layer.fan_in_fan_out)
+    return torch.linalg.norm(W + layer.scaling[adapter_name] * (B @ A), dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the fused forward and backward
+# ---------------------------------------------------------------------------------------------------
+class DoraLinearFunction(torch.autograd.Function):
+    """h = (m/n) ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b with n a constant; x (T, in), W (out, in), A (r, in), B (out, r).
+
+    Backward, with c = m/n, z = x Wᵀ + s·x Aᵀ Bᵀ and g = ∂L/∂h:
+    ∂m = Σ_t g ⊙ z / n,  ∂B = s·(gᵀ (x Aᵀ)) ⊙ c,  ∂A = s·((g ⊙ c) B)ᵀ x,  ∂x = g (c ⊙ W) + s·((g ⊙ c) B) A,
+    where c is folded into the (out, ·) weights instead of the (T, out) activations.
+
+    Explained in: book/lora_in_practice.ipynb
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                B: torch.Tensor, m: torch.Tensor, n: torch.Tensor, s: float) -> torch.Tensor:
+        xa = x @ A.T  # A x, (T, r)
+        z = F.linear(x, weight)  # W x, (T, out)
+        z.addmm_(xa, B.T, alpha=s)  # z = W x + s·B A x
+        c = m / n  # m/‖W + s·B A‖, (out,)
+        out = torch.addcmul(bias, z, c) if bias is not None else z * c
+        ctx.save_for_backward(x, weight, A, B, m, n, xa, z)
+        ctx.s = s
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):
+        x, weight, A, B, m, n, xa, z = ctx.saved_tensors
+        s = ctx.s
+        c = m / n
+        need_x, _, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:6]
+        grad_x = grad_b = grad_A = grad_B = grad_m = None
+        if need_m:
+            grad_m = torch.linalg.vecdot(g, z, dim=0) / n  # Σ_t g ⊙ z / n
+        if need_x or need_A:
+            g_xa = (g @ (B * c[:, None])) * s  # ∂L/∂(A x) = s·(g ⊙ c) B, (T, r)
+            if need_A:
+                grad_A = g_xa.T @ x
+            if need_x:
+                grad_x = g @ (weight * c[:, None])  # g (c ⊙ W)
+                grad_x.addmm_(g_xa, A)
+        if need_B:
+            grad_B = (g.T @ xa) * (c[:, None] * s)
+        if need_b and ctx.has_bias:
+            grad_b = g.sum(dim=0)
+        return grad_x, None, grad_b, grad_A, grad_B, grad_m, None, None
+
+
+def _merged_norms(layer: Any) -> dict[str, torch.Tensor]:
+    """n = ‖W + ΔW‖ of each merged DoRA adapter, recorded at merge for the exact unmerge."""
+    if "_dora_merged_norms" not in layer.__dict__:
+        layer.__dict__["_dora_merged_norms"] = {}
+    return layer.__dict__["_dora_merged_norms"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the variant
+# ---------------------------------------------------------------------------------------------------
+class DoraLinearVariant:
+    """DoRA for a LoRA linear layer (``nn.Linear``, GPT-2 ``Conv1D``, ``Linear4bit``): init, forward, merge.
+
+    Explained in: book/lora_in_practice.ipynb
+    """
+
+    container = MAGNITUDE
+
+    @staticmethod
+    def init(layer: Any, adapter_name: str) -> None:
+        """Add ``lora_magnitude_vector[adapter_name]`` = ‖W + s·B A‖ per output feature (so W' = W at init)."""
+        if not hasattr(layer, MAGNITUDE):
+            layer.lora_magnitude_vector = nn.ParameterDict()
+        if MAGNITUDE not in layer.adapter_layer_names:
+            layer.adapter_layer_names = (*layer.adapter_layer_names, MAGNITUDE)
+        m = weight_norm(layer, adapter_name)
+        dtype = layer.lora_A[adapter_name].weight.dtype
+        layer.lora_magnitude_vector[adapter_name] = nn.Parameter(m.to(dtype))
+
+    @staticmethod
+    def forward(layer: Any, adapter_name: str, x: torch.Tensor, result: torch.Tensor | None, *args: Any,
+                **kwargs: Any) -> torch.Tensor:
+        """The layer's output with this adapter applied; ``result`` holds what earlier adapters produced
+        (``None``: nothing computed yet, then the base is computed here, fused with the adapter)."""
+        A = layer.lora_A[adapter_name].weight
+        B = layer.lora_B[adapter_name].weight
+        m = layer.lora_magnitude_vector[adapter_name]
+        s = layer.scaling[adapter_name]
+        dropout = layer.lora_dropout[adapter_name]
+        weight = layer._base_weight()  # stored layout; dequantised for a 4-bit base
+        n = weight_norm(layer, adapter_name, weight)  # detached: no gradient flows through the norm
+        bias = layer.bias
+        uses_dropout = layer.training and not isinstance(dropout, nn.Identity)
+        if result is None and not uses_dropout and not args and not kwargs:
+            # h = (m/n) ⊙ (W x + s·B A x) + b in one fused function
+            shape = x.shape
+            xc = x.to(A.dtype).reshape(-1, shape[-1])
+            W = _oriented(weight, layer.fan_in_fan_out).to(A.dtype)
+            b = bias.to(A.dtype) if bias is not None else None
+            out = DoraLinearFunction.apply(xc, W, b, A, B, m, n, s)
+            out_dtype = x.dtype if x.is_floating_point() else A.dtype
+            return out.view(*shape[:-1], out.shape[-1]).to(out_dtype)
+        # peft's form, which keeps dropout consistent: h = result + (m/n − 1)·W x' + (m/n)·s·B A x', x' = dropout(x)
+        if result is None:
+            result = layer.base_layer(x, *args, **kwargs)
+        xd = dropout(x).to(A.dtype)
+        base = F.linear(xd, _oriented(weight, layer.fan_in_fan_out).to(A.dtype))  # W x'
+        c = m / n
+        lora = F.linear(F.linear(xd, A), B)  # B A x'
+        return result + ((c - 1) * base + (c * s) * lora).to(result.dtype)
+
+    # ---- merging ----------------------------------------------------------------------------------
+    @staticmethod
+    def _others(layer: Any, adapter_name: str) -> torch.Tensor | int:
+        """Σ ΔW of the other adapters merged into this layer (plain LoRA only)."""
+        others: torch.Tensor | int = 0
+        for name in layer.merged_adapters:
+            if name == adapter_name:
+                continue
+            if name in layer.lora_variant:
+                raise ValueError(
+                    f"cannot merge DoRA adapter {adapter_name!r} on top of DoRA adapter {name!r} in the same layer; "
+                    "merge one DoRA adapter at a time (unmerge_adapter() in between)"
+                )
+            others = others + layer.get_delta_weight(name).float()
+        return others
+
+    @staticmethod
+    def merged_weights(layer: Any, adapter_name: str, weight: torch.Tensor,
+                       bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W' = W_cur − W + (m/n)·(W + ΔW), n = ‖W + ΔW‖ of the unmerged base W (= (m/n)(W + ΔW) alone).
+
+        n is kept for :meth:`unmerged_weights`, which divides by m/n again.
+        """
+        others = DoraLinearVariant._others(layer, adapter_name)
+        current = weight.float()
+        W = current - others  # the base without merged adapters
+        delta = layer.get_delta_weight(adapter_name).float()  # s·B A, stored layout
+        n = torch.linalg.norm(_oriented(W + delta, layer.fan_in_fan_out), dim=1)
+        _merged_norms(layer)[adapter_name] = n  # kept apart from _base_cache, which the merge itself clears
+        c = layer.lora_magnitude_vector[adapter_name].detach().float() / n
+        c = c.view(1, -1) if layer.fan_in_fan_out else c.view(-1, 1)
+        return ((current - W) + c * (W + delta)).to(weight.dtype), bias
+
+    @staticmethod
+    def unmerged_weights(layer: Any, adapter_name: str, weight: torch.Tensor,
+                         bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W = W'/(m/n) − ΔW with the n cached at merge (plus the other merged adapters, kept)."""
+        n = _merged_norms(layer).pop(adapter_name, None)
+        if n is None:
+            raise ValueError(f"DoRA adapter {adapter_name!r} has no norm recorded from its merge (was the base weight "
+                             "replaced since?), so it cannot be unmerged exactly")
+        others = DoraLinearVariant._others(layer, adapter_name)
+        c = layer.lora_magnitude_vector[adapter_name].detach().float() / n
+        c = c.view(1, -1) if layer.fan_in_fan_out else c.view(-1, 1)
+        delta = layer.get_delta_weight(adapter_name).float()
+        W = (weight.float() - others) / c - delta
+        return (W + others).to(weight.dtype), bias

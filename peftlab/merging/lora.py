@@ -304,9 +304,23 @@ def merged_config(configs: Sequence[LoraConfig], new_rank: int, module_ranks: di
     else:
         fields["target_modules"] = sorted(set().union(*[set(t) for t in targets]))
     pattern = {re.escape(k): r for k, r in sorted(module_ranks.items()) if r != new_rank}
+    if base.init_lora_weights not in (True, False, "gaussian"):
+        # PiSSA/OLoRA/LoftQ initialisations rewrite the base weight: the merged adapter is a plain LoRA
+        fields.update(init_lora_weights=True, loftq_config={})
     return dataclasses.replace(base, r=new_rank, lora_alpha=new_rank, rank_pattern=pattern,
                                alpha_pattern=dict(pattern), use_rslora=False,
                                lora_bias=any(c.lora_bias for c in configs), **fields)
+
+
+def reject_dora(names: Sequence[str], configs: Sequence[LoraConfig]) -> None:
+    """DoRA adapters are not merged: their magnitude vectors m do not add up like ΔW (peft 0.21 keeps
+    ``use_dora`` and gives the merged adapter the base weight's norms, dropping the sources' m)."""
+    dora = [n for n, c in zip(names, configs) if getattr(c, "use_dora", False)]
+    if dora:
+        raise ValueError(f"{dora} are DoRA adapters (use_dora=True); merging them is not supported: a DoRA "
+                         "adapter's magnitude vector m rescales W + ΔW as a whole, so magnitudes and directions "
+                         "cannot be combined like LoRA deltas (peft 0.21 silently replaces m by the base "
+                         "weight's norms). Merge plain LoRA adapters")
 
 
 def explicit_targets(config: LoraConfig, module_keys: Sequence[str]) -> LoraConfig:
@@ -397,9 +411,11 @@ def add_weighted_adapter(model: LoraModel, adapters: Sequence[str], weights: Seq
     of weights and adapters must match; unequal ranks of factor types are reported per layer; the merged
     adapter is placed exactly in the layers where a source adapter is, with ``rank_pattern`` entries
     where the sources' rank there differs; rsLoRA sources give a merged adapter with scaling 1 (peft's
-    keeps rsLoRA and is √r too large); ``lora_bias`` biases are merged (peft leaves them at zero); svd
-    types work on Conv1d/Conv3d too. ``seed`` (an extension) draws DARE's masks per layer from a generator
-    seeded by (seed, layer name); without it the global torch RNG is used as in peft.
+    keeps rsLoRA and is √r too large); ``lora_bias`` biases are merged (peft leaves them at zero); DoRA
+    sources raise (peft drops their magnitudes); a layer smaller than the new rank gets zero-padded
+    factors (peft writes factors of mismatched shapes there); svd types work on Conv1d/Conv3d too.
+    ``seed`` (an extension) draws DARE's masks per layer from a generator seeded by (seed, layer name);
+    without it the global torch RNG is used as in peft.
 
     Explained in: book/merging_adapters.ipynb
     """
@@ -417,6 +433,7 @@ def add_weighted_adapter(model: LoraModel, adapters: Sequence[str], weights: Seq
     not_lora = [a for a, c in zip(adapters, configs) if not isinstance(c, LoraConfig)]
     if not_lora:
         raise ValueError(f"add_weighted_adapter merges LoRA adapters; {not_lora} are not LoRA")
+    reject_dora(adapters, configs)
     new_rank = new_adapter_rank(configs, adapters, combination_type, svd_rank)
     _check_modules_to_save(model, adapters, adapter_name)
 

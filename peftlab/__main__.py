@@ -1,0 +1,5 @@
+"""``python -m peftlab``: see :mod:`peftlab.cli`."""
+
+from peftlab.cli import main
+
+raise SystemExit(main())

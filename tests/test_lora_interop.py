@@ -74,6 +74,13 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("bert-cls", "bert_cls", dict(target_modules=["query", "value"], task_type="SEQ_CLS", lora_dropout=0.1)),
     ("bert-regex-feature", "bert", dict(target_modules=r".*attention\.self\.(query|key)",
                                         task_type="FEATURE_EXTRACTION")),
+    # initialisations that read the base weight (the residual base must match too)
+    ("mlp-gaussian", "mlp", dict(target_modules=["lin0", "lin1"], init_lora_weights="gaussian", r=4)),
+    ("mlp-olora", "mlp", dict(target_modules=["lin0"], r=4, lora_alpha=16, init_lora_weights="olora")),
+    ("llama-pissa-rslora", "llama", dict(target_modules=["q_proj", "v_proj", "up_proj"], r=4, lora_alpha=8,
+                                         use_rslora=True, init_lora_weights="pissa", task_type="CAUSAL_LM")),
+    ("gpt2-pissa", "gpt2", dict(target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights="pissa",
+                                task_type="CAUSAL_LM")),
 ]
 IDS = [c[0] for c in CASES]
 

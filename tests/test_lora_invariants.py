@@ -103,9 +103,31 @@ CASES = [
     Case("bert-qv", "bert", dict(target_modules=["query", "value"]), 4),
     Case("bert-cls-rslora", "bert_cls", dict(target_modules=["query", "value", "dense"], task_type="SEQ_CLS",
                                               use_rslora=True, r=4), 11, ("classifier",)),
+    # --- LoRA in practice: DoRA, PiSSA, OLoRA, rsLoRA -----------------------------------------------
+    Case("mlp-dora", "mlp", dict(target_modules=["lin0", "lin1"], use_dora=True), 2),
+    Case("mlp-dora-bias-all", "mlp", dict(target_modules=["lin0"], use_dora=True, bias="all",
+                                          modules_to_save=["lin1"]), 1),
+    Case("mlp-pissa", "mlp", dict(target_modules=["lin0"], r=4, lora_alpha=8, init_lora_weights="pissa"), 1),
+    Case("mlp-olora-rslora", "mlp", dict(target_modules=["lin0"], r=4, lora_alpha=8, use_rslora=True,
+                                         init_lora_weights="olora"), 1),
+    Case("llama-dora", "llama", dict(target_modules=LLAMA_ATTN, use_dora=True, task_type="CAUSAL_LM"), 8),
+    Case("llama-pissa-dora-rslora", "llama", dict(target_modules=["q_proj", "down_proj"], r=4, use_rslora=True,
+                                                  init_lora_weights="pissa", use_dora=True,
+                                                  task_type="CAUSAL_LM"), 4),
+    Case("gpt2-dora", "gpt2", dict(target_modules=["c_attn", "c_proj"], use_dora=True, fan_in_fan_out=True,
+                                   task_type="CAUSAL_LM"), 6),
+    Case("gpt2-olora", "gpt2", dict(target_modules=["c_attn"], init_lora_weights="olora", fan_in_fan_out=True,
+                                    task_type="CAUSAL_LM"), 2),
+    Case("opt-dora-dropout", "opt", dict(target_modules=["q_proj", "v_proj"], use_dora=True, lora_dropout=0.1,
+                                         task_type="CAUSAL_LM"), 4),
+    Case("t5-rslora-r16", "t5", dict(target_modules=["q", "v"], r=16, lora_alpha=4, use_rslora=True,
+                                     task_type="SEQ_2_SEQ_LM"), 12),
 ]
 CASE_IDS = [c.name for c in CASES]
 IDENTITY_INITS = (True, "gaussian")
+# initialisations that take the adapter out of the base weight: identity up to the round-off of W_res + s·B₀A₀
+BASE_READING_INITS = ("pissa", "olora")
+ATOL_IDENTITY = 1e-5  # PiSSA/OLoRA residual, and DoRA's (m/n)·(W x) with m = n computed once
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -142,21 +164,32 @@ def fill_(tensor: torch.Tensor, name: str) -> None:
 def is_adapter_param(name: str, adapter: str) -> bool:
     parts = name.split(".")
     return adapter in parts and any(
-        p in parts for p in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "modules_to_save"))
+        p in parts for p in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                             "modules_to_save"))
 
 
 def fill_adapter(model: nn.Module, adapter: str, biases: bool = False) -> None:
     """Make ``adapter`` non-trivial (as if trained); with ``biases`` also the trainable base biases."""
     for n, p in model.named_parameters():
-        if is_adapter_param(n, adapter) or (biases and p.requires_grad and n.endswith("bias")):
+        if "lora_magnitude_vector" in n.split(".") and adapter in n.split("."):
+            # DoRA's m stays near ‖W + s·B A‖ (as after training): scaled by 1 ± 10 %
+            noise = torch.empty_like(p)
+            fill_(noise, f"{adapter}:{n}")
+            with torch.no_grad():
+                p.mul_(1 + noise)
+        elif is_adapter_param(n, adapter) or (biases and p.requires_grad and n.endswith("bias")):
             fill_(p, f"{adapter}:{n}")
 
 
 def add_second(model: PeftModel, case: Case, name: str) -> None:
-    """Add a non-identity adapter ``name`` with the case's config (bias="none": one adapter may train biases)."""
+    """Add a non-identity adapter ``name`` with the case's config (bias="none": one adapter may train biases;
+    a PiSSA/OLoRA init would change the shared base weight again, so the second adapter starts from B = 0)."""
+    kwargs = {**case.kwargs, "bias": "none"}
+    if kwargs.get("init_lora_weights", True) in BASE_READING_INITS:
+        kwargs["init_lora_weights"] = True
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*setting fan_in_fan_out", category=UserWarning)
-        model.add_adapter(name, LoraConfig(**{**case.kwargs, "bias": "none"}))
+        model.add_adapter(name, LoraConfig(**kwargs))
     model.eval()  # the new adapter's dropout modules start in training mode
     fill_adapter(model, name)
 
@@ -199,8 +232,8 @@ def expected_r_alpha(kwargs: dict[str, Any], key: str) -> tuple[int, float]:
     return r, alpha
 
 
-def lora_count(layer: AdapterLayer, r: int, lora_bias: bool) -> int:
-    """The chapter's formula for one adapted module."""
+def lora_count(layer: AdapterLayer, r: int, lora_bias: bool, use_dora: bool = False) -> int:
+    """The chapter's formula for one adapted module (DoRA adds its magnitude m: one per output feature)."""
     base = layer.get_base_layer()
     if isinstance(base, nn.Embedding):
         return r * (base.num_embeddings + base.embedding_dim)
@@ -211,7 +244,7 @@ def lora_count(layer: AdapterLayer, r: int, lora_bias: bool) -> int:
         fan_in, fan_out = base.weight.shape  # stored (in, out)
     else:
         fan_in, fan_out = base.in_features, base.out_features
-    return r * (fan_in + fan_out) + (fan_out if lora_bias else 0)
+    return r * (fan_in + fan_out) + (fan_out if lora_bias else 0) + (fan_out if use_dora else 0)
 
 
 def adapted(model: PeftModel) -> dict[str, AdapterLayer]:
@@ -241,11 +274,13 @@ def expected_trainable(model: PeftModel, case: Case, adapter: str = "default") -
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_identity_at_init(case: Case):
     init = case.kwargs.get("init_lora_weights", True)
-    overrides = {} if init in IDENTITY_INITS else {"init_lora_weights": True}
+    overrides = {} if init in IDENTITY_INITS + BASE_READING_INITS else {"init_lora_weights": True}
     x = inputs(case)
     expected = output(base_model(case.model), x)
     model = make(case, **overrides)
-    torch.testing.assert_close(output(model, x), expected, atol=0, rtol=0)
+    exact = init in IDENTITY_INITS and not case.kwargs.get("use_dora") or init is False
+    atol = 0 if exact else ATOL_IDENTITY
+    torch.testing.assert_close(output(model, x), expected, atol=atol, rtol=0)
     if init is False:  # the opposite claim: random A and B change the output
         assert not torch.allclose(output(make(case), x), expected, atol=1e-6)
 
@@ -293,7 +328,7 @@ def test_parameter_count_formula(case: Case, capsys):
         assert layer.r["default"] == r, key
         root = math.sqrt(r) if case.kwargs.get("use_rslora") else r
         assert layer.scaling["default"] == pytest.approx(alpha / root), key
-        adapter_total += lora_count(layer, r, lora_bias)
+        adapter_total += lora_count(layer, r, lora_bias, case.kwargs.get("use_dora", False))
     expected = adapter_total
     copies = 0
     for _, w in model.get_base_model().named_modules():
@@ -387,10 +422,12 @@ def test_disable_restores_base(case: Case):
         warnings.simplefilter("always")
         with model.disable_adapter():
             disabled = output(model, x)
-    if bias == "none":
+    reads_base = case.kwargs.get("init_lora_weights", True) in BASE_READING_INITS
+    if bias == "none" and not reads_base:
         torch.testing.assert_close(disabled, original, atol=0, rtol=0)
-    else:  # trained biases stay: disabled = the base model with those biases, and a warning says so
-        assert any("bias" in str(w.message) for w in caught)
+    else:  # trained biases stay (and a warning says so), PiSSA/OLoRA leave the residual base: disabled = that base
+        if bias != "none":
+            assert any("bias" in str(w.message) for w in caught)
         torch.testing.assert_close(disabled, output(_base_with_current_params(case, model), x), atol=0, rtol=0)
     torch.testing.assert_close(output(model, x), adapted_out, atol=0, rtol=0)
     # disabling a merged model unmerges first, so it still computes the base
@@ -441,7 +478,7 @@ def test_delete_removes_everything(case: Case):
     sd = plain.state_dict()
     for k, v in current.items():
         assert torch.equal(sd[k], v), k
-    if case.kwargs.get("bias", "none") == "none":
+    if case.kwargs.get("bias", "none") == "none" and case.kwargs.get("init_lora_weights") not in BASE_READING_INITS:
         torch.testing.assert_close(output(plain, x), output(base_model(case.model), x), atol=0, rtol=0)
 
 

@@ -19,7 +19,10 @@ MODEL_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitu
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``python -m peftlab`` (one sub-command per tool)."""
+    """The argument parser of ``python -m peftlab`` (one sub-command per tool).
+
+    Explained in: book/merging_adapters.ipynb
+    """
     parser = argparse.ArgumentParser(
         prog="python -m peftlab",
         description="peftlab command-line tools: merge LoRA adapters or full-model checkpoints.",
@@ -73,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``python -m peftlab``; returns the exit status (0 ok, 1 a merge error, 2 bad arguments)."""
+    """Run ``python -m peftlab``; returns the exit status (0 ok, 1 a merge error, 2 bad arguments).
+
+    Explained in: book/merging_adapters.ipynb
+    """
     args = build_parser().parse_args(argv)
     from peftlab.merging.files import merge_adapter_folders, merge_checkpoints
 

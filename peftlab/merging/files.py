@@ -42,7 +42,10 @@ _SUFFIXES = {
 
 @dataclass
 class AdapterModule:
-    """The tensors of one adapted module in an adapter folder (on-disk shapes)."""
+    """The tensors of one adapted module in an adapter folder (on-disk shapes).
+
+    Explained in: book/merging_adapters.ipynb
+    """
 
     A: torch.Tensor | None = None
     B: torch.Tensor | None = None
@@ -53,13 +56,17 @@ class AdapterModule:
 @dataclass
 class AdapterFolder:
     """A LoRA adapter read from disk: its config and its tensors grouped by module (names without the
-    ``base_model.model.`` prefix)."""
+    ``base_model.model.`` prefix).
+
+    Explained in: book/merging_adapters.ipynb
+    """
 
     path: str
     config: object
     modules: dict[str, AdapterModule] = field(default_factory=dict)
 
     def factors(self, key: str) -> LoraFactors:
+        """Module ``key``'s factors in 2-D form, with s = α/r (α/√r with rsLoRA) from the config."""
         m = self.modules[key]
         r, alpha = self.config.rank_and_alpha(key)
         if m.A.shape[0] != r:

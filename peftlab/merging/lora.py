@@ -87,6 +87,7 @@ class LoraFactors:
         return self.A.shape[0]
 
     def delta_weight(self) -> torch.Tensor:
+        """ΔW = s · B A in (out, in·kernel) form."""
         return (self.B @ self.A) * self.scaling  # ΔW = s · B A, shape (out, in·kernel)
 
     def layout_delta_weight(self) -> torch.Tensor:
@@ -250,7 +251,10 @@ def check_merge_arguments(adapters: Sequence[str], weights: Sequence[float], com
 
 
 def max_rank(config: LoraConfig) -> int:
-    """The largest rank an adapter uses anywhere: max(r, *rank_pattern.values()) (peft's rule)."""
+    """The largest rank an adapter uses anywhere: max(r, *rank_pattern.values()) (peft's rule).
+
+    Explained in: book/merging_adapters.ipynb
+    """
     return max(config.r, *config.rank_pattern.values()) if config.rank_pattern else config.r
 
 
@@ -314,7 +318,10 @@ def merged_config(configs: Sequence[LoraConfig], new_rank: int, module_ranks: di
 
 def reject_dora(names: Sequence[str], configs: Sequence[LoraConfig]) -> None:
     """DoRA adapters are not merged: their magnitude vectors m do not add up like ΔW (peft 0.21 keeps
-    ``use_dora`` and gives the merged adapter the base weight's norms, dropping the sources' m)."""
+    ``use_dora`` and gives the merged adapter the base weight's norms, dropping the sources' m).
+
+    Explained in: book/merging_adapters.ipynb
+    """
     dora = [n for n, c in zip(names, configs) if getattr(c, "use_dora", False)]
     if dora:
         raise ValueError(f"{dora} are DoRA adapters (use_dora=True); merging them is not supported: a DoRA "
@@ -324,14 +331,20 @@ def reject_dora(names: Sequence[str], configs: Sequence[LoraConfig]) -> None:
 
 
 def explicit_targets(config: LoraConfig, module_keys: Sequence[str]) -> LoraConfig:
-    """``config`` targeting exactly ``module_keys`` (full names), with no other filter."""
+    """``config`` targeting exactly ``module_keys`` (full names), with no other filter.
+
+    Explained in: book/merging_adapters.ipynb
+    """
     return dataclasses.replace(config, target_modules=sorted(module_keys), exclude_modules=None,
                                layers_to_transform=None, layers_pattern=None)
 
 
 def module_generator(seed: int | None, key: str) -> torch.Generator | None:
     """DARE's generator for one module: seeded by (seed, module name), so it does not depend on the order
-    modules are visited (the model and the command line then draw the same masks)."""
+    modules are visited (the model and the command line then draw the same masks).
+
+    Explained in: book/merging_adapters.ipynb
+    """
     if seed is None:
         return None
     g = torch.Generator()
@@ -343,7 +356,10 @@ def module_generator(seed: int | None, key: str) -> torch.Generator | None:
 # On a model: add_weighted_adapter
 # ---------------------------------------------------------------------------------------------------
 def layer_factors(layer, adapter_name: str) -> LoraFactors | None:
-    """The factors of ``adapter_name`` at a LoRA layer (None when the layer does not hold it)."""
+    """The factors of ``adapter_name`` at a LoRA layer (None when the layer does not hold it).
+
+    Explained in: book/merging_adapters.ipynb
+    """
     if adapter_name in getattr(layer, "lora_A", {}):
         A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name]
         bias = B.bias

@@ -119,7 +119,10 @@ def disjoint_merge(task_tensors: torch.Tensor, majority_sign_mask: torch.Tensor)
 
 
 def stack_task_tensors(task_tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Stack task tensors on a new dimension 0, with a clear error when there are none or shapes differ."""
+    """Stack task tensors on a new dimension 0, with a clear error when there are none or shapes differ.
+
+    Explained in: book/ties.ipynb
+    """
     if isinstance(task_tensors, torch.Tensor):
         return task_tensors
     tensors = list(task_tensors)

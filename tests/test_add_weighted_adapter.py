@@ -411,3 +411,20 @@ def test_dora_sources_are_rejected(two_adapters):
     with pytest.raises(ValueError, match=r"\['b'\] are DoRA adapters"):
         two_adapters.add_weighted_adapter(["a", "b"], [1, 1], "merged", combination_type="cat")
     assert "merged" not in two_adapters.peft_config
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("combination_type", ["svd", "magnitude_prune_svd"])  # density 1: both exact
+def test_svd_types_on_conv1d(combination_type):
+    adapters = {"a": dict(target_modules=["conv1d"], r=1, lora_alpha=2),
+                "b": dict(target_modules=["conv1d"], r=1, lora_alpha=3)}
+    ref = build("peft", "conv1d", adapters)
+    merge(ref, ["a", "b"], [1.0, -2.0], combination_type, density=1.0)
+    with pytest.raises(RuntimeError):  # peft 0.21's svd path flattens Conv2d only: broken factors (issue #3769)
+        ref.base_model.model.conv1d.get_delta_weight("merged")
+    ours = build("peftlab", "conv1d", adapters)
+    merge(ours, ["a", "b"], [1.0, -2.0], combination_type, density=1.0, svd_rank=2)
+    layer = ours.base_model.model.conv1d
+    assert layer.lora_A["merged"].weight.shape == (2, 1, 2)  # (r, in, kernel)
+    torch.testing.assert_close(layer.get_delta_weight("merged"), exact_delta(layer, ["a", "b"], [1.0, -2.0]),
+                               atol=1e-6, rtol=1e-5)

@@ -21,6 +21,10 @@ elementwise products peft builds on the activations.
 The variant plugs into :class:`~peftlab.tuners.lora.layer.Linear` through its ``lora_variant`` hook: the
 layer asks it for the forward, the merged/unmerged weights and its own tensor container.
 
+With several active adapters, a DoRA adapter adds (m/n − 1)·W x + (m/n)·s·B A x, with W x the *base*
+output (peft uses the running result, which includes the adapters before it). Mixed batches work (peft
+refuses ``adapter_names`` with DoRA).
+
 Explained in: book/lora_in_practice.ipynb
 """
 
@@ -102,7 +106,7 @@ class DoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                 B: torch.Tensor, m: torch.Tensor, n: torch.Tensor, s: float) -> torch.Tensor:
-        xa = x @ A.T  # A x, (T, r)
+        xa = F.linear(x, A)  # A x, (T, r)
         z = F.linear(x, weight)  # W x, (T, out)
         z.addmm_(xa, B.T, alpha=s)  # z = W x + s·B A x
         c = m / n  # m/‖W + s·B A‖, (out,)
@@ -122,7 +126,7 @@ class DoraLinearFunction(torch.autograd.Function):
         if need_m:
             grad_m = torch.linalg.vecdot(g, z, dim=0) / n  # Σ_t g ⊙ z / n
         if need_x or need_A:
-            g_xa = (g @ (B * c[:, None])) * s  # ∂L/∂(A x) = s·(g ⊙ c) B, (T, r)
+            g_xa = g @ (B * (c * s)[:, None])  # ∂L/∂(A x) = s·(g ⊙ c) B, (T, r)
             if need_A:
                 grad_A = g_xa.T @ x
             if need_x:

@@ -37,7 +37,10 @@ LOFTQ_BLOCK_SIZE = 64
 
 
 def check_init_lora_weights(value: Any) -> None:
-    """Raise ``ValueError`` naming the valid choices unless ``value`` is an implemented ``init_lora_weights``."""
+    """Raise ``ValueError`` naming the valid choices unless ``value`` is an implemented ``init_lora_weights``.
+
+    Explained in: book/lora_in_practice.ipynb
+    """
     if value in (True, False) or value in ("gaussian", "pissa", "olora", "loftq"):
         return
     if isinstance(value, str) and value.startswith(PISSA_NITER):
@@ -53,13 +56,19 @@ def check_init_lora_weights(value: Any) -> None:
 
 
 def reads_base_weight(init_lora_weights: Any) -> bool:
-    """True for the initialisations that take the adapter out of the base weight (PiSSA, OLoRA, LoftQ)."""
+    """True for the initialisations that take the adapter out of the base weight (PiSSA, OLoRA, LoftQ).
+
+    Explained in: book/lora_in_practice.ipynb
+    """
     return isinstance(init_lora_weights, str) and (
         init_lora_weights.startswith("pissa") or init_lora_weights in ("olora", "loftq"))
 
 
 def initialize(layer: Any, adapter_name: str, init_lora_weights: str, loftq_config: dict | None = None) -> None:
-    """Run the data-driven initialisation ``init_lora_weights`` for one adapter of a LoRA linear layer."""
+    """Run the initialisation ``init_lora_weights`` that reads W for one adapter of a LoRA linear layer.
+
+    Explained in: book/lora_in_practice.ipynb
+    """
     if init_lora_weights.startswith("pissa"):
         niter = None if init_lora_weights == "pissa" else int(init_lora_weights[len(PISSA_NITER):])
         pissa_init(layer, adapter_name, niter)
@@ -264,7 +273,10 @@ def converted_config(config: Any) -> Any:
 
 
 def check_conversion(config: Any) -> None:
-    """Refuse a conversion that would be wrong, before anything is written."""
+    """Refuse a conversion that would be wrong, before anything is written.
+
+    Explained in: book/lora_in_practice.ipynb
+    """
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         raise ValueError("path_initial_model_for_weight_conversion cannot be combined with use_rslora=True and "
                          "rank_pattern/alpha_pattern: doubling r changes α/√r per module differently")

@@ -284,6 +284,15 @@ def test_merge_and_unload_on_a_4bit_base(use_dora):
     assert 1e-4 < drift < 0.2 * float(unmerged.abs().max())  # the price of re-quantising
 
 
+def test_merge_and_unload_dequantises_only_layers_that_merge():
+    model = trained_4bit()
+    model.add_adapter("other", LoraConfig(target_modules=["k_proj"], task_type="CAUSAL_LM"))
+    plain = model.merge_and_unload(adapter_names=["default"])
+    attn = plain.model.layers[0].self_attn
+    assert type(attn.q_proj) is nn.Linear and type(attn.v_proj) is nn.Linear
+    assert isinstance(attn.k_proj, Linear4bit)  # carried only "other", which was not merged: stays 4-bit
+
+
 def test_merge_adapter_on_a_4bit_base_warns_and_requantises():
     x = example_inputs("llama")
     model = trained_4bit()

@@ -565,7 +565,9 @@ class BaseTuner(nn.Module):
         if merge:
             for _, layer in layers:
                 base = layer.get_base_layer()
-                if _is_quantized(base) and not layer.merged:
+                wanted = layer.active_adapters if adapter_names is None else adapter_names
+                merging = set(wanted) & set(layer.adapter_names)
+                if _is_quantized(base) and merging and not layer.merged:
                     quantized[id(layer)] = base
                     layer._replace_base_layer(base.dequantize_module())
         if merge:  # merge everything first, so a safe_merge failure leaves the model as it was

@@ -16,18 +16,15 @@ images into ``val`` (270, for choosing λ or k) and ``merge_test`` (270).
 
 Trained models are cached under the lab cache folder (``PEFTLAB_CACHE``, default
 ``~/.cache/peftlab``) as safetensors, keyed by their configuration, written atomically and
-under a file lock so parallel notebook workers train each model once. Training runs on the
-CPU (a few seconds) so every machine gets the same weights.
+under a file lock so parallel notebook workers train each model once
+(:func:`peftlab.lab.cache.cached_module`). Training runs on the CPU (a few seconds) so every
+machine gets the same weights.
 
 Explained in: book/lab.ipynb
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
 import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -41,8 +38,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from peftlab.lab import cache as _cache
+from peftlab.lab.cache import ENV_CACHE
+
 __all__ = [
     "DEFAULT_TASKS",
+    "FORMAT",
     "MLP",
     "Classifier",
     "Digits",
@@ -63,8 +64,8 @@ __all__ = [
     "transform",
 ]
 
-ENV_CACHE = "PEFTLAB_CACHE"
-_FORMAT = 1  # bump when the data split or training recipe changes: old cache entries are ignored
+#: part of every digits cache key: bump when the data split or a training recipe changes (old entries are ignored)
+FORMAT = 1
 N_IMAGES = 1797
 TRAIN_FRACTION = 0.7
 N_VAL = 270
@@ -303,66 +304,18 @@ class Classifier(nn.Module):
 
 
 def cache_dir() -> Path:
-    """The lab cache folder: ``$PEFTLAB_CACHE``, else ``~/.cache/peftlab`` (created if missing).
+    """The lab cache folder: ``$PEFTLAB_CACHE``, else ``~/.cache/peftlab`` (see :func:`peftlab.lab.cache.cache_root`).
 
     Explained in: book/lab.ipynb
     """
-    root = Path(os.environ.get(ENV_CACHE, "").strip() or Path.home() / ".cache" / "peftlab").expanduser()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=root, prefix=".probe-", delete=True)
-        probe.close()
-    except OSError as exc:
-        raise OSError(
-            f"the lab cache folder {root} is not writable ({exc.strerror or exc}); "
-            f"set {ENV_CACHE} to a writable folder, e.g. {ENV_CACHE}=/tmp/peftlab-cache"
-        ) from None
-    return root
-
-
-def _key(config: Mapping[str, object]) -> str:
-    blob = json.dumps({"format": _FORMAT, **config}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return _cache.cache_root()
 
 
 def _cached(
     kind: str, config: Mapping[str, object], build: Callable[[], tuple[nn.Module, dict]], make: Callable[[], nn.Module]
 ) -> tuple[nn.Module, dict]:
-    """Load ``kind`` trained with ``config`` from the cache, or ``build()`` it and store it.
-
-    Returns (model on CPU, info). The file is written to a temporary name and renamed; a
-    file lock makes a second process wait for the first instead of training twice.
-    """
-    from filelock import FileLock
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open, save_file
-
-    folder = cache_dir() / "digits"
-    folder.mkdir(exist_ok=True)
-    path = folder / f"{kind}-{_key(config)}.safetensors"
-    with FileLock(str(path) + ".lock", timeout=900):
-        if path.exists():
-            try:
-                model = make()
-                model.load_state_dict(load_file(str(path)))
-                with safe_open(str(path), framework="pt") as fh:
-                    info = json.loads(fh.metadata()["info"])
-                return model, info
-            except (SafetensorError, OSError, KeyError, RuntimeError, ValueError):
-                pass  # unreadable or stale entry: train again and overwrite it
-        model, info = build()
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-        meta = {"info": json.dumps(info), "config": json.dumps(dict(config), sort_keys=True)}
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared like ~/.cache
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return model, info
+    """``kind`` trained with ``config``, from ``<cache>/digits/`` or built now; the key includes :data:`FORMAT`."""
+    return _cache.cached_module("digits", kind, {"format": FORMAT, **config}, build, make)
 
 
 def _init(make: Callable[[], nn.Module], seed: int) -> nn.Module:

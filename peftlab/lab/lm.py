@@ -11,12 +11,9 @@ Explained in: book/lab.ipynb
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,9 +25,9 @@ import torch
 
 from peftlab.lab import profile as _profile
 from peftlab.lab import tasks as _tasks
+from peftlab.lab.cache import ENV_CACHE, LabCacheError, atomic_path, cache_root, config_hash, file_lock
 from peftlab.lab.train import History, train
 
-ENV_CACHE = "PEFTLAB_CACHE"
 ENV_MODEL = "PEFTLAB_LAB_MODEL"  # a local folder (or hub id) that replaces the lab LM
 GPU_MODEL = "HuggingFaceTB/SmolLM2-135M"
 CACHE_VERSION = 1  # bump when the pretraining recipe changes in a way the config does not show
@@ -214,43 +211,13 @@ def _quiet_transformers() -> Any:
 # --- cache ------------------------------------------------------------------------------------
 
 
-class LabCacheError(OSError):
-    """The lab cache folder cannot be created or written.
-
-    Explained in: book/lab.ipynb
-    """
-
-
-def cache_root(cache_dir: Union[str, Path, None] = None) -> Path:
-    """The cache folder: ``cache_dir``, else ``$PEFTLAB_CACHE``, else ``~/.cache/peftlab``; checked writable.
-
-    Explained in: book/lab.ipynb
-    """
-    raw = cache_dir if cache_dir is not None else os.environ.get(ENV_CACHE) or "~/.cache/peftlab"
-    root = Path(raw).expanduser()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise LabCacheError(
-            f"the peftlab cache folder {str(root)!r} is not writable ({err.strerror or err}); "
-            f"point the {ENV_CACHE} environment variable at a writable folder"
-        ) from None
-    return root
-
-
 def cache_key(cfg: LabLMConfig, seed: int, profile_name: str) -> str:
     """Folder name for a pretrained lab LM: profile, seed and a hash of config + vocabulary + recipe version.
 
     Explained in: book/lab.ipynb
     """
-    payload = json.dumps(
-        {"config": asdict(cfg), "vocab": vocabulary(), "seed": seed, "version": CACHE_VERSION},
-        sort_keys=True,
-    )
-    digest = hashlib.sha256(payload.encode()).hexdigest()[:12]
-    return f"lab-lm-{profile_name}-seed{seed}-{digest}"
+    payload = {"config": asdict(cfg), "vocab": vocabulary(), "seed": seed, "version": CACHE_VERSION}
+    return f"lab-lm-{profile_name}-seed{seed}-{config_hash(payload, length=12)}"
 
 
 @dataclass
@@ -290,34 +257,26 @@ def ensure_pretrained(
 
     Explained in: book/lab.ipynb
     """
-    from filelock import FileLock
-
     prof = _as_profile(prof)
     cfg = config if config is not None else lab_config(prof)
     root = cache_root(cache_dir)
     key = cache_key(cfg, seed, prof.name)
     final = root / key
     history_file = "pretraining.json"
-    with FileLock(str(root / f"{key}.lock")):
+    with file_lock(final):
         if (final / history_file).exists():
             with open(final / history_file) as f:
                 hist = _history_from_json(json.load(f)["history"])
             return CacheEntry(final, False, cfg, seed, hist)
         model, tokenizer, hist = pretrain(cfg, seed, progress=progress)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{key}-"))
-        try:
+        # replaces a stale, incomplete folder from an interrupted older version
+        with atomic_path(final, folder=True) as tmp:
             with _quiet_transformers():
                 model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             with open(tmp / history_file, "w") as f:  # written last: its presence marks a complete folder
                 json.dump({"config": asdict(cfg), "seed": seed, "profile": prof.name,
                            "history": _history_to_json(hist)}, f)
-            if final.exists():  # a stale, incomplete folder from an interrupted older version
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return CacheEntry(final, True, cfg, seed, hist)
 
 

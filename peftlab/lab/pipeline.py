@@ -10,8 +10,8 @@
   guidance, ε = ε_θ(x_t, t, ∅) + g·(ε_θ(x_t, t, c) − ε_θ(x_t, t, ∅)).
 
 It is pretrained on scikit-learn's digits (train split, pixels in [−1, 1]) and cached under the lab
-cache like :mod:`peftlab.lab.digits`. :func:`train_style_lora` trains a LoRA that draws every digit in
-a style (:data:`STYLES`: inverted, flipped, bold). The pipeline gets diffusers' LoRA calls from
+cache next to the digits models (:func:`peftlab.lab.cache.cached_module`). :func:`train_style_lora`
+trains a LoRA that draws every digit in a style (:data:`STYLES`: inverted, flipped, bold). The pipeline gets diffusers' LoRA calls from
 :class:`~peftlab.integrations.diffusers.LoraLoaderMixin`, its models transformers' ``add_adapter`` & co.
 from :class:`~peftlab.integrations.transformers.PeftAdapterMixin`.
 
@@ -31,6 +31,7 @@ from torch import Tensor
 
 from peftlab.integrations.diffusers import LoraLoaderMixin
 from peftlab.integrations.transformers import PeftAdapterMixin
+from peftlab.lab import cache as _cache
 from peftlab.lab import digits as _digits
 from peftlab.lab.train import History, train
 from peftlab.tuners.lora import LoraConfig
@@ -356,8 +357,9 @@ def load_pipeline(steps: int = 4000, seed: int = 0, device: Union[str, torch.dev
         pipe, hist = pretrain(steps=steps, seed=seed, progress=progress)
         return pipe.components(), {"loss": [round(v, 5) for v in hist.loss[-50:]], "seconds": round(hist.seconds, 2)}
 
-    parts, _ = _digits._cached("digit-pipeline", config, build,
-                                lambda: DigitDiffusionPipeline().components())
+    # trained on the digits' train split, so the digits' data FORMAT is part of the key
+    parts, _ = _cache.cached_module("digits", "digit-pipeline", {"format": _digits.FORMAT, **config}, build,
+                                    lambda: DigitDiffusionPipeline().components())
     return DigitDiffusionPipeline(parts.text_encoder, parts.unet).to(device)
 
 

@@ -102,3 +102,10 @@ strip:
 
 clean:
 	rm -rf _build $(EXEC)
+
+# ---------------------------------------------------------------- benchmarks (not part of `make test`)
+# peftlab against peft, interleaved; writes benchmarks/results/latest.{json,png} and book/benchmarks.md.
+.PHONY: bench
+bench: setup
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+	$(PY) benchmarks/report.py

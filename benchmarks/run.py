@@ -1,0 +1,426 @@
+"""peftlab against peft, in one process, on the same models and inputs: training, inference, serving, merging.
+
+Every scenario runs its candidates interleaved (A B A B …, so all see the same machine load) and reports
+the median time of each and the median of the per-pair ratios (e.g. peftlab/peft). Peak memory: CUDA's
+``max_memory_allocated``; on CPU the peak RSS growth of a fresh subprocess over its steps. Results go to
+``benchmarks/results/latest.json`` and ``latest.png``; ``benchmarks/report.py`` turns the JSON into the
+book's appendix page (book/benchmarks.md).
+
+    make bench                                   # = .venv/bin/python benchmarks/run.py
+    .venv/bin/python benchmarks/run.py --quick   # fewer repetitions
+    .venv/bin/python benchmarks/run.py --only lora_step,serving
+
+On CUDA the models run in bfloat16 (adapters in float32, as both libraries do by default).
+
+Explained in: book/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+VOCAB = 51  # the lab's vocabulary size
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL_LINEAR = [*QKVO, "gate_proj", "up_proj", "down_proj"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------------
+def llama(hidden: int, layers: int, device: str, dtype: torch.dtype, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+
+
+def lib_of(name: str):
+    if name == "peft":
+        import peft
+        return peft
+    import peftlab
+    return peftlab
+
+
+def adapted(lib_name: str, model, targets, r: int = 16, dora: bool = False, trainable: bool = True):
+    lib = lib_of(lib_name)
+    cfg = lib.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, use_dora=dora)
+    pm = lib.get_peft_model(model, cfg)
+    return pm.train() if trainable else pm.eval()
+
+
+def randomise_B(model, std: float = 0.02, seed: int = 1) -> None:
+    """Give every lora_B a non-zero value (a trained adapter), the same in both libraries."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in sorted(model.named_parameters()):
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def floor_model(model):
+    """The physical limit of adapter training: no adapter, every weight frozen, only the embedding trains
+    (so the backward still runs through every layer to the activations; its own update is negligible)."""
+    model.train()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n == "model.embed_tokens.weight")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------------
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleave(fns: dict[str, Callable[[], object]], reps: int, warmup: int, device: str,
+               after: dict[str, Callable[[], object]] | None = None) -> dict[str, list[float]]:
+    """Run the candidates in turn (A B C A B C …) and return each one's times in seconds."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(warmup + reps):
+        for k, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            dt = time.perf_counter() - t
+            if after and k in after:
+                after[k]()
+            if i >= warmup:
+                times[k].append(dt)
+    return times
+
+
+def summarise(times: dict[str, list[float]], ratios: dict[str, tuple[str, str]]) -> dict:
+    out = {"median_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+           "n": len(next(iter(times.values()))), "ratios": {}}
+    for label, (a, b) in ratios.items():
+        r = sorted(x / y for x, y in zip(times[a], times[b]))
+        q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0], r[0], r[0]]
+        out["ratios"][label] = {"median": statistics.median(r), "q1": q[0], "q3": q[2]}
+    return out
+
+
+def train_step(model, opt, batch: dict) -> Callable[[], None]:
+    def run() -> None:
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return run
+
+
+def optimiser(model):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def tokens(batch: int, seq: int, device: str, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# scenarios
+# ---------------------------------------------------------------------------------------------------
+def s_lora_step(a, dev, dt, dora: bool = False) -> dict:
+    x = tokens(8, 128, dev)
+    batch = {"input_ids": x, "labels": x}
+    fns = {}
+    for lib in ("peftlab", "peft"):
+        m = adapted(lib, llama(256, 4, dev, dt), QKVO, dora=dora)
+        fns[lib] = train_step(m, optimiser(m), batch)
+    f = floor_model(llama(256, 4, dev, dt))
+    fns["limit"] = train_step(f, optimiser(f), batch)
+    t = interleave(fns, a.reps, a.warmup, dev)
+    return summarise(t, {"peftlab/peft": ("peftlab", "peft"), "peftlab/limit": ("peftlab", "limit"),
+                         "peft/limit": ("peft", "limit")})
+
+
+def s_dora_step(a, dev, dt) -> dict:
+    return s_lora_step(a, dev, dt, dora=True)
+
+
+def s_inference(a, dev, dt) -> dict:
+    x = tokens(8, 128, dev)
+    fns, models = {}, {}
+    for lib in ("peftlab", "peft"):
+        m = adapted(lib, llama(256, 4, dev, dt), QKVO, trainable=False)
+        randomise_B(m)
+        models[lib] = m
+    merged = adapted("peftlab", llama(256, 4, dev, dt), QKVO, trainable=False)
+    randomise_B(merged)
+    merged.merge_adapter()
+    peft_merged = adapted("peft", llama(256, 4, dev, dt), QKVO, trainable=False)
+    randomise_B(peft_merged)
+    peft_merged.merge_adapter()
+    base = llama(256, 4, dev, dt).eval()
+
+    def fwd(m):
+        def run():
+            with torch.inference_mode():
+                m(input_ids=x)
+        return run
+
+    fns = {"peftlab": fwd(models["peftlab"]), "peft": fwd(models["peft"]), "peftlab_merged": fwd(merged),
+           "peft_merged": fwd(peft_merged), "base": fwd(base)}
+    t = interleave(fns, a.reps, a.warmup, dev)
+    return summarise(t, {"peftlab/peft (unmerged)": ("peftlab", "peft"),
+                         "peftlab merged/base": ("peftlab_merged", "base"),
+                         "peft merged/base": ("peft_merged", "base"),
+                         "peftlab unmerged/base": ("peftlab", "base")})
+
+
+def s_serving(a, dev, dt, n_adapters: int = 16, prompt: int = 64) -> dict:
+    """One decode step (sequence 1, KV cache of ``prompt`` tokens) for 16 requests, each its own adapter."""
+    names = [f"a{i}" for i in range(n_adapters)]
+    x_prompt = tokens(n_adapters, prompt, dev)
+    x_step = tokens(n_adapters, 1, dev, seed=1)
+    fns, after = {}, {}
+    for lib in ("peftlab", "peft"):
+        lib_mod = lib_of(lib)
+        m = llama(256, 4, dev, dt)
+        pm = lib_mod.get_peft_model(m, lib_mod.LoraConfig(r=16, lora_alpha=32, target_modules=QKVO),
+                                    adapter_name=names[0])
+        for n in names[1:]:
+            pm.add_adapter(n, lib_mod.LoraConfig(r=16, lora_alpha=32, target_modules=QKVO))
+        pm.eval()
+        randomise_B(pm)
+        fns[lib], after[lib] = decoder(pm, x_prompt, x_step, {"adapter_names": names})
+    base = llama(256, 4, dev, dt).eval()
+    fns["base"], after["base"] = decoder(base, x_prompt, x_step, {})
+    t = interleave(fns, a.reps * 2, a.warmup, dev, after)
+    return summarise(t, {"peftlab/peft": ("peftlab", "peft"), "peftlab/base": ("peftlab", "base"),
+                         "peft/base": ("peft", "base")})
+
+
+def decoder(model, x_prompt, x_step, kw):
+    with torch.inference_mode():
+        cache = model(input_ids=x_prompt, use_cache=True, **kw).past_key_values
+    length = x_prompt.shape[1]
+    pos = torch.full((x_step.shape[0], 1), length, device=x_step.device)
+    mask = torch.ones(x_step.shape[0], length + 1, dtype=torch.long, device=x_step.device)
+
+    def run():
+        with torch.inference_mode():
+            model(input_ids=x_step, past_key_values=cache, position_ids=pos, attention_mask=mask, use_cache=True,
+                  **kw)
+
+    return run, lambda: cache.crop(-1)  # drop the decoded token: every step sees the same prompt cache
+
+
+def s_merging(a, dev, dt) -> dict:
+    """add_weighted_adapter (ties, density 0.5) over three adapters; then save and load one adapter."""
+    fns, after, tmp = {}, {}, tempfile.mkdtemp(prefix="peftlab-bench-")
+    models = {}
+    for lib in ("peftlab", "peft"):
+        lib_mod = lib_of(lib)
+        pm = lib_mod.get_peft_model(llama(256, 4, dev, dt),
+                                    lib_mod.LoraConfig(r=16, lora_alpha=32, target_modules=QKVO), adapter_name="t0")
+        for n in ("t1", "t2"):
+            pm.add_adapter(n, lib_mod.LoraConfig(r=16, lora_alpha=32, target_modules=QKVO))
+        randomise_B(pm)
+        models[lib] = pm
+
+        def merge(pm=pm):
+            pm.add_weighted_adapter(["t0", "t1", "t2"], [1.0, 0.7, 0.5], "ties", combination_type="ties",
+                                    density=0.5)
+
+        def save(pm=pm, lib=lib):
+            pm.save_pretrained(os.path.join(tmp, lib), selected_adapters=["t0"])
+
+        def load(pm=pm, lib=lib):
+            pm.load_adapter(os.path.join(tmp, lib, "t0"), adapter_name="loaded")  # a named adapter saves to a subfolder
+
+        save()
+        fns[f"{lib}_merge"], after[f"{lib}_merge"] = merge, (lambda pm=pm: pm.delete_adapter("ties"))
+        fns[f"{lib}_save"] = save
+        fns[f"{lib}_load"], after[f"{lib}_load"] = load, (lambda pm=pm: pm.delete_adapter("loaded"))
+    t = interleave(fns, a.reps, a.warmup, dev, after)
+    return summarise(t, {"merge peftlab/peft": ("peftlab_merge", "peft_merge"),
+                         "save peftlab/peft": ("peftlab_save", "peft_save"),
+                         "load peftlab/peft": ("peftlab_load", "peft_load")})
+
+
+def s_lab_scale(a, dev, dt) -> dict:
+    """The book's scale: hidden 128, 3 layers, batch 32 × seq 20, LoRA on every linear layer."""
+    x = tokens(32, 20, dev)
+    batch = {"input_ids": x, "labels": x}
+    fns = {}
+    for lib in ("peftlab", "peft"):
+        m = adapted(lib, llama(128, 3, dev, dt), ALL_LINEAR, r=8)
+        fns[lib] = train_step(m, optimiser(m), batch)
+    full = llama(128, 3, dev, dt).train()
+    fns["full_ft"] = train_step(full, optimiser(full), batch)
+    f = floor_model(llama(128, 3, dev, dt))
+    fns["limit"] = train_step(f, optimiser(f), batch)
+    t = interleave(fns, a.reps * 3, a.warmup, dev)
+    return summarise(t, {"peftlab/peft": ("peftlab", "peft"), "peftlab/full_ft": ("peftlab", "full_ft"),
+                         "peft/full_ft": ("peft", "full_ft"), "peftlab/limit": ("peftlab", "limit")})
+
+
+# ---- memory: each candidate in a fresh process (CPU RSS cannot be reset) ---------------------------
+def memory_child(kind: str, dev: str) -> None:
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    x = tokens(8, 128, dev)
+    model = llama(256, 4, dev, dt)
+    if kind == "full_ft":
+        model.train()
+    else:
+        model = adapted(kind, model, QKVO)
+    opt = optimiser(model)
+    step = train_step(model, opt, {"input_ids": x, "labels": x})
+    if dev == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        gc.collect()
+        before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    for _ in range(3):
+        step()
+    if dev == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_over_model_MiB": (peak - before) / 2**20}))
+
+
+def s_memory(a, dev, dt) -> dict:
+    """Peak memory of three training steps over the loaded model: LoRA (peftlab, peft) vs full fine-tuning."""
+    out = {}
+    for kind in ("peftlab", "peft", "full_ft"):
+        proc = subprocess.run([sys.executable, __file__, "--memory-child", kind, "--device", dev],
+                              capture_output=True, text=True, check=True)
+        out[kind] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_over_model_MiB"]
+    return {"peak_MiB": out, "ratios": {"peftlab/peft": {"median": out["peftlab"] / out["peft"]},
+                                        "peftlab/full_ft": {"median": out["peftlab"] / out["full_ft"]}}}
+
+
+SCENARIOS = {
+    "lora_step": s_lora_step, "dora_step": s_dora_step, "inference": s_inference, "serving": s_serving,
+    "merging": s_merging, "memory": s_memory, "lab_scale": s_lab_scale,
+}
+
+# (scenario, ratio, target: ratio must be ≤ this)
+TARGETS = [
+    ("lora_step", "peftlab/peft", 0.97), ("lora_step", "peftlab/limit", 1.05),
+    ("dora_step", "peftlab/peft", 0.80), ("serving", "peftlab/peft", 0.50),
+    ("inference", "peftlab merged/base", 1.02), ("merging", "merge peftlab/peft", 1.00),
+    ("lab_scale", "peftlab/peft", 0.80), ("lab_scale", "peftlab/full_ft", 1.00),
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+def machine(dev: str) -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "torch": torch.__version__,
+            "python": platform.python_version(), "device": dev, "date": datetime.datetime.now().isoformat(" ", "seconds"),
+            "load_avg_start": list(os.getloadavg())}
+    try:
+        import peft
+        import transformers
+        info["peft"], info["transformers"] = peft.__version__, transformers.__version__
+    except ImportError:
+        pass
+    if dev == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(f"{s}: {r}", results["scenarios"][s]["ratios"][r]["median"], tgt) for s, r, tgt in TARGETS
+            if s in results["scenarios"]]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1))
+    y = range(len(rows))
+    ax.barh(y, [r[1] for r in rows], color=["tab:green" if r[1] <= r[2] else "tab:red" for r in rows])
+    ax.scatter([r[2] for r in rows], y, marker="|", s=300, color="k", label="target")
+    ax.set_yticks(list(y), [r[0] for r in rows])
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="grey", lw=0.5)
+    ax.set_xlabel("time ratio (median of interleaved pairs; lower is faster)")
+    m = results["machine"]
+    ax.set_title(f"peftlab benchmarks, {m['device']}, {m['date']}", fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="5 repetitions, 1 warm-up")
+    p.add_argument("--only", default="", help="comma-separated scenarios: " + ",".join(SCENARIOS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=str(RESULTS / "latest.json"))
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.memory_child:
+        return memory_child(a.memory_child, a.device)
+    if a.quick:
+        a.reps, a.warmup = 5, 1
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    warnings.filterwarnings("ignore")
+    dev = a.device
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    results = {"machine": machine(dev), "dtype": str(dt).replace("torch.", ""), "reps": a.reps, "scenarios": {}}
+    chosen = [s for s in a.only.split(",") if s] or list(SCENARIOS)
+    t0 = time.perf_counter()
+    for name in chosen:
+        t = time.perf_counter()
+        results["scenarios"][name] = res = SCENARIOS[name](a, dev, dt)
+        res["wall_s"] = time.perf_counter() - t
+        print(f"{name:10s} ({res['wall_s']:.0f} s): " + ", ".join(
+            f"{k} {v['median']:.3f}" for k, v in res["ratios"].items()), flush=True)
+    results["machine"]["load_avg_end"] = list(os.getloadavg())
+    results["wall_s"] = time.perf_counter() - t0
+    results["targets"] = [
+        {"scenario": s, "ratio": r, "target": tgt, "value": results["scenarios"][s]["ratios"][r]["median"],
+         "met": results["scenarios"][s]["ratios"][r]["median"] <= tgt}
+        for s, r, tgt in TARGETS if s in results["scenarios"]]
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    plot(results, out.with_suffix(".png"))
+    for t in results["targets"]:
+        print(f"  {'ok ' if t['met'] else 'MISS'} {t['scenario']}: {t['ratio']} = {t['value']:.3f} (≤ {t['target']})")
+    print(f"wrote {out} ({results['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -21,6 +21,7 @@ class Routing:
     def __init__(self, adapter_names: Sequence[str]):
         self.adapter_names = list(adapter_names)
         self._groups: dict[tuple[int, torch.device], dict[str, torch.Tensor]] = {}
+        self._index: dict[tuple, torch.Tensor] = {}
 
     def groups(self, n_rows: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Adapter name -> row indices. Rows beyond the names (beam search, several samples per prompt)
@@ -40,6 +41,22 @@ class Routing:
                 groups.setdefault(name, []).append(row)
             self._groups[key] = {n: torch.tensor(rows, device=device) for n, rows in groups.items()}
         return self._groups[key]
+
+    def stacked_names(self) -> tuple[str, ...]:
+        """The distinct adapters of the batch (no ``__base__``), in order of first appearance."""
+        return tuple(n for n in dict.fromkeys(self.adapter_names) if n != BASE_ADAPTER)
+
+    def row_index(self, n_rows: int, device: torch.device, names: tuple[str, ...]) -> torch.Tensor:
+        """Row -> position of its adapter in ``names``; ``len(names)`` for a row whose adapter is not there
+        (``__base__``, or an adapter this layer lacks). Shared by all layers of one forward."""
+        key = (n_rows, device, names)
+        if key not in self._index:
+            pos = {n: i for i, n in enumerate(names)}
+            index = torch.full((n_rows,), len(names), dtype=torch.long)
+            for name, rows in self.groups(n_rows, torch.device("cpu")).items():
+                index[rows] = pos.get(name, len(names))
+            self._index[key] = index.to(device)
+        return self._index[key]
 
 
 _ROUTING: contextvars.ContextVar[Routing | None] = contextvars.ContextVar("peftlab_routing", default=None)

@@ -1,0 +1,227 @@
+"""The fast paths compute what the plain ones compute.
+
+* the fused LoRA autograd node (training) equals base + s·B A x in value and in every gradient;
+* the batched (bmm) mixed-adapter forward equals running each row through its own adapter, with
+  ``__base__`` rows, adapters a layer lacks, and the per-adapter fallback (unequal ranks, dropout);
+* fused DoRA equals the reference formula; merged forward equals unmerged.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import peftlab
+from peftlab.tuners.lora.dora import reference_weight_norm
+from peftlab.tuners.lora.layer import Linear as LoraLinear
+from peftlab.tuners.lora.layer import LoraLinearFunction
+
+
+class MLP(nn.Module):
+    def __init__(self, bias: bool = True) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(12, 16, bias=bias)
+        self.lin1 = nn.Linear(16, 8, bias=bias)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.lin1(F.relu(self.lin0(x)))))
+
+
+def _randomise(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _peft(r=4, targets=("lin0", "lin1"), **kw):
+    torch.manual_seed(0)
+    cfg = peftlab.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), **kw)
+    return peftlab.get_peft_model(MLP(), cfg)
+
+
+# ---- the fused LoRA training node ----------------------------------------------------------------
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("base_trains", [False, True])
+def test_fused_lora_function_matches_autograd(bias: bool, base_trains: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    W = torch.randn(16, 12, requires_grad=base_trains)
+    b = torch.randn(16, requires_grad=base_trains) if bias else None
+    A = torch.randn(4, 12, requires_grad=True)
+    B = torch.randn(16, 4, requires_grad=True)
+    s = 0.7
+    plain = F.linear(x, W, b) + s * F.linear(F.linear(x, A), B)
+    fused = LoraLinearFunction.apply(x, W, b, A, B, s)
+    torch.testing.assert_close(fused, plain)
+    g = torch.randn_like(plain)
+    inputs = [t for t in (x, W, b, A, B) if t is not None and t.requires_grad]
+    want = torch.autograd.grad(plain, inputs, g)
+    got = torch.autograd.grad(fused, inputs, g)
+    for w, h in zip(want, got):
+        torch.testing.assert_close(h, w)
+
+
+def test_training_step_uses_the_fused_node_and_matches_plain_path() -> None:
+    model = _peft()
+    _randomise(model)
+    x = torch.randn(6, 12)
+    out = model(x)
+    layer = model.base_model.model.lin0
+    assert isinstance(layer, LoraLinear)
+    assert type(layer(x).grad_fn).__name__.startswith("LoraLinearFunction")
+    out.sum().backward()
+    fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    with torch.no_grad():  # the plain path's value
+        plain_out = model(x)
+    torch.testing.assert_close(out, plain_out)
+    # the plain path's gradients: dropout module (not Identity) disables the fused node, p = 0 keeps the math
+    for layer in (model.base_model.model.lin0, model.base_model.model.lin1):
+        layer.lora_dropout["default"] = nn.Dropout(0.0)
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(fast[n], p.grad, msg=n)
+
+
+# ---- mixed batches -------------------------------------------------------------------------------
+def _multi(ranks=(4, 4, 4), dropout: float = 0.0, lin1_for_c: bool = True):
+    torch.manual_seed(0)
+    model = peftlab.get_peft_model(MLP(), peftlab.LoraConfig(r=ranks[0], lora_alpha=8, target_modules=["lin0", "lin1"],
+                                                             lora_dropout=dropout), adapter_name="a")
+    model.add_adapter("b", peftlab.LoraConfig(r=ranks[1], lora_alpha=4, target_modules=["lin0", "lin1"],
+                                              lora_dropout=dropout))
+    model.add_adapter("c", peftlab.LoraConfig(r=ranks[2], lora_alpha=8, use_rslora=True, lora_dropout=dropout,
+                                              target_modules=["lin0", "lin1"] if lin1_for_c else ["lin0"]))
+    _randomise(model)
+    return model.eval()
+
+
+def _per_adapter(model, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+    rows = []
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():
+                rows.append(model(x[i:i + 1]))
+        else:
+            model.set_adapter(name)
+            rows.append(model(x[i:i + 1]))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("shape", [(7, 12), (7, 3, 12)])
+@pytest.mark.parametrize("case", ["equal_ranks", "unequal_ranks", "adapter_missing_in_a_layer"])
+def test_mixed_batch_equals_per_adapter_runs(shape, case: str) -> None:
+    model = _multi(ranks=(4, 2, 6) if case == "unequal_ranks" else (4, 4, 4),
+                   lin1_for_c=case != "adapter_missing_in_a_layer")
+    x = torch.randn(*shape)
+    names = ["a", "b", "__base__", "c", "a", "c", "__base__"]
+    with torch.no_grad():
+        mixed = model(x, adapter_names=names)
+        want = _per_adapter(model, x, names)
+    torch.testing.assert_close(mixed, want)
+
+
+def test_batched_path_is_taken_and_falls_back() -> None:
+    model = _multi()
+    layer = model.base_model.model.lin0
+    calls = []
+    original = LoraLinear._stacked
+
+    def spy(self, names, x):
+        out = original(self, names, x)
+        calls.append(out is not None)
+        return out
+
+    LoraLinear._stacked = spy
+    try:
+        with torch.no_grad():
+            model(torch.randn(3, 12), adapter_names=["a", "b", "c"])
+        assert calls and all(calls)  # equal ranks: batched products
+        calls.clear()
+        _multi(ranks=(4, 2, 4))(torch.randn(3, 12), adapter_names=["a", "b", "c"])
+        assert calls and not any(calls)  # unequal ranks: the per-adapter loop
+    finally:
+        LoraLinear._stacked = original
+    assert layer._stacked(("a", "b"), torch.randn(2, 12)) is not None
+
+
+def test_mixed_batch_with_active_dropout_falls_back_and_trains() -> None:
+    model = _multi(dropout=0.1).train()
+    layer = model.base_model.model.lin0
+    assert layer._stacked(("a", "b", "c"), torch.randn(2, 12)) is None
+    model(torch.randn(3, 12), adapter_names=["a", "b", "c"]).sum().backward()
+
+
+def test_mixed_batch_gradients_match_grouped_loop(monkeypatch) -> None:
+    model = _multi()
+    model.set_adapter(["a", "b", "c"])  # trainable
+    x = torch.randn(4, 12)
+    names = ["a", "b", "c", "__base__"]
+    model(x, adapter_names=names).sum().backward()
+    fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert len(fast) == 12  # A and B of three adapters in two layers
+    model.zero_grad()
+    monkeypatch.setattr(LoraLinear, "_stacked", lambda self, names, x: None)  # the per-adapter loop
+    model(x, adapter_names=names).sum().backward()
+    for n, g in fast.items():
+        torch.testing.assert_close(g, model.get_parameter(n).grad, msg=n)
+
+
+def test_stack_cache_follows_weight_updates() -> None:
+    model = _multi()
+    x = torch.randn(3, 12)
+    names = ["a", "b", "c"]
+    with torch.no_grad():
+        before = model(x, adapter_names=names)
+        model.base_model.model.lin0.lora_B["b"].weight.mul_(2)
+        after = model(x, adapter_names=names)
+        want = _per_adapter(model, x, names)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, want)
+
+
+# ---- DoRA and merging ----------------------------------------------------------------------------
+def test_fused_dora_equals_reference_formula() -> None:
+    model = _peft(use_dora=True)
+    _randomise(model)
+    layer = model.base_model.model.lin0
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].mul_(1.3)
+    x = torch.randn(5, 12)
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    s, m = layer.scaling["default"], layer.lora_magnitude_vector["default"]
+    n = reference_weight_norm(layer, "default")
+    want = (m / n) * (F.linear(x, W) + s * F.linear(F.linear(x, A), B)) + b  # h = (m/‖W + sBA‖)(W + sBA)x + b
+    torch.testing.assert_close(layer(x), want)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_merged_forward_equals_unmerged(dora: bool) -> None:
+    model = _peft(use_dora=dora).eval()
+    _randomise(model)
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        unmerged = model(x)
+        model.merge_adapter()
+        merged = model(x)
+        model.unmerge_adapter()
+        again = model(x)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(again, unmerged, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_node_not_used_for_half_precision_base() -> None:
+    model = copy.deepcopy(_peft())
+    model.base_model.model.lin0.base_layer.to(torch.bfloat16)
+    layer = model.base_model.model.lin0
+    x = torch.randn(2, 12, dtype=torch.bfloat16)
+    assert not layer._fusable("default", x)

@@ -22,6 +22,7 @@ class Routing:
         self.adapter_names = list(adapter_names)
         self._groups: dict[tuple[int, torch.device], dict[str, torch.Tensor]] = {}
         self._index: dict[tuple, torch.Tensor] = {}
+        self._stacked_names: tuple[str, ...] | None = None
 
     def groups(self, n_rows: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Adapter name -> row indices. Rows beyond the names (beam search, several samples per prompt)
@@ -44,7 +45,9 @@ class Routing:
 
     def stacked_names(self) -> tuple[str, ...]:
         """The distinct adapters of the batch (no ``__base__``), in order of first appearance."""
-        return tuple(n for n in dict.fromkeys(self.adapter_names) if n != BASE_ADAPTER)
+        if self._stacked_names is None:
+            self._stacked_names = tuple(n for n in dict.fromkeys(self.adapter_names) if n != BASE_ADAPTER)
+        return self._stacked_names
 
     def row_index(self, n_rows: int, device: torch.device, names: tuple[str, ...]) -> torch.Tensor:
         """Row -> position of its adapter in ``names``; ``len(names)`` for a row whose adapter is not there

@@ -285,7 +285,9 @@ class Linear(LoraLayer):
         """Row i through adapter ``names[i]``: the adapters' A and B stacked, one gather per row and two
         batched products for the whole batch. Falls back to the per-adapter loop for unequal ranks, active
         dropout, DoRA, lora_bias or inputs with a leading dimension other than the batch."""
-        names = tuple(n for n in routing.stacked_names() if n in self.lora_A)
+        names = routing.stacked_names()
+        if not all(n in self.lora_A._modules for n in names):
+            names = tuple(n for n in names if n in self.lora_A._modules)
         stacks = self._stacked(names, x) if names and not args and not kwargs and x.dim() >= 2 else None
         if stacks is None:
             return super().mixed_batch_forward(x, routing, *args, **kwargs)
@@ -302,27 +304,34 @@ class Linear(LoraLayer):
     def _stacked(self, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(Aᵀ stacked, s·Bᵀ stacked) of ``names`` plus a zero slot, cached while the tensors are unchanged;
         None where the batched form does not apply."""
-        ranks = {self.r[n] for n in names}
-        if len(ranks) != 1 or any(n in self.lora_variant or self.lora_B[n].bias is not None for n in names):
+        cache = self.__dict__.setdefault("_lora_stacks", {})
+        # module-dict lookups without nn.Module.__getattr__: this runs once per layer per decode step
+        A_mods, B_mods = self.lora_A._modules, self.lora_B._modules
+        As = [A_mods[n]._parameters["weight"] for n in names]
+        Bs = [B_mods[n]._parameters["weight"] for n in names]
+        track = torch.is_grad_enabled() and any(t.requires_grad for t in (*As, *Bs))
+        scalings = tuple(self.scaling[n] for n in names)
+        if not track and "key" in cache:
+            names0, scalings0, tensors0, versions0, device0 = cache["key"]
+            if (names0 == names and scalings0 == scalings and device0 == x.device
+                    and all(a is b for a, b in zip(tensors0, (*As, *Bs)))
+                    and versions0 == tuple(t._version for t in tensors0)):
+                return cache["value"]
+        if len({self.r[n] for n in names}) != 1 or any(n in self.lora_variant or B_mods[n].bias is not None
+                                                      for n in names):
             return None
         if self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names):
             return None
-        As = [self.lora_A[n].weight for n in names]
-        Bs = [self.lora_B[n].weight for n in names]
-        track = torch.is_grad_enabled() and any(t.requires_grad for t in (*As, *Bs))
-        key = (names, tuple(self.scaling[n] for n in names),
-               tuple((t.data_ptr(), t._version) for t in (*As, *Bs)), x.device)
-        cache = self.__dict__.setdefault("_lora_stacks", {})
-        if not track and cache.get("key") == key:
-            return cache["value"]
         zeros_a = As[0].new_zeros(As[0].shape)
         zeros_b = Bs[0].new_zeros(Bs[0].shape)
-        At = torch.stack([*As, zeros_a]).transpose(1, 2)  # (k+1, in, r)
-        Bt = torch.stack([*(B * self.scaling[n] for n, B in zip(names, Bs)), zeros_b]).transpose(1, 2)
-        value = (At, Bt)
-        if not track:
-            cache["key"], cache["value"] = key, (At.detach(), Bt.detach())
-        return value
+        # contiguous in the layout the products read, so the per-row gather copies whole blocks
+        At = torch.stack([*As, zeros_a]).transpose(1, 2).contiguous()  # (k+1, in, r)
+        Bt = torch.stack([*(B * s for s, B in zip(scalings, Bs)), zeros_b]).transpose(1, 2).contiguous()
+        if not track:  # the tensors themselves are kept, so their ids stay unique while cached
+            tensors = (*As, *Bs)
+            cache["key"] = (names, scalings, tensors, tuple(t._version for t in tensors), x.device)
+            cache["value"] = (At.detach(), Bt.detach())
+        return At, Bt
 
 
 class Embedding(LoraLayer):

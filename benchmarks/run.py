@@ -100,10 +100,13 @@ def sync(device: str) -> None:
 
 def interleave(fns: dict[str, Callable[[], object]], reps: int, warmup: int, device: str,
                after: dict[str, Callable[[], object]] | None = None) -> dict[str, list[float]]:
-    """Run the candidates in turn (A B C A B C …) and return each one's times in seconds."""
+    """Run the candidates in turn (A B C, B C A, C A B, …: interleaved, and each round starts with the
+    next one, so no candidate always runs right after the same other) and return each one's times in s."""
     times: dict[str, list[float]] = {k: [] for k in fns}
+    keys = list(fns)
     for i in range(warmup + reps):
-        for k, fn in fns.items():
+        for k in keys[i % len(keys):] + keys[:i % len(keys)]:
+            fn = fns[k]
             sync(device)
             t = time.perf_counter()
             fn()

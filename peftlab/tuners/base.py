@@ -236,10 +236,17 @@ class AdapterLayer(nn.Module):
                     "mixed-adapter batches need unmerged adapters; call unmerge_adapter() first"
                 )
             return self.mixed_batch_forward(x, routing, *args, **kwargs)
-        if self.merged:
+        if self.merged_adapters:
             return self.base_layer(x, *args, **kwargs)
-        own = getattr(self, self.adapter_layer_names[0])  # every adapter of this layer has an entry here
-        adapters = [a for a in self._active_adapters if a in own]
+        # every adapter of this layer has an entry in the first container (read without Module.__getattr__)
+        own = self._modules.get(self.adapter_layer_names[0])
+        if own is None:
+            own = getattr(self, self.adapter_layer_names[0])
+        active = self._active_adapters
+        if len(active) == 1:  # the common case, without building a list
+            adapters = active if active[0] in own else []
+        else:
+            adapters = [a for a in active if a in own]
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
         return self.adapter_forward(x, adapters, *args, **kwargs)

@@ -318,8 +318,10 @@ def s_memory(a, dev, dt) -> dict:
     """Peak memory of three training steps over the loaded model: LoRA (peftlab, peft) vs full fine-tuning."""
     out = {}
     for kind in ("peftlab", "peft", "full_ft"):
+        # a fixed mmap threshold makes glibc return every freed tensor to the OS, so RSS follows live tensors
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         proc = subprocess.run([sys.executable, __file__, "--memory-child", kind, "--device", dev],
-                              capture_output=True, text=True, check=True)
+                              capture_output=True, text=True, check=True, env=env)
         out[kind] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_over_model_MiB"]
     return {"peak_MiB": out, "ratios": {"peftlab/peft": {"median": out["peftlab"] / out["peft"]},
                                         "peftlab/full_ft": {"median": out["peftlab"] / out["full_ft"]}}}

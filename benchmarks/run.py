@@ -160,7 +160,7 @@ def s_lora_step(a, dev, dt, dora: bool = False) -> dict:
     fns["limit"] = train_step(f, optimiser(f), batch)
     t = interleave(fns, a.reps, a.warmup, dev)
     return summarise(t, {"peftlab/peft": ("peftlab", "peft"), "peftlab/limit": ("peftlab", "limit"),
-                         "peft/limit": ("peft", "limit")})
+                         "peft/limit": ("peft", "limit"), "limit/peft": ("limit", "peft")})
 
 
 def s_dora_step(a, dev, dt) -> dict:

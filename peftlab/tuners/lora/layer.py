@@ -248,19 +248,29 @@ class Linear(LoraLayer):
     def _fusable(self, name: str, x: torch.Tensor) -> bool:
         """Whether one plain LoRA adapter can run as :class:`LoraLinearFunction` (training a plain
         ``nn.Linear`` base in the adapter's dtype, no dropout, no lora_bias, no autocast, no hooks)."""
-        base = self.base_layer
-        return (type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
-                and name not in self.lora_variant and isinstance(self.lora_dropout[name], nn.Identity)
-                and self.lora_B[name].bias is None and x.dtype == self.lora_A[name].weight.dtype == base.weight.dtype
-                and not torch.is_autocast_enabled(x.device.type))
+        return self._fused_args(name, x) is not None
+
+    def _fused_args(self, name: str, x: torch.Tensor) -> tuple | None:
+        """(W, b, A, B) for :class:`LoraLinearFunction`, or None where it does not apply. Reads the module
+        dicts directly: this runs for every adapted layer in every training step."""
+        mods = self._modules
+        base = mods["base_layer"]
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or name in self.lora_variant:
+            return None
+        if type(mods["lora_dropout"]._modules[name]) is not nn.Identity:
+            return None
+        B = mods["lora_B"]._modules[name]._parameters
+        A = mods["lora_A"]._modules[name]._parameters["weight"]
+        W = base._parameters["weight"]
+        if B["bias"] is not None or not (x.dtype == A.dtype == W.dtype) or torch.is_autocast_enabled(x.device.type):
+            return None
+        return W, base._parameters["bias"], A, B["weight"]
 
     def adapter_forward(self, x: torch.Tensor, adapters: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         if len(adapters) == 1 and not args and not kwargs and torch.is_grad_enabled():
-            name = adapters[0]
-            if self._fusable(name, x):  # training: one autograd node for base + adapter
-                base = self.base_layer
-                return LoraLinearFunction.apply(x, base.weight, base.bias, self.lora_A[name].weight,
-                                                self.lora_B[name].weight, self.scaling[name])
+            fused = self._fused_args(adapters[0], x)
+            if fused is not None:  # training: one autograd node for base + adapter
+                return LoraLinearFunction.apply(x, *fused, self.scaling[adapters[0]])
         result = None  # a variant (DoRA) first in line computes the base itself, fused with its adapter
         for name in adapters:
             if name in self.lora_variant:

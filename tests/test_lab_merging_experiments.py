@@ -150,7 +150,7 @@ def test_token_accuracy_counts_answer_tokens(load_tiny):
 
 
 def test_adapters_train_save_load_and_merge(load_tiny, tmp_path):
-    runs = mx.train_task_adapters(load_tiny, ["sort", "swap"], tmp_path / "adapters", r=2, steps=2,
+    runs = mx.train_task_adapters(load_tiny, ["sort", "swap"], tmp_path / "adapters", r=2, steps=2, seeds=[0, 1],
                                   batch_size=4, n_train=8, n_test=4)
     assert list(runs) == ["sort", "swap"] and all(r.model is None for r in runs.values())
     folders = {name: tmp_path / "adapters" / name for name in runs}
@@ -163,8 +163,14 @@ def test_adapters_train_save_load_and_merge(load_tiny, tmp_path):
     table = mx.merge_grid(model, tok, ["sort", "swap"], [1.0, 1.0], tests, types=("cat", "linear", "ties"),
                           densities=(0.5,))
     assert list(table.type.unique()) == ["cat", "linear", "ties"] and len(table) == 3 * 2
+    assert list(table["merge"].unique()) == ["cat", "linear", "ties_d50"]
     assert table[table.type == "cat"]["distance from Σ wΔW"].max() < 1e-5   # cat is exact
     assert set(model.peft_config) == {"sort", "swap"}                          # merged adapters deleted
     assert mx.merged_name("ties", 0.2) == "ties_d20" and mx.merged_name("cat", None) == "cat"
+    # the two adapters got different seeds, so different random A
+    A = {n: model.base_model.model.model.layers[0].self_attn.q_proj.lora_A[n].weight for n in ("sort", "swap")}
+    assert not torch.equal(A["sort"], A["swap"])
     with pytest.raises(ValueError, match="2 tasks and 1 adapter names"):
         mx.train_task_adapters(load_tiny, ["sort", "swap"], tmp_path, adapter_names=["a"])
+    with pytest.raises(ValueError, match="2 tasks and 3 seeds"):
+        mx.train_task_adapters(load_tiny, ["sort", "swap"], tmp_path, seeds=[0, 1, 2])

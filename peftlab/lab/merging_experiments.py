@@ -324,18 +324,24 @@ def token_accuracy(model: Any, tokenizer: Any, dataset: Any, batch_size: int = 1
 
 def train_task_adapters(load: ex.ModelLoader, task_names: Sequence[str], folder: Union[str, os.PathLike],
                         r: int = 8, target_modules: Union[Sequence[str], str] = "all-linear", steps: int = 300,
-                        seed: int = 0, adapter_names: Optional[Sequence[str]] = None,
+                        seeds: Union[int, Sequence[int]] = 0, adapter_names: Optional[Sequence[str]] = None,
                         **kw: Any) -> dict[str, ex.Run]:
     """Train one LoRA adapter per task with :func:`peftlab.lab.experiments.lm_run` and save each as an adapter
     folder ``folder/<adapter name>`` (peft format). Returns adapter name → run (score = exact match).
+
+    ``seeds`` (one for all, or one per task) sets each adapter's random A and batch order, as independently
+    trained adapters would have.
 
     Explained in: book/merging_adapters.ipynb
     """
     names = list(adapter_names) if adapter_names is not None else list(task_names)
     if len(names) != len(task_names):
         raise ValueError(f"got {len(task_names)} tasks and {len(names)} adapter names")
+    seed_list = [seeds] * len(names) if isinstance(seeds, int) else list(seeds)
+    if len(seed_list) != len(names):
+        raise ValueError(f"got {len(task_names)} tasks and {len(seed_list)} seeds")
     runs = {}
-    for task, name in zip(task_names, names):
+    for task, name, seed in zip(task_names, names, seed_list):
         run = ex.lm_run(load, "lora", task, r=r, target_modules=target_modules, seed=seed, steps=steps,
                         keep_model=True, **kw)
         run.model.save_pretrained(os.path.join(folder, name))
@@ -391,7 +397,8 @@ def merge_grid(model: PeftModel, tokenizer: Any, adapters: Sequence[str], weight
                densities: Sequence[float] = (0.2, 0.5), seed: int = 0, keep: bool = False) -> Any:
     """Merge ``adapters`` with every combination type (types that trim: at every density) and score each task.
 
-    One row per (type, density, task): exact match and token accuracy (%), and the merge's mean relative
+    One row per (type, density, task), named by :func:`merged_name`: exact match and token accuracy (%), and
+    the merge's mean relative
     distance from the exact Σ wᵢ ΔWᵢ over layers (:func:`peftlab.merging.cross_term_error`). DARE masks are
     seeded with ``seed``. Merged adapters are deleted afterwards unless ``keep``. Returns a ``pandas.DataFrame``.
 
@@ -409,7 +416,7 @@ def merge_grid(model: PeftModel, tokenizer: Any, adapters: Sequence[str], weight
             errors = cross_term_error(model.base_model, list(adapters), list(weights), ct, density=density, seed=seed)
             error = sum(errors.values()) / len(errors)
             for task, s in task_scores(model, tokenizer, tests, name).items():
-                rows.append({"type": ct, "density": density, "task": task,
+                rows.append({"merge": name, "type": ct, "density": density, "task": task,
                              "exact match %": 100 * s["exact match"], "token accuracy %": 100 * s["token accuracy"],
                              "distance from Σ wΔW": error})
             if not keep:

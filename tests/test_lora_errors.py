@@ -603,3 +603,17 @@ def test_warnings_are_not_errors_for_bias_disable():
         with model.disable_adapter():
             pass
     assert any("bias='all'" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("name", ["double", "train", "keys", "forward"])
+def test_adapter_name_that_is_a_module_attribute(name):
+    """torch refuses ModuleDict keys named like its own attributes; peftlab says so before changing anything."""
+    from peftlab.lab.models import tiny_model
+
+    model = tiny_model("mlp")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="attribute or method"):
+        get_peft_model(model, LoraConfig(target_modules=["lin0"]), adapter_name=name)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any("lora" in k for k in after)

@@ -382,6 +382,12 @@ class BaseTuner(nn.Module):
                 f"adapter_name={adapter_name!r} is not usable: it must be non-empty, contain no '.', and not be "
                 f"{BASE_ADAPTER!r}"
             )
+        if hasattr(nn.ModuleDict(), adapter_name) or hasattr(nn.ParameterDict(), adapter_name):
+            # adapters are keys of ModuleDicts, which refuse names of their own attributes
+            raise ValueError(
+                f"adapter_name={adapter_name!r} is the name of a torch.nn.Module attribute or method and cannot "
+                f"key an adapter; choose another name, e.g. {adapter_name + '_adapter'!r}"
+            )
         config = self._prepare_config(config)
         names = self._candidate_names()
         keys = [k for k in names if matching.check_target_module_exists(config, k)]

@@ -251,14 +251,14 @@ class AdapterLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         return self.adapter_forward(x, adapters, *args, **kwargs)
 
-    def _own(self, name: str) -> Any:
-        # The first container tells whether this layer holds ``name`` (every adapter has an entry there).
+    def _first_container(self) -> Any:
+        """The first adapter container: every adapter of this layer has an entry there."""
         return getattr(self, self.adapter_layer_names[0])
 
     def mixed_batch_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Row ``i`` of ``x`` through the adapter named for it (generic: one ``adapter_forward`` per group)."""
         result = self.base_layer(x, *args, **kwargs)
-        own = self._own("")
+        own = self._first_container()
         for name, rows in routing.groups(x.shape[0], x.device).items():
             if name == BASE_ADAPTER or name not in own:
                 continue
@@ -297,10 +297,6 @@ class BaseTuner(nn.Module):
     Explained in: book/lora.ipynb
     """
 
-    #: the method's layer class (its ``adapter_layer_names`` define what is saved)
-    layer_cls: type[AdapterLayer] = AdapterLayer
-    #: prefix shared by the method's parameter names, e.g. ``"lora_"``
-    prefix: str = ""
     #: default targets per transformers ``model_type``
     default_target_modules: dict[str, list[str]] = matching.DEFAULT_TARGET_MODULES
 

@@ -28,9 +28,6 @@ class LoraModel(BaseTuner):
     Explained in: book/lora.ipynb
     """
 
-    layer_cls = LoraLayer
-    prefix = "lora_"
-
     def check_target(self, config: LoraConfig, target: nn.Module, key: str) -> None:
         if not isinstance(target, SUPPORTED):
             raise ValueError(

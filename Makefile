@@ -1,8 +1,8 @@
 # peftlab: the two commands are `make book` and `make test` (see README.md).
 #
 #   make book                       set up, run every chapter, build _build/html
-#   make test                       set up, unit tests, every chapter in the smoke profile,
-#                                   strict build (warnings are errors), offline checks
+#   make test                       set up, unit tests, every chapter in the smoke profile (with
+#                                   its GPU section simulated), strict build, offline checks
 #   make chapter NB=book/lab.ipynb  run one chapter (PEFTLAB_PROFILE picks its size)
 #   make setup                      only create/update .venv and fetch the book's JavaScript
 #   make strip                      strip outputs from book/**/*.ipynb before committing
@@ -34,6 +34,15 @@ export MKL_NUM_THREADS := $(THREADS)
 export OPENBLAS_NUM_THREADS := $(THREADS)
 export TOKENIZERS_PARALLELISM := false
 export PYTHONDONTWRITEBYTECODE := 1
+
+# smoke and cpu never touch the network (peftlab.lab.profile also sets this at import): the hub
+# libraries go offline, so nothing waits on a network timeout. gpu (Colab) downloads real models.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+ifneq ($(filter smoke cpu,$(PEFTLAB_PROFILE)),)
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+endif
 
 .PHONY: help setup book test chapter strip clean unit notebooks html check
 
@@ -78,7 +87,7 @@ html:
 # ---------------------------------------------------------------- tests
 test: setup
 	$(MAKE) --no-print-directory unit
-	PEFTLAB_PROFILE=smoke HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+	PEFTLAB_PROFILE=smoke PEFTLAB_GPU_SIM=1 $(OFFLINE) \
 	    $(MAKE) --no-print-directory notebooks
 	$(MAKE) --no-print-directory html STRICT="-W --keep-going"
 	$(MAKE) --no-print-directory check
@@ -86,7 +95,7 @@ test: setup
 
 unit:
 	@mkdir -p $(REPORTS)
-	MPLBACKEND=Agg HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+	MPLBACKEND=Agg $(OFFLINE) \
 	    $(PY) -m pytest tests -n $(JOBS) -p no:cacheprovider --junitxml=$(REPORTS)/unit.xml
 
 check:

@@ -10,7 +10,8 @@ Checks, each failing with the page and what was found:
    ``_static/vendor/mathjax/tex-mml-chtml.js``, every page with widget state loads
    ``_static/vendor/widgets/embed.js``, and both files exist.
 3. Every notebook page has an "Open in Colab" link to its ``.ipynb`` on the repository.
-4. ``--render`` (default: when Chromium is installed): headless Chromium, with its network
+4. ``--render`` (default: when Chromium is installed; always under CI, ``CI=true``, where a
+   missing browser fails the check instead of skipping it): headless Chromium, with its network
    features off, loads each page with math or widgets from ``file://`` and the rendered DOM
    must contain MathJax output (``mjx-container``) and live widgets (``widget-...`` views).
 
@@ -20,6 +21,7 @@ Usage: ``python tools/check_build.py [--html _build/html] [--render auto|yes|no]
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -211,6 +213,8 @@ def main() -> None:
     ap.add_argument("--html", type=Path, default=ROOT / "_build" / "html")
     ap.add_argument("--render", choices=("auto", "yes", "no"), default="auto")
     args = ap.parse_args()
+    if args.render == "auto" and os.environ.get("CI", "").lower() in ("true", "1"):
+        args.render = "yes"  # CI must see the render check run, never a skip
 
     problems, to_render = check_static(args.html)
     browser = _chromium()

@@ -8,6 +8,11 @@
 
 Chapters size everything through :meth:`Profile.pick`, never by editing numbers.
 
+smoke and cpu never touch the network: importing this module in those profiles sets the hub libraries
+offline (``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE``, ``TRANSFORMERS_OFFLINE``), so nothing waits on a
+network timeout. ``PEFTLAB_GPU_SIM=1`` runs the chapters' GPU sections in smoke or cpu on shrunk copies of
+the hub models (:mod:`peftlab.lab.hub`).
+
 Explained in: book/lab.ipynb
 """
 
@@ -26,6 +31,8 @@ T = TypeVar("T")
 PROFILES: tuple[str, ...] = ("smoke", "cpu", "gpu")
 ENV_PROFILE = "PEFTLAB_PROFILE"
 ENV_THREADS = "PEFTLAB_THREADS"
+ENV_GPU_SIM = "PEFTLAB_GPU_SIM"
+OFFLINE_VARS: tuple[str, ...] = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 _NOT_GIVEN: Any = object()
 
@@ -39,6 +46,7 @@ class Profile:
 
     name: str
     device: torch.device
+    gpu_sim: bool = False  # the GPU sections run on shrunk hub models (PEFTLAB_GPU_SIM=1, never in gpu)
 
     def pick(self, smoke: T, cpu: T, gpu: T = _NOT_GIVEN) -> T:
         """Return the value for this profile; ``gpu`` defaults to the ``cpu`` value.
@@ -59,8 +67,37 @@ class Profile:
         """
         return self.name == "smoke"
 
+    @property
+    def gpu_sections(self) -> bool:
+        """True when the chapters' "On a GPU" sections run: the gpu profile, or simulated (``PEFTLAB_GPU_SIM=1``).
+
+        Explained in: book/reliability.ipynb
+        """
+        return self.name == "gpu" or self.gpu_sim
+
+    def hub(self, repo_id: str) -> str:
+        """What to pass to ``from_pretrained`` for hub repository ``repo_id``: the id itself, or, when the GPU
+        sections are simulated, a local folder with the same architecture shrunk (:mod:`peftlab.lab.hub`).
+
+        Explained in: book/reliability.ipynb
+        """
+        if self.gpu_sim and self.name != "gpu":
+            from peftlab.lab import hub
+
+            return str(hub.simulated_repo(repo_id))
+        return repo_id
+
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (CUDA); nothing on a CPU. For timing.
+
+        Explained in: book/reliability.ipynb
+        """
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def __str__(self) -> str:
-        return f"profile={self.name} device={self.device}"
+        sim = " gpu_sections=simulated" if self.gpu_sim else ""
+        return f"profile={self.name} device={self.device}{sim}"
 
 
 def _check_name(name: str) -> str:
@@ -73,11 +110,52 @@ def _check_name(name: str) -> str:
     return key
 
 
+def gpu_simulated() -> bool:
+    """True when ``PEFTLAB_GPU_SIM`` asks for the GPU sections to run simulated (``1``/``true``/``yes``).
+
+    Explained in: book/reliability.ipynb
+    """
+    value = os.environ.get(ENV_GPU_SIM, "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise ValueError(f"{ENV_GPU_SIM}={value!r}: use 1 (simulate the GPU sections) or 0")
+
+
+def go_offline() -> None:
+    """Set the hub libraries offline (``HF_HUB_OFFLINE=1``, ...), also in already imported modules.
+
+    A variable the user set explicitly is kept. Called at import in smoke and cpu.
+
+    Explained in: book/reliability.ipynb
+    """
+    for var in OFFLINE_VARS:
+        os.environ.setdefault(var, "1")
+    if os.environ["HF_HUB_OFFLINE"].strip().lower() not in ("1", "true", "yes", "on"):
+        return  # the user asked for the network
+    import sys
+
+    hub_constants = sys.modules.get("huggingface_hub.constants")
+    if hub_constants is not None:
+        hub_constants.HF_HUB_OFFLINE = True
+    ds_config = sys.modules.get("datasets.config")
+    if ds_config is not None:
+        ds_config.HF_HUB_OFFLINE = True
+        ds_config.HF_DATASETS_OFFLINE = True
+
+
+def _default_name() -> str:
+    name = os.environ.get(ENV_PROFILE, "").strip().lower()
+    return name or ("gpu" if torch.cuda.is_available() else "cpu")
+
+
 def get(name: Optional[str] = None) -> Profile:
     """Build the profile called ``name`` (``None``: read ``PEFTLAB_PROFILE``, else the default).
 
     The default is ``gpu`` when CUDA is available, otherwise ``cpu``. Asking for ``gpu``
-    without CUDA raises ``RuntimeError``.
+    without CUDA raises ``RuntimeError``. ``PEFTLAB_GPU_SIM=1`` simulates the GPU sections in smoke and
+    cpu (and is ignored in gpu, where they run for real).
 
     Explained in: book/lab.ipynb
     """
@@ -93,7 +171,7 @@ def get(name: Optional[str] = None) -> Profile:
                 f"(torch {torch.__version__}); use {ENV_PROFILE}=cpu or {ENV_PROFILE}=smoke"
             )
         return Profile("gpu", torch.device("cuda"))
-    return Profile(key, torch.device("cpu"))
+    return Profile(key, torch.device("cpu"), gpu_sim=gpu_simulated())
 
 
 def current() -> Profile:
@@ -151,6 +229,8 @@ def setup(seed: int = 0, name: Optional[str] = None, quiet: bool = False) -> Pro
     Explained in: book/lab.ipynb
     """
     prof = get(name)
+    if prof.name in ("smoke", "cpu"):
+        go_offline()
     threads = os.environ.get(ENV_THREADS, "").strip()
     if threads:
         try:
@@ -168,5 +248,10 @@ def setup(seed: int = 0, name: Optional[str] = None, quiet: bool = False) -> Pro
         print(
             f"peftlab profile: {prof.name} | device: {prof.device} | threads: {torch.get_num_threads()} | "
             f"torch {v['torch']} | transformers {v['transformers']} | peftlab {v['peftlab']}"
+            + (" | GPU sections: simulated on shrunk hub models" if prof.gpu_sim else "")
         )
     return prof
+
+
+if _default_name() in ("smoke", "cpu"):
+    go_offline()  # at import: before any chapter cell can reach for the network

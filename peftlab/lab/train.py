@@ -176,6 +176,12 @@ def _run_eval(model: nn.Module, eval_fn: EvalFn, history: History, step: int) ->
     _record_eval(history, step, result)
 
 
+def _simulated_hub_model(model: nn.Module) -> bool:
+    from peftlab.lab import hub
+
+    return hub.is_simulated(model)
+
+
 def train(
     model: nn.Module,
     batches: Union[Iterable[Batch], Callable[[int], Batch]],
@@ -201,7 +207,8 @@ def train(
     with ``requires_grad``. ``scheduler``: an LR scheduler, or a factory ``optimizer -> scheduler``;
     stepped after every optimizer step. ``eval_fn(model) -> float | {name: float}`` runs under
     ``torch.no_grad`` in eval mode at step 0, every ``eval_every`` steps and at the end
-    (only at the end when ``eval_every=0``). ``autocast``: bf16 autocast, default on for CUDA.
+    (only at the end when ``eval_every=0``). ``autocast``: bf16 autocast, default on for CUDA and for a shrunk hub model of a
+    simulated GPU section (``PEFTLAB_GPU_SIM=1``, on the CPU: the GPU's mixed-precision code path).
 
     Explained in: book/lab.ipynb
     """
@@ -215,9 +222,9 @@ def train(
         model.to(device)
     else:
         device = _model_device(model)
-    use_autocast = (device.type == "cuda") if autocast is None else autocast
-    if use_autocast and device.type != "cuda":
-        raise ValueError("bf16 autocast is only used on CUDA in the lab; pass autocast=None or False on CPU")
+    use_autocast = (device.type == "cuda" or _simulated_hub_model(model)) if autocast is None else autocast
+    if use_autocast and device.type not in ("cuda", "cpu"):
+        raise ValueError(f"bf16 autocast runs on CUDA or the CPU, not on {device.type}; pass autocast=False")
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -251,7 +258,7 @@ def train(
     model.train()
     for step in range(steps):
         batch = to_device(get_batch(step), device)
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
         with ctx:
             loss = loss_fn(model, batch)
         loss.backward()

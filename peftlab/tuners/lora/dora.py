@@ -106,12 +106,15 @@ class DoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                 B: torch.Tensor, m: torch.Tensor, n: torch.Tensor, s: float) -> torch.Tensor:
-        # rank-r products as (r, T) = A xᵀ: with r ≪ in, out the BLAS kernels run faster in this orientation
-        xaT = torch.mm(A, x.t())  # (A x)ᵀ, (r, T)
-        z = F.linear(x, weight)  # W x, (T, out)
-        z.addmm_(xaT.t(), B.t(), alpha=s)  # z = W x + s·B A x
-        c = m / n  # m/‖W + s·B A‖, (out,)
-        out = torch.addcmul(bias, z, c) if bias is not None else z * c
+        # under autocast (bf16 on a GPU) the out-of-place products would drop to bf16 and the in-place addmm_
+        # would then mix dtypes: compute in the inputs' dtype (the adapter's, set by the caller)
+        with torch.autocast(x.device.type, enabled=False):
+            # rank-r products as (r, T) = A xᵀ: with r ≪ in, out the BLAS kernels run faster in this orientation
+            xaT = torch.mm(A, x.t())  # (A x)ᵀ, (r, T)
+            z = F.linear(x, weight)  # W x, (T, out)
+            z.addmm_(xaT.t(), B.t(), alpha=s)  # z = W x + s·B A x
+            c = m / n  # m/‖W + s·B A‖, (out,)
+            out = torch.addcmul(bias, z, c) if bias is not None else z * c
         ctx.save_for_backward(x, weight, A, B, m, n, xaT, z)
         ctx.s = s
         ctx.has_bias = bias is not None
@@ -119,6 +122,11 @@ class DoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
+        with torch.autocast(g.device.type, enabled=False):
+            return DoraLinearFunction._backward(ctx, g.to(ctx.saved_tensors[0].dtype))
+
+    @staticmethod
+    def _backward(ctx: Any, g: torch.Tensor):
         x, weight, A, B, m, n, xaT, z = ctx.saved_tensors
         s = ctx.s
         c = m / n

@@ -414,6 +414,30 @@ def test_save_load_round_trip_and_trainable_reload(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
+# mixed precision: the gpu profile trains under bf16 autocast
+# ---------------------------------------------------------------------------------------------------
+def test_dora_trains_under_bf16_autocast():
+    """The fused DoRA function under autocast (found by the simulated GPU run): same output and gradients as
+    float32 within bf16 rounding, float32 gradients for the float32 adapter."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    pm = get_peft_model(net, LoraConfig(r=4, target_modules=["0", "2"], use_dora=True, init_lora_weights=False))
+    x = torch.randn(8, 16)
+    ref = pm(x)
+    ref.square().sum().backward()
+    want = {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+    pm.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pm(x)
+    out.float().square().sum().backward()
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    for n, p in pm.named_parameters():
+        if p.requires_grad:
+            assert p.grad.dtype == torch.float32
+            torch.testing.assert_close(p.grad, want[n], rtol=5e-2, atol=5e-2 * float(want[n].abs().max()))
+
+
+# ---------------------------------------------------------------------------------------------------
 # speed (run with -m slow; the full-model ratio is measured by tools/bench_dora.py)
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow

@@ -106,15 +106,17 @@ class DoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                 B: torch.Tensor, m: torch.Tensor, n: torch.Tensor, s: float) -> torch.Tensor:
-        # under autocast (bf16 on a GPU) the out-of-place products would drop to bf16 and the in-place addmm_
-        # would then mix dtypes: compute in the inputs' dtype (the adapter's, set by the caller)
-        with torch.autocast(x.device.type, enabled=False):
-            # rank-r products as (r, T) = A xᵀ: with r ≪ in, out the BLAS kernels run faster in this orientation
-            xaT = torch.mm(A, x.t())  # (A x)ᵀ, (r, T)
-            z = F.linear(x, weight)  # W x, (T, out)
-            z.addmm_(xaT.t(), B.t(), alpha=s)  # z = W x + s·B A x
-            c = m / n  # m/‖W + s·B A‖, (out,)
-            out = torch.addcmul(bias, z, c) if bias is not None else z * c
+        if torch.is_autocast_enabled(x.device.type):
+            # under autocast (bf16 on a GPU) the out-of-place products would drop to bf16 and the in-place addmm_
+            # would mix dtypes: compute in the inputs' dtype (the adapter's, set by the caller)
+            with torch.autocast(x.device.type, enabled=False):
+                return DoraLinearFunction.forward(ctx, x, weight, bias, A, B, m, n, s)
+        # rank-r products as (r, T) = A xᵀ: with r ≪ in, out the BLAS kernels run faster in this orientation
+        xaT = torch.mm(A, x.t())  # (A x)ᵀ, (r, T)
+        z = F.linear(x, weight)  # W x, (T, out)
+        z.addmm_(xaT.t(), B.t(), alpha=s)  # z = W x + s·B A x
+        c = m / n  # m/‖W + s·B A‖, (out,)
+        out = torch.addcmul(bias, z, c) if bias is not None else z * c
         ctx.save_for_backward(x, weight, A, B, m, n, xaT, z)
         ctx.s = s
         ctx.has_bias = bias is not None
@@ -122,12 +124,11 @@ class DoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
-        with torch.autocast(g.device.type, enabled=False):
-            return DoraLinearFunction._backward(ctx, g.to(ctx.saved_tensors[0].dtype))
-
-    @staticmethod
-    def _backward(ctx: Any, g: torch.Tensor):
+        if torch.is_autocast_enabled(g.device.type):
+            with torch.autocast(g.device.type, enabled=False):
+                return DoraLinearFunction.backward(ctx, g)
         x, weight, A, B, m, n, xaT, z = ctx.saved_tensors
+        g = g.to(x.dtype)
         s = ctx.s
         c = m / n
         need_x, _, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:6]

@@ -25,6 +25,7 @@ from peftlab.tuners.base import BaseTuner
 from peftlab.tuners.routing import BASE_ADAPTER, mixed_batch
 from peftlab.utils.io import (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, atomic_save_tensors, load_adapter_weights,
                               resolve_adapter_dir)
+from peftlab.utils.io import atomic_folder
 from peftlab.utils.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
 
 # peft_type -> tuner class; methods register themselves in peftlab.mapping
@@ -245,6 +246,11 @@ class PeftModel(nn.Module):
             raise ValueError(f"selected_adapters {unknown} do not exist; adapters: {sorted(self.peft_config)}")
         if not is_main_process:
             return
+        with atomic_folder(save_directory, keep_existing=True) as stage:  # all adapters appear at once, or none
+            self._save_adapters(stage, names, safe_serialization, path_initial_model_for_weight_conversion)
+
+    def _save_adapters(self, save_directory: str, names: Sequence[str], safe_serialization: bool,
+                       path_initial_model_for_weight_conversion: str | os.PathLike | None) -> None:
         for name in names:
             folder = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
             config = copy.copy(self.peft_config[name])

@@ -28,7 +28,7 @@ from peftlab.config import PeftConfig
 from peftlab.mapping import tuner_for
 from peftlab.peft_model import _model_name
 from peftlab.tuners.base import BaseTuner
-from peftlab.utils.io import (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, atomic_save_tensors, load_adapter_weights,
+from peftlab.utils.io import (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, atomic_folder, atomic_save_tensors, load_adapter_weights,
                               resolve_adapter_dir)
 from peftlab.utils.save_and_load import PEFT_PREFIX, get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -245,10 +245,10 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
     config.inference_mode = True
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = _model_name(model)
-    os.makedirs(save_directory, exist_ok=True)
     weights = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
-    atomic_save_tensors(state, os.path.join(save_directory, weights), safe_serialization)
-    config.save_pretrained(save_directory)
+    with atomic_folder(save_directory, keep_existing=True) as stage:  # config and weights appear together
+        atomic_save_tensors(state, os.path.join(stage, weights), safe_serialization)
+        config.save_pretrained(stage)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from peftlab.merging.lora import (FACTOR_TYPES, LoraFactors, check_merge_argumen
                                   merged_config, module_generator, new_adapter_rank, reject_dora)
 from peftlab.merging.methods import DENSITY_METHODS, MERGE_METHODS
 from peftlab.merging.state_dicts import merge_state_dicts
-from peftlab.utils.io import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, atomic_save_tensors
+from peftlab.utils.io import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, atomic_save_tensors, publish_folder
 
 CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
@@ -167,15 +167,8 @@ def _prepare_out_dir(out_dir: str, force: bool) -> None:
 
 
 def _publish_dir(tmp: str, out_dir: str) -> None:
-    """Move the finished temporary folder to ``out_dir`` (replacing an old one only once all is written)."""
-    old = None
-    if os.path.exists(out_dir):
-        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(out_dir)))
-        os.rmdir(old)
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Move the finished temporary folder to ``out_dir``, replacing an old one in one atomic step."""
+    publish_folder(tmp, out_dir)
 
 
 def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Sequence[float] | None,

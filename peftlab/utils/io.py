@@ -1,13 +1,23 @@
 """Files: atomic writes, safetensors in and out, and finding an adapter folder.
 
-Explained in: book/configs.ipynb
+A file is written under a temporary name and renamed over its final name; a folder (an adapter with its
+config and weights, a merged model) is written as a staging folder beside the final one and exchanged with
+it in one step (Linux ``renameat2(RENAME_EXCHANGE)``), so a process killed at any point leaves either the
+previous folder or the new one under the final name, never a mix and never half a file.
+
+Explained in: book/configs.ipynb, book/reliability.ipynb
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import shutil
+import stat
+import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -29,6 +39,105 @@ def _atomic_replace(path: str, write) -> None:
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
+        raise
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: str, b: str) -> bool:
+    """Swap the paths ``a`` and ``b`` (both existing) in one atomic step; False where the system cannot.
+
+    Explained in: book/reliability.ipynb
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    return False  # EINVAL/ENOSYS (file system without exchange), EXDEV, ...: the caller falls back
+
+
+def publish_folder(stage: str, final: str) -> None:
+    """Put the finished folder ``stage`` at ``final`` (a sibling), replacing what is there atomically when the
+    system allows; the replaced folder is deleted afterwards.
+
+    Without an atomic exchange the old folder is renamed aside first; only a kill in the instant between the
+    two renames then leaves no folder at ``final`` (the old one stays whole, beside it, under ``.tmp-``).
+
+    Explained in: book/reliability.ipynb
+    """
+    if not os.path.lexists(final):
+        os.rename(stage, final)
+        return
+    if exchange_paths(stage, final):
+        shutil.rmtree(stage, ignore_errors=True)  # now the old folder
+        return
+    old = f"{stage}.old"
+    os.rename(final, old)
+    os.rename(stage, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_tree(src: str, dst: str) -> None:
+    """Recreate ``src`` inside the empty folder ``dst`` with hard links (copies where links fail)."""
+    for root, dirs, files in os.walk(src):
+        rel = os.path.relpath(root, src)
+        target = dst if rel == "." else os.path.join(dst, rel)
+        for d in dirs:
+            os.makedirs(os.path.join(target, d), exist_ok=True)
+        for f in files:
+            a, b = os.path.join(root, f), os.path.join(target, f)
+            if os.path.islink(a):
+                os.symlink(os.readlink(a), b)
+                continue
+            try:
+                os.link(a, b)
+            except OSError:
+                shutil.copy2(a, b)
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str | os.PathLike, keep_existing: bool = False) -> Iterator[str]:
+    """Yield a staging folder beside ``final``; when the block finishes, it becomes ``final`` in one step.
+
+    ``keep_existing=True`` starts the staging folder as a copy of ``final`` (hard links: no data is copied), so
+    files the block does not write (other adapters' sub-folders, a README) are kept; otherwise ``final`` is
+    replaced as a whole. If the block raises, or the process dies, ``final`` is untouched. Written files must
+    be new files (``save_file``, ``torch.save``, ``save_pretrained``), never edits of a linked one in place.
+
+    Use it around any folder save, e.g. a merged model::
+
+        with atomic_folder("merged") as tmp:
+            model.merge_and_unload().save_pretrained(tmp)
+
+    Explained in: book/reliability.ipynb
+    """
+    final = os.path.abspath(os.fspath(final))
+    if os.path.isfile(final):
+        raise ValueError(f"{final} is a file; pass a folder path")
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(final)}-", dir=parent)
+    try:
+        if os.path.isdir(final):
+            os.chmod(stage, stat.S_IMODE(os.stat(final).st_mode))
+            if keep_existing:
+                _link_tree(final, stage)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(stage, 0o777 & ~umask)
+        yield stage
+        publish_folder(stage, final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
         raise
 
 

@@ -28,8 +28,8 @@ from peftlab.config import PeftConfig
 from peftlab.mapping import tuner_for
 from peftlab.peft_model import _model_name
 from peftlab.tuners.base import BaseTuner
-from peftlab.utils.io import (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, atomic_folder, atomic_save_tensors, load_adapter_weights,
-                              resolve_adapter_dir)
+from peftlab.utils.io import (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, atomic_folder, atomic_save_tensors,
+                              load_adapter_weights, resolve_adapter_dir)
 from peftlab.utils.save_and_load import PEFT_PREFIX, get_peft_model_state_dict, set_peft_model_state_dict
 
 TUNER_ATTR = "_peftlab_tuner"

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from peftlab.utils.io import atomic_write_text, resolve_adapter_dir
+from peftlab.utils.validation import check_field_types
 
 CONFIG_NAME = "adapter_config.json"
 # The peft release whose file format peftlab writes and is tested against.
@@ -98,6 +99,7 @@ class PeftConfig:
     peft_version: str | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # a wrong type or a NaN is refused here, naming the field, not deep in the model
         self.peft_type = self.PEFT_TYPE or self.peft_type
         if self.task_type is not None:
             try:

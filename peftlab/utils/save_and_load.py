@@ -111,7 +111,13 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     unexpected = sorted(k for k in sd if k not in by_disk)
     mismatched = [(k, tuple(sd[k].shape), tuple(t.shape)) for k, t in by_disk.items()
                   if k in sd and sd[k].shape != t.shape]
+    wrong_dtype = [(k, sd[k].dtype) for k, t in by_disk.items()
+                   if k in sd and t.is_floating_point() and not sd[k].is_floating_point()]
     problems = []
+    if wrong_dtype:
+        lines = "; ".join(f"{k}: {d}" for k, d in wrong_dtype[:5])
+        problems.append(f"{len(wrong_dtype)} checkpoint tensors have a non-float dtype where the model has floating-point "
+                        f"weights ({lines}); an adapter holds float32, float16 or bfloat16 tensors")
     if mismatched:
         lines = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, a, b in mismatched[:5])
         problems.append(f"{len(mismatched)} tensors have other shapes than this model expects ({lines})")
@@ -121,13 +127,21 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     if missing:
         problems.append(f"{len(missing)} adapter tensors are missing from the checkpoint (e.g. {missing[:3]})")
     if problems:
+        named, this = getattr(config, "base_model_name_or_path", None), _name_or_path(model)
+        other = f" Its config names base model {named!r}, this model is {this!r}." if named and named != this else ""
         raise ValueError(
-            "the adapter does not fit this model: " + "; ".join(problems)
-            + ". Was it trained on another base model, or with other target_modules / r? The model was left unchanged"
+            "the adapter does not fit this model: " + "; ".join(problems) + "." + other
+            + " Was it trained on another base model, or with other target_modules / r? The model was left unchanged"
         )
     with torch.no_grad():
         for k, t in by_disk.items():
             t.copy_(sd[k].to(device=t.device, dtype=t.dtype))
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    return getattr(getattr(base, "config", None), "_name_or_path", None) or None
 
 
 def _embedding_params(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -79,7 +79,7 @@ def saved(tmp_path) -> Path:
 @pytest.mark.parametrize("kwargs,words", [
     (dict(r=0), ["r=0", "positive"]),
     (dict(r=-4), ["r=-4", "positive"]),
-    (dict(r=2.5), ["r=2.5", "positive integer"]),
+    (dict(r=2.5), ["r=2.5", "integer"]),
     (dict(rank_pattern={"lin0": 0}), ["rank_pattern", "positive"]),
     (dict(lora_dropout=-0.1), ["lora_dropout=-0.1", "[0, 1)"]),
     (dict(lora_dropout=1.0), ["lora_dropout=1.0", "[0, 1)"]),

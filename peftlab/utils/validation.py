@@ -110,6 +110,8 @@ def check_field_types(config: Any) -> None:
             error, what = ValueError, f"a finite value: {what}"
         elif isinstance(value, (str, int, float)) and "one of " in what:  # right kind, value not among the choices
             error = ValueError
+        elif isinstance(value, float) and _matches(1, tp) and not _matches(1.5, tp):  # r=2.5: a number, not whole
+            error = ValueError
         else:
             error = TypeError
         raise error(f"{cls.__name__}({f.name}={value!r}): expected {what}; the default is {default}")

@@ -107,7 +107,7 @@ def check_field_types(config: Any) -> None:
             default = "none"
         what = _describe(tp)
         if isinstance(value, float) and not math.isfinite(value):
-            error, what = ValueError, f"a finite value: {what}"
+            error, what = ValueError, "a finite number" if what == "a number" else f"a finite value: {what}"
         elif isinstance(value, (str, int, float)) and "one of " in what:  # right kind, value not among the choices
             error = ValueError
         elif isinstance(value, float) and _matches(1, tp) and not _matches(1.5, tp):  # r=2.5: a number, not whole

@@ -1,4 +1,4 @@
-"""peftlab.lab.experiments: the H1 and lab-LM fine-tuning runs of the LoRA chapter, and the ΔW measures."""
+"""peftlab.lab.finetune: the H1, H2 and lab-LM fine-tuning runs, the ΔW of adapted layers, run tables."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from peftlab import LoraConfig, get_peft_model
 from peftlab.lab import digits, lm
-from peftlab.lab import experiments as ex
+from peftlab.lab import finetune as ft
+from peftlab.lab import spectra as spec
 
 # LoRA on H1's three layers costs r·(64+256) + r·(256+256) + r·(256+10) = 1,098·r parameters.
 H1_PER_RANK = 1098
@@ -20,18 +22,18 @@ H1_SHAPES = {"l1": (256, 64), "l2": (256, 256), "l3": (10, 256)}
 
 
 def test_h1_lora_run_counts_parameters_and_keeps_low_rank_deltas():
-    run = ex.h1_run("lora", r=2, seed=0, steps=5)
+    run = ft.h1_run("lora", r=2, seed=0, steps=5)
     assert run.method == "lora" and run.r == 2 and run.label == "LoRA r=2"
     assert run.trainable == 2 * H1_PER_RANK and run.base_params == 85_002
     assert math.isclose(run.fraction, 2 * H1_PER_RANK / 85_002)
     assert 0.0 <= run.score <= 1.0 and len(run.loss) == 5
     assert {k: tuple(v.shape) for k, v in run.delta.items()} == H1_SHAPES
-    assert all(ex.numerical_rank(d) <= 2 for d in run.delta.values())
+    assert all(spec.numerical_rank(d) <= 2 for d in run.delta.values())
     assert run.model is None  # not kept unless asked
 
 
 def test_h1_zero_steps_is_the_base_model():
-    run = ex.h1_run("lora", r=4, seed=3, steps=0, keep_model=True)
+    run = ft.h1_run("lora", r=4, seed=3, steps=0, keep_model=True)
     assert run.score == digits.accuracy(digits.pretrained_mlp(), digits.load().even_test) == 0.0
     assert all(float(d.abs().max()) == 0.0 for d in run.delta.values())  # B = 0 ⇒ ΔW = 0
     base = digits.pretrained_mlp()
@@ -41,22 +43,22 @@ def test_h1_zero_steps_is_the_base_model():
 
 
 def test_h1_full_run_delta_is_the_weight_change():
-    run = ex.h1_run("full", r=None, seed=0, steps=3, keep_model=True)
+    run = ft.h1_run("full", r=None, seed=0, steps=3, keep_model=True)
     assert run.label == "full FT" and run.r is None and run.trainable == run.base_params == 85_002
     base = digits.pretrained_mlp()
-    for name in ex.H1_LAYERS:
+    for name in ft.H1_LAYERS:
         expected = run.model.get_submodule(name).weight.detach() - base.get_submodule(name).weight.detach()
         assert torch.allclose(run.delta[name], expected)
         assert float(run.delta[name].abs().max()) > 0
 
 
 def test_h1_run_is_deterministic_and_the_seed_only_changes_the_adapter():
-    a = ex.h1_run("lora", r=2, seed=0, steps=4, keep_model=True)
-    b = ex.h1_run("lora", r=2, seed=0, steps=4, keep_model=True)
-    c = ex.h1_run("lora", r=2, seed=1, steps=0, keep_model=True)
+    a = ft.h1_run("lora", r=2, seed=0, steps=4, keep_model=True)
+    b = ft.h1_run("lora", r=2, seed=0, steps=4, keep_model=True)
+    c = ft.h1_run("lora", r=2, seed=1, steps=0, keep_model=True)
     assert a.loss == b.loss and a.score == b.score
     assert all(torch.equal(a.delta[k], b.delta[k]) for k in a.delta)
-    d = ex.h1_run("lora", r=2, seed=0, steps=0, keep_model=True)
+    d = ft.h1_run("lora", r=2, seed=0, steps=0, keep_model=True)
     A_c = c.model.base_model.model.l2.lora_A["default"].weight
     A_d = d.model.base_model.model.l2.lora_A["default"].weight
     assert not torch.equal(A_c, A_d)  # another seed, another random A
@@ -67,94 +69,95 @@ def test_h1_run_is_deterministic_and_the_seed_only_changes_the_adapter():
 
 def test_h1_lora_config_keeps_the_scaling_at_two():
     for r in (1, 8, 64):
-        config = ex.h1_lora_config(r)
-        assert config.lora_alpha / config.r == 2 and config.target_modules == sorted(ex.H1_LAYERS)
-    assert ex.h1_lora_config(4, lora_alpha=16).lora_alpha == 16
+        config = ft.h1_lora_config(r)
+        assert config.lora_alpha / config.r == 2 and config.target_modules == sorted(ft.H1_LAYERS)
+    assert ft.h1_lora_config(4, lora_alpha=16).lora_alpha == 16
 
 
 def test_h1_sweep_runs_every_rank_and_seed_and_keeps_what_it_is_told():
-    runs = ex.h1_sweep(ranks=(1, 2), seeds=(0, 1), steps=2,
+    runs = ft.h1_sweep(ranks=(1, 2), seeds=(0, 1), steps=2,
                        keep_delta=lambda method, r, seed: seed == 0,
                        keep_model=lambda method, r, seed: (method, r) == ("lora", 2))
     assert [(x.method, x.r, x.seed) for x in runs] == [
         ("full", None, 0), ("full", None, 1), ("lora", 1, 0), ("lora", 1, 1), ("lora", 2, 0), ("lora", 2, 1)]
     assert all(bool(x.delta) == (x.seed == 0) for x in runs)
     assert all((x.model is not None) == (x.r == 2) for x in runs)
-    no_full = ex.h1_sweep(ranks=(1,), seeds=(0,), steps=1, full=False, keep_delta=False)
+    no_full = ft.h1_sweep(ranks=(1,), seeds=(0,), steps=1, full=False, keep_delta=False)
     assert [x.method for x in no_full] == ["lora"] and not no_full[0].delta
 
 
 def test_bad_method_or_rank_is_refused():
     with pytest.raises(ValueError, match="valid methods"):
-        ex.h1_run("dora", r=4, steps=1)
+        ft.h1_run("dora", r=4, steps=1)
     with pytest.raises(ValueError, match="positive integer rank"):
-        ex.h1_run("lora", r=0, steps=1)
+        ft.h1_run("lora", r=0, steps=1)
     with pytest.raises(ValueError, match="positive integer rank"):
-        ex.h1_run("lora", r=None, steps=1)
+        ft.h1_run("lora", r=None, steps=1)
 
 
-def test_lora_deltas_are_the_layers_delta_weights():
-    with ex.seeded(0):
+def test_adapter_deltas_are_the_layers_delta_weights():
+    with ft.seeded(0):
         model = get_peft_model(digits.pretrained_mlp(), LoraConfig(r=3, lora_alpha=5, target_modules=["l1", "l3"],
                                                                    init_lora_weights=False))
-    deltas = ex.lora_deltas(model)
+    deltas = ft.adapter_deltas(model)
     assert set(deltas) == {"l1", "l3"}
     layer = model.base_model.model.l1
     expected = (5 / 3) * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
     assert torch.allclose(deltas["l1"], expected)
-    assert ex.lora_deltas(model, "other") == {}
+    assert ft.adapter_deltas(model, "other") == {}
 
 
 # ------------------------------------------------------------------------------------------ tables
 
 
 def _run(method, r, seed, score, trainable=10, base=100):
-    return ex.Run(method, r, seed, score, trainable, base, 1.0)
+    return ft.Run(method, r, seed, score, trainable, base, 1.0)
 
 
 def test_table_summary_and_mean_score():
     runs = [_run("full", None, 0, 0.9, 100), _run("full", None, 1, 0.8, 100),
             _run("lora", 4, 0, 0.7), _run("lora", 4, 1, 0.5), _run("lora", 1, 0, 0.2)]
-    table = ex.table(runs)
+    table = ft.table(runs)
     assert list(table.run) == ["full FT", "full FT", "LoRA r=4", "LoRA r=4", "LoRA r=1"]
     assert table["score %"].tolist() == pytest.approx([90, 80, 70, 50, 20])
-    summ = ex.summary(runs)
+    summ = ft.summary(runs)
     assert list(summ.index) == ["full FT", "LoRA r=4", "LoRA r=1"]
     assert summ.loc["LoRA r=4", "score % (mean)"] == pytest.approx(60)
     assert summ.loc["LoRA r=4", "seeds"] == 2 and summ.loc["LoRA r=4", "trainable %"] == pytest.approx(10)
-    assert ex.mean_score(runs, "full") == pytest.approx(0.85)
-    assert ex.mean_score(runs, "lora", 4) == pytest.approx(0.6)
+    assert ft.mean_score(runs, "full") == pytest.approx(0.85)
+    assert ft.mean_score(runs, "lora", 4) == pytest.approx(0.6)
     with pytest.raises(KeyError, match="no run"):
-        ex.mean_score(runs, "lora", 8)
+        ft.mean_score(runs, "lora", 8)
 
 
-# ------------------------------------------------------------------------------------------ spectra
+# ------------------------------------------------------------------------------------------ H1 with any config, H2
 
 
-def test_energy_and_ranks_on_known_matrices():
-    M = torch.diag(torch.tensor([4.0, 3.0, 0.0]))
-    assert ex.energy_fraction(M, 1) == pytest.approx(16 / 25)
-    assert ex.energy_fraction(M, 2) == pytest.approx(1.0)
-    assert ex.rank_for_energy(M, 0.5) == 1 and ex.rank_for_energy(M, 0.9) == 2 and ex.rank_for_energy(M, 1.0) == 2
-    assert ex.numerical_rank(M) == 2
-    Z = torch.zeros(4, 5)
-    assert ex.energy_fraction(Z, 1) == 1.0 and ex.rank_for_energy(Z) == 0 and ex.numerical_rank(Z) == 0
-    with pytest.raises(ValueError, match="fraction"):
-        ex.rank_for_energy(M, 0.0)
-    g = torch.Generator().manual_seed(0)
-    low = torch.randn(40, 3, generator=g) @ torch.randn(3, 30, generator=g)
-    assert ex.numerical_rank(low) == 3 and ex.rank_for_energy(low, 1.0) <= 3
-    assert torch.allclose(ex.singular_values(low)[:3], torch.linalg.svdvals(low.double())[:3])
+def test_effective_weight_reads_linear_and_adapted_layers() -> None:
+    lin = nn.Linear(5, 3)
+    assert torch.allclose(ft.effective_weight(lin), lin.weight, atol=1e-6)
+    model = get_peft_model(nn.Sequential(nn.Linear(5, 3)), LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    layer = model.base_model.model[0]
+    nn.init.normal_(layer.lora_B["default"].weight)
+    model.merge_adapter()
+    merged = layer.get_base_layer().weight.detach().clone()
+    model.unmerge_adapter()
+    assert torch.allclose(ft.effective_weight(layer), merged, atol=1e-5)
 
 
-def test_subspace_similarity():
-    g = torch.Generator().manual_seed(1)
-    U = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64)).Q
-    M1 = U[:, :3] @ torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)) @ U[:, :3].T
-    M2 = U[:, 3:6] @ U[:, 3:6].T
-    assert ex.subspace_similarity(M1, M1, 3, 3) == pytest.approx(1.0)
-    assert ex.subspace_similarity(M1, 5 * M1, 1, 3) == pytest.approx(1.0)  # top-1 inside the top-3
-    assert ex.subspace_similarity(M1, M2, 3, 3) == pytest.approx(0.0, abs=1e-12)  # orthogonal directions
+def test_h1_finetune_snapshots_and_h2() -> None:
+    run = ft.h1_finetune(LoraConfig(r=2, lora_alpha=4, target_modules=["l1", "l2", "l3"]), steps=20,
+                         snapshot_every=10)
+    assert [s for s, _ in run.snapshots] == [0, 10, 20] and len(run.loss) == 20
+    assert run.snapshots[0][1]["l2"].shape == (256, 256)
+    none, n0, _ = ft.h2_run(None)
+    mse, n, loss = ft.h2_run(LoraConfig(r=1, lora_alpha=2, target_modules=["l1"], use_dora=True), steps=30)
+    assert n0 == 0 and n == 1 * (64 + 256) + 256 and mse < none and len(loss) == 30
+
+
+def test_practice_run_steps_to():
+    run = ft.PracticeRun(loss=[1.0] * 10 + [0.1] * 20, score=0.0, model=nn.Linear(1, 1))
+    assert run.steps_to(0.5) is not None and run.steps_to(0.01) is None
 
 
 # ------------------------------------------------------------------------------------------ the lab LM
@@ -171,17 +174,18 @@ def load_tiny(tmp_path, monkeypatch):
 
 def test_lm_run_lora_and_full(load_tiny):
     kw = dict(task="swap", steps=2, batch_size=4, n_train=8, n_test=4)
-    lora = ex.lm_run(load_tiny, "lora", r=2, target_modules=("q_proj", "v_proj"), keep_delta=True, **kw)
+    lora = ft.lm_run(load_tiny, "lora", r=2, target_modules=("q_proj", "v_proj"), keep_delta=True, **kw)
     model, _ = load_tiny()
     n = sum(p.numel() for p in model.parameters())
     per_layer = 2 * 2 * (16 + 16)  # q and v, r·(d_in + d_out) each
     assert lora.trainable == TINY.num_hidden_layers * per_layer and lora.base_params == n
     assert 0.0 <= lora.score <= 1.0 and len(lora.loss) == 2
-    assert len(lora.delta) == 2 * TINY.num_hidden_layers and all(ex.numerical_rank(d) <= 2 for d in lora.delta.values())
-    full = ex.lm_run(load_tiny, "full", r=None, keep_model=True, **kw)
+    assert len(lora.delta) == 2 * TINY.num_hidden_layers
+    assert all(spec.numerical_rank(d) <= 2 for d in lora.delta.values())
+    full = ft.lm_run(load_tiny, "full", r=None, keep_model=True, **kw)
     assert full.trainable == full.base_params == n and full.r is None and full.model is not None
-    everywhere = ex.lm_run(load_tiny, "lora", r=1, target_modules="all-linear", **kw)
+    everywhere = ft.lm_run(load_tiny, "lora", r=1, target_modules="all-linear", **kw)
     # r = 1 on q, k, v, o (16 → 16), gate, up (16 → 32) and down (32 → 16) of every layer; lm_head left alone
     assert everywhere.trainable == TINY.num_hidden_layers * (4 * (16 + 16) + 3 * (16 + 32))
     with pytest.raises(ValueError, match="unknown task"):
-        ex.lm_run(load_tiny, "lora", task="nope", r=2, steps=1)
+        ft.lm_run(load_tiny, "lora", task="nope", r=2, steps=1)

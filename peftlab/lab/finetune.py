@@ -1,23 +1,25 @@
-"""Experiments the chapters run and the tests check: full fine-tuning against LoRA, on H1 and the lab LM.
+"""Fine-tuning runs: full fine-tuning or an adapter, on a digits harness or the lab LM, recorded as a run.
 
 A :class:`Run` records one fine-tuning run (method, rank, seed, score, trainable parameters, the learned
 weight updates ΔW). :func:`h1_run` fine-tunes H1's odd-digit MLP on even digits (the LoRA paper's claim in
-miniature), :func:`h1_sweep` repeats it over ranks and seeds, and :func:`lm_run` teaches a causal LM a new
-string task scored by exact match. :func:`energy_fraction`, :func:`rank_for_energy` and
-:func:`subspace_similarity` measure how low-rank a ΔW is.
+miniature), :func:`h1_sweep` repeats it over ranks and seeds, :func:`h1_finetune` runs H1 with any adapter
+config or optimizer and can snapshot the effective weights, :func:`h2_run` distils harness H2's teacher
+(:func:`peftlab.lab.digits.h2_teacher`), and :func:`lm_run` teaches a causal LM a new string task scored by
+exact match. :func:`adapter_deltas` reads ΔW off every adapted layer; :func:`table`, :func:`summary` and
+:func:`mean_score` tabulate runs. How low-rank a ΔW is: :mod:`peftlab.lab.spectra`.
 
-Explained in: book/lora.ipynb
+Explained in: book/lora.ipynb, book/lora_in_practice.ipynb
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab import LoraConfig, TaskType, get_peft_model
@@ -27,20 +29,20 @@ from peftlab.tuners.base import AdapterLayer
 
 __all__ = [
     "H1_LAYERS",
-    "deltas_by_label",
+    "ModelLoader",
+    "PracticeRun",
     "Run",
-    "energy_fraction",
+    "adapter_deltas",
+    "deltas_by_label",
+    "effective_weight",
+    "h1_finetune",
     "h1_lora_config",
     "h1_run",
     "h1_sweep",
+    "h2_run",
     "lm_run",
-    "lora_deltas",
     "mean_score",
-    "numerical_rank",
-    "rank_for_energy",
     "seeded",
-    "singular_values",
-    "subspace_similarity",
     "summary",
     "table",
 ]
@@ -109,8 +111,11 @@ def _count(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def lora_deltas(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
-    """ΔW = (α/r)·B A of every LoRA layer in ``model``, keyed by the wrapped module's name (detached, CPU).
+def adapter_deltas(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
+    """ΔW of every adapted layer in ``model`` (LoRA: (α/r)·B A), keyed by the wrapped module's name (detached, CPU).
+
+    Layers whose method has no weight update to read (``get_delta_weight`` raises ``NotImplementedError``) are
+    left out.
 
     Explained in: book/lora.ipynb
     """
@@ -118,8 +123,12 @@ def lora_deltas(model: nn.Module, adapter_name: str = "default") -> dict[str, Te
     for name, module in model.named_modules():
         if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names:
             key = name.removeprefix("base_model.model.")
-            with torch.no_grad():
-                out[key] = module.get_delta_weight(adapter_name).detach().float().cpu().clone()
+            try:
+                with torch.no_grad():
+                    delta = module.get_delta_weight(adapter_name)
+            except NotImplementedError:
+                continue
+            out[key] = delta.detach().float().cpu().clone()
     return out
 
 
@@ -172,7 +181,7 @@ def h1_run(
     delta: dict[str, Tensor] = {}
     if keep_delta:
         if method == "lora":
-            delta = lora_deltas(model)
+            delta = adapter_deltas(model)
         else:
             after = _linear_weights(model, H1_LAYERS)
             delta = {n: after[n] - before[n] for n in H1_LAYERS}  # ΔW = W − W₀
@@ -206,6 +215,142 @@ def h1_sweep(
         keep_m = keep_model(method, r, seed) if callable(keep_model) else keep_model
         runs.append(h1_run(method, r, seed, steps=steps, keep_delta=keep, keep_model=keep_m))
     return runs
+
+
+# ============================================================================ H1 with any adapter config
+
+
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+@dataclass
+class PracticeRun:
+    """One run: training loss per step, test score, the trained model and optional weight snapshots.
+
+    ``snapshots`` is a list of ``(step, {layer: W_eff (out, in)})`` taken every ``snapshot_every`` steps.
+
+    Explained in: book/lora_in_practice.ipynb
+    """
+
+    loss: list[float]
+    score: float
+    model: nn.Module = field(repr=False)
+    snapshots: list[tuple[int, dict[str, Tensor]]] = field(default_factory=list, repr=False)
+
+    def final_loss(self, window: int = 10) -> float:
+        """Mean training loss over the last ``window`` steps."""
+        tail = self.loss[-window:]
+        return sum(tail) / len(tail)
+
+    def steps_to(self, threshold: float, window: int = 10) -> Optional[int]:
+        """First step at which the ``window``-step running mean of the loss is below ``threshold`` (or None)."""
+        for i in range(window, len(self.loss) + 1):
+            if sum(self.loss[i - window:i]) / window < threshold:
+                return i
+        return None
+
+
+@torch.no_grad()
+def effective_weight(module: nn.Module) -> Tensor:
+    """The weight an adapted (or plain) ``Linear`` applies, read off its outputs: W_eff = (f(I) − f(0))ᵀ.
+
+    Works for LoRA, DoRA and 4-bit bases alike (it only calls the module), shape (out, in), float32, CPU.
+
+    Explained in: book/lora_in_practice.ipynb
+    """
+    n_in = module.in_features if hasattr(module, "in_features") else module.get_base_layer().in_features
+    p = next(module.parameters())
+    eye = torch.eye(n_in, device=p.device)
+    was = module.training
+    module.eval()
+    try:
+        W = (module(eye) - module(torch.zeros(1, n_in, device=p.device))).T
+    finally:
+        module.train(was)
+    return W.float().cpu()
+
+
+def _layers(model: nn.Module, names: tuple[str, ...]) -> dict[str, nn.Module]:
+    inner = model.base_model.model if hasattr(model, "base_model") else model
+    return {n: inner.get_submodule(n) for n in names}
+
+
+def h1_finetune(
+    config: Optional[LoraConfig],
+    *,
+    steps: int = 300,
+    lr: float = 3e-3,
+    seed: int = 0,
+    optimizer: Optional[OptimizerFactory] = None,
+    snapshot_every: int = 0,
+    snapshot_layers: tuple[str, ...] = H1_LAYERS,
+    base: Optional[nn.Module] = None,
+) -> PracticeRun:
+    """Fine-tune H1's odd-digit MLP (or ``base``) on even digits with ``config`` (``None``: full fine-tuning).
+
+    Adam at ``lr`` unless ``optimizer(model)`` builds one (e.g. LoRA+); batch 64; ``seed`` sets the adapter
+    initialisation and the batch order. Score: even-test accuracy.
+
+    Explained in: book/lora_in_practice.ipynb
+    """
+    data = digits.load()
+    model: nn.Module = digits.pretrained_mlp() if base is None else base
+    if config is not None:
+        with seeded(seed):
+            model = get_peft_model(model, config)  # type: ignore[arg-type]
+    snaps: list[tuple[int, dict[str, Tensor]]] = []
+    count = {"step": 0}
+
+    def snapshot(m: nn.Module) -> float:
+        snaps.append((count["step"], {n: effective_weight(l) for n, l in _layers(m, snapshot_layers).items()}))
+        count["step"] += snapshot_every
+        return 0.0
+
+    opt = optimizer(model) if optimizer is not None else (lambda ps: torch.optim.Adam(ps, lr=lr))
+    hist = train(model, digits.batches(data.even_train, H1_BATCH, seed), steps=steps, optimizer=opt, seed=seed,
+                 device="cpu", progress=False, eval_fn=snapshot if snapshot_every else None,
+                 eval_every=snapshot_every)
+    if snaps:
+        snaps[-1] = (steps, snaps[-1][1])  # the final snapshot is taken at the last step
+    return PracticeRun(hist.loss, digits.accuracy(model, data.even_test), model, snaps)
+
+
+# ============================================================================ H2: distil a rescaled teacher
+
+
+def h2_run(config: Optional[LoraConfig], *, steps: int = 400, lr: float = 3e-3, seed: int = 0,
+           teacher: Optional[nn.Module] = None) -> tuple[float, int, list[float]]:
+    """Distil the H2 teacher into the pretrained MLP with an adapter ``config`` (``None``: no adaptation).
+
+    MSE to the teacher's logits on all training digits (batch 64, Adam ``lr``). Returns (test MSE, trainable
+    parameters, training loss per step).
+
+    Explained in: book/lora_in_practice.ipynb
+    """
+    data = digits.load()
+    teacher = digits.h2_teacher() if teacher is None else teacher
+    student: nn.Module = digits.pretrained_mlp()
+    loss: list[float] = []
+    trainable = 0
+    if config is not None:
+        with seeded(seed):
+            student = get_peft_model(student, config)  # type: ignore[arg-type]
+        trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+
+        def mse(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+            x, _ = batch
+            with torch.no_grad():
+                target = teacher(x)
+            return F.mse_loss(model(x), target)
+
+        hist = train(student, digits.batches(data.train, H1_BATCH, seed), steps=steps,
+                     optimizer=lambda ps: torch.optim.Adam(ps, lr=lr), loss_fn=mse, seed=seed, device="cpu",
+                     progress=False)
+        loss = hist.loss
+    with torch.no_grad():
+        student.eval()
+        test = float(F.mse_loss(student(data.test.x), teacher(data.test.x)))
+    return test, trainable, loss
 
 
 # ============================================================================ the lab LM: a new string task
@@ -260,7 +405,7 @@ def lm_run(
         optimizer=lambda ps: torch.optim.Adam(ps, lr=lr), seed=seed, progress=False,
     )
     score = tasks.exact_match(model, tok, test_set)
-    delta = lora_deltas(model) if keep_delta and method == "lora" else {}
+    delta = adapter_deltas(model) if keep_delta and method == "lora" else {}
     return Run(method, r if method == "lora" else None, seed, float(score), _count(model, trainable_only=True),
                base_params, hist.seconds, hist.loss, delta, model if keep_model else None)
 
@@ -306,65 +451,6 @@ def mean_score(runs: Sequence[Run], method: str, r: Optional[int] = None) -> flo
     if not chosen:
         raise KeyError(f"no run with method={method!r}, r={r!r}; runs: {sorted({x.label for x in runs})}")
     return sum(chosen) / len(chosen)
-
-
-# ============================================================================ how low-rank is ΔW?
-
-
-def singular_values(M: Tensor) -> Tensor:
-    """σ₁ ≥ σ₂ ≥ … of a matrix, in float64.
-
-    Explained in: book/lora.ipynb
-    """
-    return torch.linalg.svdvals(M.detach().double().cpu())
-
-
-def energy_fraction(M: Tensor, k: int) -> float:
-    """Share of ‖M‖²_F in the top ``k`` singular values: Σ_{i≤k} σ_i² / Σ_i σ_i² (1.0 for M = 0).
-
-    By Eckart–Young, 1 − energy_fraction is the squared relative error of the best rank-k approximation.
-
-    Explained in: book/lora.ipynb
-    """
-    s2 = singular_values(M).square()
-    total = float(s2.sum())
-    return 1.0 if total == 0 else float(s2[:k].sum()) / total
-
-
-def rank_for_energy(M: Tensor, fraction: float = 0.9) -> int:
-    """Smallest k whose top-k singular values hold at least ``fraction`` of ‖M‖²_F.
-
-    Explained in: book/lora.ipynb
-    """
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
-    s2 = singular_values(M).square()
-    if float(s2.sum()) == 0:
-        return 0
-    cum = torch.cumsum(s2, 0) / s2.sum()
-    return int((cum < fraction - 1e-12).sum()) + 1
-
-
-def numerical_rank(M: Tensor, rel_tol: float = 1e-5) -> int:
-    """Number of singular values above ``rel_tol`` · σ₁ (float32 products leave ~1e-7 noise in the rest).
-
-    Explained in: book/lora.ipynb
-    """
-    s = singular_values(M)
-    return 0 if float(s[0]) == 0 else int((s > rel_tol * s[0]).sum())
-
-
-def subspace_similarity(M1: Tensor, M2: Tensor, i: int, j: int) -> float:
-    """The LoRA paper's φ(M1, M2, i, j) = ‖U₁[:, :i]ᵀ U₂[:, :j]‖²_F / min(i, j), in [0, 1].
-
-    U are left singular vectors (output directions): 1 when the top-i directions of M1 and the top-j
-    of M2 span nested subspaces, about max(i, j)/d for random directions in d dimensions.
-
-    Explained in: book/lora.ipynb
-    """
-    U1 = torch.linalg.svd(M1.detach().double().cpu(), full_matrices=False).U[:, :i]
-    U2 = torch.linalg.svd(M2.detach().double().cpu(), full_matrices=False).U[:, :j]
-    return float((U1.T @ U2).square().sum()) / min(i, j)
 
 
 def deltas_by_label(runs: Sequence[Run], seed: int, layer: str) -> Mapping[str, Tensor]:

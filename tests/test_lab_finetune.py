@@ -155,9 +155,10 @@ def test_h1_finetune_snapshots_and_h2() -> None:
     assert n0 == 0 and n == 1 * (64 + 256) + 256 and mse < none and len(loss) == 30
 
 
-def test_practice_run_steps_to():
-    run = ft.PracticeRun(loss=[1.0] * 10 + [0.1] * 20, score=0.0, model=nn.Linear(1, 1))
-    assert run.steps_to(0.5) is not None and run.steps_to(0.01) is None
+def test_run_final_loss_and_steps_to():
+    run = ft.Run("lora", 4, 0, 0.0, 1, 1, 0.0, loss=[1.0] * 10 + [0.1] * 20, model=nn.Linear(1, 1))
+    assert run.steps_to(0.5) == 16 and run.steps_to(0.01) is None  # the first full window with mean < 0.5
+    assert run.final_loss(5) == pytest.approx(0.1)
 
 
 # ------------------------------------------------------------------------------------------ the lab LM
@@ -189,3 +190,119 @@ def test_lm_run_lora_and_full(load_tiny):
     assert everywhere.trainable == TINY.num_hidden_layers * (4 * (16 + 16) + 3 * (16 + 32))
     with pytest.raises(ValueError, match="unknown task"):
         ft.lm_run(load_tiny, "lora", task="nope", r=2, steps=1)
+
+
+# ------------------------------------------------------------------------------------------ the entry point
+
+
+def _merged_minus_base(model, name):
+    """W_merged − W of the base layer ``name``, read by merging the adapter and unmerging it again."""
+    layer = model.base_model.model.get_submodule(name)
+    W = layer.get_base_layer().weight.detach().clone()
+    model.merge_adapter()
+    merged = layer.get_base_layer().weight.detach().clone()
+    model.unmerge_adapter()
+    return merged - W
+
+
+def test_finetune_lora_on_h1_records_the_run():
+    steps = 60
+    seen = []
+    run = ft.finetune(LoraConfig(r=2, lora_alpha=4), "h1", seed=3, steps=steps, eval_every=20, keep_model=True,
+                      on_backward=lambda step, m, loss, opt: seen.append(step))
+    assert (run.method, run.r, run.label, run.task, run.seed) == ("lora", 2, "LoRA r=2", "h1", 3)
+    assert sorted(run.config.target_modules) == sorted(ft.H1_LAYERS)  # the harness's layers, filled in
+    assert (run.trainable, run.total) == run.model.get_nb_trainable_parameters()
+    assert run.trainable == 2 * H1_PER_RANK and run.base_params == 85_002 and run.total == 85_002 + run.trainable
+    assert run.metric == "even-test accuracy" and 0 <= run.score <= 1
+    assert [s for s, _ in run.evals] == [0, 20, 40, 60] and run.evals[-1][1] == run.score
+    assert run.evals[0][1] == 0.0  # LoRA starts as the base model, which never predicts an even digit
+    assert seen == list(range(steps)) and len(run.loss) == steps
+    assert sum(run.loss[-5:]) < 0.5 * sum(run.loss[:5])  # the loss falls
+    assert run.score == digits.accuracy(run.model, digits.load().even_test)
+    for name in ft.H1_LAYERS:  # ΔW is what merging adds to the base weight
+        assert torch.allclose(run.delta[name], _merged_minus_base(run.model, name), atol=1e-6)
+    # memory: every parameter, a gradient and Adam's two moments (+ its step counter) per trainable tensor
+    n_tensors = sum(1 for p in run.model.parameters() if p.requires_grad)
+    assert run.memory_bytes == 4 * (run.total + 3 * run.trainable) + 4 * n_tensors
+    assert run.peak_memory_bytes is None or run.peak_memory_bytes >= 0
+    assert run.seconds > 0 and (run.steps, run.lr, run.batch_size) == (steps, 3e-3, 64)
+
+
+def test_finetune_full_on_h1_is_h1_run():
+    run = ft.finetune("full", "h1", seed=1, steps=20, eval_every=0)
+    old = ft.h1_run("full", None, seed=1, steps=20)
+    assert run.loss == old.loss and run.score == old.score and run.label == "full FT" and run.r is None
+    assert run.trainable == run.total == run.base_params == 85_002 and run.config is None
+    assert run.evals == [(20, run.score)]
+    assert set(run.delta) == set(ft.H1_LAYERS) and all(torch.equal(run.delta[k], old.delta[k]) for k in run.delta)
+    lora = ft.finetune(ft.h1_lora_config(4), "h1", seed=1, steps=20, eval_every=0)
+    assert lora.loss == ft.h1_run("lora", 4, seed=1, steps=20).loss
+    assert lora.memory_bytes < run.memory_bytes / 2  # no gradients or moments for the frozen base
+
+
+def test_finetune_on_h4_trains_the_head_and_adapts_the_trunk():
+    run = ft.finetune(LoraConfig(r=2), "h4:rot90", steps=12, eval_every=6, keep_model=True)
+    assert run.config.modules_to_save == ["head"] and sorted(run.config.target_modules) == sorted(ft.H4_LAYERS)
+    assert set(run.delta) == set(ft.H4_LAYERS) and run.metric == "test accuracy"
+    assert (run.trainable, run.total) == run.model.get_nb_trainable_parameters()
+    head = 10 * ft.H4_HIDDEN + 10
+    assert run.trainable == 2 * (64 + ft.H4_HIDDEN) + 2 * (2 * ft.H4_HIDDEN) + head
+    assert [s for s, _ in run.evals] == [0, 6, 12]
+    for name in ft.H4_LAYERS:
+        assert torch.allclose(run.delta[name], _merged_minus_base(run.model, name), atol=1e-6)
+    full = ft.finetune("full", "h4:rot90", steps=4)
+    assert set(full.delta) == {"trunk.l1", "trunk.l2", "head"} and full.trainable == full.total
+    custom = ft.finetune(LoraConfig(r=1, target_modules=["trunk.l2"], modules_to_save=[]), "h4:invert", steps=2)
+    assert set(custom.delta) == {"trunk.l2"} and custom.trainable == ft.H4_HIDDEN * 2  # the user's choice stands
+
+
+def test_finetune_snapshots_and_h1_finetune():
+    run = ft.finetune(LoraConfig(r=2), "h1", steps=20, eval_every=8, snapshot_every=5)
+    assert [s for s, _ in run.snapshots] == [0, 5, 10, 15, 20] and [s for s, _ in run.evals] == [0, 8, 16, 20]
+    assert run.snapshots[-1][1]["l3"].shape == (10, 256)
+    again = ft.h1_finetune(LoraConfig(r=2, lora_alpha=8, target_modules=["l1", "l2", "l3"]), steps=20,
+                           snapshot_every=5)
+    assert again.loss == run.loss and again.score == run.score and again.model is not None
+    assert all(torch.equal(a[1]["l2"], b[1]["l2"]) for a, b in zip(again.snapshots, run.snapshots))
+
+
+def test_finetune_refuses_bad_input():
+    with pytest.raises(ValueError, match="valid tasks.*h1"):
+        ft.finetune("full", "nope", steps=1)
+    with pytest.raises(ValueError, match="h4:<transform>"):
+        ft.finetune("full", "h4", steps=1)
+    with pytest.raises(ValueError, match="'full' for full fine-tuning"):
+        ft.finetune("lora", "h1", steps=1)
+    with pytest.raises(TypeError, match="peftlab config"):
+        ft.finetune({"r": 4}, "h1", steps=1)
+    with pytest.raises(ValueError, match=">= 0"):
+        ft.finetune("full", "h1", steps=-1)
+
+
+def test_adapter_deltas_skip_methods_without_a_delta(monkeypatch):
+    model = get_peft_model(digits.pretrained_mlp(), LoraConfig(r=2, target_modules=["l1", "l2"]))
+
+    def no_delta(adapter_name):
+        raise NotImplementedError("this method has no weight update")
+
+    monkeypatch.setattr(model.base_model.model.l1, "get_delta_weight", no_delta)
+    assert set(ft.adapter_deltas(model)) == {"l2"}
+
+
+def test_finetune_on_a_lab_lm_task(load_tiny):
+    kw = dict(steps=30, batch_size=4, n_train=8, n_test=4, base=load_tiny)
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    run = ft.finetune(config, "swap", eval_every=15, keep_model=True, **kw)
+    assert run.metric == "exact match" and [s for s, _ in run.evals] == [0, 15, 30]
+    assert (run.trainable, run.total) == run.model.get_nb_trainable_parameters()
+    assert run.trainable == TINY.num_hidden_layers * 2 * 2 * (16 + 16) and run.tokenizer is not None
+    assert sum(run.loss[-5:]) < sum(run.loss[:5])
+    for name, dW in run.delta.items():
+        assert torch.allclose(dW, _merged_minus_base(run.model, name), atol=1e-6)
+    assert len(run.delta) == 2 * TINY.num_hidden_layers
+    full = ft.finetune("full", "swap", **kw)
+    assert full.trainable == full.total == full.base_params and sum(full.loss[-5:]) < sum(full.loss[:5])
+    assert all(name.endswith(("proj", "lm_head")) for name in full.delta)
+    with pytest.raises(TypeError, match="loader"):
+        ft.finetune("full", "swap", base=torch.nn.Linear(2, 2), steps=1)

@@ -172,5 +172,6 @@ def test_no_hooks_gives_the_same_run():
     for hooks in (None, [lambda *a: None]):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 2))
-        runs.append(train(model, [(x, y)], steps=10, seed=1, on_backward=hooks, on_step=hooks, progress=False).loss)
+        h = train(model, [(x, y)], steps=10, seed=1, on_backward=hooks, on_step=hooks, progress=False)
+        runs.append(h.loss)
     assert runs[0] == runs[1]

@@ -23,10 +23,9 @@ from typing import Any, Literal, Optional, Union
 import torch
 from torch import Tensor
 
-from peftlab import LoraConfig, PeftModel, get_peft_model
+from peftlab import LoraConfig, PeftModel
 from peftlab.lab import digits, tasks
-from peftlab.lab.finetune import ModelLoader, Run, adapter_deltas, lm_run, seeded
-from peftlab.lab.train import train
+from peftlab.lab.finetune import ModelLoader, Run, finetune, lm_run
 from peftlab.merging import (COMBINATION_TYPES, calculate_majority_sign_mask, cross_term_error, disjoint_merge,
                              merge_task_vectors, prune, random_pruning)
 from peftlab.merging.lora import DENSITY_TYPES
@@ -241,7 +240,8 @@ def h4_full_delta(task: str = "rot90", hidden: int = 1024, steps: int = 600, lr:
 
 def h4_lora_delta(task: str = "rot90", hidden: int = 1024, r: int = 16, steps: int = 600, lr: float = 1e-3,
                   seed: int = 0) -> TaskDelta:
-    """LoRA (r, α = 2r) on H4's two trunk layers, the head trained in full (``modules_to_save``), Adam.
+    """LoRA (r, α = 2r) on H4's two trunk layers, the head trained in full (``modules_to_save``), Adam
+    (:func:`peftlab.lab.finetune.finetune` on ``"h4:<task>"`` from the classifier pretrained with ``seed``).
 
     The delta is ΔW = (α/r)·B A of each trunk layer; biases do not change.
 
@@ -250,14 +250,11 @@ def h4_lora_delta(task: str = "rot90", hidden: int = 1024, r: int = 16, steps: i
     base = digits.pretrained_classifier(hidden, seed)
     theta_pre = {k: v.detach().clone() for k, v in base.trunk.state_dict().items()}
     config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["trunk.l1", "trunk.l2"], modules_to_save=["head"])
-    with seeded(seed):
-        model = get_peft_model(base, config)
-    split = digits.task_split(digits.load().train, task)
-    train(model, digits.batches(split, 64, seed), steps=steps, optimizer=lambda ps: torch.optim.Adam(ps, lr=lr),
-          seed=seed, device="cpu", progress=False)
-    deltas = adapter_deltas(model)  # {"trunk.l1": ΔW, "trunk.l2": ΔW}
+    run = finetune(config, f"h4:{task}", seed=seed, steps=steps, lr=lr, batch_size=64, eval_every=0, base=base,
+                   keep_model=True)
+    model = run.model
     delta = {k: torch.zeros_like(v) for k, v in theta_pre.items()}
-    for name, dW in deltas.items():
+    for name, dW in run.delta.items():  # {"trunk.l1": ΔW, "trunk.l2": ΔW}
         delta[name.removeprefix("trunk.") + ".weight"] = dW
     head_module = model.base_model.model.head.modules_to_save["default"]
     head = {k: v.detach().clone() for k, v in head_module.state_dict().items()}

@@ -49,6 +49,25 @@ def make_base():
     return base_model
 
 
+def tiny_lm_config():
+    """The tiny lab language model's config (hidden 16, four pretraining steps)."""
+    from peftlab.lab import lm
+
+    return lm.LabLMConfig(hidden_size=16, intermediate_size=32, steps=4, batch_size=8, eval_n=2)
+
+
+@pytest.fixture
+def load_tiny(tmp_path, monkeypatch):
+    """A loader of the tiny pretrained lab language model (:func:`tiny_lm_config`), cached in the test's own
+    folder: ``model, tokenizer = load_tiny()``."""
+    from peftlab.lab import lm
+
+    config = tiny_lm_config()
+    monkeypatch.setenv(lm.ENV_CACHE, str(tmp_path / "cache"))
+    monkeypatch.delenv(lm.ENV_MODEL, raising=False)
+    return lambda: lm.load_lab_model("smoke", config=config, progress=False)
+
+
 @pytest.fixture
 def adapter_dir(tmp_path):
     """An empty folder for one test's adapter files."""

@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_lm_config
 from torch import nn
 
 from peftlab import LoraConfig, get_peft_model
-from peftlab.lab import digits, lm
+from peftlab.lab import digits
 from peftlab.lab import finetune as ft
 from peftlab.lab import spectra as spec
 
@@ -163,14 +164,8 @@ def test_run_final_loss_and_steps_to():
 
 # ------------------------------------------------------------------------------------------ the lab LM
 
-TINY = lm.LabLMConfig(hidden_size=16, intermediate_size=32, steps=4, batch_size=8, eval_n=2)
 
 
-@pytest.fixture
-def load_tiny(tmp_path, monkeypatch):
-    monkeypatch.setenv(lm.ENV_CACHE, str(tmp_path / "cache"))
-    monkeypatch.delenv(lm.ENV_MODEL, raising=False)
-    return lambda: lm.load_lab_model("smoke", config=TINY, progress=False)
 
 
 def test_lm_run_lora_and_full(load_tiny):
@@ -179,15 +174,15 @@ def test_lm_run_lora_and_full(load_tiny):
     model, _ = load_tiny()
     n = sum(p.numel() for p in model.parameters())
     per_layer = 2 * 2 * (16 + 16)  # q and v, r·(d_in + d_out) each
-    assert lora.trainable == TINY.num_hidden_layers * per_layer and lora.base_params == n
+    assert lora.trainable == tiny_lm_config().num_hidden_layers * per_layer and lora.base_params == n
     assert 0.0 <= lora.score <= 1.0 and len(lora.loss) == 2
-    assert len(lora.delta) == 2 * TINY.num_hidden_layers
+    assert len(lora.delta) == 2 * tiny_lm_config().num_hidden_layers
     assert all(spec.numerical_rank(d) <= 2 for d in lora.delta.values())
     full = ft.lm_run(load_tiny, "full", r=None, keep_model=True, **kw)
     assert full.trainable == full.base_params == n and full.r is None and full.model is not None
     everywhere = ft.lm_run(load_tiny, "lora", r=1, target_modules="all-linear", **kw)
     # r = 1 on q, k, v, o (16 → 16), gate, up (16 → 32) and down (32 → 16) of every layer; lm_head left alone
-    assert everywhere.trainable == TINY.num_hidden_layers * (4 * (16 + 16) + 3 * (16 + 32))
+    assert everywhere.trainable == tiny_lm_config().num_hidden_layers * (4 * (16 + 16) + 3 * (16 + 32))
     with pytest.raises(ValueError, match="unknown task"):
         ft.lm_run(load_tiny, "lora", task="nope", r=2, steps=1)
 
@@ -296,11 +291,11 @@ def test_finetune_on_a_lab_lm_task(load_tiny):
     run = ft.finetune(config, "swap", eval_every=15, keep_model=True, **kw)
     assert run.metric == "exact match" and [s for s, _ in run.evals] == [0, 15, 30]
     assert (run.trainable, run.total) == run.model.get_nb_trainable_parameters()
-    assert run.trainable == TINY.num_hidden_layers * 2 * 2 * (16 + 16) and run.tokenizer is not None
+    assert run.trainable == tiny_lm_config().num_hidden_layers * 2 * 2 * (16 + 16) and run.tokenizer is not None
     assert sum(run.loss[-5:]) < sum(run.loss[:5])
     for name, dW in run.delta.items():
         assert torch.allclose(dW, _merged_minus_base(run.model, name), atol=1e-6)
-    assert len(run.delta) == 2 * TINY.num_hidden_layers
+    assert len(run.delta) == 2 * tiny_lm_config().num_hidden_layers
     full = ft.finetune("full", "swap", **kw)
     assert full.trainable == full.total == full.base_params and sum(full.loss[-5:]) < sum(full.loss[:5])
     assert all(name.endswith(("proj", "lm_head")) for name in full.delta)

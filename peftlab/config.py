@@ -57,16 +57,6 @@ class TaskType(str, enum.Enum):
         return self.value
 
 
-# peft_type -> config class; filled by each method's config module via ``register_config``.
-_CONFIG_CLASSES: dict[str, type[PeftConfig]] = {}
-
-
-def register_config(cls: type[PeftConfig]) -> type[PeftConfig]:
-    """Class decorator: make ``PeftConfig.from_pretrained`` dispatch ``cls.PEFT_TYPE`` to ``cls``."""
-    _CONFIG_CLASSES[cls.PEFT_TYPE] = cls
-    return cls
-
-
 def _json_value(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
@@ -100,7 +90,13 @@ class PeftConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)  # a wrong type or a NaN is refused here, naming the field, not deep in the model
-        self.peft_type = self.PEFT_TYPE or self.peft_type
+        peft_type = self.PEFT_TYPE or self.peft_type
+        if peft_type is not None and not isinstance(peft_type, PeftType):
+            try:
+                peft_type = PeftType(str(peft_type))
+            except ValueError:
+                pass  # from_dict names the known methods; a plain PeftConfig may carry any string
+        self.peft_type = peft_type
         if self.task_type is not None:
             try:
                 self.task_type = TaskType(str(self.task_type))
@@ -126,21 +122,17 @@ class PeftConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
         """Build the config class named by ``data['peft_type']`` (or ``cls``) from a dict, tolerating unknown keys."""
+        from peftlab.registry import get_method
+
         data = dict(data)
         target = cls
         if not cls.PEFT_TYPE:
-            peft_type = data.get("peft_type")
-            if peft_type is None:
-                raise ValueError(
-                    "adapter config has no 'peft_type' key, so its method is unknown; "
-                    f"expected one of {sorted(_CONFIG_CLASSES)}"
-                )
-            peft_type = str(peft_type.value if isinstance(peft_type, enum.Enum) else peft_type)
-            if peft_type not in _CONFIG_CLASSES:
-                raise ValueError(
-                    f"peft_type={peft_type!r} is not implemented in peftlab; implemented: {sorted(_CONFIG_CLASSES)}"
-                )
-            target = _CONFIG_CLASSES[peft_type]
+            target = get_method(data.get("peft_type")).config_class
+        elif data.get("peft_type") not in (None, cls.PEFT_TYPE):
+            raise ValueError(
+                f"the adapter config is for peft_type={data['peft_type']!s}, not {cls.PEFT_TYPE}; load it with "
+                f"PeftConfig.from_pretrained (which picks the method's config class) or {cls.__name__}'s sibling"
+            )
         known = {f.name for f in dataclasses.fields(target)}
         data.pop("runtime_config", None)
         unknown = sorted(k for k in data if k not in known)
@@ -192,3 +184,135 @@ class PeftConfig:
                     f"{type(self).__name__}({key}={value!r}): peftlab does not implement {key!r}; "
                     f"leave it at {accepted!r}"
                 )
+
+
+def _sorted_list(value: Any) -> Any:
+    """A list/tuple/set of names as a sorted list without repeats (peft writes sets); anything else unchanged."""
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return sorted(set(value))
+    return value
+
+
+@dataclass
+class TargetingConfig(PeftConfig):
+    """The fields every per-layer method shares: which modules get an adapter, which are trained whole, biases.
+
+    A method's config extends this with only its own fields. Its class variables say how the shared fields
+    map onto its names: ``RANK_FIELD``/``ALPHA_FIELD`` (``r``/``lora_alpha`` for LoRA, ``r``/``alpha`` for
+    LoHa), ``INIT_FIELD`` (``init_lora_weights``, ``init_weights``, ...), ``BIAS_MODES`` (LoRA's
+    ``"lora_only"``, OFT's ``"oft_only"``), and ``ABSENT_FIELDS``: shared fields peft's config for this
+    method does not have. Those are not written to ``adapter_config.json`` and must stay at their default
+    (a value there would be lost on the way to peft).
+
+    * ``target_modules``: a list (a module matches when its name equals an entry or ends with ``.entry``),
+      a regex string (``re.fullmatch``), ``"all-linear"``, or ``None`` for the method's default for the
+      model type; ``exclude_modules`` uses the same rules and wins;
+    * ``layers_to_transform`` (+ ``layers_pattern``): keep only blocks with these indices;
+    * ``rank_pattern`` / ``alpha_pattern``: per-module rank and α, keyed like ``target_modules`` entries
+      or by regex;
+    * ``modules_to_save``: modules trained whole and saved with the adapter (e.g. a classifier head);
+    * ``bias``: ``"none"``, ``"all"`` (every bias of the model trains) or the method's ``"<method>_only"``
+      (biases of the adapted layers train);
+    * ``fan_in_fan_out``: the target stores its weight as (in, out) (GPT-2's ``Conv1D``); set per layer
+      type automatically, with a warning, when it does not fit.
+
+    Explained in: book/configs.ipynb
+    """
+
+    RANK_FIELD: ClassVar[str | None] = None
+    ALPHA_FIELD: ClassVar[str | None] = None
+    INIT_FIELD: ClassVar[str | None] = None
+    BIAS_MODES: ClassVar[tuple[str, ...]] = ("none",)
+    ABSENT_FIELDS: ClassVar[frozenset[str]] = frozenset()
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, Any] = field(default_factory=dict)
+    alpha_pattern: dict[str, Any] = field(default_factory=dict)
+    modules_to_save: list[str] | None = None
+    bias: str = "none"
+    fan_in_fan_out: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_unsupported()
+        self._check_absent()
+        self.target_modules = _sorted_list(self.target_modules)
+        self.exclude_modules = _sorted_list(self.exclude_modules)
+        if isinstance(self.modules_to_save, (tuple, set, frozenset)):
+            self.modules_to_save = sorted(self.modules_to_save)
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, list)):
+                raise TypeError(f"{name}={value!r}: give a list of module names or a regex string")
+        if self.modules_to_save is not None and (
+                not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) for m in self.modules_to_save)):
+            raise TypeError(f"modules_to_save={self.modules_to_save!r}: give a list of module names, e.g. ['classifier']")
+        if self.bias not in self.BIAS_MODES:
+            raise ValueError(f"bias={self.bias!r}; valid values: {', '.join(repr(b) for b in self.BIAS_MODES)}")
+        for pattern_name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, pattern_name), dict):
+                raise TypeError(f"{pattern_name}={getattr(self, pattern_name)!r}: give a dict of module name -> value")
+        if self.RANK_FIELD is not None:
+            self._check_rank(self.RANK_FIELD, getattr(self, self.RANK_FIELD))
+        for key, rank in self.rank_pattern.items():
+            self._check_rank(f"rank_pattern[{key!r}]", rank)
+        self._check_layers()
+
+    @staticmethod
+    def _check_rank(name: str, rank: Any) -> None:
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise ValueError(f"{name}={rank!r}: the rank must be a positive integer (e.g. 8)")
+
+    def _check_absent(self) -> None:
+        defaults = {f.name: f for f in dataclasses.fields(TargetingConfig)}
+        for name in self.ABSENT_FIELDS:
+            f = defaults[name]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if getattr(self, name) != default:
+                raise ValueError(
+                    f"{type(self).__name__}({name}={getattr(self, name)!r}): {self.PEFT_TYPE} has no {name!r} option "
+                    "(peft's config for this method has none, so the adapter would not load there as trained); leave "
+                    "it unset" + (" and select blocks with a regex target_modules, e.g. r'.*\\.layers\\.(0|1)\\..*q_proj'"
+                                  if name in ("layers_to_transform", "layers_pattern") else "")
+                )
+
+    def _check_layers(self) -> None:
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("layers_to_transform cannot be combined with a regex target_modules string; use a list")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("layers_pattern cannot be combined with a regex target_modules string; use a list")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern needs layers_to_transform (the block indices to adapt)")
+        layers = self.layers_to_transform
+        if layers is not None:
+            items = [layers] if isinstance(layers, int) else layers
+            if not isinstance(items, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                      for i in items):
+                raise ValueError(f"layers_to_transform={layers!r}: give a block index or a list of them, e.g. [0, 1]")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        for name in self.ABSENT_FIELDS:
+            data.pop(name, None)
+        return data
+
+    # ---- per-module values --------------------------------------------------------------------------------
+    def rank_and_alpha(self, key: str) -> tuple[int | None, float | None]:
+        """Rank and α for the module named ``key`` after ``rank_pattern`` and ``alpha_pattern``."""
+        from peftlab.tuners.matching import get_pattern_key
+
+        r = getattr(self, self.RANK_FIELD) if self.RANK_FIELD else None
+        alpha = getattr(self, self.ALPHA_FIELD) if self.ALPHA_FIELD else None
+        if self.rank_pattern:
+            r = self.rank_pattern.get(get_pattern_key(self.rank_pattern, key), r)
+        if self.alpha_pattern:
+            alpha = self.alpha_pattern.get(get_pattern_key(self.alpha_pattern, key), alpha)
+        return r, alpha
+
+    @property
+    def init_flag(self) -> Any:
+        """The value of the method's initialisation field (``init_lora_weights``, ``init_weights``, ...)."""
+        return getattr(self, self.INIT_FIELD) if self.INIT_FIELD else True

@@ -1,4 +1,4 @@
-"""Entry points: ``get_peft_model`` and ``inject_adapter_in_model``, and the method registry.
+"""Entry points: ``get_peft_model`` and ``inject_adapter_in_model`` (methods are found in :mod:`peftlab.registry`).
 
 Explained in: book/quickstart.ipynb
 """
@@ -8,10 +8,8 @@ from __future__ import annotations
 from torch import nn
 
 from peftlab.config import PeftConfig
-from peftlab.peft_model import MODEL_TYPE_TO_PEFT_MODEL, PEFT_TYPE_TO_TUNER, PeftModel, tuner_for
-from peftlab.tuners.lora import LoraConfig, LoraModel
-
-PEFT_TYPE_TO_TUNER.update({LoraConfig.PEFT_TYPE: LoraModel})
+import peftlab.tuners  # noqa: F401  (every method package registers itself)
+from peftlab.peft_model import MODEL_TYPE_TO_PEFT_MODEL, PeftModel, tuner_for
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", mixed: bool = False,
@@ -25,6 +23,7 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     """
     if not isinstance(peft_config, PeftConfig):
         raise TypeError(f"peft_config must be a PeftConfig such as LoraConfig(...), not {type(peft_config).__name__}")
+    tuner_for(peft_config)  # an unknown method fails here, naming the known ones
     if mixed:
         raise ValueError("mixed=True (several adapter types in one model) is not implemented in peftlab")
     if revision is not None:

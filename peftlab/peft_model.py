@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from peftlab.config import PeftConfig, TaskType
+from peftlab.registry import get_method
 from peftlab.tuners.base import BaseTuner
 from peftlab.tuners.routing import BASE_ADAPTER, mixed_batch
 from peftlab.utils.io import (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, atomic_save_tensors, load_adapter_weights,
@@ -28,15 +29,9 @@ from peftlab.utils.io import (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, atomic_sav
 from peftlab.utils.io import atomic_folder
 from peftlab.utils.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
 
-# peft_type -> tuner class; methods register themselves in peftlab.mapping
-PEFT_TYPE_TO_TUNER: dict[str, type[BaseTuner]] = {}
-
-
 def tuner_for(config: PeftConfig) -> type[BaseTuner]:
-    peft_type = str(config.peft_type.value if hasattr(config.peft_type, "value") else config.peft_type)
-    if peft_type not in PEFT_TYPE_TO_TUNER:
-        raise ValueError(f"peft_type={peft_type!r} is not implemented; implemented: {sorted(PEFT_TYPE_TO_TUNER)}")
-    return PEFT_TYPE_TO_TUNER[peft_type]
+    """The tuner class of ``config``'s method, from the registry (a clear error for an unknown method)."""
+    return get_method(config).tuner_class
 
 
 def _model_name(model: nn.Module) -> str | None:
@@ -124,6 +119,10 @@ class PeftModel(nn.Module):
     def _check_adapter_names(self, adapter_names: Sequence[str] | None, batch: int | None) -> None:
         if adapter_names is None:
             return
+        method = self.base_model.method
+        if method is not None and not method.supports_mixed_batch:
+            raise ValueError(f"adapter_names=[...]: {method.peft_type} adapters cannot serve mixed batches; run one "
+                             "batch per adapter with set_adapter(name)")
         if isinstance(adapter_names, str):
             raise TypeError("adapter_names takes one adapter name per row of the batch (a list), not a string")
         unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE_ADAPTER})
@@ -256,7 +255,8 @@ class PeftModel(nn.Module):
             config = copy.copy(self.peft_config[name])
             state = get_peft_model_state_dict(self, name, config)
             if path_initial_model_for_weight_conversion is not None:
-                state, config = self._convert_mutated_init(state, config, path_initial_model_for_weight_conversion)
+                state, config = tuner_for(config).convert_for_save(state, config,
+                                                                   path_initial_model_for_weight_conversion)
             config.inference_mode = True
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = _model_name(self.get_base_model())
@@ -269,25 +269,6 @@ class PeftModel(nn.Module):
             weights = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
             atomic_save_tensors(state, os.path.join(folder, weights), safe_serialization)
             config.save_pretrained(folder)
-
-    @staticmethod
-    def _convert_mutated_init(state: dict[str, torch.Tensor], config: PeftConfig,
-                              initial_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], PeftConfig]:
-        """A PiSSA/OLoRA adapter as a plain LoRA on the original base (see ``save_pretrained``)."""
-        from peftlab.tuners.lora import init as lora_init
-
-        lora_init.check_conversion(config)
-        if not os.path.isdir(initial_dir):
-            raise ValueError(f"path_initial_model_for_weight_conversion={os.fspath(initial_dir)!r} is not a folder; "
-                             "save the adapter right after get_peft_model(...) and pass that folder")
-        initial = load_adapter_weights(initial_dir)
-        converted = lora_init.subtract_mutated_init(state, initial)
-        initial_config = copy.deepcopy(config)
-        initial_config.init_lora_weights = True  # the initial folder now loads as a plain LoRA (peft does this)
-        initial_config.inference_mode = True
-        initial_config.save_pretrained(initial_dir)
-        config = lora_init.converted_config(copy.deepcopy(config))
-        return converted, config
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",

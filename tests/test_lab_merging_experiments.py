@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from peftlab import merging
-from peftlab.lab import digits, lm, tasks
+from peftlab.lab import digits, tasks
 from peftlab.lab import merging_experiments as mx
 
 TAU = torch.tensor([
@@ -121,20 +121,14 @@ def test_h4_full_and_lora_deltas():
 
 # ------------------------------------------------------------------------------------------ lab-LM adapters
 
-TINY = lm.LabLMConfig(hidden_size=16, intermediate_size=32, steps=4, batch_size=8, eval_n=2)
 
 
-@pytest.fixture
-def load_tiny(tmp_path, monkeypatch):
-    monkeypatch.setenv(lm.ENV_CACHE, str(tmp_path / "cache"))
-    monkeypatch.delenv(lm.ENV_MODEL, raising=False)
-    return lambda: lm.load_lab_model("smoke", config=TINY, progress=False)
 
 
 def test_token_accuracy_counts_answer_tokens(load_tiny):
     model, tok = load_tiny()
     ds = tasks.make_task("swap", 6, seed=1)
-    acc = mx.token_accuracy(model, tok, ds, batch_size=4)
+    acc = tasks.token_accuracy(model, tok, ds, batch_size=4)
     # the same count by hand, one example at a time
     right = total = 0
     for p, a in zip(ds["prompt"], ds["answer"]):

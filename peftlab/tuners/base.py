@@ -3,13 +3,42 @@
 Two pieces:
 
 * :class:`AdapterLayer` wraps one frozen layer (``base_layer``) and holds any number of *named* adapters
-  for it. It owns everything that is the same for all methods: which adapters are active, enabling and
-  disabling, merging into and unmerging out of the base weight, deleting, and mixed batches (each row of a
-  batch through its own adapter). A method subclass adds only its math: ``update_layer`` (create the
-  tensors of one adapter), ``adapter_forward`` and ``get_delta_weight`` (or its own merge rule).
+  for it. It owns everything that is the same for all methods: the record of which adapters it holds
+  (``_adapters``, kept by ``update_layer`` and ``delete_adapter``), which are active, enabling and
+  disabling, merging into and unmerging out of the base weight, deleting, and mixed batches (each row of
+  a batch through its own adapter). It also knows the wrapped layer's sizes (``in_features``,
+  ``out_features``, ``fan_in_fan_out`` for GPT-2's ``Conv1D``) and the dtype new adapter tensors get.
+  A method subclass adds only its math: ``update_layer`` (create one adapter's tensors, then
+  ``_record_adapter``), ``adapter_forward``, and either ``get_delta_weight`` (additive methods:
+  W' = W + ΔW) or ``merged_weights``/``unmerged_weights`` (multiplicative ones: W' = W R, W = W' Rᵀ).
 * :class:`BaseTuner` walks a model, finds the target modules, wraps them, marks only adapter tensors as
-  trainable, and merges or unloads everything at the end. A method subclass says which layer class wraps
-  which module type (``create_new_module``).
+  trainable, and merges or unloads everything at the end. A method subclass fills in hooks, nothing else:
+  ``default_target_modules`` (per ``model_type``), ``layer_dispatch`` (module types → layer class),
+  ``layer_kwargs`` (a config → one layer's arguments), ``check_layer`` (method-specific refusals),
+  ``filter_targets`` (e.g. keep only the top blocks), ``state_dict_for_save``/``state_dict_for_load``
+  (renames, tensors cut to or resized from a saved rank), ``convert_for_save``. Whether a method merges
+  and serves mixed batches is in its registry entry (:mod:`peftlab.registry`); ``merge_adapter`` and
+  ``merge_and_unload`` refuse with a clear error for one that cannot.
+
+Every method's config extends :class:`peftlab.config.TargetingConfig` (targets, excluded modules, layer
+selection, rank/α patterns, modules_to_save, bias, fan_in_fan_out) with only its own fields.
+
+Adapters that are not a per-layer weight update plug in at two places, decided here so their methods only
+fill them in:
+
+* LLaMA-Adapter (adaption prompts) is still an :class:`AdapterLayer`: its ``base_layer`` is a whole
+  attention module (``self_attn``), ``layer_dispatch`` names the attention classes it supports,
+  ``filter_targets`` keeps the top ``adapter_layers`` blocks, ``adapter_forward`` adds the gated attention
+  over the prompt to the module's output, and its registry entry says ``supports_merge=False``. Targeting,
+  several named adapters, enable/disable, delete, trainable marking and the file format (``adaption_prompt``
+  and ``adaption_gate`` per layer) come from this module unchanged.
+* X-LoRA is a tuner around LoRA layers: ``XLoraModel`` (a :class:`BaseTuner`) loads the experts as LoRA
+  adapters through the registry (``get_method("LORA")``, never by importing the LoRA package), adds its
+  classifier as a trainable module of its own, and overrides ``BaseTuner.forward`` for the two passes (a
+  scaling pass with the adapters off, then the real pass). The per-token, per-expert scalings reach the
+  LoRA layers the way mixed batches reach them: a context variable set around the second pass (as
+  :mod:`peftlab.tuners.routing` does for ``adapter_names``), read by the layers' forward; the layers' own
+  math is unchanged.
 
 State-dict names, saving and loading live in :mod:`peftlab.utils.save_and_load` and work from the
 structure built here (``adapter_layer_names``), not from substrings of parameter names.
@@ -21,15 +50,48 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
 from peftlab.tuners import matching
 from peftlab.tuners.modules_to_save import ModulesToSaveWrapper
 from peftlab.tuners.routing import _ROUTING, BASE_ADAPTER, Routing, mixed_batch  # noqa: F401
+
+# ---------------------------------------------------------------------------------------------------
+# What every method needs to know about the layer it wraps
+# ---------------------------------------------------------------------------------------------------
+def layer_features(layer: nn.Module) -> tuple[int, int]:
+    """(in, out) of a layer an adapter may wrap: ``nn.Linear``/4-bit ``Linear4bit`` (in_features,
+    out_features), transformers' ``Conv1D`` (weight stored (in, out)), ``nn.Conv1d/2d/3d`` (channels),
+    ``nn.Embedding`` (num_embeddings, embedding_dim), ``nn.MultiheadAttention`` (embed_dim, embed_dim)."""
+    if isinstance(layer, Conv1D):
+        n_in, n_out = layer.weight.shape  # GPT-2 stores W as (in, out)
+        return n_in, n_out
+    if isinstance(layer, nn.Embedding):
+        return layer.num_embeddings, layer.embedding_dim
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return layer.in_channels, layer.out_channels
+    if isinstance(layer, nn.MultiheadAttention):
+        return layer.embed_dim, layer.embed_dim
+    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
+        return layer.in_features, layer.out_features
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        n_out, n_in = weight.shape
+        return n_in, n_out
+    raise ValueError(f"cannot tell the input and output sizes of a {type(layer).__name__}; adapters wrap nn.Linear, "
+                     "Conv1D, nn.Conv1d/2d/3d, nn.Embedding and layers with in_features/out_features")
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype new adapter tensors get: float32 on a half-precision base (peft's ``autocast_adapter_dtype``),
+    else the base weight's own dtype."""
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
 
 # ---------------------------------------------------------------------------------------------------
 # Adapter layers
@@ -52,9 +114,20 @@ class AdapterLayer(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
+        # The adapters this layer holds, in the order they were added (a dict used as an ordered set). Kept by
+        # update_layer (through _record_adapter) and delete_adapter; forward, merge, delete and save read it,
+        # never a container: a method may keep one adapter in different containers than another (LoKr's full
+        # lokr_w1 or its factors lokr_w1_a/lokr_w1_b).
+        self._adapters: dict[str, None] = {}
         self._active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
+        inner = self.get_base_layer()
+        self.fan_in_fan_out = isinstance(inner, Conv1D)
+        try:
+            self.in_features, self.out_features = layer_features(inner)
+        except ValueError:  # a model-level adapter (e.g. around an attention block) has no single in/out
+            self.in_features = self.out_features = None
         # values derived from the frozen base weight (e.g. DoRA's row norms); cleared when it is rewritten
         self._base_cache: dict[str, Any] = {}
 
@@ -68,6 +141,11 @@ class AdapterLayer(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return self._base_weight()
+
+    def _new_tensor_kwargs(self) -> dict[str, Any]:
+        """device and dtype for a new adapter tensor (float32 on a half-precision base)."""
+        w = self.weight
+        return {"device": w.device, "dtype": adapter_dtype(w)}
 
     # ---- the base weight, whatever its storage ---------------------------------------------------
     def _base_weight(self) -> torch.Tensor:
@@ -104,12 +182,20 @@ class AdapterLayer(nn.Module):
     @property
     def adapter_names(self) -> list[str]:
         """Adapters this layer holds (in the order they were added)."""
-        names: list[str] = []
+        return list(self._adapters)
+
+    def _record_adapter(self, adapter_name: str) -> None:
+        """Note that ``adapter_name`` now lives in this layer; a method's ``update_layer`` ends with this call."""
+        self._adapters[adapter_name] = None
+
+    def adapter_tensors(self, adapter_name: str) -> list[tuple[str, nn.Module | nn.Parameter]]:
+        """(container name, entry) for every trainable container that holds ``adapter_name``."""
+        out = []
         for attr in self.adapter_layer_names:
-            for name in getattr(self, attr).keys():
-                if name not in names:
-                    names.append(name)
-        return names
+            container = getattr(self, attr)
+            if adapter_name in container:
+                out.append((attr, container[adapter_name]))
+        return out
 
     @property
     def active_adapters(self) -> list[str]:
@@ -142,6 +228,7 @@ class AdapterLayer(nn.Module):
             container = getattr(self, attr)
             if adapter_name in container:
                 del container[adapter_name]
+        self._adapters.pop(adapter_name, None)
         self._active_adapters = [n for n in self._active_adapters if n != adapter_name]
 
     def set_scale(self, adapter_name: str, scale: float) -> None:
@@ -150,6 +237,7 @@ class AdapterLayer(nn.Module):
 
     # ---- method hooks ---------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, **kwargs: Any) -> None:
+        """Create the tensors of ``adapter_name`` in this layer; ends with ``self._record_adapter(adapter_name)``."""
         raise NotImplementedError
 
     def adapter_forward(self, x: torch.Tensor, adapters: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -238,10 +326,7 @@ class AdapterLayer(nn.Module):
             return self.mixed_batch_forward(x, routing, *args, **kwargs)
         if self.merged_adapters:
             return self.base_layer(x, *args, **kwargs)
-        # every adapter of this layer has an entry in the first container (read without Module.__getattr__)
-        own = self._modules.get(self.adapter_layer_names[0])
-        if own is None:
-            own = getattr(self, self.adapter_layer_names[0])
+        own = self._adapters
         active = self._active_adapters
         if len(active) == 1:  # the common case, without building a list
             adapters = active if active[0] in own else []
@@ -251,14 +336,10 @@ class AdapterLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         return self.adapter_forward(x, adapters, *args, **kwargs)
 
-    def _first_container(self) -> Any:
-        """The first adapter container: every adapter of this layer has an entry there."""
-        return getattr(self, self.adapter_layer_names[0])
-
     def mixed_batch_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Row ``i`` of ``x`` through the adapter named for it (generic: one ``adapter_forward`` per group)."""
         result = self.base_layer(x, *args, **kwargs)
-        own = self._first_container()
+        own = self._adapters
         for name, rows in routing.groups(x.shape[0], x.device).items():
             if name == BASE_ADAPTER or name not in own:
                 continue
@@ -297,8 +378,12 @@ class BaseTuner(nn.Module):
     Explained in: book/lora.ipynb
     """
 
-    #: default targets per transformers ``model_type``
-    default_target_modules: dict[str, list[str]] = matching.DEFAULT_TARGET_MODULES
+    #: the registry entry (peftlab.registry.MethodSpec), set by ``register_method``
+    method: ClassVar[Any] = None
+    #: default ``target_modules`` per transformers ``model_type`` (used when a config leaves them None)
+    default_target_modules: ClassVar[dict[str, list[str]]] = {}
+    #: (module types, layer class) pairs, tried in order: the first whose types match wraps a target
+    layer_dispatch: ClassVar[tuple[tuple[tuple[type, ...], type[AdapterLayer]], ...]] = ()
 
     def __init__(self, model: nn.Module, peft_config: dict[str, Any], adapter_name: str = "default") -> None:
         super().__init__()
@@ -319,15 +404,96 @@ class BaseTuner(nn.Module):
                 raise
             return getattr(self.model, name)
 
-    # ---- method hooks ---------------------------------------------------------------------------
-    def create_new_module(self, config: Any, adapter_name: str, target: nn.Module, key: str) -> AdapterLayer:
-        raise NotImplementedError
+    # ---- method hooks: which layers, with which arguments ---------------------------------------
+    @property
+    def method_name(self) -> str:
+        return self.method.peft_type if self.method is not None else type(self).__name__
+
+    def layer_class_for(self, target: nn.Module) -> type[AdapterLayer] | None:
+        """The layer class that wraps ``target`` (from ``layer_dispatch``), or None if the method cannot."""
+        for types, layer_cls in self.layer_dispatch:
+            if isinstance(target, types):
+                return layer_cls
+        return None
 
     def check_target(self, config: Any, target: nn.Module, key: str) -> None:
         """Raise a clear error when ``target`` cannot carry this method (called before anything changes)."""
+        if self.layer_class_for(target) is None:
+            kinds = ", ".join(dict.fromkeys(t.__name__ for types, _ in self.layer_dispatch for t in types))
+            raise ValueError(
+                f"target module {key!r} is a {type(target).__name__}; {self.method_name} supports {kinds}. Narrow "
+                "target_modules (or add it to exclude_modules)"
+            )
+        self.check_layer(config, target, key)
+
+    def check_layer(self, config: Any, target: nn.Module, key: str) -> None:
+        """Method-specific checks of a supported target (shapes, options that need a layer kind)."""
+
+    def layer_kwargs(self, config: Any, key: str, target: nn.Module) -> dict[str, Any]:
+        """The arguments of ``update_layer`` for the module named ``key`` (after rank/alpha patterns)."""
+        raise NotImplementedError
+
+    def create_new_module(self, config: Any, adapter_name: str, target: nn.Module, key: str) -> AdapterLayer:
+        """Wrap ``target`` with the layer class ``layer_dispatch`` names for it."""
+        self._fix_fan_in_fan_out(config, target, key)
+        return self.layer_class_for(target)(target, adapter_name, **self.layer_kwargs(config, key, target))
 
     def update_existing(self, config: Any, adapter_name: str, target: AdapterLayer, key: str) -> None:
-        raise NotImplementedError
+        """Add ``adapter_name`` to a layer that already carries adapters of this method."""
+        if not isinstance(target, tuple(cls for _, cls in self.layer_dispatch)):
+            raise ValueError(f"{key} already carries a {type(target).__name__} adapter; a {self.method_name} "
+                             "adapter cannot be added to it")
+        target.update_layer(adapter_name, **self.layer_kwargs(config, key, target.get_base_layer()))
+
+    @staticmethod
+    def _fix_fan_in_fan_out(config: Any, target: nn.Module, key: str) -> None:
+        """GPT-2's Conv1D stores W as (in, out): the config's fan_in_fan_out must say so (peft's fix-up)."""
+        if "fan_in_fan_out" in getattr(config, "ABSENT_FIELDS", ()) or not hasattr(config, "fan_in_fan_out"):
+            return
+        if isinstance(target, Conv1D) and not config.fan_in_fan_out:
+            warnings.warn(f"{key} is a Conv1D (weight stored in × out): setting fan_in_fan_out=True",
+                          UserWarning, stacklevel=5)
+            config.fan_in_fan_out = True
+        elif isinstance(target, nn.Linear) and config.fan_in_fan_out:
+            warnings.warn(f"{key} is an nn.Linear (weight stored out × in): setting fan_in_fan_out=False",
+                          UserWarning, stacklevel=5)
+            config.fan_in_fan_out = False
+
+    def filter_targets(self, config: Any, keys: list[str]) -> list[str]:
+        """The matched module names this method adapts (default: all; LLaMA-Adapter keeps the top layers)."""
+        return keys
+
+    # ---- method hooks: files --------------------------------------------------------------------
+    @classmethod
+    def state_dict_for_save(cls, model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str,
+                            config: Any) -> dict[str, torch.Tensor]:
+        """The adapter's tensors (on-disk names) as the file should hold them: a method renames, cuts tensors
+        to a kept rank or records what it did in ``config`` here (AdaLoRA). Default: unchanged."""
+        return state
+
+    @classmethod
+    def state_dict_for_load(cls, model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str,
+                            config: Any) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors ready to be copied in: old names mapped to new ones, the model's layers
+        resized to a saved rank (AdaLoRA), tensors the method never loads dropped. Default: unchanged."""
+        return state
+
+    @classmethod
+    def convert_for_save(cls, state: dict[str, torch.Tensor], config: Any, initial_dir: Any,
+                         ) -> tuple[dict[str, torch.Tensor], Any]:
+        """``save_pretrained(path_initial_model_for_weight_conversion=...)``: a method whose initialisation
+        changed the base weight writes an adapter for the unchanged base (LoRA's PiSSA/OLoRA)."""
+        raise ValueError(f"path_initial_model_for_weight_conversion converts LoRA adapters initialised with PiSSA or "
+                         f"OLoRA; a {cls.method.peft_type if cls.method else cls.__name__} adapter has nothing to "
+                         "convert. Save without it")
+
+    # ---- merging --------------------------------------------------------------------------------
+    def _require_merge(self, what: str) -> None:
+        if self.method is not None and not self.method.supports_merge:
+            raise ValueError(
+                f"{what}: {self.method_name} adapters have no weight form to merge into the base model; keep the "
+                "adapter unmerged (disable_adapter() gives the base model, unload() removes the adapter layers)"
+            )
 
     # ---- injection ------------------------------------------------------------------------------
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
@@ -349,8 +515,8 @@ class BaseTuner(nn.Module):
             model_type = getattr(getattr(self.model, "config", None), "model_type", None)
             if model_type not in self.default_target_modules:
                 raise ValueError(
-                    f"target_modules=None, and there is no default for model_type={model_type!r}; name the modules "
-                    "to adapt, e.g. target_modules=['q_proj', 'v_proj'] or target_modules='all-linear'"
+                    f"target_modules=None, and {self.method_name} has no default for model_type={model_type!r}; name "
+                    "the modules to adapt, e.g. target_modules=['q_proj', 'v_proj'] or target_modules='all-linear'"
                 )
             config.target_modules = list(self.default_target_modules[model_type])
         targets = getattr(config, "target_modules", None)
@@ -386,7 +552,7 @@ class BaseTuner(nn.Module):
             )
         config = self._prepare_config(config)
         names = self._candidate_names()
-        keys = [k for k in names if matching.check_target_module_exists(config, k)]
+        keys = self.filter_targets(config, [k for k in names if matching.check_target_module_exists(config, k)])
         wrapper_keys = {k for k, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
         wrapped = [k for k in keys if k in wrapper_keys]
         if wrapped:  # peft refuses these too; skipping them silently would drop a requested target
@@ -475,7 +641,7 @@ class BaseTuner(nn.Module):
                 for n, p in self.model.named_parameters():
                     if n.endswith("bias") and ".modules_to_save." not in f".{n}" and "original_module" not in n:
                         p.requires_grad_(True)
-            elif bias in ("lora_only", "oft_only", "boft_only"):
+            elif bias.endswith("_only"):  # the method's own mode ("lora_only", "oft_only", ...): adapted layers
                 for _, layer in self.adapter_layers():
                     if a in layer.adapter_names and layer.get_base_layer().bias is not None:
                         layer.get_base_layer().bias.requires_grad_(True)
@@ -548,6 +714,7 @@ class BaseTuner(nn.Module):
     # ---- merge and unload -----------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the (active or named) adapters into the base weights, keeping them for ``unmerge_adapter``."""
+        self._require_merge("merge_adapter()")
         for n in adapter_names or ():
             if n not in self.peft_config:
                 raise ValueError(f"no adapter named {n!r}; adapters: {sorted(self.peft_config)}")
@@ -616,6 +783,7 @@ class BaseTuner(nn.Module):
         quant(W') instead: 4-bit memory again, at the price of a fresh quantisation error on W' (for NF4 about
         9 % of each weight's norm on Gaussian weights, larger than most adapters' ΔW).
         """
+        self._require_merge("merge_and_unload()")
         return self._unload(True, progressbar, safe_merge, adapter_names, requantize)
 
     def unload(self) -> nn.Module:

@@ -23,19 +23,6 @@ from peftlab.quantization.nf4 import Linear4bit
 ALL_LINEAR = "all-linear"
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 
-# model_type -> default targets when a config leaves target_modules=None (the LoRA paper's W_q, W_v).
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
-    "bloom": ["query_key_value"], "opt": ["q_proj", "v_proj"], "gptj": ["q_proj", "v_proj"],
-    "gpt_neox": ["query_key_value"], "gpt_neo": ["q_proj", "v_proj"], "bert": ["query", "value"],
-    "roberta": ["query", "value"], "xlm-roberta": ["query", "value"], "electra": ["query", "value"],
-    "deberta-v2": ["query_proj", "value_proj"], "deberta": ["in_proj"], "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"], "falcon": ["query_key_value"], "stablelm": ["q_proj", "v_proj"],
-}
-
-
 def _matches(spec: str | Sequence[str], key: str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, key) is not None

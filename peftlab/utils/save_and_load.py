@@ -64,7 +64,7 @@ def adapter_state_items(model: nn.Module, adapter_name: str, config: Any = None)
                 items.append((n, ".".join(parts[:i + 1] + parts[i + 2:]), t))
             else:
                 items.append((n, n, t))
-    elif bias in ("lora_only", "oft_only", "boft_only"):
+    elif isinstance(bias, str) and bias.endswith("_only"):  # "lora_only", "oft_only", ...: adapted layers' biases
         for path, module in model.named_modules():
             if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names:
                 b = module.get_base_layer().bias
@@ -82,7 +82,19 @@ def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default",
     """
     if config is None:
         config = _find_config(model, adapter_name)
-    return {disk: t.detach() for _, disk, t in adapter_state_items(model, adapter_name, config)}
+    state = {disk: t.detach() for _, disk, t in adapter_state_items(model, adapter_name, config)}
+    tuner = _tuner_class(config)
+    return tuner.state_dict_for_save(model, state, adapter_name, config) if tuner is not None else state
+
+
+def _tuner_class(config: Any) -> Any:
+    """The method's tuner class (for its state-dict hooks), or None for a config without a known method."""
+    from peftlab.registry import get_method
+
+    try:
+        return get_method(config).tuner_class if config is not None else None
+    except ValueError:
+        return None
 
 
 def _find_config(model: nn.Module, adapter_name: str) -> Any:
@@ -101,6 +113,9 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     """
     if config is None:
         config = _find_config(model, adapter_name)
+    tuner = _tuner_class(config)
+    if tuner is not None:  # renames, layers resized to a saved rank, ...: before the names are listed
+        state_dict = tuner.state_dict_for_load(model, state_dict, adapter_name, config)
     items = adapter_state_items(model, adapter_name, config)
     by_disk = {disk: t for _, disk, t in items}
     sd = _align_prefix(state_dict, set(by_disk))

@@ -5,3 +5,9 @@ from peftlab.tuners.lora.layer import Conv, Embedding, Linear, LoraLayer
 from peftlab.tuners.lora.model import LoraModel
 
 __all__ = ["LoraConfig", "LoftQConfig", "LoraLayer", "Linear", "Embedding", "Conv", "LoraModel"]
+
+from peftlab.config import PeftType  # noqa: E402
+from peftlab.registry import MethodSpec, register_method  # noqa: E402
+
+register_method(MethodSpec(peft_type=PeftType.LORA.value, config_class=LoraConfig, tuner_class=LoraModel,
+                           prefix="lora_", supports_merge=True, supports_mixed_batch=True))

@@ -8,9 +8,9 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from peftlab.config import PeftConfig, PeftType, register_config
+from peftlab.config import PeftType, TargetingConfig
 from peftlab.tuners.lora.init import INIT_CHOICES, check_init_lora_weights  # noqa: F401
 
 
@@ -26,15 +26,16 @@ class LoftQConfig:
     loftq_iter: int = 1
 
 
-@register_config
 @dataclass
-class LoraConfig(PeftConfig):
+class LoraConfig(TargetingConfig):
     """LoRA: h = W₀x + (α/r)·B A x, with A (r × in) and B (out × r) trained and W₀ frozen.
 
     Explained in: book/lora.ipynb
     """
 
     PEFT_TYPE = PeftType.LORA.value
+    RANK_FIELD, ALPHA_FIELD, INIT_FIELD = "r", "lora_alpha", "init_lora_weights"
+    BIAS_MODES = ("none", "all", "lora_only")
     UNSUPPORTED_KEYS = {
         "layer_replication": None, "megatron_config": None,
         "trainable_token_indices": None, "eva_config": None, "corda_config": None, "lora_ga_config": None,
@@ -44,19 +45,10 @@ class LoraConfig(PeftConfig):
     }
 
     r: int = 8
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
     lora_alpha: float = 8
     lora_dropout: float = 0.0
-    fan_in_fan_out: bool = False
-    bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
-    modules_to_save: list[str] | None = None
     init_lora_weights: bool | str = True
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
     lora_bias: bool = False
     use_dora: bool = False
     loftq_config: dict | LoftQConfig = field(default_factory=dict)
@@ -80,31 +72,11 @@ class LoraConfig(PeftConfig):
     ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        self._check_unsupported()
-        if isinstance(self.target_modules, (list, tuple, set, frozenset)):
-            self.target_modules = sorted(set(self.target_modules))
-        if isinstance(self.exclude_modules, (list, tuple, set, frozenset)):
-            self.exclude_modules = sorted(set(self.exclude_modules))
-        if isinstance(self.modules_to_save, (tuple, set, frozenset)):
-            self.modules_to_save = sorted(self.modules_to_save)
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"r={self.r!r}: the rank must be a positive integer (e.g. r=8)")
-        for key, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank <= 0:
-                raise ValueError(f"rank_pattern[{key!r}]={rank!r}: ranks must be positive integers")
+        super().__post_init__()  # the shared fields: targets, patterns, layers, bias, modules_to_save, r
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout!r} must lie in [0, 1); 0.0 turns dropout off")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"bias={self.bias!r}; valid values: 'none', 'all', 'lora_only'")
         check_init_lora_weights(self.init_lora_weights)
         self._check_loftq_and_dora()
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("layers_to_transform cannot be combined with a regex target_modules string; use a list")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("layers_pattern cannot be combined with a regex target_modules string; use a list")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("layers_pattern needs layers_to_transform (the block indices to adapt)")
 
     def _check_loftq_and_dora(self) -> None:
         if self.init_lora_weights == "loftq":
@@ -132,12 +104,3 @@ class LoraConfig(PeftConfig):
             if self.use_dora:
                 raise ValueError("lora_bias=True cannot be combined with use_dora=True (DoRA rescales the whole "
                                  "output); set one of them to False")
-
-    def rank_and_alpha(self, key: str) -> tuple[int, float]:
-        """r and α for the module named ``key``, after ``rank_pattern`` and ``alpha_pattern``."""
-        from peftlab.tuners.matching import get_pattern_key
-
-        r = self.rank_pattern.get(get_pattern_key(self.rank_pattern, key), self.r) if self.rank_pattern else self.r
-        alpha = (self.alpha_pattern.get(get_pattern_key(self.alpha_pattern, key), self.lora_alpha)
-                 if self.alpha_pattern else self.lora_alpha)
-        return r, alpha

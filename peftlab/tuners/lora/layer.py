@@ -22,11 +22,6 @@ from peftlab.tuners.lora.dora import DoraLinearVariant
 from peftlab.tuners.routing import BASE_ADAPTER, Routing
 
 
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    # Adapters train in float32 even on a half-precision base (peft's autocast_adapter_dtype=True).
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-
-
 class LoraLayer(AdapterLayer):
     """What every LoRA layer shares: rank, α, scaling, dropout and initialisation of A and B.
 
@@ -35,10 +30,8 @@ class LoraLayer(AdapterLayer):
 
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_rslora", "lora_variant")
 
-    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
-        super().__init__(base_layer)
-        self.in_features = in_features
-        self.out_features = out_features
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)  # in_features, out_features, fan_in_fan_out come from the base layer
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -65,10 +58,6 @@ class LoraLayer(AdapterLayer):
         r, alpha = self.r[adapter_name], self.lora_alpha[adapter_name]
         self.scaling[adapter_name] = scale * alpha / (math.sqrt(r) if self.use_rslora[adapter_name] else r)
 
-    def _new_tensor_kwargs(self) -> dict[str, Any]:
-        w = self.weight
-        return {"device": w.device, "dtype": _adapter_dtype(w)}
-
     def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """B(A(dropout(x))) of one adapter, before scaling."""
         raise NotImplementedError
@@ -83,7 +72,7 @@ class LoraLayer(AdapterLayer):
 
     def mixed_batch_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        own = getattr(self, self.adapter_layer_names[0])  # lora_A, or lora_embedding_A for Embedding
+        own = self._adapters
         for name, rows in routing.groups(x.shape[0], x.device).items():
             if name == BASE_ADAPTER or name not in own:
                 continue
@@ -188,17 +177,9 @@ class Linear(LoraLayer):
     adapter_layer_names = ("lora_A", "lora_B")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 8, lora_alpha: float = 8,
-                 lora_dropout: float = 0.0, fan_in_fan_out: bool = False, init_lora_weights: bool | str = True,
-                 use_rslora: bool = False, lora_bias: bool = False, use_dora: bool = False,
-                 loftq_config: dict | None = None) -> None:
-        if fan_in_fan_out:
-            in_f, out_f = base_layer.weight.shape
-        elif hasattr(base_layer, "in_features"):
-            in_f, out_f = base_layer.in_features, base_layer.out_features
-        else:
-            out_f, in_f = base_layer.weight.shape
-        super().__init__(base_layer, in_f, out_f)
-        self.fan_in_fan_out = fan_in_fan_out
+                 lora_dropout: float = 0.0, init_lora_weights: bool | str = True, use_rslora: bool = False,
+                 lora_bias: bool = False, use_dora: bool = False, loftq_config: dict | None = None) -> None:
+        super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias,
@@ -228,6 +209,7 @@ class Linear(LoraLayer):
         if use_dora:  # after the initialisation, which may change the base (as in peft)
             self.lora_variant[adapter_name] = DoraLinearVariant
             DoraLinearVariant.init(self, adapter_name)
+        self._record_adapter(adapter_name)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         A = self.lora_A[adapter_name].weight
@@ -296,8 +278,9 @@ class Linear(LoraLayer):
         batched products for the whole batch. Falls back to the per-adapter loop for unequal ranks, active
         dropout, DoRA, lora_bias or inputs with a leading dimension other than the batch."""
         names = routing.stacked_names()
-        if not all(n in self.lora_A._modules for n in names):
-            names = tuple(n for n in names if n in self.lora_A._modules)
+        own = self._adapters
+        if not all(n in own for n in names):
+            names = tuple(n for n in names if n in own)
         stacks = self._stacked(names, x) if names and not args and not kwargs and x.dim() >= 2 else None
         if stacks is None:
             return super().mixed_batch_forward(x, routing, *args, **kwargs)
@@ -357,7 +340,7 @@ class Embedding(LoraLayer):
     def __init__(self, base_layer: nn.Embedding, adapter_name: str, r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, init_lora_weights: bool | str = True, use_rslora: bool = False,
                  **_: Any) -> None:
-        super().__init__(base_layer, base_layer.num_embeddings, base_layer.embedding_dim)
+        super().__init__(base_layer)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
@@ -381,6 +364,7 @@ class Embedding(LoraLayer):
             nn.init.zeros_(B)
         self.lora_embedding_A[adapter_name] = nn.Parameter(A)
         self.lora_embedding_B[adapter_name] = nn.Parameter(B)
+        self._record_adapter(adapter_name)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         A, B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
@@ -409,7 +393,7 @@ class Conv(LoraLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, init_lora_weights: bool | str = True, use_rslora: bool = False,
                  lora_bias: bool = False, **_: Any) -> None:
-        super().__init__(base_layer, base_layer.in_channels, base_layer.out_channels)
+        super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias)
@@ -435,6 +419,7 @@ class Conv(LoraLayer):
             nn.init.zeros_(self.lora_B[adapter_name].weight)
             if lora_bias:
                 nn.init.zeros_(self.lora_B[adapter_name].bias)
+        self._record_adapter(adapter_name)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         A = self.lora_A[adapter_name].weight  # (r, in, *kernel)

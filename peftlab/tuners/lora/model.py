@@ -5,21 +5,35 @@ Explained in: book/lora.ipynb
 
 from __future__ import annotations
 
-import warnings
+import copy
+import os
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftlab.quantization.nf4 import Linear4bit
-from peftlab.tuners.base import AdapterLayer, BaseTuner
+from peftlab.tuners.base import BaseTuner, layer_features
 from peftlab.tuners.lora import init as lora_init
 from peftlab.tuners.lora.config import LoraConfig
-from peftlab.tuners.lora.layer import Conv, Embedding, Linear, LoraLayer
+from peftlab.tuners.lora.layer import Conv, Embedding, Linear
+from peftlab.utils.io import load_adapter_weights
 
-SUPPORTED = (nn.Linear, Conv1D, Linear4bit, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: layers that take DoRA and the initialisations that read the base weight (PiSSA, OLoRA, LoftQ)
 LINEAR = (nn.Linear, Conv1D, Linear4bit)
+
+# model_type -> default targets when a config leaves target_modules=None (the LoRA paper's W_q, W_v).
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"], "opt": ["q_proj", "v_proj"], "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"], "gpt_neo": ["q_proj", "v_proj"], "bert": ["query", "value"],
+    "roberta": ["query", "value"], "xlm-roberta": ["query", "value"], "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"], "deberta": ["in_proj"], "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"], "falcon": ["query_key_value"], "stablelm": ["q_proj", "v_proj"],
+}
 
 
 class LoraModel(BaseTuner):
@@ -28,12 +42,10 @@ class LoraModel(BaseTuner):
     Explained in: book/lora.ipynb
     """
 
-    def check_target(self, config: LoraConfig, target: nn.Module, key: str) -> None:
-        if not isinstance(target, SUPPORTED):
-            raise ValueError(
-                f"target module {key!r} is a {type(target).__name__}; LoRA supports "
-                f"{', '.join(t.__name__ for t in SUPPORTED)}. Narrow target_modules (or add it to exclude_modules)"
-            )
+    default_target_modules = DEFAULT_TARGET_MODULES
+    layer_dispatch = (((nn.Embedding,), Embedding), ((nn.Conv1d, nn.Conv2d, nn.Conv3d), Conv), (LINEAR, Linear))
+
+    def check_layer(self, config: LoraConfig, target: nn.Module, key: str) -> None:
         if isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and target.groups != 1:
             raise ValueError(
                 f"target module {key!r} is a grouped convolution (groups={target.groups}); peftlab's LoRA supports "
@@ -56,44 +68,41 @@ class LoraModel(BaseTuner):
             return
         if lora_init.reads_base_weight(init):
             r, _ = config.rank_and_alpha(key)
-            shape = tuple(target.weight.shape) if hasattr(target, "weight") else (target.out_features,
-                                                                                  target.in_features)
-            if r > min(shape):
-                raise ValueError(f"init_lora_weights={init!r} with r={r} needs r <= min(in, out) = {min(shape)}, but "
-                                 f"target module {key!r} has a weight of shape {shape}; lower r for it (rank_pattern)")
+            n_in, n_out = layer_features(target)
+            shape = tuple(target.weight.shape) if hasattr(target, "weight") else (n_out, n_in)
+            if r > min(n_in, n_out):
+                raise ValueError(f"init_lora_weights={init!r} with r={r} needs r <= min(in, out) = {min(n_in, n_out)}, "
+                                 f"but target module {key!r} has a weight of shape {shape}; lower r for it "
+                                 "(rank_pattern)")
             if init == "loftq" and isinstance(target, Linear4bit):
                 raise ValueError(f"init_lora_weights='loftq': target module {key!r} is already 4-bit, but LoftQ needs "
                                  "the full-precision weight; apply it to the unquantised model, then quantize_model()")
 
-    def _layer_kwargs(self, config: LoraConfig, key: str) -> dict[str, Any]:
+    def layer_kwargs(self, config: LoraConfig, key: str, target: nn.Module) -> dict[str, Any]:
         r, alpha = config.rank_and_alpha(key)
         return {"r": r, "lora_alpha": alpha, "lora_dropout": config.lora_dropout,
                 "init_lora_weights": config.init_lora_weights, "use_rslora": config.use_rslora,
                 "lora_bias": config.lora_bias, "use_dora": config.use_dora,
                 "loftq_config": config.loftq_config or None}
 
-    def create_new_module(self, config: LoraConfig, adapter_name: str, target: nn.Module, key: str) -> AdapterLayer:
-        kwargs = self._layer_kwargs(config, key)
-        if isinstance(target, nn.Embedding):
-            return Embedding(target, adapter_name, **kwargs)
-        if isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            return Conv(target, adapter_name, **kwargs)
-        if isinstance(target, Conv1D):
-            if not config.fan_in_fan_out:
-                warnings.warn(f"{key} is a Conv1D (weight stored in × out): setting fan_in_fan_out=True",
-                              UserWarning, stacklevel=4)
-                config.fan_in_fan_out = True
-            return Linear(target, adapter_name, fan_in_fan_out=True, **kwargs)
-        if config.fan_in_fan_out:
-            warnings.warn(f"{key} is an nn.Linear (weight stored out × in): setting fan_in_fan_out=False",
-                          UserWarning, stacklevel=4)
-            config.fan_in_fan_out = False
-        return Linear(target, adapter_name, fan_in_fan_out=False, **kwargs)
+    @classmethod
+    def convert_for_save(cls, state: dict[str, torch.Tensor], config: LoraConfig, initial_dir: str | os.PathLike,
+                         ) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+        """A PiSSA/OLoRA adapter as a plain LoRA on the original base (see ``PeftModel.save_pretrained``).
 
-    def update_existing(self, config: LoraConfig, adapter_name: str, target: AdapterLayer, key: str) -> None:
-        if not isinstance(target, LoraLayer):
-            raise ValueError(f"{key} already carries a {type(target).__name__} adapter; LoRA cannot be added to it")
-        target.update_layer(adapter_name, **self._layer_kwargs(config, key))
+        Explained in: book/lora_in_practice.ipynb
+        """
+        lora_init.check_conversion(config)
+        if not os.path.isdir(initial_dir):
+            raise ValueError(f"path_initial_model_for_weight_conversion={os.fspath(initial_dir)!r} is not a folder; "
+                             "save the adapter right after get_peft_model(...) and pass that folder")
+        initial = load_adapter_weights(initial_dir)
+        converted = lora_init.subtract_mutated_init(state, initial)
+        initial_config = copy.deepcopy(config)
+        initial_config.init_lora_weights = True  # the initial folder now loads as a plain LoRA (peft does this)
+        initial_config.inference_mode = True
+        initial_config.save_pretrained(initial_dir)
+        return converted, lora_init.converted_config(copy.deepcopy(config))
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: str = "svd", svd_rank: int | None = None,

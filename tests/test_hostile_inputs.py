@@ -1,7 +1,7 @@
 """Hostile and broken inputs: fuzzed configs, unknown keys, pickles, corrupt files, adapters for another model.
 
-* Every config class in ``peftlab.config._CONFIG_CLASSES`` (a new method registers one and is fuzzed here with
-  no change): hypothesis sets up to three fields to hostile or plausible values. The config either refuses with
+* Every config class in the method registry (``peftlab.registry.methods()``: a new method registers one and is
+  fuzzed here with no change): hypothesis sets up to three fields to hostile or plausible values. The config either refuses with
   a ValueError/TypeError that names a config field, or it is valid: then it round-trips through
   ``adapter_config.json``, and ``get_peft_model`` on a tiny Llama either refuses the same way or gives a model
   whose outputs are finite (never an exception from deep inside torch, never NaN).
@@ -30,11 +30,11 @@ from hypothesis import strategies as st
 
 import peftlab
 from peftlab import LoraConfig, PeftConfig, PeftModel, get_peft_model
-from peftlab.config import _CONFIG_CLASSES
+from peftlab import registry
 from peftlab.lab.models import example_inputs, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG_CLASSES = sorted(_CONFIG_CLASSES.values(), key=lambda c: c.__name__)
+CONFIG_CLASSES = sorted({m.config_class for m in registry.methods()}, key=lambda c: c.__name__)
 SETTINGS = settings(max_examples=int(os.environ.get("PEFTLAB_FUZZ_EXAMPLES", "300")), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 # the base fields every config shares are bookkeeping, not method settings

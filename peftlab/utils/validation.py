@@ -26,7 +26,7 @@ def _hints(cls: type) -> dict[str, Any]:
     return _CACHE[cls]
 
 
-def _describe(tp: Any) -> str:
+def _describe(tp: Any, field: str = "") -> str:
     origin = typing.get_origin(tp)
     if tp is type(None):
         return "None"
@@ -39,11 +39,13 @@ def _describe(tp: Any) -> str:
     if tp is str:
         return "a string"
     if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
+        return " or ".join(_describe(a, field) for a in typing.get_args(tp))
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (list, tuple, set, frozenset):
         args = typing.get_args(tp)
+        if args and args[0] is str and "modules" in field:
+            return "a list of module names"  # target_modules, exclude_modules, modules_to_save
         return f"a list (items: {_describe(args[0])})" if args else "a list"
     if origin is dict or tp is dict:
         args = typing.get_args(tp)
@@ -105,7 +107,7 @@ def check_field_types(config: Any) -> None:
             default = repr(f.default_factory())  # type: ignore[misc]
         else:
             default = "none"
-        what = _describe(tp)
+        what = _describe(tp, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             error, what = ValueError, "a finite number" if what == "a number" else f"a finite value: {what}"
         elif isinstance(value, (str, int, float)) and "one of " in what:  # right kind, value not among the choices

@@ -286,3 +286,12 @@ def test_other_float_dtypes_load_cast_to_the_model(tmp_path: Path, dtype: torch.
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, out, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("r", [2**40, 2**34])
+def test_an_absurd_rank_is_refused_before_anything_is_allocated(r: int) -> None:
+    """Found by the cpu-profile fuzz run: r=2**40 used to reach torch's allocator (a RuntimeError for 512 TB)."""
+    model, _ = _tiny()
+    with pytest.raises(ValueError, match=rf"r={r} for .*: A and B would need .* GiB, more than .* use r <= "):
+        get_peft_model(model, LoraConfig(r=r, target_modules=["q_proj"]))
+    assert _untouched(model)

@@ -36,6 +36,16 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 }
 
 
+def _memory_bytes(device: torch.device) -> int:
+    """Total memory of ``device`` in bytes (0 when unknown)."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return 0
+
+
 class LoraModel(BaseTuner):
     """Injects LoRA layers into a model (see :class:`~peftlab.tuners.base.BaseTuner`).
 
@@ -46,6 +56,15 @@ class LoraModel(BaseTuner):
     layer_dispatch = (((nn.Embedding,), Embedding), ((nn.Conv1d, nn.Conv2d, nn.Conv3d), Conv), (LINEAR, Linear))
 
     def check_layer(self, config: LoraConfig, target: nn.Module, key: str) -> None:
+        weight = getattr(target, "weight", None)
+        r = config.rank_and_alpha(key)[0]
+        if isinstance(weight, torch.Tensor) and weight.dim() >= 2:  # e.g. r=2**40: refuse before allocating A and B
+            need = r * (weight.shape[0] + weight[0].numel()) * weight.element_size()  # A and B, bytes
+            have = _memory_bytes(weight.device)
+            if have and need > have:
+                raise ValueError(f"r={r} for {key!r}: A and B would need {need / 2**30:,.0f} GiB, more than the "
+                                 f"{have / 2**30:,.0f} GiB of {weight.device.type} memory; the rank of ΔW is at most "
+                                 f"{min(weight.shape[0], weight[0].numel())} here, so use r <= that")
         if isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and target.groups != 1:
             raise ValueError(
                 f"target module {key!r} is a grouped convolution (groups={target.groups}); peftlab's LoRA supports "

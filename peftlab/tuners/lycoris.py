@@ -235,15 +235,21 @@ class LycorisLayer(AdapterLayer):
         """h = op(x; W₀ + Σ ΔW): one product with the updated weight instead of op(x; W₀) + op(x; ΔW), which
         saves a product over all tokens in the forward and another in the backward."""
         training = self.training
-        deltas = []
+        kept: list[tuple[str, torch.Tensor | None]] = []
         for name in adapters:
             # module dropout: skip this adapter for the whole step (peft draws even when p = 0; so do we, so a
             # seeded training run consumes the same random numbers in both libraries)
             if training and not torch.rand(1) > self.module_dropout[name]:
                 continue
-            deltas.append(self._delta_weight(name, rank_dropout=training and bool(self.rank_dropout[name])))
-        if not deltas:
+            rank_dropout = training and bool(self.rank_dropout[name])  # its mask is drawn now, in peft's order
+            kept.append((name, self._delta_weight(name, rank_dropout=True) if rank_dropout else None))
+        if not kept:
             return self.base_layer(x, *args, **kwargs)
+        if len(kept) == 1 and kept[0][1] is None and torch.is_grad_enabled():
+            fused = self.fused_forward(x, kept[0][0], args, kwargs)
+            if fused is not None:
+                return fused
+        deltas = [self._delta_weight(name) if d is None else d for name, d in kept]
         if self._plain_base(x, deltas, args, kwargs):
             base = self._modules["base_layer"]
             weight = base._parameters["weight"]
@@ -256,6 +262,10 @@ class LycorisLayer(AdapterLayer):
         for d in deltas:
             result = result + self._op(x.to(d.dtype), d, None)
         return result.to(out_dtype)
+
+    def fused_forward(self, x: torch.Tensor, adapter_name: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """Training with one adapter: the method's single autograd node for base + adapter, or None (default)."""
+        return None
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling}"

@@ -14,9 +14,45 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from peftlab.tuners.lycoris import LycorisLayer, cp_weight, kaiming_
+
+
+class LoHaLinearFunction(torch.autograd.Function):
+    """h = x (W + s·(W1a W1b) ⊙ (W2a W2b))ᵀ + b as one autograd node; x (..., in), W (out, in).
+
+    Backward, with g = ∂L/∂h, P1 = W1a W1b, P2 = W2a W2b and G = s·gᵀx (out, in):
+    ∂x = g W', ∂W1a = (G ⊙ P2) W1bᵀ, ∂W1b = W1aᵀ (G ⊙ P2), ∂W2a = (G ⊙ P1) W2bᵀ, ∂W2b = W2aᵀ (G ⊙ P1).
+    One node and two (out, in) temporaries instead of the ~8 nodes and their buffers autograd records.
+
+    Explained in: book/loha_lokr.ipynb
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w1a: torch.Tensor,
+                w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, s: float) -> torch.Tensor:
+        p1, p2 = w1a @ w1b, w2a @ w2b
+        updated = torch.addcmul(weight, p1, p2, value=s)  # W' = W + s·P1 ⊙ P2
+        out = F.linear(x, updated, bias)
+        ctx.save_for_backward(x, updated, w1a, w1b, w2a, w2b, p1, p2)
+        ctx.s, ctx.has_bias = s, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):
+        x, updated, w1a, w1b, w2a, w2b, p1, p2 = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_x = torch.mm(g2, updated).view(x.shape) if need_x else None
+        gw = torch.mm(g2.t(), x2)  # gᵀx = ∂L/∂W', (out, in)
+        grad_w = gw.clone() if need_w else None
+        grad_b = g2.sum(0) if need_b and ctx.has_bias else None
+        gw.mul_(ctx.s)
+        g1 = gw * p2  # ∂L/∂P1
+        gw.mul_(p1)  # ∂L/∂P2, in place
+        return (grad_x, grad_w, grad_b, g1 @ w1b.t(), w1a.t() @ g1, gw @ w2b.t(), w2a.t() @ gw, None)
 
 
 class LoHaLayer(LycorisLayer):
@@ -71,6 +107,17 @@ class LoHaLayer(LycorisLayer):
         for name, c in zip(("hada_t1", "hada_t2"), cores):
             getattr(self, name)[adapter_name] = self._as_parameter(c)
         self._record_adapter(adapter_name)
+
+    def fused_forward(self, x: torch.Tensor, adapter_name: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """Training one adapter on a plain nn.Linear: :class:`LoHaLinearFunction`."""
+        base = self._modules["base_layer"]
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or args or kwargs:
+            return None
+        w = base._parameters["weight"]
+        factors = [getattr(self, n)[adapter_name] for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")]
+        if not x.dtype == w.dtype == factors[0].dtype:
+            return None
+        return LoHaLinearFunction.apply(x, w, base._parameters["bias"], *factors, self.scaling[adapter_name])
 
     def make_delta(self, adapter_name: str) -> torch.Tensor:
         """(W1a W1b) ⊙ (W2a W2b), or the Hadamard product of the two CP kernels on an effective conv.

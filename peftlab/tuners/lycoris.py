@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +77,7 @@ class LycorisConfig(TargetingConfig):
     BIAS_MODES = ("none",)
     ABSENT_FIELDS = frozenset({"bias", "fan_in_fan_out"})
     #: accepted values of ``init_weights`` besides True and False
-    INIT_CHOICES: tuple[str, ...] = ()
+    INIT_CHOICES: ClassVar[tuple[str, ...]] = ()
 
     r: int = 8
     alpha: float = 8

@@ -6,6 +6,7 @@ Explained in: book/loha_lokr.ipynb
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from peftlab.config import PeftType
 from peftlab.tuners.lycoris import LycorisConfig
@@ -31,7 +32,7 @@ class LoKrConfig(LycorisConfig):
     """
 
     PEFT_TYPE = PeftType.LOKR.value
-    INIT_CHOICES = ("lycoris",)
+    INIT_CHOICES: ClassVar[tuple[str, ...]] = ("lycoris",)
 
     decompose_both: bool = False
     decompose_factor: int = -1

@@ -144,6 +144,9 @@ class LoKrLayer(LycorisLayer):
             w2 = self.lokr_w2[adapter_name]
         elif adapter_name in self.lokr_t2:
             w2 = cp_weight(self.lokr_t2[adapter_name], self.lokr_w2_a[adapter_name], self.lokr_w2_b[adapter_name])
+            # einsum may hand back odd strides on a size-1 dim (Conv1d's (b, d, k, 1)), which torch.kron's
+            # internal view rejects (peft 0.21.2 fails there); give it the plain row-major layout
+            w2 = w2.reshape(-1).view(w2.shape)
         else:
             w2 = self.lokr_w2_a[adapter_name] @ self.lokr_w2_b[adapter_name]  # (b, d·kernel), rank ≤ r
         if w2.dim() == 4:  # (b, d, kh, kw): W1 as (a, c, 1, 1), so kron keeps the kernel in W2's trailing dims
@@ -151,4 +154,4 @@ class LoKrLayer(LycorisLayer):
         # A whole Conv1d W2 (b, d, k) meets a 2-D W1: torch.kron pads W1 to (1, a, c), and peft reshapes the
         # (b, a·d, c·k) result to (a·b, c·d, k). Not a Kronecker layout of the kernel, but it is what the files
         # mean, so peftlab computes the same.
-        return torch.kron(w1, w2.contiguous())  # W1 ⊗ W2
+        return torch.kron(w1, w2)  # W1 ⊗ W2

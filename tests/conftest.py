@@ -6,9 +6,12 @@ once per (name, seed) and handed out as deep copies (building Llama's config the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import warnings
+import zlib
+from collections.abc import Callable, Iterator
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
@@ -52,3 +55,69 @@ def adapter_dir(tmp_path):
     path = tmp_path / "adapter"
     path.mkdir()
     return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers shared by the test files (import them: ``from conftest import fill_, output, quiet``)
+# ---------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence every warning inside the block (fan_in_fan_out fix-ups, peft's deprecations)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def output(model: torch.nn.Module, x, **kwargs) -> torch.Tensor:
+    """The model's main output tensor without gradients (logits, hidden states or a toy model's output)."""
+    with torch.no_grad():
+        return output_with_grad(model, x, **kwargs)
+
+
+def output_with_grad(model: torch.nn.Module, x, **kwargs) -> torch.Tensor:
+    out = model(**x, **kwargs) if isinstance(x, dict) else model(x, **kwargs)
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+# Adapter tensors that scale something and start near one (DoRA's magnitude, IA3's vectors): filled
+# with values near their own instead of replaced, so a "trained" adapter stays a sensible model.
+SCALE_LIKE_TENSORS = ("lora_magnitude_vector", "ia3_l")
+
+
+def fill_(tensor: torch.Tensor, name: str) -> None:
+    """Deterministic values in ±0.1 seeded by ``name`` (different names get different values); a
+    scale-like tensor (see ``SCALE_LIKE_TENSORS``) is multiplied by 1 ± 10 % instead."""
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    noise = (torch.rand(tensor.shape, generator=g) * 0.2 - 0.1).to(tensor.dtype)
+    with torch.no_grad():
+        if any(part in SCALE_LIKE_TENSORS for part in name.replace(":", ".").split(".")):
+            tensor.mul_(1 + noise)
+        else:
+            tensor.copy_(noise)
+
+
+def fill_params(model: torch.nn.Module, select: Callable[[str, torch.nn.Parameter], bool],
+                seed_name: Callable[[str], str] = lambda n: n) -> None:
+    """``fill_`` every parameter ``select(name, p)`` picks, seeded by ``seed_name(name)`` (so two libraries
+    that name a tensor alike get the same values)."""
+    for n, p in model.named_parameters():
+        if select(n, p):
+            fill_(p, seed_name(n))
+
+
+def is_method_tensor(name: str, prefixes: tuple[str, ...] = ("lora_",)) -> bool:
+    """A parameter name with a part that starts with one of the methods' tensor prefixes."""
+    return any(part.startswith(prefixes) for part in name.split("."))
+
+
+def fill_method_tensors(model: torch.nn.Module, prefixes: tuple[str, ...] = ("lora_",)) -> None:
+    """``fill_`` every adapter tensor (a name part starting with one of ``prefixes``), seeded by its name."""
+    fill_params(model, lambda n, p: is_method_tensor(n, prefixes))
+
+
+def fill_trainable(model: torch.nn.Module, adapter: str = "default", prefixes: tuple[str, ...] = ("lora_",)) -> None:
+    """``fill_`` every trainable tensor and every tensor of ``adapter`` (seeded by name, equal across libraries)."""
+    fill_params(model, lambda n, p: p.requires_grad or (
+        adapter in n.split(".") and is_method_tensor(n, (*prefixes, "modules_to_save"))))

@@ -14,13 +14,10 @@ sources, peft's svd shape bug) the difference has its own test.
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-import zlib
 
 import pytest
 import torch
-from conftest import base_model
+from conftest import base_model, fill_method_tensors, output, quiet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -61,20 +58,6 @@ IDS = [c[0] for c in CASES]
 # ---------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def fill_lora(model) -> None:
-    """Every LoRA tensor gets values in [-0.1, 0.1) seeded by its name (the same in both libraries)."""
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if any(part.startswith("lora_") for part in n.split(".")):
-                g = torch.Generator().manual_seed(zlib.crc32(n.encode()))
-                p.copy_((torch.rand(p.shape, generator=g) * 0.2 - 0.1).to(p.dtype))
 
 
 def build(lib_name: str, model: str, adapters: dict[str, dict]):
@@ -84,7 +67,7 @@ def build(lib_name: str, model: str, adapters: dict[str, dict]):
         pm = lib.get_peft_model(base_model(model), lib.LoraConfig(**adapters[names[0]]), adapter_name=names[0])
         for n in names[1:]:
             pm.add_adapter(n, lib.LoraConfig(**adapters[n]))
-    fill_lora(pm)
+    fill_method_tensors(pm)
     return pm.eval()
 
 
@@ -99,11 +82,6 @@ def factors(layer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach()
     return layer.lora_embedding_A[name].detach(), layer.lora_embedding_B[name].detach()
 
-
-def output(pm, x) -> torch.Tensor:
-    with torch.no_grad():
-        out = pm(**x) if isinstance(x, dict) else pm(x)
-    return out if isinstance(out, torch.Tensor) else out.logits
 
 
 def merge(pm, names, weights, combination_type, **kw):

@@ -8,18 +8,15 @@ Most calls run in-process (``peftlab.cli.main``); a few run ``python -m peftlab`
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import warnings
-import zlib
 
 import pytest
 import torch
-from conftest import base_model
+from conftest import base_model, fill_method_tensors, output, quiet
 from safetensors.torch import load_file, save_file
 
 import peftlab
@@ -36,25 +33,12 @@ CFG = {"a": dict(target_modules=["lin0", "lin1"], r=2, lora_alpha=8),
 WEIGHTS = [0.8, -0.5]
 
 
-@contextlib.contextmanager
-def quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def fill_lora(model) -> None:
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if any(part.startswith("lora_") for part in n.split(".")):
-                g = torch.Generator().manual_seed(zlib.crc32(n.encode()))
-                p.copy_(torch.rand(p.shape, generator=g) * 0.2 - 0.1)
 
 
 def save_adapter(lib, name: str, folder, model: str = "mlp", **overrides) -> str:
     with quiet():
         pm = lib.get_peft_model(base_model(model), lib.LoraConfig(**{**CFG[name], **overrides}), adapter_name=name)
-    fill_lora(pm)
+    fill_method_tensors(pm)
     pm.save_pretrained(str(folder), selected_adapters=[name])
     path = os.path.join(str(folder), name) if name != "default" else str(folder)
     assert os.path.isfile(os.path.join(path, "adapter_config.json"))
@@ -79,10 +63,6 @@ def reference(folders, combination_type: str, weights=WEIGHTS, **kw):
 def run_cli(*args: str) -> int:
     return main(list(args))
 
-
-def output(pm, x) -> torch.Tensor:
-    with torch.no_grad():
-        return pm(x)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -16,12 +16,11 @@ import copy
 import statistics
 import time
 import warnings
-import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import base_model
+from conftest import base_model, fill_params, output
 from safetensors.torch import load_file
 from torch import nn
 
@@ -47,28 +46,11 @@ CASES = [
 IDS = [c[0] for c in CASES]
 
 
-def output(model: nn.Module, x, **kwargs) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(**x, **kwargs) if isinstance(x, dict) else model(x, **kwargs)
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-
 
 def canonical(name: str) -> str:
     """peft keeps m in a module (``...lora_magnitude_vector.<adapter>.weight``), peftlab in a ParameterDict."""
     return name[:-len(".weight")] if ".lora_magnitude_vector." in name and name.endswith(".weight") else name
 
-
-def fill(model: nn.Module) -> None:
-    """Name-seeded values in both libraries: A, B in ±0.1, m scaled by 1 ± 10 % (it stays near ‖W‖)."""
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        g = torch.Generator().manual_seed(zlib.crc32(canonical(n).encode()))
-        noise = torch.rand(p.shape, generator=g) * 0.2 - 0.1
-        with torch.no_grad():
-            p.copy_(p * (1 + noise) if "lora_magnitude_vector" in n else noise)
 
 
 def build(lib_name: str, model: str, kwargs: dict, filled: bool = True):
@@ -78,7 +60,7 @@ def build(lib_name: str, model: str, kwargs: dict, filled: bool = True):
         warnings.simplefilter("ignore")
         pm = lib.get_peft_model(base_model(model), lib.LoraConfig(**kwargs))
     if filled:
-        fill(pm)
+        fill_params(pm, lambda n, p: p.requires_grad, canonical)
     return pm.eval()
 
 
@@ -132,7 +114,7 @@ def test_fast_norm_equals_reference_and_forward_equals_formula(case):
 def test_norm_identity_on_a_4bit_base():
     model = quantize_model(base_model("llama"))
     pm = get_peft_model(model, LoraConfig(target_modules=["q_proj"], use_dora=True, task_type="CAUSAL_LM"))
-    fill(pm)
+    fill_params(pm, lambda n, p: p.requires_grad, canonical)
     for key, layer in dora_layers(pm).items():
         torch.testing.assert_close(dora.weight_norm(layer, "default"), dora.reference_weight_norm(layer, "default"),
                                    atol=1e-5, rtol=1e-5)
@@ -261,7 +243,7 @@ def test_merge_dora_after_a_merged_lora_adapter():
     forward does; unmerging restores the base."""
     pm = build("peftlab", "mlp", dict(target_modules=["lin0"], r=2))
     pm.add_adapter("dora", LoraConfig(target_modules=["lin0"], use_dora=True))
-    fill(pm)
+    fill_params(pm, lambda n, p: p.requires_grad, canonical)
     pm.eval()
     layer = pm.base_model.model.lin0
     x = example_inputs("mlp")
@@ -360,7 +342,7 @@ def test_mixed_batch_with_dora_equals_separate_runs():
     """peft refuses ``adapter_names`` with DoRA; peftlab routes each row through its adapter."""
     pm = build("peftlab", "llama", CASES[2][2])
     pm.add_adapter("lora", LoraConfig(target_modules=["q_proj", "v_proj"], r=4, task_type="CAUSAL_LM"))
-    fill(pm)
+    fill_params(pm, lambda n, p: p.requires_grad, canonical)
     pm.eval()
     x = example_inputs("llama", batch=4)
     names = ["lora", "default", "__base__", "default"]
@@ -431,7 +413,7 @@ def test_dora_layer_step_faster_than_peft():
     models = {}
     for name, lib in LIBS.items():
         pm = lib.get_peft_model(copy.deepcopy(One()), lib.LoraConfig(r=16, target_modules=["q"], use_dora=True))
-        fill(pm)
+        fill_params(pm, lambda n, p: p.requires_grad, canonical)
         models[name] = pm.train()
     x = torch.randn(1024, 256, requires_grad=True)
     times = {name: [] for name in models}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_model
+from conftest import base_model, fill_method_tensors
 from safetensors.torch import save_file
 from torch import nn
 
@@ -50,18 +50,11 @@ def folder_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def fill(model: nn.Module) -> None:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.rand(p.shape, generator=g) * 0.2 - 0.1)
-
 
 def mlp_peft(**kwargs) -> PeftModel:
     config = LoraConfig(**{"target_modules": ["lin0", "lin1"], **kwargs})
     model = get_peft_model(base_model("mlp"), config).eval()
-    fill(model)
+    fill_method_tensors(model)
     return model
 
 

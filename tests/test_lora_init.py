@@ -19,7 +19,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import base_model
+from conftest import base_model, output
 from safetensors.torch import load_file
 from torch import nn
 
@@ -51,13 +51,6 @@ CASES = [
 ]
 IDS = [c[0] for c in CASES]
 
-
-def output(model: nn.Module, x) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(**x) if isinstance(x, dict) else model(x)
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
 def canonical(name: str) -> str:

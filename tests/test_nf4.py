@@ -19,7 +19,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import base_model
+from conftest import base_model, output
 from torch import nn
 
 import peftlab
@@ -37,11 +37,6 @@ PAPER_LEVELS = [-1, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0, 0.0
 def gaussian(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
-
-def output(model: nn.Module, x) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(**x) if isinstance(x, dict) else model(x)
-    return out if isinstance(out, torch.Tensor) else out.logits
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,281 @@
+"""The shared adapter mechanism, tested with methods that exist only here.
+
+* a method whose adapters use different containers (LoKr's case: a full ``lokr_w1`` or the factors
+  ``lokr_w1_a``/``lokr_w1_b``) is found by forward, merge, delete, mixed batches and save/load;
+* the registry: config dispatch, unknown methods named with the known ones, the merge and mixed-batch flags,
+  the state-dict hooks;
+* ``TargetingConfig``: one validation of the shared fields, fields a method lacks in peft.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from conftest import base_model, fill_method_tensors, output
+from torch import nn
+
+from peftlab import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peftlab.config import TargetingConfig
+from peftlab.registry import MethodSpec, get_method, known_methods, register_method, unregister_method
+from peftlab.tuners.base import AdapterLayer, BaseTuner
+from peftlab.utils.save_and_load import get_peft_model_state_dict
+
+
+# ---------------------------------------------------------------------------------------------------
+# a throw-away method with two tensor layouts per adapter
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class TwoLayoutConfig(TargetingConfig):
+    """ΔW = W_full (when r >= min(in, out)) or W_a W_b (rank r): two layouts, chosen per adapter."""
+
+    PEFT_TYPE = "TWOLAYOUT"
+    RANK_FIELD, ALPHA_FIELD, INIT_FIELD = "r", None, None
+    ABSENT_FIELDS = frozenset({"alpha_pattern", "bias"})
+
+    r: int = 2
+
+
+class TwoLayoutLayer(AdapterLayer):
+    # the full form comes first: a low-rank adapter has no entry in the first container
+    adapter_layer_names = ("toy_w", "toy_w_a", "toy_w_b")
+    other_param_names = ("r",)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int) -> None:
+        super().__init__(base_layer)
+        self.toy_w = nn.ParameterDict()
+        self.toy_w_a = nn.ParameterDict()
+        self.toy_w_b = nn.ParameterDict()
+        self.r: dict[str, int] = {}
+        self.update_layer(adapter_name, r)
+        self.set_adapter([adapter_name])
+
+    def update_layer(self, adapter_name: str, r: int) -> None:
+        kw = self._new_tensor_kwargs()
+        self.r[adapter_name] = r
+        if r >= min(self.in_features, self.out_features):
+            self.toy_w[adapter_name] = nn.Parameter(torch.zeros(self.out_features, self.in_features, **kw))
+        else:
+            self.toy_w_a[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r, **kw))
+            self.toy_w_b[adapter_name] = nn.Parameter(torch.zeros(r, self.in_features, **kw))
+        self._record_adapter(adapter_name)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        if adapter_name in self.toy_w:
+            return self.toy_w[adapter_name]
+        return self.toy_w_a[adapter_name] @ self.toy_w_b[adapter_name]
+
+    def adapter_forward(self, x: torch.Tensor, adapters, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in adapters:
+            result = result + x @ self.get_delta_weight(name).T
+        return result
+
+
+class TwoLayoutModel(BaseTuner):
+    layer_dispatch = (((nn.Linear,), TwoLayoutLayer),)
+    renamed_on_disk: dict[str, str] = {}  # filled by a test of the state-dict hooks
+
+    def layer_kwargs(self, config: TwoLayoutConfig, key: str, target: nn.Module) -> dict[str, Any]:
+        r, _ = config.rank_and_alpha(key)
+        return {"r": r}
+
+    @classmethod
+    def state_dict_for_save(cls, model, state, adapter_name, config):
+        return {k.replace(old, new): v for k, v in state.items() for old, new in [cls._rename()]}
+
+    @classmethod
+    def state_dict_for_load(cls, model, state, adapter_name, config):
+        return {k.replace(new, old): v for k, v in state.items() for old, new in [cls._rename()]}
+
+    @classmethod
+    def _rename(cls) -> tuple[str, str]:
+        return next(iter(cls.renamed_on_disk.items()), ("", ""))
+
+
+@pytest.fixture
+def two_layout():
+    spec = register_method(MethodSpec(peft_type="TWOLAYOUT", config_class=TwoLayoutConfig,
+                                      tuner_class=TwoLayoutModel, prefix="toy_"))
+    yield spec
+    unregister_method("TWOLAYOUT")
+    TwoLayoutModel.renamed_on_disk = {}
+
+
+def two_adapters() -> PeftModel:
+    """lin0 (10 -> 20) with a low-rank adapter "low" (r=2) and a full one "full" (r=10), both non-zero."""
+    model = get_peft_model(base_model("mlp"), TwoLayoutConfig(target_modules=["lin0"], r=2), adapter_name="low")
+    model.add_adapter("full", TwoLayoutConfig(target_modules=["lin0"], r=10))
+    fill_method_tensors(model, ("toy_",))
+    return model.eval()
+
+
+def test_alternative_layouts_are_found_by_forward_merge_delete_and_save(two_layout, tmp_path):
+    model = two_adapters()
+    layer = model.base_model.model.lin0
+    assert layer.adapter_names == ["low", "full"]
+    assert "low" not in layer.toy_w and "full" not in layer.toy_w_a  # the two layouts
+    x = torch.randn(3, 10)
+    base = output(model.base_model.model.lin0.base_layer, x)
+    for name in ("low", "full"):
+        model.set_adapter(name)
+        expected = base + x @ layer.get_delta_weight(name).T.detach()
+        assert not torch.allclose(expected, base)
+        torch.testing.assert_close(output(layer, x), expected)  # forward finds the adapter
+        # merge finds it too: merged output equals unmerged, unmerge restores
+        w = layer.get_base_layer().weight.detach().clone()
+        full_out = output(model, x)
+        model.merge_adapter()
+        assert layer.merged_adapters == [name]
+        torch.testing.assert_close(output(model, x), full_out, atol=1e-5, rtol=0)
+        model.unmerge_adapter()
+        torch.testing.assert_close(layer.get_base_layer().weight, w, atol=1e-6, rtol=0)
+    # mixed batch: each row through its own layout
+    mixed = output(model, torch.cat([x[:1], x[1:2]]), adapter_names=["low", "full"])
+    model.set_adapter("low")
+    torch.testing.assert_close(mixed[0], output(model, x)[0])
+    # save both, reload both, same outputs
+    model.save_pretrained(tmp_path)
+    low = get_peft_model_state_dict(model, "low")
+    full = get_peft_model_state_dict(model, "full")
+    assert sorted(low) == ["base_model.model.lin0.toy_w_a", "base_model.model.lin0.toy_w_b"]
+    assert sorted(full) == ["base_model.model.lin0.toy_w"]
+    loaded = PeftModel.from_pretrained(base_model("mlp"), tmp_path / "low", adapter_name="low")
+    loaded.load_adapter(tmp_path / "full", adapter_name="full")
+    for name in ("low", "full"):
+        model.set_adapter(name)
+        loaded.set_adapter(name)
+        # (the model's base went through merge + unmerge above: equal up to round-off)
+        torch.testing.assert_close(output(loaded, x), output(model, x), atol=1e-6, rtol=0)
+    # delete: the low-rank adapter leaves nothing behind, the full one still works
+    model.set_adapter("full")
+    model.delete_adapter("low")
+    assert layer.adapter_names == ["full"]
+    assert not [k for k in model.state_dict() if "low" in k.split(".")]
+    torch.testing.assert_close(output(layer, x), base + x @ layer.get_delta_weight("full").T.detach(), atol=1e-6, rtol=0)
+
+
+def test_state_dict_hooks_rename_on_save_and_back_on_load(two_layout, tmp_path):
+    TwoLayoutModel.renamed_on_disk = {"toy_w_a": "toy_left"}
+    model = two_adapters()
+    model.save_pretrained(tmp_path, selected_adapters=["low"])
+    from safetensors.torch import load_file
+
+    keys = sorted(load_file(tmp_path / "low" / "adapter_model.safetensors"))
+    assert keys == ["base_model.model.lin0.toy_left", "base_model.model.lin0.toy_w_b"]
+    loaded = PeftModel.from_pretrained(base_model("mlp"), tmp_path / "low", adapter_name="low")
+    model.set_adapter("low")
+    x = torch.randn(2, 10)
+    torch.testing.assert_close(output(loaded, x), output(model, x), atol=0, rtol=0)
+
+
+def test_method_flags_refuse_merge_and_mixed_batches(tmp_path):
+    spec = register_method(MethodSpec(peft_type="TWOLAYOUT", config_class=TwoLayoutConfig, tuner_class=TwoLayoutModel,
+                                      prefix="toy_", supports_merge=False, supports_mixed_batch=False))
+    try:
+        model = two_adapters()
+        w = model.base_model.model.lin0.get_base_layer().weight.detach().clone()
+        for call in (model.merge_adapter, model.merge_and_unload):
+            with pytest.raises(ValueError, match="TWOLAYOUT adapters have no weight form"):
+                call()
+        assert torch.equal(model.base_model.model.lin0.get_base_layer().weight, w)
+        with pytest.raises(ValueError, match="cannot serve mixed batches"):
+            model(torch.randn(2, 10), adapter_names=["low", "full"])
+        plain = model.unload()  # unloading needs no merge
+        assert isinstance(plain.lin0, nn.Linear)
+        assert spec.tuner_class.method is spec
+    finally:
+        unregister_method("TWOLAYOUT")
+
+
+def test_a_layer_that_forgets_to_record_its_adapter_is_invisible():
+    """The record is the contract: update_layer must end with _record_adapter (else forward skips it)."""
+
+    class Forgetful(TwoLayoutLayer):
+        def _record_adapter(self, adapter_name: str) -> None:
+            pass
+
+    layer = Forgetful(nn.Linear(4, 4), "a", r=4)
+    assert layer.adapter_names == [] and "a" in layer.toy_w
+
+
+# ---------------------------------------------------------------------------------------------------
+# the registry
+# ---------------------------------------------------------------------------------------------------
+def test_registry_knows_lora_and_dispatches_configs(tmp_path):
+    assert "LORA" in known_methods()
+    spec = get_method("LORA")
+    assert spec.config_class is LoraConfig and spec.prefix == "lora_" and spec.supports_merge
+    assert get_method(LoraConfig()) is spec
+    config = PeftConfig.from_dict({"peft_type": "LORA", "r": 4})
+    assert type(config) is LoraConfig and config.r == 4
+    assert config.peft_type == "LORA" and type(config.peft_type).__name__ == "PeftType"
+
+
+@pytest.mark.parametrize("peft_type", ["VERA", "NOT_A_METHOD"])
+def test_unknown_peft_type_lists_the_known_methods(tmp_path, peft_type):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type, "r": 4}))
+    with pytest.raises(ValueError) as info:
+        PeftConfig.from_pretrained(tmp_path)
+    assert f"peft_type={peft_type!r}" in str(info.value) and "LORA" in str(info.value)
+    model = base_model("mlp")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="known methods"):
+        PeftModel.from_pretrained(model, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_config_without_peft_type_is_refused(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    with pytest.raises(ValueError, match="no peft_type"):
+        PeftConfig.from_pretrained(tmp_path)
+
+
+def test_get_peft_model_refuses_an_unregistered_method():
+    with pytest.raises(ValueError, match="TWOLAYOUT.*known methods"):
+        get_peft_model(base_model("mlp"), TwoLayoutConfig(target_modules=["lin0"]))
+
+
+def test_method_config_refuses_another_methods_file():
+    with pytest.raises(ValueError, match="peft_type=LOHA, not LORA"):
+        LoraConfig.from_dict({"peft_type": "LOHA", "r": 4})
+
+
+# ---------------------------------------------------------------------------------------------------
+# the shared targeting config
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(r=0), ["r=0", "positive integer"]),
+    (dict(rank_pattern={"lin0": -1}), ["rank_pattern['lin0']=-1"]),
+    (dict(target_modules=5), ["target_modules=5", "list of module names"]),
+    (dict(modules_to_save="lin1"), ["modules_to_save='lin1'", "list of module names"]),
+    (dict(layers_to_transform=[-1]), ["layers_to_transform=[-1]"]),
+    (dict(target_modules=r"lin\d", layers_to_transform=[0]), ["regex"]),
+    (dict(layers_pattern="layers"), ["layers_pattern needs layers_to_transform"]),
+    (dict(alpha_pattern={"lin0": 2}), ["TWOLAYOUT has no 'alpha_pattern' option"]),
+    (dict(bias="all"), ["TWOLAYOUT has no 'bias' option"]),
+])
+def test_shared_fields_are_validated_once_for_every_method(kwargs, words):
+    with pytest.raises((ValueError, TypeError)) as info:
+        TwoLayoutConfig(**kwargs)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_shared_fields_normalised_and_absent_fields_not_written():
+    config = TwoLayoutConfig(target_modules=("lin1", "lin0", "lin1"), exclude_modules={"b", "a"},
+                             modules_to_save=("head",))
+    assert config.target_modules == ["lin0", "lin1"] and config.exclude_modules == ["a", "b"]
+    assert config.modules_to_save == ["head"]
+    data = config.to_dict()
+    assert "alpha_pattern" not in data and "bias" not in data and "rank_pattern" in data
+    assert {f.name for f in dataclasses.fields(LoraConfig)} >= {f.name for f in dataclasses.fields(TargetingConfig)}
+
+
+def test_bias_modes_are_the_methods_own():
+    with pytest.raises(ValueError, match="'none', 'all', 'lora_only'"):
+        LoraConfig(bias="oft_only")

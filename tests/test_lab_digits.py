@@ -213,3 +213,13 @@ def test_merging_testbed_small(cache):
         tb.evaluate(pre, "train")
     with pytest.raises(KeyError, match="unknown task"):
         D.merging_testbed(tasks=("rot45",))
+
+
+def test_h2_teacher_rescales_the_first_layer_rows():
+    base, teacher = D.pretrained_mlp(), D.h2_teacher(seed=0, spread=0.7)
+    s = teacher.l1.weight.detach().norm(dim=1) / base.l1.weight.detach().norm(dim=1)  # s_i per output unit
+    assert torch.allclose(teacher.l1.weight, s[:, None] * base.l1.weight, atol=1e-6)
+    assert torch.allclose(teacher.l1.bias, s * base.l1.bias, atol=1e-6)
+    assert float(s.log().abs().max()) <= 0.7 + 1e-6 and float(s.std()) > 0  # exp(U(−0.7, 0.7)), not all equal
+    assert torch.equal(teacher.l2.weight, base.l2.weight) and not teacher.training
+    assert torch.equal(D.h2_teacher(seed=0).l1.weight, teacher.l1.weight)

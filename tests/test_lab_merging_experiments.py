@@ -134,7 +134,7 @@ def load_tiny(tmp_path, monkeypatch):
 def test_token_accuracy_counts_answer_tokens(load_tiny):
     model, tok = load_tiny()
     ds = tasks.make_task("swap", 6, seed=1)
-    acc = mx.token_accuracy(model, tok, ds, batch_size=4)
+    acc = tasks.token_accuracy(model, tok, ds, batch_size=4)
     # the same count by hand, one example at a time
     right = total = 0
     for p, a in zip(ds["prompt"], ds["answer"]):

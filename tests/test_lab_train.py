@@ -105,3 +105,73 @@ def test_model_output_without_loss_is_a_clear_error():
     batch.pop("labels")
     with pytest.raises(ValueError, match="labels"):
         train(tiny_model("llama"), [batch], steps=1, progress=False)
+
+
+# ------------------------------------------------------------------------------------------ per-step hooks
+
+
+def test_hooks_see_gradients_once_per_step_in_order():
+    x, y = _data()
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    calls = []
+
+    def before(step, m, loss, opt):
+        w = m[0].weight
+        assert w.grad is not None and float(w.grad.abs().sum()) > 0  # after backward ...
+        calls.append(("backward", step, w.detach().clone(), float(loss), opt))
+
+    def after(step, m, loss, opt):
+        w = m[0].weight
+        assert w.grad is not None  # ... and still before zero_grad
+        calls.append(("step", step, w.detach().clone(), float(loss), opt))
+
+    h = train(model, [(x, y)], steps=3, lr=1e-2, on_backward=before, on_step=[after], progress=False)
+    assert [(kind, step) for kind, step, *_ in calls] == [
+        ("backward", 0), ("step", 0), ("backward", 1), ("step", 1), ("backward", 2), ("step", 2)]
+    for i in range(3):
+        _, _, w_before, loss, opt = calls[2 * i]
+        _, _, w_after, _, _ = calls[2 * i + 1]
+        assert not torch.equal(w_before, w_after)  # the optimizer stepped between the two hooks
+        assert loss == pytest.approx(h.loss[i]) and isinstance(opt, torch.optim.AdamW)
+    assert all(p.grad is None for p in model.parameters())  # zero_grad ran after the last hook
+
+
+def test_a_hook_can_change_weights_after_the_step():
+    x, y = _data()
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    def mask(step, m, loss, opt):  # what AdaLoRA's allocation does: zero entries after the optimizer moved them
+        with torch.no_grad():
+            m[0].weight[:, 0] = 0
+
+    train(model, [(x, y)], steps=5, lr=1e-2, on_step=mask, progress=False)
+    assert float(model[0].weight.detach()[:, 0].abs().max()) == 0
+
+
+def test_hooks_never_stop_training_silently():
+    x, y = _data()
+    model = nn.Linear(4, 2)
+    with pytest.raises(TypeError, match="returned True"):
+        train(model, [(x, y)], steps=3, on_backward=lambda *a: True, progress=False)
+    with pytest.raises(TypeError, match="callable hook"):
+        train(model, [(x, y)], steps=3, on_step=[print, "not a hook"], progress=False)
+
+    def stop(step, m, loss, opt):
+        if step == 1:
+            raise RuntimeError("stop here")
+
+    seen = []
+    with pytest.raises(RuntimeError, match="stop here"):
+        train(model, [(x, y)], steps=5, on_step=[lambda s, *a: seen.append(s), stop], progress=False)
+    assert seen == [0, 1]
+
+
+def test_no_hooks_gives_the_same_run():
+    x, y = _data()
+    runs = []
+    for hooks in (None, [lambda *a: None]):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 2))
+        h = train(model, [(x, y)], steps=10, seed=1, on_backward=hooks, on_step=hooks, progress=False)
+        runs.append(h.loss)
+    assert runs[0] == runs[1]

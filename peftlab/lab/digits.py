@@ -1,8 +1,11 @@
-"""Real data, small and fast: scikit-learn's bundled 8×8 digits, two harnesses on top.
+"""Real data, small and fast: scikit-learn's bundled 8×8 digits, three harnesses on top.
 
 **H1, "odd → even"** (PiSSA's toy, moved from MNIST to ``load_digits``): an MLP
 64 → 256 → 256 → 10 pretrained on odd digits only, to be adapted to even digits. Its
 head has never predicted an even class, so even-test accuracy starts at 0 %.
+
+**H2, "rescaled teacher"** (DoRA's claim in miniature): H1's pretrained MLP with the output
+units of its first layer rescaled (:func:`h2_teacher`); a student is distilled towards it.
 
 **H4, the merging testbed**: a shared trunk 64 → H → H with one 10-way head per task;
 tasks are fixed input transforms of the digits (rot90, flipLR, invert, …). Each task
@@ -55,6 +58,7 @@ __all__ = [
     "batches",
     "cache_dir",
     "finetune_task",
+    "h2_teacher",
     "load",
     "merging_testbed",
     "pretrained_classifier",
@@ -420,6 +424,20 @@ def pretrained_classifier(
 
     model, _ = _cached("h4-pre", config, build, lambda: Classifier(hidden))
     return model  # type: ignore[return-value]
+
+
+def h2_teacher(seed: int = 0, spread: float = 0.7) -> nn.Module:
+    """Harness H2's teacher: H1's pretrained MLP with the rows of ``l1`` (bias included) scaled by exp(U(−a, a)).
+
+    Explained in: book/lora_in_practice.ipynb
+    """
+    teacher = pretrained_mlp()
+    g = torch.Generator().manual_seed(seed)
+    s = torch.exp((torch.rand(teacher.l1.out_features, generator=g) * 2 - 1) * spread)  # s_i, one per output unit
+    with torch.no_grad():
+        teacher.l1.weight.mul_(s[:, None])
+        teacher.l1.bias.mul_(s)
+    return teacher.eval()
 
 
 def _task_seed(seed: int, task: str) -> int:

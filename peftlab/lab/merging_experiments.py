@@ -23,10 +23,9 @@ from typing import Any, Literal, Optional, Union
 import torch
 from torch import Tensor
 
-from peftlab import LoraConfig, PeftModel, get_peft_model
+from peftlab import LoraConfig, PeftModel
 from peftlab.lab import digits, tasks
-from peftlab.lab import experiments as ex
-from peftlab.lab.train import train
+from peftlab.lab.finetune import ModelLoader, Run, finetune, lm_run
 from peftlab.merging import (COMBINATION_TYPES, calculate_majority_sign_mask, cross_term_error, disjoint_merge,
                              merge_task_vectors, prune, random_pruning)
 from peftlab.merging.lora import DENSITY_TYPES
@@ -49,7 +48,6 @@ __all__ = [
     "sign_conflict_fraction",
     "task_scores",
     "ties_steps",
-    "token_accuracy",
     "train_task_adapters",
 ]
 
@@ -233,16 +231,17 @@ def h4_full_delta(task: str = "rot90", hidden: int = 1024, steps: int = 600, lr:
     Explained in: book/dare.ipynb
     """
     pre = digits.pretrained_classifier(hidden, seed)
-    ft = digits.finetune_task(task, hidden, seed, steps=steps, lr=lr, optimizer="adam")
+    ft_model = digits.finetune_task(task, hidden, seed, steps=steps, lr=lr, optimizer="adam")
     theta_pre = {k: v.detach().clone() for k, v in pre.trunk.state_dict().items()}
-    delta = {k: (v - theta_pre[k]).detach().clone() for k, v in ft.trunk.state_dict().items()}
-    head = {k: v.detach().clone() for k, v in ft.head.state_dict().items()}
+    delta = {k: (v - theta_pre[k]).detach().clone() for k, v in ft_model.trunk.state_dict().items()}
+    head = {k: v.detach().clone() for k, v in ft_model.head.state_dict().items()}
     return TaskDelta(task, hidden, theta_pre, delta, head, "full fine-tuning")
 
 
 def h4_lora_delta(task: str = "rot90", hidden: int = 1024, r: int = 16, steps: int = 600, lr: float = 1e-3,
                   seed: int = 0) -> TaskDelta:
-    """LoRA (r, α = 2r) on H4's two trunk layers, the head trained in full (``modules_to_save``), Adam.
+    """LoRA (r, α = 2r) on H4's two trunk layers, the head trained in full (``modules_to_save``), Adam
+    (:func:`peftlab.lab.finetune.finetune` on ``"h4:<task>"`` from the classifier pretrained with ``seed``).
 
     The delta is ΔW = (α/r)·B A of each trunk layer; biases do not change.
 
@@ -251,14 +250,11 @@ def h4_lora_delta(task: str = "rot90", hidden: int = 1024, r: int = 16, steps: i
     base = digits.pretrained_classifier(hidden, seed)
     theta_pre = {k: v.detach().clone() for k, v in base.trunk.state_dict().items()}
     config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["trunk.l1", "trunk.l2"], modules_to_save=["head"])
-    with ex.seeded(seed):
-        model = get_peft_model(base, config)
-    split = digits.task_split(digits.load().train, task)
-    train(model, digits.batches(split, 64, seed), steps=steps, optimizer=lambda ps: torch.optim.Adam(ps, lr=lr),
-          seed=seed, device="cpu", progress=False)
-    deltas = ex.lora_deltas(model)  # {"trunk.l1": ΔW, "trunk.l2": ΔW}
+    run = finetune(config, f"h4:{task}", seed=seed, steps=steps, lr=lr, batch_size=64, eval_every=0, base=base,
+                   keep_model=True)
+    model = run.model
     delta = {k: torch.zeros_like(v) for k, v in theta_pre.items()}
-    for name, dW in deltas.items():
+    for name, dW in run.delta.items():  # {"trunk.l1": ΔW, "trunk.l2": ΔW}
         delta[name.removeprefix("trunk.") + ".weight"] = dW
     head_module = model.base_model.model.head.modules_to_save["default"]
     head = {k: v.detach().clone() for k, v in head_module.state_dict().items()}
@@ -294,39 +290,11 @@ def drop_rate_curve(delta: Mapping[str, Tensor], evaluate: Callable[[dict[str, T
 # ============================================================================ task adapters on the lab LM
 
 
-@torch.no_grad()
-def token_accuracy(model: Any, tokenizer: Any, dataset: Any, batch_size: int = 128) -> float:
-    """Fraction of answer tokens (end of sequence included) the model predicts right under teacher forcing.
-
-    A softer score than exact match: a half-right answer counts half.
-
-    Explained in: book/merging_adapters.ipynb
-    """
-    device = next(model.parameters()).device
-    was_training = getattr(model, "training", False)
-    model.eval()
-    right = total = 0
-    prompts, answers = list(dataset["prompt"]), list(dataset["answer"])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for start in range(0, len(prompts), batch_size):
-        feats = [tasks.encode_example(tokenizer, p, a)
-                 for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size])]
-        b = tasks.pad(feats, pad_id)
-        logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
-        pred = logits[:, :-1].argmax(-1).cpu()  # position i predicts token i + 1
-        labels = b["labels"][:, 1:]
-        mask = labels != -100
-        right += int(((pred == labels) & mask).sum())
-        total += int(mask.sum())
-    model.train(was_training)
-    return right / total
-
-
-def train_task_adapters(load: ex.ModelLoader, task_names: Sequence[str], folder: Union[str, os.PathLike],
+def train_task_adapters(load: ModelLoader, task_names: Sequence[str], folder: Union[str, os.PathLike],
                         r: int = 8, target_modules: Union[Sequence[str], str] = "all-linear", steps: int = 300,
                         seeds: Union[int, Sequence[int]] = 0, adapter_names: Optional[Sequence[str]] = None,
-                        **kw: Any) -> dict[str, ex.Run]:
-    """Train one LoRA adapter per task with :func:`peftlab.lab.experiments.lm_run` and save each as an adapter
+                        **kw: Any) -> dict[str, Run]:
+    """Train one LoRA adapter per task with :func:`peftlab.lab.finetune.lm_run` and save each as an adapter
     folder ``folder/<adapter name>`` (peft format). Returns adapter name → run (score = exact match).
 
     ``seeds`` (one for all, or one per task) sets each adapter's random A and batch order, as independently
@@ -342,7 +310,7 @@ def train_task_adapters(load: ex.ModelLoader, task_names: Sequence[str], folder:
         raise ValueError(f"got {len(task_names)} tasks and {len(seed_list)} seeds")
     runs = {}
     for task, name, seed in zip(task_names, names, seed_list):
-        run = ex.lm_run(load, "lora", task, r=r, target_modules=target_modules, seed=seed, steps=steps,
+        run = lm_run(load, "lora", task, r=r, target_modules=target_modules, seed=seed, steps=steps,
                         keep_model=True, **kw)
         run.model.save_pretrained(os.path.join(folder, name))
         run.model = None  # the folder holds it now
@@ -350,7 +318,7 @@ def train_task_adapters(load: ex.ModelLoader, task_names: Sequence[str], folder:
     return runs
 
 
-def load_adapters(load: ex.ModelLoader, folders: Mapping[str, Union[str, os.PathLike]]) -> tuple[PeftModel, Any]:
+def load_adapters(load: ModelLoader, folders: Mapping[str, Union[str, os.PathLike]]) -> tuple[PeftModel, Any]:
     """A fresh base model with every adapter folder loaded under its name (the first one active), as the notes
     do with ``PeftModel.from_pretrained`` and ``load_adapter``.
 
@@ -375,7 +343,7 @@ def task_scores(model: PeftModel, tokenizer: Any, tests: Mapping[str, Any],
     """
     def score() -> dict[str, dict[str, float]]:
         return {t: {"exact match": float(tasks.exact_match(model, tokenizer, ds)),
-                    "token accuracy": token_accuracy(model, tokenizer, ds)} for t, ds in tests.items()}
+                    "token accuracy": tasks.token_accuracy(model, tokenizer, ds)} for t, ds in tests.items()}
 
     if adapter is None:
         with model.disable_adapter():

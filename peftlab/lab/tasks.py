@@ -342,3 +342,31 @@ def exact_match_by_task(
     Explained in: book/lab.ipynb
     """
     return {name: exact_match(model, tokenizer, make_task(name, n, seed), **kw) for name in names}
+
+
+@torch.no_grad()
+def token_accuracy(model: Any, tokenizer: Any, dataset: Any, batch_size: int = 128) -> float:
+    """Fraction of answer tokens (end of sequence included) the model predicts right under teacher forcing.
+
+    A softer score than exact match: a half-right answer counts half.
+
+    Explained in: book/merging_adapters.ipynb
+    """
+    device = next(model.parameters()).device
+    was_training = getattr(model, "training", False)
+    model.eval()
+    right = total = 0
+    prompts, answers = list(dataset["prompt"]), list(dataset["answer"])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for start in range(0, len(prompts), batch_size):
+        feats = [encode_example(tokenizer, p, a)
+                 for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size])]
+        b = pad(feats, pad_id)
+        logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+        pred = logits[:, :-1].argmax(-1).cpu()  # position i predicts token i + 1
+        labels = b["labels"][:, 1:]
+        mask = labels != -100
+        right += int(((pred == labels) & mask).sum())
+        total += int(mask.sum())
+    model.train(was_training)
+    return right / total

@@ -1,8 +1,15 @@
 """A small training loop shared by every chapter.
 
 One optimizer step per batch: ``loss = loss_fn(model, batch)``, backward, optional gradient
-clipping, ``optimizer.step()``, optional ``scheduler.step()``. Losses stay on the device as
-tensors and are converted once at the end, so a step costs no extra GPU synchronisation.
+clipping, the ``on_backward`` hooks, ``optimizer.step()``, optional ``scheduler.step()``, the
+``on_step`` hooks, ``zero_grad``. Losses stay on the device as tensors and are converted once at
+the end, so a step costs no extra GPU synchronisation.
+
+A hook is a callable ``hook(step, model, loss, optimizer)`` (``step`` counts from 0, ``loss`` is
+the step's detached loss tensor). Both kinds run while the gradients are present: ``on_backward``
+before the optimizer has moved the weights (to read or change gradients), ``on_step`` after it (to
+change weights the optimizer must not touch again this step, as AdaLoRA's rank allocation does
+after ``optimizer.step()``). A hook returns ``None``; to stop training, raise.
 
 Explained in: book/lab.ipynb
 """
@@ -13,7 +20,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -24,6 +31,9 @@ from peftlab.lab.profile import seed_everything
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 EvalFn = Callable[[nn.Module], Union[float, Mapping[str, float]]]
+#: ``hook(step, model, loss, optimizer)``, called once per optimizer step (see the module docstring)
+StepHook = Callable[[int, nn.Module, torch.Tensor, torch.optim.Optimizer], None]
+Hooks = Union[StepHook, Sequence[StepHook], None]
 
 
 @dataclass
@@ -176,6 +186,26 @@ def _run_eval(model: nn.Module, eval_fn: EvalFn, history: History, step: int) ->
     _record_eval(history, step, result)
 
 
+def _hook_list(hooks: Hooks, name: str) -> list[StepHook]:
+    if hooks is None:
+        return []
+    listed = [hooks] if callable(hooks) else list(hooks)
+    for h in listed:
+        if not callable(h):
+            raise TypeError(f"{name} must be a callable hook(step, model, loss, optimizer) or a list of them; "
+                            f"got {type(h).__name__}")
+    return listed
+
+
+def _call_hooks(hooks: list[StepHook], name: str, step: int, model: nn.Module, loss: torch.Tensor,
+                opt: torch.optim.Optimizer) -> None:
+    for h in hooks:
+        result = h(step, model, loss, opt)
+        if result is not None:
+            raise TypeError(f"{name} hook {getattr(h, '__name__', h)!r} returned {result!r}; hooks return None "
+                            "(training does not stop on a return value: raise an exception to stop it)")
+
+
 def train(
     model: nn.Module,
     batches: Union[Iterable[Batch], Callable[[int], Batch]],
@@ -192,6 +222,8 @@ def train(
     grad_clip: Optional[float] = None,
     scheduler: Any = None,
     autocast: Optional[bool] = None,
+    on_backward: Hooks = None,
+    on_step: Hooks = None,
 ) -> History:
     """Train ``model`` for ``steps`` optimizer steps and return its :class:`History`.
 
@@ -202,6 +234,9 @@ def train(
     stepped after every optimizer step. ``eval_fn(model) -> float | {name: float}`` runs under
     ``torch.no_grad`` in eval mode at step 0, every ``eval_every`` steps and at the end
     (only at the end when ``eval_every=0``). ``autocast``: bf16 autocast, default on for CUDA.
+``on_backward`` / ``on_step``: a hook ``hook(step, model, loss, optimizer)`` or a list of them,
+called once per step after ``loss.backward()`` (and clipping), before / after ``optimizer.step()``,
+always before ``zero_grad``, so gradients are present in both.
 
     Explained in: book/lab.ipynb
     """
@@ -209,6 +244,7 @@ def train(
         raise ValueError(f"steps must be >= 0, got {steps}")
     if eval_every < 0:
         raise ValueError(f"eval_every must be >= 0, got {eval_every}")
+    backward_hooks, step_hooks = _hook_list(on_backward, "on_backward"), _hook_list(on_step, "on_step")
     seed_everything(seed)
     if device is not None:
         device = torch.device(device)
@@ -257,10 +293,14 @@ def train(
         loss.backward()
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        if backward_hooks:
+            _call_hooks(backward_hooks, "on_backward", step, model, loss.detach(), opt)
         opt.step()
-        opt.zero_grad(set_to_none=True)
         if sched is not None:
             sched.step()
+        if step_hooks:
+            _call_hooks(step_hooks, "on_step", step, model, loss.detach(), opt)
+        opt.zero_grad(set_to_none=True)
         losses.append(loss.detach().float())
         done = step + 1
         if eval_fn is not None and eval_every > 0 and done % eval_every == 0 and done != steps:

@@ -15,12 +15,12 @@ import contextlib
 import io
 import json
 import warnings
-import zlib
 from typing import Any
 
 import pytest
 import torch
-from conftest import base_model
+from conftest import base_model, output, quiet
+from conftest import fill_trainable as shared_fill_trainable
 from safetensors.torch import load_file
 from torch import nn
 
@@ -125,32 +125,8 @@ def no_warnings():
     assert not real, [f"{w.category.__name__}: {w.message}" for w in real]
 
 
-@contextlib.contextmanager
-def quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def output(model: nn.Module, x, **kwargs) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(**x, **kwargs) if isinstance(x, dict) else model(x, **kwargs)
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-
-
-def fill_(tensor: torch.Tensor, name: str) -> None:
-    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-    with torch.no_grad():
-        tensor.copy_((torch.rand(tensor.shape, generator=g) * 0.4 - 0.2).to(tensor.dtype))
-
-
 def fill_trainable(model: nn.Module, adapter: str = "default") -> None:
-    for n, p in model.named_parameters():
-        parts = n.split(".")
-        if p.requires_grad or (adapter in parts and any(s.startswith(PREFIXES) for s in parts)):
-            fill_(p, n)
+    shared_fill_trainable(model, adapter, prefixes=("hada_", "lokr_"))
 
 
 def config(lib_name: str, method: str, kwargs: dict[str, Any]):

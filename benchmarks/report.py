@@ -23,6 +23,10 @@ SCENARIO_TEXT = {
     "lora_step": "LoRA training step (forward, backward, AdamW): Llama hidden 256, 4 layers, batch 8 × seq 128, "
                  "r = 16 on q, k, v, o. *limit*: the same model frozen, forward + backward to the activations only",
     "dora_step": "DoRA training step, same model and targets",
+    "loha_step": "LoHa training step (r = 8, α = 16 on q, k, v, o), same model, batch and optimizer: peftlab's "
+                 "op(x; W₀ + ΔW) in one autograd node against peft's W₀x + ΔWx",
+    "lokr_step": "LoKr training step (r = 8, α = 16 on q, k, v, o; 256 = 16·16, so both Kronecker blocks are "
+                 "16 × 16 and whole), same model, batch and optimizer",
     "inference": "Forward pass (inference mode), same model, batch 8 × seq 128: adapter unmerged, merged, and the "
                  "base model alone",
     "serving": "One decode step (sequence 1, KV cache of 64 tokens) for 16 requests, each with its own one of 16 "

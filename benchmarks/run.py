@@ -167,6 +167,31 @@ def s_dora_step(a, dev, dt) -> dict:
     return s_lora_step(a, dev, dt, dora=True)
 
 
+def s_lycoris_step(a, dev, dt, method: str, **kwargs) -> dict:
+    """One training step with a LoHa or LoKr adapter (r=8, α=16) on q, k, v, o: peftlab against peft."""
+    x = tokens(8, 128, dev)
+    batch = {"input_ids": x, "labels": x}
+    fns = {}
+    for lib in ("peftlab", "peft"):
+        lib_mod = lib_of(lib)
+        cfg = getattr(lib_mod, f"{method}Config")(r=8, alpha=16, target_modules=QKVO, **kwargs)
+        m = lib_mod.get_peft_model(llama(256, 4, dev, dt), cfg).train()
+        fns[lib] = train_step(m, optimiser(m), batch)
+    f = floor_model(llama(256, 4, dev, dt))
+    fns["limit"] = train_step(f, optimiser(f), batch)
+    t = interleave(fns, a.reps, a.warmup, dev)
+    return summarise(t, {"peftlab/peft": ("peftlab", "peft"), "peftlab/limit": ("peftlab", "limit"),
+                         "peft/limit": ("peft", "limit")})
+
+
+def s_loha_step(a, dev, dt) -> dict:
+    return s_lycoris_step(a, dev, dt, "LoHa")
+
+
+def s_lokr_step(a, dev, dt) -> dict:
+    return s_lycoris_step(a, dev, dt, "LoKr")
+
+
 def s_inference(a, dev, dt) -> dict:
     x = tokens(8, 128, dev)
     fns, models = {}, {}
@@ -339,7 +364,8 @@ def s_memory(a, dev, dt) -> dict:
 
 SCENARIOS = {
     "lora_step": s_lora_step, "dora_step": s_dora_step, "inference": s_inference, "serving": s_serving,
-    "merging": s_merging, "memory": s_memory, "lab_scale": s_lab_scale,
+    "merging": s_merging, "memory": s_memory, "lab_scale": s_lab_scale, "loha_step": s_loha_step,
+    "lokr_step": s_lokr_step,
 }
 
 # (scenario, ratio, target: ratio must be ≤ this)
@@ -348,6 +374,7 @@ TARGETS = [
     ("dora_step", "peftlab/peft", 0.80), ("serving", "peftlab/peft", 0.50),
     ("inference", "peftlab merged/base", 1.02), ("merging", "merge peftlab/peft", 1.00),
     ("lab_scale", "peftlab/peft", 0.80), ("lab_scale", "peftlab/full_ft", 1.00),
+    ("loha_step", "peftlab/peft", 0.90), ("lokr_step", "peftlab/peft", 0.90),
 ]
 
 

@@ -36,7 +36,7 @@ import torch
 from conftest import base_model, fill_, output, output_with_grad, quiet
 from torch import nn
 
-from peftlab import LoraConfig, PeftModel, get_peft_model
+from peftlab import LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
 from peftlab.config import TargetingConfig
 from peftlab.lab.models import example_inputs
 from peftlab.registry import get_method, methods
@@ -131,9 +131,48 @@ def lora_identity(config: LoraConfig) -> str | None:
     return "approx"  # PiSSA/OLoRA (residual base + s·B₀A₀) and DoRA ((m/‖W‖)·W x with m = ‖W‖)
 
 
+def _lycoris_sizes(layer: AdapterLayer, config: TargetingConfig, key: str) -> tuple[int, int, int, int, bool]:
+    """(r, out, in per group, kernel elements, effective conv?) after checking r and α/r against the config."""
+    r, alpha = expected_r_alpha(config, key)
+    assert layer.r["default"] == r, key
+    assert layer.scaling["default"] == pytest.approx(alpha / r), key
+    base = layer.get_base_layer()
+    if isinstance(base, nn.Linear):
+        return r, base.out_features, base.in_features, 1, False
+    k = math.prod(base.kernel_size)
+    return r, base.out_channels, base.in_channels // base.groups, k, config.use_effective_conv2d and k > 1
+
+
+def loha_count(layer: AdapterLayer, config: TargetingConfig, key: str) -> int:
+    """LoHa's formula: 2r(out + in·k) (two rank-r products); effective conv: 2r(out + in) + 2r²·k (two cores)."""
+    r, n_out, n_in, k, effective = _lycoris_sizes(layer, config, key)
+    return 2 * r * (n_out + n_in) + 2 * r * r * k if effective else 2 * r * (n_out + n_in * k)
+
+
+def lokr_count(layer: AdapterLayer, config: TargetingConfig, key: str) -> int:
+    """LoKr's formula with out = a·b, in = c·d: W1 is a·c, or r(a + c) when decompose_both and r < max(a, c)/2;
+    W2 is b·d·k when r ≥ max(b, d)/2, else r(b + d·k), or r(b + d) + r²·k on an effective conv."""
+    from peftlab.tuners.lokr import factorization
+
+    r, n_out, n_in, k, effective = _lycoris_sizes(layer, config, key)
+    (a, b), (c, d) = factorization(n_out, config.decompose_factor), factorization(n_in, config.decompose_factor)
+    w1 = r * (a + c) if config.decompose_both and r < max(a, c) / 2 else a * c
+    if r >= max(b, d) / 2:
+        w2 = b * d * k
+    else:
+        w2 = r * (b + d) + r * r * k if effective else r * (b + d * k)
+    return w1 + w2
+
+
+def lycoris_identity(config: TargetingConfig) -> str | None:
+    return None if config.init_weights is False else "exact"  # one zero factor: ΔW = 0 exactly
+
+
 TRAITS: dict[str, Traits] = {
     "LORA": Traits(count=lora_count, identity=lora_identity,
                    mutates_base=lambda c: c.init_lora_weights in ("pissa", "olora")),
+    "LOHA": Traits(count=loha_count, identity=lycoris_identity),
+    "LOKR": Traits(count=lokr_count, identity=lycoris_identity),
 }
 
 
@@ -207,6 +246,37 @@ CASES = [
                                          task_type="CAUSAL_LM"), 4),
     Case("t5-rslora-r16", "t5", LoraConfig(target_modules=["q", "v"], r=16, lora_alpha=4, use_rslora=True,
                                      task_type="SEQ_2_SEQ_LM"), 12),
+    # --- LoHa and LoKr ------------------------------------------------------------------------------
+    Case("loha-mlp", "mlp", LoHaConfig(target_modules=["lin0", "lin1"]), 2),
+    Case("loha-mlp-patterns-dropouts", "mlp", LoHaConfig(target_modules=r"lin\d", r=4, alpha=8, rank_pattern={"lin1": 2},
+                                                        alpha_pattern={"lin0": 3}, rank_dropout=0.2,
+                                                        module_dropout=0.1), 2),
+    Case("loha-mlp-init-false-mts", "mlp", LoHaConfig(target_modules=["lin0"], init_weights=False,
+                                                      modules_to_save=["lin1"]), 1),
+    Case("loha-conv2d-flat", "conv2d", LoHaConfig(target_modules=["conv2d", "lin0"], r=2, alpha=4), 2),
+    # the effective form multiplies five ±0.1 fills per entry: a large α makes the filled ΔW visible
+    Case("loha-conv2d-effective", "conv2d", LoHaConfig(target_modules=["conv2d"], r=3, alpha=3000,
+                                                       use_effective_conv2d=True), 1),
+    Case("loha-conv1d-effective", "conv1d", LoHaConfig(target_modules=["conv1d"], r=2, alpha=200000,
+                                                       use_effective_conv2d=True), 1),
+    Case("loha-llama-qv", "llama", LoHaConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"), 4),
+    Case("loha-t5", "t5", LoHaConfig(target_modules=["q", "v"], r=4, task_type="SEQ_2_SEQ_LM"), 12),
+    Case("loha-bert-cls", "bert_cls", LoHaConfig(target_modules=["query", "value"], task_type="SEQ_CLS"), 4,
+         ("classifier",)),
+    Case("lokr-mlp", "mlp", LoKrConfig(target_modules=["lin0", "lin1"]), 2),
+    Case("lokr-mlp-lycoris", "mlp", LoKrConfig(target_modules=["lin0", "lin1"], r=1, init_weights="lycoris",
+                                               rank_dropout=0.3, rank_dropout_scale=True), 2),
+    Case("lokr-mlp-init-false", "mlp", LoKrConfig(target_modules=["lin0"], init_weights=False), 1),
+    Case("lokr-conv2d-flat", "conv2d", LoKrConfig(target_modules=["conv2d"], r=1), 1),
+    Case("lokr-conv2d-effective", "conv2d", LoKrConfig(target_modules=["conv2d"], r=1, use_effective_conv2d=True,
+                                                       decompose_both=True), 1),
+    Case("lokr-llama-decompose-both", "llama", LoKrConfig(target_modules=LLAMA_ATTN, r=1, decompose_both=True,
+                                                          task_type="CAUSAL_LM"), 8),
+    Case("lokr-llama-factor", "llama", LoKrConfig(target_modules=["q_proj", "up_proj"], decompose_factor=4, r=2,
+                                                  rank_pattern={"up_proj": 8}, task_type="CAUSAL_LM"), 4),
+    Case("lokr-t5", "t5", LoKrConfig(target_modules=["q", "v", "wo"], r=2, task_type="SEQ_2_SEQ_LM"), 16),
+    Case("lokr-bert-cls", "bert_cls", LoKrConfig(target_modules=["query", "value"], r=1, alpha=2, task_type="SEQ_CLS"),
+         4, ("classifier",)),
 ]
 CASE_IDS = [c.name for c in CASES]
 

@@ -223,3 +223,18 @@ def test_h2_teacher_rescales_the_first_layer_rows():
     assert float(s.log().abs().max()) <= 0.7 + 1e-6 and float(s.std()) > 0  # exp(U(−0.7, 0.7)), not all equal
     assert torch.equal(teacher.l2.weight, base.l2.weight) and not teacher.training
     assert torch.equal(D.h2_teacher(seed=0).l1.weight, teacher.l1.weight)
+
+
+def test_convnet_shapes_and_size():
+    """H1's convolutional classifier: (N, 64) pixels in, (N, 10) logits out, 15,338 parameters, and LoHa,
+    LoKr and LoRA all wrap its convolutions."""
+    from peftlab import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
+
+    model = D.ConvNet()
+    assert sum(p.numel() for p in model.parameters()) == 15_338
+    assert model(torch.zeros(3, 64)).shape == (3, 10)
+    for config in (LoraConfig(r=2, target_modules=["c2", "c3", "head"]),
+                   LoHaConfig(r=2, target_modules=["c2", "c3", "head"], use_effective_conv2d=True),
+                   LoKrConfig(target_modules=["c2", "c3", "head"])):
+        pm = get_peft_model(D.ConvNet(), config)
+        assert pm(torch.zeros(2, 64)).shape == (2, 10)

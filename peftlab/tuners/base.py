@@ -572,10 +572,16 @@ class BaseTuner(nn.Module):
                 f"modules that look close: {hint}. A list entry matches a full name or a name's last dotted "
                 "parts; a string is a regex that must match the whole name"
             )
+        own_layers = tuple(cls for _, cls in self.layer_dispatch)
         for key in keys:
             _, target, _ = get_submodule_parent(self.model, key)
             if not isinstance(target, AdapterLayer):
                 self.check_target(config, target, key)
+            elif isinstance(target, own_layers):  # one more adapter in a wrapped layer: the same checks
+                self.check_layer(config, target.get_base_layer(), key)
+            else:
+                raise ValueError(f"{key} already carries a {type(target).__name__} adapter; a {self.method_name} "
+                                 "adapter cannot be added to it (leave it out of target_modules)")
         for m in config.modules_to_save or ():  # also before anything changes
             self._modules_to_save_keys(m, required=m not in OPTIONAL_MODULES_TO_SAVE)
         for key in keys:

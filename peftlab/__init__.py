@@ -14,10 +14,15 @@ from peftlab.mapping import get_peft_model, inject_adapter_in_model
 from peftlab.peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction,
                                 PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM,
                                 PeftModelForSequenceClassification, PeftModelForTokenClassification)
+from peftlab.tuners.adalora import AdaLoraConfig, AdaLoraModel
 from peftlab.tuners.loha import LoHaConfig, LoHaModel
 from peftlab.tuners.lokr import LoKrConfig, LoKrModel
 from peftlab.tuners.lora import LoftQConfig, LoraConfig, LoraModel
 from peftlab.utils.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
+
+from peftlab.integrations.trainer import PeftlabCallback  # noqa: E402  (after the methods have registered)
+
+AdaLoraCallback = PeftlabCallback  # the name the AdaLoRA warning gives: Trainer(callbacks=[AdaLoraCallback()])
 
 __version__ = "0.1.0"
 
@@ -26,7 +31,8 @@ __all__ = [
     "inject_adapter_in_model",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
-    "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel",
+    "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "AdaLoraConfig", "AdaLoraModel", "AdaLoraCallback",
+    "PeftlabCallback",
     "get_peft_model_state_dict", "set_peft_model_state_dict", "__version__",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",

@@ -52,7 +52,7 @@ class AdaLoraConfig(TargetingConfig):
     RANK_FIELD, ALPHA_FIELD, INIT_FIELD = "init_r", "lora_alpha", "init_lora_weights"
     BIAS_MODES = ("none", "all", "lora_only")
     FILE_DEFAULTS = _LORA_KEYS_UNUSED
-    UNSUPPORTED_KEYS = {"use_dora": False, "loftq_config": None}
+    UNSUPPORTED_KEYS = {"loftq_config": None}
 
     r: int = 8
     lora_alpha: float = 8

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftlab.tuners.base import AdapterLayer
+from peftlab.tuners.base import AdapterLayer, LoraLinearFunction
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D, nn.Conv2d)
 EPS = 1e-5  # peft divides by ranknum + 1e-5
@@ -130,8 +130,26 @@ class AdaLoraLayer(AdapterLayer):
             self.scaling[adapter_name] = scale * self.lora_alpha[adapter_name]
 
     # ---- forward --------------------------------------------------------------------------------
+    def _fused(self, x: torch.Tensor, name: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """Training one adapter on a plain nn.Linear without dropout: LoRA's single autograd node
+        (:class:`~peftlab.tuners.base.LoraLinearFunction`) with A = Λ ⊙ Q and B = P; else None."""
+        base = self._modules["base_layer"]
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or args or kwargs:
+            return None
+        if not isinstance(self.lora_dropout[name], nn.Identity):
+            return None
+        w, q = base._parameters["weight"], self.lora_A[name]
+        if not x.dtype == w.dtype == q.dtype:
+            return None
+        return LoraLinearFunction.apply(x, w, base._parameters["bias"], q * self.lora_E[name], self.lora_B[name],
+                                        self.factor(name))
+
     def adapter_forward(self, x: torch.Tensor, adapters: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """h = W₀x + α/r₀ · P (Λ ⊙ Q) dropout(x): two thin products, never the out × in matrix (Linear, Conv1D)."""
+        if len(adapters) == 1 and torch.is_grad_enabled():
+            fused = self._fused(x, adapters[0], args, kwargs)
+            if fused is not None:
+                return fused
         result = self.base_layer(x, *args, **kwargs)
         conv = isinstance(self.get_base_layer(), nn.Conv2d)
         for name in adapters:

@@ -103,7 +103,7 @@ def test_fuzzed_configs_refuse_clearly_or_work(cls: type, tmp_path_factory: pyte
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                config = cls(**kwargs)
+                config = cls(**{**cls.MINIMAL_KWARGS, **kwargs})  # e.g. AdaLoRA's required total_step
             except (ValueError, TypeError) as err:
                 assert _names_a_field(str(err), cls), f"{cls.__name__}({kwargs!r}) refused without naming a field: {err}"
                 log["refused at config"] += 1
@@ -139,10 +139,10 @@ def test_fuzzed_configs_refuse_clearly_or_work(cls: type, tmp_path_factory: pyte
                              min_size=1, max_size=4))
 def test_unknown_keys_load_with_a_warning_naming_them(cls: type, extra: dict, tmp_path_factory) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
-    extra = {k: v for k, v in extra.items() if k not in known and k != "runtime_config"}
+    extra = {k: v for k, v in extra.items() if k not in known | set(cls.FILE_DEFAULTS) and k != "runtime_config"}
     if not extra:
         return
-    base = cls(**({"target_modules": ["q_proj"]} if "target_modules" in known else {})).to_dict()
+    base = cls(**cls.MINIMAL_KWARGS, **({"target_modules": ["q_proj"]} if "target_modules" in known else {})).to_dict()
     folder = tmp_path_factory.mktemp("future")
     (folder / "adapter_config.json").write_text(json.dumps({**base, **extra}))
     with pytest.warns(UserWarning) as caught:

@@ -339,3 +339,22 @@ def test_trainer_callback_allocates(tmp_path):
     with pytest.warns(UserWarning, match="without any rank allocation"):
         trainer.train()
     assert forgotten.peft_config["default"].rank_pattern is None
+
+
+def test_fused_training_node_has_the_right_gradients():
+    """SVDLinearFunction (one node for x(W + s·PΛQ)ᵀ + b) against finite differences, every input trained."""
+    from peftlab.tuners.adalora.layer import SVDLinearFunction
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(2, 3, 5, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g, dtype=torch.float64),
+               torch.randn(4, generator=g, dtype=torch.float64))
+    q, lam, p = (torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(3, 1, generator=g, dtype=torch.float64),
+                 torch.randn(4, 3, generator=g, dtype=torch.float64))
+    inputs = [t.requires_grad_(True) for t in (x, w, b, q, lam, p)]
+    assert torch.autograd.gradcheck(lambda *t: SVDLinearFunction.apply(*t, 0.7), inputs)
+    layer = AdaLoraLayer(nn.Linear(5, 4), "a", r=3, init_lora_weights=False).train()
+    xs = torch.randn(2, 3, 5)
+    assert type(layer(xs).grad_fn).__name__.startswith("SVDLinearFunction")
+    with torch.no_grad():
+        eager = layer.base_layer(xs) + xs @ layer.get_delta_weight("a").T
+    torch.testing.assert_close(layer(xs), eager, atol=1e-5, rtol=0)

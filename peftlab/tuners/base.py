@@ -53,7 +53,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
@@ -92,56 +91,6 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype new adapter tensors get: float32 on a half-precision base (peft's ``autocast_adapter_dtype``),
     else the base weight's own dtype."""
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-
-
-# ---------------------------------------------------------------------------------------------------
-# A fused low-rank linear layer (LoRA's training fast path, reused by AdaLoRA)
-# ---------------------------------------------------------------------------------------------------
-class LoraLinearFunction(torch.autograd.Function):
-    """h = x Wᵀ + b + s·(x Aᵀ) Bᵀ as one autograd node; x (..., in), W (out, in), A (r, in), B (out, r).
-
-    Backward, with g = ∂L/∂h and u = s·g B (T, r):
-    ∂x = g W + u A,  ∂A = uᵀ x,  ∂B = s·gᵀ (x Aᵀ),  (∂W = gᵀ x, ∂b = Σ_t g only when the base trains).
-    One node instead of the ~7 that linear/linear/addmm/reshape record: at the lab's scale the per-node
-    overhead of autograd costs more than the rank-r products themselves. Shared by the low-rank methods
-    (LoRA: A and B; AdaLoRA: A = Λ ⊙ Q, B = P), so it lives here rather than in one method's package.
-
-    Explained in: book/lora.ipynb
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
-                B: torch.Tensor, s: float) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        # The rank-r products are computed as (r, T) = A xᵀ, never (T, r) = x Aᵀ: with r ≪ in, out the
-        # BLAS kernels are 2-4x faster in this orientation (CPU, one thread; measured in benchmarks/).
-        xaT = torch.mm(A, x2.t())  # (A x)ᵀ, (r, T)
-        out = F.linear(x2, weight, bias)  # W x + b, (T, out)
-        out.addmm_(xaT.t(), B.t(), alpha=s)  # + s·B A x
-        ctx.save_for_backward(x2, weight, A, B, xaT)
-        ctx.s, ctx.x_shape, ctx.has_bias = s, x.shape, bias is not None
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor):
-        x2, weight, A, B, xaT = ctx.saved_tensors
-        s = ctx.s
-        g2 = g.reshape(-1, g.shape[-1])
-        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        grad_x = grad_w = grad_b = grad_A = grad_B = None
-        if need_x or need_A:
-            uT = torch.mm(B.t(), g2.t()).mul_(s)  # uᵀ = s·Bᵀ gᵀ, (r, T)
-            if need_A:
-                grad_A = torch.mm(uT, x2)  # (r, in)
-            if need_x:
-                grad_x = torch.mm(g2, weight).addmm_(uT.t(), A).view(ctx.x_shape)
-        if need_B:
-            grad_B = torch.mm(xaT, g2).t().mul_(s)  # s·gᵀ (x Aᵀ), (out, r)
-        if need_w:
-            grad_w = torch.mm(g2.t(), x2)
-        if need_b and ctx.has_bias:
-            grad_b = g2.sum(dim=0)
-        return grad_x, grad_w, grad_b, grad_A, grad_B, None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -21,10 +21,51 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftlab.tuners.base import AdapterLayer, LoraLinearFunction
+from peftlab.tuners.base import AdapterLayer
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D, nn.Conv2d)
 EPS = 1e-5  # peft divides by ranknum + 1e-5
+
+
+class SVDLinearFunction(torch.autograd.Function):
+    """h = x (W + s·P (λ ⊙ Q))ᵀ + b as one autograd node; x (..., in), W (out, in), Q (r, in), λ (r, 1), P (out, r).
+
+    The updated weight W' = W + s·P(λ⊙Q) costs out·r·in, less than the two thin products over all tokens it
+    replaces in the forward (and the one in ∂x), and it is reused by the backward. With g = ∂L/∂h,
+    E = λ ⊙ Q, X_Q = E xᵀ (r, T) and U = Pᵀ gᵀ (r, T):
+    ∂x = g W',  ∂P = s·(X_Q g)ᵀ,  ∂E = s·U x,  ∂Q = ∂E ⊙ λ,  ∂λ = Σ_j ∂E ⊙ Q  (∂W = gᵀ x only when W trains).
+
+    Explained in: book/adalora.ipynb
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, q: torch.Tensor,
+                lam: torch.Tensor, p: torch.Tensor, s: float) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        e = q * lam  # Λ Q, (r, in)
+        updated = torch.addmm(weight, p, e, alpha=s)  # W' = W + s·P Λ Q
+        out = F.linear(x2, updated, bias)
+        ctx.save_for_backward(x2, updated, q, lam, p, e)
+        ctx.s, ctx.x_shape, ctx.has_bias = s, x.shape, bias is not None
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):
+        x2, updated, q, lam, p, e = ctx.saved_tensors
+        s = ctx.s
+        g2 = g.reshape(-1, g.shape[-1])
+        need_x, need_w, need_b, need_q, need_lam, need_p = ctx.needs_input_grad[:6]
+        grad_x = torch.mm(g2, updated).view(ctx.x_shape) if need_x else None
+        grad_w = torch.mm(g2.t(), x2) if need_w else None
+        grad_b = g2.sum(dim=0) if need_b and ctx.has_bias else None
+        grad_q = grad_lam = grad_p = None
+        if need_q or need_lam:
+            grad_e = torch.mm(torch.mm(p.t(), g2.t()), x2).mul_(s)  # s·Pᵀgᵀx, (r, in)
+            grad_q = grad_e * lam if need_q else None
+            grad_lam = (grad_e * q).sum(dim=1, keepdim=True) if need_lam else None
+        if need_p:
+            grad_p = torch.mm(torch.mm(e, x2.t()), g2).t().mul_(s)  # s·gᵀ x Eᵀ, (out, r)
+        return grad_x, grad_w, grad_b, grad_q, grad_lam, grad_p, None
 
 
 class AdaLoraLayer(AdapterLayer):
@@ -131,8 +172,8 @@ class AdaLoraLayer(AdapterLayer):
 
     # ---- forward --------------------------------------------------------------------------------
     def _fused(self, x: torch.Tensor, name: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        """Training one adapter on a plain nn.Linear without dropout: LoRA's single autograd node
-        (:class:`~peftlab.tuners.base.LoraLinearFunction`) with A = Λ ⊙ Q and B = P; else None."""
+        """Training one adapter on a plain nn.Linear without dropout: one autograd node
+        (:class:`SVDLinearFunction`); else None."""
         base = self._modules["base_layer"]
         if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or args or kwargs:
             return None
@@ -141,8 +182,8 @@ class AdaLoraLayer(AdapterLayer):
         w, q = base._parameters["weight"], self.lora_A[name]
         if not x.dtype == w.dtype == q.dtype:
             return None
-        return LoraLinearFunction.apply(x, w, base._parameters["bias"], q * self.lora_E[name], self.lora_B[name],
-                                        self.factor(name))
+        return SVDLinearFunction.apply(x, w, base._parameters["bias"], q, self.lora_E[name], self.lora_B[name],
+                                       self.factor(name))
 
     def adapter_forward(self, x: torch.Tensor, adapters: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """h = W₀x + α/r₀ · P (Λ ⊙ Q) dropout(x): two thin products, never the out × in matrix (Linear, Conv1D)."""

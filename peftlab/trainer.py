@@ -1,0 +1,117 @@
+"""``peftlab.Trainer``: ``transformers.Trainer`` whose checkpoints hold the adapter, not the model.
+
+``transformers.Trainer`` recognises only peft's own ``PeftModel`` (an ``isinstance`` test in its save and
+resume code). To it a peftlab model is a plain ``nn.Module``, so each ``checkpoint-N/`` would hold the
+whole ``state_dict()`` (frozen base included; safetensors refuses it when the model ties its input and
+output embeddings) and ``resume_from_checkpoint`` would find no adapter. This subclass takes the same
+arguments and changes three steps only:
+
+* saving (``save_model`` and every checkpoint): ``model.save_pretrained(folder)``, i.e.
+  ``adapter_model.safetensors`` + ``adapter_config.json`` (other adapters in sub-folders), written by the
+  main process only; the optimizer, scheduler, RNG and trainer state are saved by ``transformers`` as usual;
+* resuming (``train(resume_from_checkpoint=...)``): the saved tensors are copied into the model's existing
+  adapters, then ``transformers`` restores the optimizer, scheduler and RNG and skips the batches already
+  seen, so the run continues with the losses of an uninterrupted one;
+* ``load_best_model_at_end``: the best checkpoint's adapter tensors are copied back the same way.
+
+Any other model (no peftlab adapter) goes through ``transformers.Trainer`` unchanged.
+
+Explained in: book/distributed.ipynb
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from peftlab.peft_model import PeftModel
+from peftlab.utils.io import SAFETENSORS_WEIGHTS_NAME, load_adapter_weights
+from peftlab.utils.save_and_load import set_peft_model_state_dict
+
+TRAINING_ARGS_NAME = "training_args.bin"  # the file transformers.Trainer writes next to a saved model
+
+
+def adapter_folders(model: PeftModel, folder: str | os.PathLike) -> dict[str, str]:
+    """Where ``save_pretrained(folder)`` puts each adapter: ``default`` in ``folder``, others in ``folder/<name>``.
+
+    Explained in: book/distributed.ipynb
+    """
+    folder = os.fspath(folder)
+    return {name: folder if name == "default" else os.path.join(folder, name) for name in model.peft_config}
+
+
+def has_adapter_files(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds an adapter's weights (``adapter_model.safetensors``)."""
+    return os.path.isfile(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME))
+
+
+def load_adapters_from_checkpoint(model: PeftModel, folder: str | os.PathLike) -> list[str]:
+    """Copy the adapter tensors saved in ``folder`` into ``model``'s adapters of the same names; returns the
+    names loaded. Every adapter of the model must be there (a checkpoint holds all of them): a clear error
+    otherwise, before any tensor is copied.
+
+    Explained in: book/distributed.ipynb
+    """
+    folders = adapter_folders(model, folder)
+    missing = [f"{name} ({path})" for name, path in folders.items() if not has_adapter_files(path)]
+    if missing:
+        raise ValueError(f"checkpoint {os.fspath(folder)!s} has no adapter weights for {', '.join(missing)}; "
+                         f"pass a checkpoint-N folder written by peftlab.Trainer (adapter_model.safetensors)")
+    weights = {name: load_adapter_weights(path) for name, path in folders.items()}  # safetensors only
+    for name, state in weights.items():  # each call checks every tensor before copying any
+        set_peft_model_state_dict(model, state, name)
+    return list(weights)
+
+
+class Trainer(transformers.Trainer):
+    """``transformers.Trainer`` for peftlab models: checkpoints and ``save_model`` hold the adapter only.
+
+    Same arguments as ``transformers.Trainer``. ``checkpoint-N/`` holds ``adapter_model.safetensors`` and
+    ``adapter_config.json`` (plus ``optimizer.pt``, ``scheduler.pt``, the RNG and trainer state);
+    ``resume_from_checkpoint`` and ``load_best_model_at_end`` copy the saved adapter back into the model.
+
+    Explained in: book/distributed.ipynb
+    """
+
+    def peftlab_model(self, model: nn.Module | None = None) -> PeftModel | None:
+        """The peftlab ``PeftModel`` inside ``model`` (default: the trainer's), unwrapped from DDP/accelerate;
+        ``None`` when it is not one."""
+        model = self.model if model is None else model
+        unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        return unwrapped if isinstance(unwrapped, PeftModel) else None
+
+    # ---- saving ---------------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self.peftlab_model()
+        if model is None:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:  # only the main process writes (a shared file system is assumed)
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model.save_pretrained(output_dir)  # safetensors (transformers 5 has no pickle option left)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        elif getattr(self.data_collator, "tokenizer", None) is not None:
+            self.data_collator.tokenizer.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    # ---- resuming -------------------------------------------------------------------------------------
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        peft_model = self.peftlab_model(model)
+        if peft_model is None or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_adapters_from_checkpoint(peft_model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        peft_model = self.peftlab_model()
+        if peft_model is None or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_best_model()
+        load_adapters_from_checkpoint(peft_model, self.state.best_model_checkpoint)
+
+
+__all__ = ["Trainer", "load_adapters_from_checkpoint", "adapter_folders", "has_adapter_files"]

@@ -21,6 +21,7 @@ Explained in: book/distributed.ipynb
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -28,9 +29,9 @@ import torch
 import transformers
 from torch import nn
 
-from peftlab.peft_model import PeftModel
-from peftlab.utils.io import SAFETENSORS_WEIGHTS_NAME, load_adapter_weights
-from peftlab.utils.save_and_load import set_peft_model_state_dict
+from peftlab.peft_model import PeftModel, tuner_for
+from peftlab.utils.io import SAFETENSORS_WEIGHTS_NAME, atomic_folder, atomic_save_tensors, load_adapter_weights
+from peftlab.utils.save_and_load import adapter_state_items, set_peft_model_state_dict
 
 TRAINING_ARGS_NAME = "training_args.bin"  # the file transformers.Trainer writes next to a saved model
 
@@ -67,6 +68,41 @@ def load_adapters_from_checkpoint(model: PeftModel, folder: str | os.PathLike) -
     return list(weights)
 
 
+def adapter_state_from(model: PeftModel, state_dict: dict[str, torch.Tensor],
+                       adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter ``adapter_name`` (on-disk names) read from a full ``state_dict`` of ``model`` (in-memory
+    names), e.g. the one FSDP or DeepSpeed gather for ``save_model`` while the parameters themselves are sharded.
+
+    Explained in: book/distributed.ipynb
+    """
+    config = model.peft_config[adapter_name]
+    items = adapter_state_items(model, adapter_name, config)
+    missing = [mem for mem, _, _ in items if mem not in state_dict]
+    if missing:
+        raise ValueError(f"the state dict lacks {len(missing)} tensors of adapter {adapter_name!r} (e.g. {missing[:2]}); "
+                         "pass the model's full state dict (FSDP: StateDictType.FULL_STATE_DICT)")
+    state = {disk: state_dict[mem].detach().cpu() for mem, disk, _ in items}
+    return tuner_for(config).state_dict_for_save(model, state, adapter_name, config)
+
+
+def save_adapter_states(model: PeftModel, states: dict[str, dict[str, torch.Tensor]],
+                        folder: str | os.PathLike) -> None:
+    """Write adapters given as tensors (``{adapter name: on-disk state}``) where ``model.save_pretrained(folder)``
+    would put them, with their configs: for a model whose parameters are sharded, whose tensors were gathered
+    first. Call it on one process only.
+
+    Explained in: book/distributed.ipynb
+    """
+    with atomic_folder(folder, keep_existing=True) as stage:
+        for name, state in states.items():
+            target = adapter_folders(model, stage)[name]
+            config = copy.copy(model.peft_config[name])
+            config.inference_mode = True
+            os.makedirs(target, exist_ok=True)
+            atomic_save_tensors(state, os.path.join(target, SAFETENSORS_WEIGHTS_NAME), True)
+            config.save_pretrained(target)
+
+
 class Trainer(transformers.Trainer):
     """``transformers.Trainer`` for peftlab models: checkpoints and ``save_model`` hold the adapter only.
 
@@ -93,7 +129,11 @@ class Trainer(transformers.Trainer):
         if not self.args.should_save:  # only the main process writes (a shared file system is assumed)
             return
         os.makedirs(output_dir, exist_ok=True)
-        model.save_pretrained(output_dir)  # safetensors (transformers 5 has no pickle option left)
+        if state_dict is None:
+            model.save_pretrained(output_dir)  # safetensors (transformers 5 has no pickle option left)
+        else:  # gathered by FSDP/DeepSpeed: the model's own parameters may be shards
+            save_adapter_states(model, {name: adapter_state_from(model, state_dict, name)
+                                        for name in model.peft_config}, output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         elif getattr(self.data_collator, "tokenizer", None) is not None:
@@ -114,4 +154,5 @@ class Trainer(transformers.Trainer):
         load_adapters_from_checkpoint(peft_model, self.state.best_model_checkpoint)
 
 
-__all__ = ["Trainer", "load_adapters_from_checkpoint", "adapter_folders", "has_adapter_files"]
+__all__ = ["Trainer", "load_adapters_from_checkpoint", "adapter_folders", "has_adapter_files", "adapter_state_from",
+           "save_adapter_states"]

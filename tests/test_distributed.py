@@ -105,6 +105,9 @@ def test_rank_batches_of_a_step_make_up_the_one_process_batch() -> None:
 def test_bad_launch_arguments_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="world_size=2 but nproc=4"):
         D.launch(("trainer",), SETUP, tmp_path, nproc=4)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="trainer_fsdp needs CUDA devices.*torchrun"):
+            D.run_recipe("trainer_fsdp", SETUP, tmp_path, world=2)
     with pytest.raises(ValueError, match="unknown recipe 'zero'.*trainer"):
         D.run_recipe("zero", SETUP, tmp_path)
     with pytest.raises(ValueError, match="does not divide"):

@@ -124,6 +124,28 @@ def test_a_model_without_peftlab_adapters_goes_through_transformers_unchanged(tm
     assert "model.safetensors" in os.listdir(tmp_path / "checkpoint-2")
 
 
+def test_save_model_with_a_gathered_state_dict_writes_its_adapter_tensors(tmp_path: Path) -> None:
+    """FSDP and DeepSpeed gather a full state dict for save_model; the model's own parameters may be shards."""
+    from peftlab import Trainer
+
+    model = lora()
+    model.add_adapter("other", LoraConfig(task_type=TaskType.CAUSAL_LM, r=2, target_modules=["q_proj"]))
+    trainer = Trainer(model=model, args=args(tmp_path / "run", max_steps=1), train_dataset=dataset())
+    gathered = {k: v.detach() + 1 for k, v in model.state_dict().items()}  # differs from the live parameters
+    trainer._save(str(tmp_path / "out"), state_dict=gathered)
+    for name, folder in (("default", tmp_path / "out"), ("other", tmp_path / "out" / "other")):
+        saved = load_file(folder / "adapter_model.safetensors")
+        live = adapter(model, name)
+        assert set(saved) == set(live)
+        for k, v in live.items():
+            assert torch.equal(saved[k], v + 1), k
+        assert (folder / "adapter_config.json").is_file()
+    reloaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "out"))
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in gathered.items() if ".lora_" in k and "default" in k)
+    with pytest.raises(ValueError, match="lacks .* tensors of adapter 'default'.*FULL_STATE_DICT"):
+        trainer._save(str(tmp_path / "bad"), state_dict={k: v for k, v in gathered.items() if "lora_A" not in k})
+
+
 # ---- every registered method: load_best_model_at_end and save_model ----------------------------------
 def method_config(spec) -> TargetingConfig:
     if not issubclass(spec.config_class, TargetingConfig):

@@ -15,7 +15,15 @@ Recipes (all train a LoRA adapter on the lab LM's architecture):
 * ``nf4``: the same loop on a base quantised to NF4 by :mod:`peftlab.quantization` (QLoRA); the 4-bit
   weights are buffers, so DDP neither all-reduces them nor (``broadcast_buffers=False``) broadcasts them;
 * ``fsdp``: torch's FSDP2 (``fully_shard`` on every decoder layer and the whole model): the frozen base and
-  the adapter are sharded across the processes, only the adapter trains, and rank 0 writes the adapter.
+  the adapter are sharded across the processes, only the adapter trains, and rank 0 writes the adapter;
+* ``trainer_fsdp`` (GPUs only, ``Setup(device="cuda")``): :class:`peftlab.Trainer` with transformers' own
+  ``fsdp=True`` (FSDP2, one unit per decoder layer); ``save_model`` writes the adapter from the state dict
+  FSDP gathers. With ``use_cpu=True`` transformers trains with DDP instead, so this one is not run on CPUs::
+
+      torchrun --standalone --nproc_per_node=2 -m peftlab.lab.distributed --out runs \\
+          --recipes trainer trainer_fsdp --setup '{"device": "cuda"}'
+
+  and compare ``runs/trainer_fsdp/rank*.pt`` with ``runs/trainer/rank*.pt`` (equal to float rounding).
 
 Every record holds the adapter after training (full tensors), the losses, which tensors DDP's reducer holds
 (``num_parameter_tensors``, bytes) and whether this rank wrote the adapter folder.
@@ -40,7 +48,8 @@ from typing import Any
 
 import torch
 
-RECIPES = ("trainer", "accelerate", "nf4", "fsdp")
+RECIPES = ("trainer", "accelerate", "nf4", "fsdp")  # run on CPUs (gloo) in the tests and the book
+GPU_RECIPES = ("trainer_fsdp",)  # need CUDA devices: transformers falls back to DDP on CPUs
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,7 @@ class Setup:
     seed: int = 0
     profile: str = "smoke"  # the lab LM's size (lab_config(profile))
     pretrained: bool = False  # load the pretrained lab LM from the cache (the book) or a fresh one (the tests)
+    device: str = "cpu"  # "cuda": one GPU per process, NCCL (never run by the tests: they have no GPUs)
 
 
 # ---- model and data ------------------------------------------------------------------------------
@@ -131,13 +141,9 @@ def save_full_adapter(model: Any, state: dict[str, torch.Tensor], folder: str | 
 
     Explained in: book/distributed.ipynb
     """
-    from peftlab.utils.io import SAFETENSORS_WEIGHTS_NAME, atomic_folder, atomic_save_tensors
+    from peftlab.trainer import save_adapter_states
 
-    config = copy.copy(_unwrap(model).peft_config["default"])
-    config.inference_mode = True
-    with atomic_folder(folder) as stage:
-        atomic_save_tensors(state, os.path.join(stage, SAFETENSORS_WEIGHTS_NAME), True)
-        config.save_pretrained(stage)
+    save_adapter_states(_unwrap(model), {"default": state}, folder)
 
 
 def _unwrap(model: Any) -> Any:
@@ -148,21 +154,28 @@ def _unwrap(model: Any) -> Any:
 @contextlib.contextmanager
 def _count_adapter_writes() -> Any:
     """Count the calls that write adapter files in this process (``PeftModel._save_adapters`` runs only when
-    ``save_pretrained(..., is_main_process=True)``)."""
+    ``save_pretrained(..., is_main_process=True)``; ``Trainer._save`` calls ``save_adapter_states`` on the main
+    process only)."""
+    from peftlab import trainer
     from peftlab.peft_model import PeftModel
 
-    original = PeftModel._save_adapters
+    # save_pretrained writes through _save_adapters; Trainer._save with a gathered state dict (FSDP) through
+    # save_adapter_states
+    originals = (PeftModel._save_adapters, trainer.save_adapter_states)
     calls = []
 
-    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return original(self, *args, **kwargs)
+    def counting(fn: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            calls.append(1)
+            return fn(*args, **kwargs)
+        return counted
 
-    PeftModel._save_adapters = counted
+    PeftModel._save_adapters = counting(originals[0])
+    trainer.save_adapter_states = counting(originals[1])
     try:
         yield calls
     finally:
-        PeftModel._save_adapters = original
+        PeftModel._save_adapters, trainer.save_adapter_states = originals
 
 
 def _reducer(ddp: Any) -> dict[str, Any]:
@@ -177,7 +190,7 @@ def _reducer(ddp: Any) -> dict[str, Any]:
 
 
 # ---- recipes --------------------------------------------------------------------------------------
-def _trainer(setup: Setup, out: Path, world: int) -> dict[str, Any]:
+def _trainer(setup: Setup, out: Path, world: int, fsdp: bool = False) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import PrinterCallback, TrainingArguments
 
@@ -188,17 +201,34 @@ def _trainer(setup: Setup, out: Path, world: int) -> dict[str, Any]:
     args = TrainingArguments(output_dir=str(out / "run"), per_device_train_batch_size=rows_per_process(setup, world),
                              max_steps=setup.steps, learning_rate=setup.lr, lr_scheduler_type="constant",
                              train_sampling_strategy="sequential", logging_steps=1, save_strategy="no",
-                             report_to=[], disable_tqdm=True, use_cpu=True, seed=setup.seed,
-                             ddp_backend="gloo" if world > 1 else None, dataloader_pin_memory=False)
+                             report_to=[], disable_tqdm=True, use_cpu=setup.device == "cpu", seed=setup.seed,
+                             ddp_backend=_backend(setup) if world > 1 else None, dataloader_pin_memory=False,
+                             **_trainer_fsdp_args(world) if fsdp else {})
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": data, "labels": data}))
     trainer.remove_callback(PrinterCallback)  # the losses are returned, not printed
     with _count_adapter_writes() as writes:
         trainer.train()
         trainer.save_model(str(out / "adapter"))
     ddp = trainer.model_wrapped
+    is_ddp = isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
     return {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-            "reducer": _reducer(ddp) if ddp is not trainer.model else None, "wrote": len(writes),
-            "adapter": full_adapter(model)}
+            "reducer": _reducer(ddp) if is_ddp else None, "wrote": len(writes),
+            "adapter": full_adapter(trainer.model), "wrapper": type(ddp).__name__}
+
+
+def _trainer_fsdp_args(world: int) -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        raise RuntimeError("recipe trainer_fsdp needs CUDA devices (transformers trains with DDP when use_cpu=True); "
+                           "on a GPU machine: torchrun --nproc_per_node=2 -m peftlab.lab.distributed --out OUT "
+                           "--recipes trainer trainer_fsdp --setup '{\"device\": \"cuda\"}'")
+    if world == 1:
+        return {}  # the one-process reference is the plain trainer recipe
+    return {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                          "state_dict_type": "FULL_STATE_DICT"}}
+
+
+def _backend(setup: Setup) -> str:
+    return "nccl" if setup.device == "cuda" else "gloo"
 
 
 def _accelerate(setup: Setup, out: Path, world: int, quantize: bool = False) -> dict[str, Any]:
@@ -206,7 +236,7 @@ def _accelerate(setup: Setup, out: Path, world: int, quantize: bool = False) -> 
     from torch.utils.data import DataLoader
 
     # NF4 codes are buffers: do not broadcast them at every forward (each process quantised the same base)
-    accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=not quantize)])
+    accelerator = Accelerator(cpu=setup.device == "cpu", kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=not quantize)])
     model = build_model(setup, quantize=quantize)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=setup.lr)
     loader = DataLoader(global_batches(setup), batch_size=rows_per_process(setup, world), shuffle=False)
@@ -236,7 +266,7 @@ def _fsdp(setup: Setup, out: Path, world: int) -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    model = build_model(setup)
+    model = build_model(setup).to(setup.device)
     layers = model.get_base_model().model.layers
     if world > 1:
         for layer in layers:  # one all-gather per decoder layer; the embeddings and head in the root unit
@@ -250,7 +280,7 @@ def _fsdp(setup: Setup, out: Path, world: int) -> dict[str, Any]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=setup.lr)
     rank = dist.get_rank() if world > 1 else 0
     b = rows_per_process(setup, world)
-    data = global_batches(setup)
+    data = global_batches(setup).to(setup.device)
     losses = []
     model.train()
     for step in range(setup.steps):
@@ -284,7 +314,9 @@ def run_recipe(recipe: str, setup: Setup, out: str | os.PathLike, world: int = 1
         return _accelerate(setup, out, world, quantize=True)
     if recipe == "fsdp":
         return _fsdp(setup, out, world)
-    raise ValueError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
+    if recipe == "trainer_fsdp":
+        return _trainer(setup, out, world, fsdp=True)
+    raise ValueError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES + GPU_RECIPES)}")
 
 
 def run_single(recipes: tuple[str, ...], setup: Setup, out: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -354,14 +386,16 @@ def launch(recipes: tuple[str, ...], setup: Setup, out: str | os.PathLike, nproc
 def _worker(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="one torchrun worker: run recipes, save this rank's records")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--recipes", nargs="+", choices=RECIPES, required=True)
+    parser.add_argument("--recipes", nargs="+", choices=RECIPES + GPU_RECIPES, required=True)
     parser.add_argument("--setup", default="{}")
     a = parser.parse_args(argv)
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     setup = Setup(**json.loads(a.setup))
-    dist.init_process_group("gloo")
+    if setup.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(_backend(setup))
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
         for recipe in a.recipes:

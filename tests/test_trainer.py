@@ -85,6 +85,20 @@ def test_checkpoint_holds_the_adapter_and_optimizer_not_the_model(tmp_path: Path
         assert torch.equal(final[k], v)
 
 
+@pytest.mark.peer
+def test_peft_loads_a_peftlab_trainer_checkpoint(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    from peftlab import Trainer
+
+    model = lora()
+    Trainer(model=model, args=args(tmp_path, max_steps=2, save_steps=2), train_dataset=dataset()).train()
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "checkpoint-2"))
+    x = torch.tensor([[1, 5, 7, 9]])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=x).logits, model(input_ids=x).logits)
+
+
 def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path: Path) -> None:
     from peftlab import Trainer
 

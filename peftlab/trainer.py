@@ -14,7 +14,9 @@ arguments and changes three steps only:
   seen, so the run continues with the losses of an uninterrupted one;
 * ``load_best_model_at_end``: the best checkpoint's adapter tensors are copied back the same way.
 
-Any other model (no peftlab adapter) goes through ``transformers.Trainer`` unchanged.
+The model is a peftlab ``PeftModel`` or a model given adapters in place by peftlab's transformers-style API
+(``enable_adapters_api(model).add_adapter(config)``, :mod:`peftlab.integrations`); any other model goes
+through ``transformers.Trainer`` unchanged.
 
 Explained in: book/distributed.ipynb
 """
@@ -29,6 +31,7 @@ import torch
 import transformers
 from torch import nn
 
+from peftlab.integrations.transformers import get_tuner, save_adapter
 from peftlab.peft_model import PeftModel, tuner_for
 from peftlab.utils.io import SAFETENSORS_WEIGHTS_NAME, atomic_folder, atomic_save_tensors, load_adapter_weights
 from peftlab.utils.save_and_load import adapter_state_items, set_peft_model_state_dict
@@ -36,13 +39,23 @@ from peftlab.utils.save_and_load import adapter_state_items, set_peft_model_stat
 TRAINING_ARGS_NAME = "training_args.bin"  # the file transformers.Trainer writes next to a saved model
 
 
-def adapter_folders(model: PeftModel, folder: str | os.PathLike) -> dict[str, str]:
+def adapter_configs(model: nn.Module) -> dict[str, Any]:
+    """The adapters' configs of a ``PeftModel``, or of a model with adapters added in place (integrations)."""
+    if isinstance(model, PeftModel):
+        return model.peft_config
+    tuner = get_tuner(model)
+    if tuner is None:
+        raise ValueError(f"{type(model).__name__} has no peftlab adapters")
+    return tuner.peft_config
+
+
+def adapter_folders(model: nn.Module, folder: str | os.PathLike) -> dict[str, str]:
     """Where ``save_pretrained(folder)`` puts each adapter: ``default`` in ``folder``, others in ``folder/<name>``.
 
     Explained in: book/distributed.ipynb
     """
     folder = os.fspath(folder)
-    return {name: folder if name == "default" else os.path.join(folder, name) for name in model.peft_config}
+    return {name: folder if name == "default" else os.path.join(folder, name) for name in adapter_configs(model)}
 
 
 def has_adapter_files(folder: str | os.PathLike) -> bool:
@@ -50,7 +63,7 @@ def has_adapter_files(folder: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME))
 
 
-def load_adapters_from_checkpoint(model: PeftModel, folder: str | os.PathLike) -> list[str]:
+def load_adapters_from_checkpoint(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     """Copy the adapter tensors saved in ``folder`` into ``model``'s adapters of the same names; returns the
     names loaded. Every adapter of the model must be there (a checkpoint holds all of them): a clear error
     otherwise, before any tensor is copied.
@@ -63,8 +76,9 @@ def load_adapters_from_checkpoint(model: PeftModel, folder: str | os.PathLike) -
         raise ValueError(f"checkpoint {os.fspath(folder)!s} has no adapter weights for {', '.join(missing)}; "
                          f"pass a checkpoint-N folder written by peftlab.Trainer (adapter_model.safetensors)")
     weights = {name: load_adapter_weights(path) for name, path in folders.items()}  # safetensors only
+    configs = adapter_configs(model)
     for name, state in weights.items():  # each call checks every tensor before copying any
-        set_peft_model_state_dict(model, state, name)
+        set_peft_model_state_dict(model, state, name, configs[name])
     return list(weights)
 
 
@@ -75,7 +89,7 @@ def adapter_state_from(model: PeftModel, state_dict: dict[str, torch.Tensor],
 
     Explained in: book/distributed.ipynb
     """
-    config = model.peft_config[adapter_name]
+    config = adapter_configs(model)[adapter_name]
     items = adapter_state_items(model, adapter_name, config)
     missing = [mem for mem, _, _ in items if mem not in state_dict]
     if missing:
@@ -96,7 +110,7 @@ def save_adapter_states(model: PeftModel, states: dict[str, dict[str, torch.Tens
     with atomic_folder(folder, keep_existing=True) as stage:
         for name, state in states.items():
             target = adapter_folders(model, stage)[name]
-            config = copy.copy(model.peft_config[name])
+            config = copy.copy(adapter_configs(model)[name])
             config.inference_mode = True
             os.makedirs(target, exist_ok=True)
             atomic_save_tensors(state, os.path.join(target, SAFETENSORS_WEIGHTS_NAME), True)
@@ -113,12 +127,12 @@ class Trainer(transformers.Trainer):
     Explained in: book/distributed.ipynb
     """
 
-    def peftlab_model(self, model: nn.Module | None = None) -> PeftModel | None:
-        """The peftlab ``PeftModel`` inside ``model`` (default: the trainer's), unwrapped from DDP/accelerate;
-        ``None`` when it is not one."""
+    def peftlab_model(self, model: nn.Module | None = None) -> nn.Module | None:
+        """The model with peftlab adapters inside ``model`` (default: the trainer's), unwrapped from
+        DDP/accelerate: a ``PeftModel``, or a model with adapters added in place; ``None`` otherwise."""
         model = self.model if model is None else model
         unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
-        return unwrapped if isinstance(unwrapped, PeftModel) else None
+        return unwrapped if isinstance(unwrapped, PeftModel) or get_tuner(unwrapped) is not None else None
 
     # ---- saving ---------------------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -129,11 +143,14 @@ class Trainer(transformers.Trainer):
         if not self.args.should_save:  # only the main process writes (a shared file system is assumed)
             return
         os.makedirs(output_dir, exist_ok=True)
-        if state_dict is None:
+        if state_dict is None and not isinstance(model, PeftModel):  # adapters added in place: one folder each
+            for name, folder in adapter_folders(model, output_dir).items():
+                save_adapter(model, folder, name)
+        elif state_dict is None:
             model.save_pretrained(output_dir)  # safetensors (transformers 5 has no pickle option left)
         else:  # gathered by FSDP/DeepSpeed: the model's own parameters may be shards
             save_adapter_states(model, {name: adapter_state_from(model, state_dict, name)
-                                        for name in model.peft_config}, output_dir)
+                                        for name in adapter_configs(model)}, output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         elif getattr(self.data_collator, "tokenizer", None) is not None:

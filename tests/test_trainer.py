@@ -121,6 +121,45 @@ def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path: Path
         torch.testing.assert_close(adapter(resumed_model)[k], v, rtol=1e-6, atol=1e-7)
 
 
+def test_adapters_added_in_place_checkpoint_and_resume(tmp_path: Path) -> None:
+    """transformers' adapter API (peftlab.integrations): the model keeps its class, the adapters live inside it."""
+    from peftlab import Trainer
+    from peftlab.integrations import enable_adapters_api, get_tuner
+
+    def make():
+        model = enable_adapters_api(tiny_llama())
+        model.add_adapter(LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type=TaskType.CAUSAL_LM))
+        model.add_adapter(LoraConfig(r=2, target_modules=["q_proj"], task_type=TaskType.CAUSAL_LM), "other")
+        model.set_adapter("default")
+        return model
+
+    def state(model, name="default"):
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, name,
+                                                                             get_tuner(model).peft_config[name]).items()}
+
+    full_model = make()
+    full = Trainer(model=full_model, args=args(tmp_path / "a", max_steps=4, save_steps=2), train_dataset=dataset())
+    full.train()
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(os.listdir(ckpt))
+    assert (ckpt / "other" / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    resumed_model = make()
+    with torch.no_grad():
+        for p in resumed_model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    resumed = Trainer(model=resumed_model, args=args(tmp_path / "b", max_steps=4, save_steps=2),
+                      train_dataset=dataset())
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    for step in (3, 4):
+        assert losses(resumed)[step] == pytest.approx(losses(full)[step], rel=1e-6, abs=1e-7)
+    for k, v in state(full_model).items():
+        torch.testing.assert_close(state(resumed_model)[k], v, rtol=1e-6, atol=1e-7)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a" / "checkpoint-4"))  # peft's format
+    for k, v in state(full_model).items():
+        assert torch.equal(get_peft_model_state_dict(reloaded)["base_model.model." + k], v), k
+
+
 def test_resume_from_a_folder_without_adapter_is_a_clear_error(tmp_path: Path) -> None:
     from peftlab import Trainer
 

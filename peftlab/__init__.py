@@ -20,11 +20,21 @@ from peftlab.tuners.lokr import LoKrConfig, LoKrModel
 from peftlab.tuners.lora import LoftQConfig, LoraConfig, LoraModel
 from peftlab.utils.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
 
-from peftlab.integrations.trainer import PeftlabCallback  # noqa: E402  (after the methods have registered)
-
-AdaLoraCallback = PeftlabCallback  # the name the AdaLoRA warning gives: Trainer(callbacks=[AdaLoraCallback()])
-
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # peftlab.Trainer imports transformers.Trainer (and accelerate): only when asked for
+    if name == "Trainer":
+        from peftlab.trainer import Trainer
+
+        return Trainer
+    if name in ("PeftlabCallback", "AdaLoraCallback"):  # a transformers.TrainerCallback: only when asked for
+        from peftlab.integrations.trainer import PeftlabCallback
+
+        return PeftlabCallback  # AdaLoraCallback: the name AdaLoRA's warning gives
+    raise AttributeError(f"module 'peftlab' has no attribute {name!r}")
+
 
 __all__ = [
     "PeftConfig", "PeftType", "TaskType", "LoraConfig", "LoftQConfig", "LoraModel", "get_peft_model",
@@ -33,7 +43,7 @@ __all__ = [
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
     "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "AdaLoraConfig", "AdaLoraModel", "AdaLoraCallback",
     "PeftlabCallback",
-    "get_peft_model_state_dict", "set_peft_model_state_dict", "__version__",
+    "get_peft_model_state_dict", "set_peft_model_state_dict", "__version__", "Trainer",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
 ]

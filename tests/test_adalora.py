@@ -312,13 +312,13 @@ class _Rows(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def _trainer(model, tmp_path, callbacks):
+def _trainer(model, tmp_path, callbacks, trainer_class=None):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=2,
                              learning_rate=1e-2, report_to=[], save_strategy="no", logging_strategy="no",
                              use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0)
-    return Trainer(model=model, args=args, train_dataset=_Rows(8), callbacks=callbacks)
+    return (trainer_class or Trainer)(model=model, args=args, train_dataset=_Rows(8), callbacks=callbacks)
 
 
 def test_trainer_callback_allocates(tmp_path):
@@ -358,3 +358,15 @@ def test_fused_training_node_has_the_right_gradients():
     with torch.no_grad():
         eager = layer.base_layer(xs) + xs @ layer.get_delta_weight("a").T
     torch.testing.assert_close(layer(xs), eager, atol=1e-5, rtol=0)
+
+
+def test_peftlab_trainer_allocates_without_a_callback(tmp_path):
+    """peftlab.Trainer adds the callback itself (once, even when it is also passed)."""
+    model = llama_adalora()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*without any rank allocation")
+        trainer = _trainer(model, tmp_path, [peftlab.AdaLoraCallback()], trainer_class=peftlab.Trainer)
+        assert sum(isinstance(c, peftlab.PeftlabCallback) for c in trainer.callback_handler.callbacks) == 1
+        _trainer(model, tmp_path / "b", [], trainer_class=peftlab.Trainer).train()
+    pattern = model.peft_config["default"].rank_pattern
+    assert pattern is not None and sum(map(sum, pattern.values())) == 3 * 6

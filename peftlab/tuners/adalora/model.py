@@ -129,8 +129,8 @@ class AdaLoraModel(BaseTuner):
                 f"AdaLoRA adapter {adapters[0]!r} has trained {self._train_forwards} forward passes, past tinit={tinit}, "
                 "without any rank allocation: it is training a plain LoRA of rank init_r. Call "
                 "model.base_model.update_and_allocate(global_step) after every optimizer.step(), before "
-                "zero_grad(); with transformers.Trainer pass callbacks=[peftlab.AdaLoraCallback()]; peftlab's "
-                "lab.train(...) does it for you", UserWarning, stacklevel=3)
+                "zero_grad(); with transformers.Trainer pass callbacks=[peftlab.AdaLoraCallback()]; peftlab.Trainer "
+                "and peftlab's lab.train(...) do it for you", UserWarning, stacklevel=3)
 
     # ---- the allocation -------------------------------------------------------------------------
     def allocator(self, adapter_name: str) -> RankAllocator:

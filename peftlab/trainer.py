@@ -34,6 +34,7 @@ import torch
 import transformers
 from torch import nn
 
+from peftlab.config import CONFIG_NAME, PeftConfig
 from peftlab.integrations.trainer import PeftlabCallback
 from peftlab.integrations.transformers import get_tuner, save_adapter
 from peftlab.peft_model import PeftModel, tuner_for
@@ -80,7 +81,10 @@ def load_adapters_from_checkpoint(model: nn.Module, folder: str | os.PathLike) -
         raise ValueError(f"checkpoint {os.fspath(folder)!s} has no adapter weights for {', '.join(missing)}; "
                          f"pass a checkpoint-N folder written by peftlab.Trainer (adapter_model.safetensors)")
     weights = {name: load_adapter_weights(path) for name, path in folders.items()}  # safetensors only
-    configs = adapter_configs(model)
+    configs = dict(adapter_configs(model))
+    for name, path in folders.items():  # the config saved with the tensors describes them (AdaLoRA: which
+        if os.path.isfile(os.path.join(path, CONFIG_NAME)):  # triplets each module kept at that step)
+            configs[name] = PeftConfig.from_pretrained(path)
     for name, state in weights.items():  # each call checks every tensor before copying any
         set_peft_model_state_dict(model, state, name, configs[name])
     return list(weights)

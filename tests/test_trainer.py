@@ -203,7 +203,8 @@ def test_save_model_with_a_gathered_state_dict_writes_its_adapter_tensors(tmp_pa
 def method_config(spec) -> TargetingConfig:
     if not issubclass(spec.config_class, TargetingConfig):
         pytest.fail(f"{spec.peft_type}: add a config for this method to tests/test_trainer.py")
-    return spec.config_class(target_modules=["q_proj", "v_proj"], task_type=TaskType.CAUSAL_LM)
+    return spec.config_class(**spec.config_class.MINIMAL_KWARGS, target_modules=["q_proj", "v_proj"],
+                             task_type=TaskType.CAUSAL_LM)
 
 
 @pytest.mark.parametrize("spec", methods(), ids=lambda s: s.peft_type)

@@ -225,4 +225,7 @@ class AdaLoraModel(BaseTuner):
             mask = masks.get(key)
             if mask is not None and int(mask.sum()) != module.r[adapter_name]:
                 module.resize(adapter_name, mask)
+        live = (getattr(model, "peft_config", None) or {}).get(adapter_name)
+        if live is not None and live is not config:  # the layers now follow the file's pattern: so does the model
+            live.rank_pattern = dict(config.rank_pattern)
         return state

@@ -370,3 +370,9 @@ def test_peftlab_trainer_allocates_without_a_callback(tmp_path):
         _trainer(model, tmp_path / "b", [], trainer_class=peftlab.Trainer).train()
     pattern = model.peft_config["default"].rank_pattern
     assert pattern is not None and sum(map(sum, pattern.values())) == 3 * 6
+
+
+def test_an_absurd_init_r_is_refused_before_allocating():
+    with pytest.raises(ValueError, match=r"init_r=1099511627776 .*rank at most 32 here, so use init_r <= that"):
+        get_peft_model(base_model("llama"), AdaLoraConfig(target_modules=["q_proj"], init_r=2**40, target_r=1,
+                                                          total_step=10))

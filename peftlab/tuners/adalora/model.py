@@ -15,6 +15,7 @@ Explained in: book/adalora.ipynb
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -84,6 +85,14 @@ class AdaLoraModel(BaseTuner):
 
     # ---- injection ------------------------------------------------------------------------------
     def check_layer(self, config: AdaLoraConfig, target: nn.Module, key: str) -> None:
+        weight = getattr(target, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() >= 2:  # e.g. init_r=2**40: refuse before allocating
+            need = config.init_r * (weight.shape[0] + weight[0].numel() + 1) * 4  # P, Q, Λ in float32, bytes
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+            if have and need > have:
+                raise ValueError(f"init_r={config.init_r} for {key!r}: P, Λ and Q would need {need / 2**30:,.0f} GiB, "
+                                 f"more than the machine's {have / 2**30:,.0f} GiB; ΔW has rank at most "
+                                 f"{min(weight.shape[0], weight[0].numel())} here, so use init_r <= that")
         if isinstance(target, nn.Conv2d) and target.groups != 1:
             raise ValueError(f"target module {key!r} is a grouped convolution (groups={target.groups}); AdaLoRA "
                              "supports groups=1 only. Leave it out of target_modules (or add it to exclude_modules)")

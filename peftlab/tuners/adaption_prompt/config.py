@@ -16,7 +16,7 @@ class AdaptionPromptConfig(TargetingConfig):
     ``adapter_layers`` attention modules, read through a gate that starts at zero.
 
     * ``target_modules`` (None → ``"self_attn"``): the name of the attention module inside each decoder block
-      (peft's rule: a module whose name ends with ``"." + target_modules``); one name, not a list;
+      (peft's rule: a module whose name ends with ``"." + target_modules``); one name (a string), not a list;
     * ``adapter_len``: prompt vectors per adapted layer (the paper's K = 10);
     * ``adapter_layers``: how many blocks, counted from the top, get prompts (the paper's L = 30 of 32).
 
@@ -37,11 +37,6 @@ class AdaptionPromptConfig(TargetingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.target_modules, list):
-            raise TypeError(
-                f"target_modules={self.target_modules!r}: LLaMA-Adapter names one attention module per block, as a "
-                "string (peft's format), e.g. target_modules='self_attn'"
-            )
         for name, example in (("adapter_len", 10), ("adapter_layers", 2)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

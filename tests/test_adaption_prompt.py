@@ -49,7 +49,12 @@ def llama(kv_heads: int = 2, attention_bias: bool = False, layers: int = 2, seed
                       num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
                       attention_bias=attention_bias)
-    return LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # transformers initialises biases to zero: make them visible
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
 
 
 def adapted_layers(model) -> dict[str, AdaptedAttention]:

@@ -97,16 +97,18 @@ class AdaptedAttention(AdapterLayer):
         kv = k.shape[1]
         # grouped-query attention: the query heads of one group (kv_heads · group = heads) read one prompt head
         q = queries.reshape(b, kv, (n_heads // kv) * s, d)
-        out = F.scaled_dot_product_attention(q, k.expand(b, -1, -1, -1).to(q.dtype), v.expand(b, -1, -1, -1).to(q.dtype),
-                                             scale=self.scaling)
-        return out.view(b, n_heads, s, d)
+        scores = (q @ k.transpose(-1, -2).to(q.dtype)) * self.scaling  # Q K_Pᵀ/√d, (b, kv, group·s, n)
+        weights = scores.softmax(-1, dtype=torch.float32).to(q.dtype)  # the prompt's own softmax
+        return (weights @ v.to(q.dtype)).view(b, n_heads, s, d)
 
-    def queries(self, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """The layer's queries with rotary position applied, (batch, heads, seq, d) (the module does not return
-        them, so they are computed again from its frozen ``q_proj``)."""
-        attn = self.get_base_layer()
+    def queries(self, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                projected: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's queries with rotary position applied, (batch, heads, seq, d), from ``q_proj(x)``
+        (``projected``: that product as the module computed it, else computed again)."""
         b, s, _ = x.shape
-        q = attn.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        if projected is None:
+            projected = self.get_base_layer().q_proj(x)
+        q = projected.view(b, s, -1, self.head_dim).transpose(1, 2)
         cos, sin = (t.unsqueeze(1) for t in position_embeddings)  # (batch, 1, seq, d)
         return q * cos + rotate_half(q) * sin
 
@@ -115,13 +117,19 @@ class AdaptedAttention(AdapterLayer):
 
         Explained in: book/llama_adapter.ipynb
         """
-        result = self.base_layer(x, *args, **kwargs)
-        out, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, None)
         position_embeddings = kwargs.get("position_embeddings", args[0] if args else None)
         if position_embeddings is None:
             raise ValueError(f"{type(self.get_base_layer()).__name__} was called without position_embeddings; "
                              "LLaMA-Adapter needs the rotary (cos, sin) the decoder layer passes (transformers >= 4.48)")
-        q = self.queries(x, position_embeddings)
+        # the module does not return its queries: keep its q_proj(x) on the way instead of computing it twice
+        seen: list[torch.Tensor] = []
+        handle = self.get_base_layer().q_proj.register_forward_hook(lambda mod, inp, out: seen.append(out))
+        try:
+            result = self.base_layer(x, *args, **kwargs)
+        finally:
+            handle.remove()
+        out, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, None)
+        q = self.queries(x, position_embeddings, seen[0] if len(seen) == 1 else None)
         mixed = None
         for name in adapters:
             gated = self.adaption_gate[name].to(q.dtype) * self.prompt_attention(q, name)  # S_gᴷ V_P

@@ -201,6 +201,13 @@ def test_config_refusals(kwargs, words):
         config(**kwargs)
 
 
+def test_a_prompt_larger_than_memory_is_refused_before_allocating():
+    model = llama()
+    with pytest.raises(ValueError, match=r"adapter_len=1099511627776: .* GiB, more than the"):
+        get_peft_model(model, config(adapter_len=2**40, adapter_layers=1))
+    assert not adapted_layers(model)
+
+
 def test_target_modules_that_match_nothing_name_the_close_modules():
     with pytest.raises(ValueError, match="matched no module.*self_attn"):
         get_peft_model(llama(), config(target_modules="self_attention"))

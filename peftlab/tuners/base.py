@@ -50,6 +50,7 @@ Explained in: book/lora.ipynb
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
@@ -87,6 +88,17 @@ def layer_features(layer: nn.Module) -> tuple[int, int]:
         return n_in, n_out
     raise ValueError(f"cannot tell the input and output sizes of a {type(layer).__name__}; adapters wrap nn.Linear, "
                      "Conv1D, nn.Conv1d/2d/3d, nn.Embedding and layers with in_features/out_features")
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Total memory of ``device`` in bytes (0 when unknown): a method refuses an adapter larger than this before
+    allocating it, instead of failing deep inside torch."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return 0
 
 
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:

@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention
 from transformers.models.mistral.modeling_mistral import MistralAttention
 
 from peftlab.tuners.adaption_prompt.layer import AdaptedAttention
-from peftlab.tuners.base import BaseTuner
+from peftlab.tuners.base import BaseTuner, device_memory_bytes
 
 #: model_type → the attention module in each decoder block (peft 0.21.2 supports these Llama-family types)
 SUPPORTED_MODEL_TYPES: dict[str, str] = {"llama": "self_attn", "mistral": "self_attn"}
@@ -50,6 +50,15 @@ class AdaptionPromptModel(BaseTuner):
                 f"modules (one per decoder block); give adapter_layers between 1 and {len(keys)}"
             )
         return keys[-config.adapter_layers:]
+
+    def check_layer(self, config: Any, target: Any, key: str) -> None:
+        weight = target.q_proj.weight  # e.g. adapter_len=2**40: refuse before allocating the prompt
+        need = config.adapter_len * target.q_proj.in_features * 4  # float32 prompt, bytes
+        have = device_memory_bytes(weight.device)
+        if have and need > have:
+            raise ValueError(f"adapter_len={config.adapter_len}: the prompt of {key!r} would need "
+                             f"{need / 2**30:,.0f} GiB, more than the {have / 2**30:,.0f} GiB of {weight.device.type} "
+                             "memory; the paper uses adapter_len=10")
 
     def layer_kwargs(self, config: Any, key: str, target: Any) -> dict[str, Any]:
         return {"adapter_len": config.adapter_len}

@@ -208,6 +208,13 @@ def test_a_prompt_larger_than_memory_is_refused_before_allocating():
     assert not adapted_layers(model)
 
 
+def test_calling_the_module_without_rotary_tables_says_what_to_pass():
+    model = get_peft_model(llama(), config(adapter_layers=1))
+    (_, attn), = adapted_layers(model).items()
+    with pytest.raises(ValueError, match=r"without position_embeddings.*pass position_embeddings=\(cos, sin\)"):
+        attn(hidden_states=torch.randn(1, 3, 32))
+
+
 def test_target_modules_that_match_nothing_name_the_close_modules():
     with pytest.raises(ValueError, match="matched no module.*self_attn"):
         get_peft_model(llama(), config(target_modules="self_attention"))

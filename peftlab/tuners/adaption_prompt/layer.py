@@ -30,7 +30,11 @@ from peftlab.tuners.base import AdapterLayer
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x₁, x₂) → (−x₂, x₁) over the last dimension: the rotation rotary embeddings use."""
+    """(x₁, x₂) → (−x₂, x₁) over the last dimension: the rotation rotary embeddings use,
+    q' = q·cos + rotate_half(q)·sin.
+
+    Explained in: book/llama_adapter.ipynb
+    """
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
@@ -104,7 +108,10 @@ class AdaptedAttention(AdapterLayer):
     def queries(self, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 projected: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's queries with rotary position applied, (batch, heads, seq, d), from ``q_proj(x)``
-        (``projected``: that product as the module computed it, else computed again)."""
+        (``projected``: that product as the module computed it, else computed again).
+
+        Explained in: book/llama_adapter.ipynb
+        """
         b, s, _ = x.shape
         if projected is None:
             projected = self.get_base_layer().q_proj(x)
@@ -120,7 +127,8 @@ class AdaptedAttention(AdapterLayer):
         position_embeddings = kwargs.get("position_embeddings", args[0] if args else None)
         if position_embeddings is None:
             raise ValueError(f"{type(self.get_base_layer()).__name__} was called without position_embeddings; "
-                             "LLaMA-Adapter needs the rotary (cos, sin) the decoder layer passes (transformers >= 4.48)")
+                             "LLaMA-Adapter needs the rotary (cos, sin) that transformers' decoder layers pass: "
+                             "call the whole model, or pass position_embeddings=(cos, sin)")
         # the module does not return its queries: keep its q_proj(x) on the way instead of computing it twice
         seen: list[torch.Tensor] = []
         handle = self.get_base_layer().q_proj.register_forward_hook(lambda mod, inp, out: seen.append(out))

@@ -39,11 +39,17 @@ class AdaptionPromptModel(BaseTuner):
         return config
 
     def is_target(self, config: Any, key: str) -> bool:
-        """peft's rule for this method: the module's name ends with ``"." + target_modules``."""
+        """peft's rule for this method: the module's name ends with ``"." + target_modules``.
+
+        Explained in: book/llama_adapter.ipynb
+        """
         return key.endswith("." + config.target_modules)
 
     def filter_targets(self, config: Any, keys: list[str]) -> list[str]:
-        """The top ``adapter_layers`` attention modules (the blocks come in model order)."""
+        """The top ``adapter_layers`` attention modules (the blocks come in model order).
+
+        Explained in: book/llama_adapter.ipynb
+        """
         if keys and config.adapter_layers > len(keys):
             raise ValueError(
                 f"adapter_layers={config.adapter_layers}, but the model has {len(keys)} {config.target_modules!r} "

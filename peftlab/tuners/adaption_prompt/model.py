@@ -7,9 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers.models.llama.modeling_llama import LlamaAttention
-from transformers.models.mistral.modeling_mistral import MistralAttention
-
 from peftlab.tuners.adaption_prompt.layer import AdaptedAttention
 from peftlab.tuners.base import BaseTuner, device_memory_bytes
 
@@ -24,7 +21,12 @@ class AdaptionPromptModel(BaseTuner):
     Explained in: book/llama_adapter.ipynb
     """
 
-    layer_dispatch = (((LlamaAttention, MistralAttention), AdaptedAttention),)
+    @property
+    def layer_dispatch(self) -> tuple:  # imported when a model is adapted: `import peftlab` stays light
+        from transformers.models.llama.modeling_llama import LlamaAttention
+        from transformers.models.mistral.modeling_mistral import MistralAttention
+
+        return (((LlamaAttention, MistralAttention), AdaptedAttention),)
 
     def _prepare_config(self, config: Any) -> Any:
         model_type = getattr(getattr(self.model, "config", None), "model_type", None)

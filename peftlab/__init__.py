@@ -15,6 +15,7 @@ from peftlab.peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForFea
                                 PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM,
                                 PeftModelForSequenceClassification, PeftModelForTokenClassification)
 from peftlab.tuners.adalora import AdaLoraConfig, AdaLoraModel
+from peftlab.tuners.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from peftlab.tuners.loha import LoHaConfig, LoHaModel
 from peftlab.tuners.lokr import LoKrConfig, LoKrModel
 from peftlab.tuners.lora import LoftQConfig, LoraConfig, LoraModel
@@ -41,8 +42,8 @@ __all__ = [
     "inject_adapter_in_model",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
-    "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "AdaLoraConfig", "AdaLoraModel", "AdaLoraCallback",
-    "PeftlabCallback",
+    "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "AdaptionPromptConfig", "AdaptionPromptModel",
+    "AdaLoraConfig", "AdaLoraModel", "AdaLoraCallback", "PeftlabCallback",
     "get_peft_model_state_dict", "set_peft_model_state_dict", "__version__", "Trainer",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",

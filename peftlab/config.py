@@ -82,9 +82,6 @@ class PeftConfig:
     # Keys peft writes for this method that are not fields here (AdaLoRA's config inherits every LoRA key):
     # name -> its default. A file may hold them at that value; they are written at it too.
     FILE_DEFAULTS: ClassVar[dict[str, Any]] = {}
-    # Settings without a usable default (AdaLoRA's total_step): values that make a minimal valid config, for
-    # code that builds configs generically (the fuzz tests). Empty for methods whose defaults all work.
-    MINIMAL_KWARGS: ClassVar[dict[str, Any]] = {}
 
     base_model_name_or_path: str | None = None
     revision: str | None = None

@@ -36,7 +36,7 @@ import torch
 from conftest import base_model, fill_, output, output_with_grad, quiet
 from torch import nn
 
-from peftlab import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
+from peftlab import AdaLoraConfig, AdaptionPromptConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
 from peftlab.config import TargetingConfig
 from peftlab.lab.models import example_inputs
 from peftlab.registry import get_method, methods
@@ -177,6 +177,10 @@ def adalora_count(layer: AdapterLayer, config: TargetingConfig, key: str) -> int
     n_in, n_out = layer_features(base)
     k = math.prod(base.kernel_size) if isinstance(base, nn.Conv2d) else 1
     return r * (n_in * k + n_out) + r
+def adaption_prompt_count(layer: AdapterLayer, config: TargetingConfig, key: str) -> int:
+    """LLaMA-Adapter's formula: adapter_len · hidden (the prompt) + 1 (the gate) per adapted attention module."""
+    assert layer.adapter_len["default"] == config.adapter_len, key
+    return config.adapter_len * layer.get_base_layer().config.hidden_size + 1
 
 
 TRAITS: dict[str, Traits] = {
@@ -185,6 +189,8 @@ TRAITS: dict[str, Traits] = {
                    mutates_base=lambda c: c.init_lora_weights in ("pissa", "olora")),
     "LOHA": Traits(count=loha_count, identity=lycoris_identity),
     "LOKR": Traits(count=lokr_count, identity=lycoris_identity),
+    # a zero gate: the prompt's attention is multiplied by 0 (no init option; no merge, no mixed batches)
+    "ADAPTION_PROMPT": Traits(count=adaption_prompt_count, identity=lambda config: "exact"),
 }
 
 
@@ -307,6 +313,12 @@ CASES = [
                                            task_type="SEQ_2_SEQ_LM"), 12),
     Case("adalora-bert-cls", "bert_cls", AdaLoraConfig(target_modules=["query", "value"], total_step=10,
                                                        task_type="SEQ_CLS"), 4, ("classifier",)),
+    # --- LLaMA-Adapter (the tiny Llama has 2 blocks, 4 query heads over 2 key/value heads) ------------
+    Case("adaption-prompt-llama-top", "llama", AdaptionPromptConfig(adapter_len=4, adapter_layers=1,
+                                                                    task_type="CAUSAL_LM"), 1),
+    Case("adaption-prompt-llama-all", "llama", AdaptionPromptConfig(adapter_len=1, adapter_layers=2,
+                                                                    target_modules="self_attn",
+                                                                    task_type="CAUSAL_LM"), 2),
 ]
 CASE_IDS = [c.name for c in CASES]
 

@@ -53,7 +53,6 @@ class AdaLoraConfig(TargetingConfig):
     BIAS_MODES = ("none", "all", "lora_only")
     FILE_DEFAULTS = _LORA_KEYS_UNUSED
     UNSUPPORTED_KEYS = {"loftq_config": None}
-    MINIMAL_KWARGS = {"total_step": 100}
 
     r: int = 8
     lora_alpha: float = 8

@@ -52,18 +52,22 @@ def orthogonality_penalty(layers: list[AdaLoraLayer], adapter_name: str) -> torc
 
     Explained in: book/adalora.ipynb
     """
-    total: torch.Tensor | float = 0.0
+    groups: dict[tuple, list[torch.Tensor]] = {}  # Gram matrices of one shape are computed in one batch
     n = 0
     for layer in layers:
         if adapter_name not in layer.lora_A:
             continue
         q, p = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
         n += 2
-        r = q.shape[0]
-        if r == 0:
+        if q.shape[0] == 0:
             continue  # an empty module: 0 × 0 Gram matrices, counted as peft counts them
-        eye = torch.eye(r, device=q.device, dtype=q.dtype)
-        total = total + torch.linalg.matrix_norm(q @ q.T - eye) + torch.linalg.matrix_norm(p.T @ p - eye)
+        groups.setdefault(("Q", *q.shape, q.dtype, q.device), []).append(q)  # Q Qᵀ
+        groups.setdefault(("P", *p.T.shape, p.dtype, p.device), []).append(p.T)  # Pᵀ P
+    total: torch.Tensor | float = 0.0
+    for mats in groups.values():
+        m = mats[0].unsqueeze(0) if len(mats) == 1 else torch.stack(mats)  # (k, r, d)
+        eye = torch.eye(m.shape[1], device=m.device, dtype=m.dtype)
+        total = total + torch.linalg.matrix_norm(torch.bmm(m, m.transpose(1, 2)) - eye).sum()
     return total / n if n else 0.0
 
 
@@ -102,13 +106,23 @@ class AdaLoraModel(BaseTuner):
                 "init_lora_weights": config.init_lora_weights}
 
     def _layers(self, adapter_name: str) -> list[tuple[str, AdaLoraLayer]]:
-        return [(k, m) for k, m in self.adapter_layers() if isinstance(m, AdaLoraLayer) and adapter_name in m.lora_A]
+        """(path, layer) of every layer holding ``adapter_name`` (cached: the forward asks at every step)."""
+        cache = self.__dict__.setdefault("_layer_cache", {})
+        if adapter_name not in cache:
+            cache[adapter_name] = [(k, m) for k, m in self.adapter_layers()
+                                   if isinstance(m, AdaLoraLayer) and adapter_name in m.lora_A]
+        return cache[adapter_name]
+
+    def inject_adapter(self, adapter_name: str, config: Any) -> None:
+        self.__dict__.pop("_layer_cache", None)
+        super().inject_adapter(adapter_name, config)
 
     def _training_adapters(self) -> list[str]:
         """Active adapters whose config is not in inference mode (peft's one ``trainable_adapter_name``)."""
         return [a for a in self.active_adapters if a in self.peft_config and not self.peft_config[a].inference_mode]
 
     def delete_adapter(self, adapter_name: str) -> None:
+        self.__dict__.pop("_layer_cache", None)
         super().delete_adapter(adapter_name)
         self._allocators.pop(adapter_name, None)
 

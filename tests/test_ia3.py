@@ -144,6 +144,36 @@ def test_gradients_of_the_vectors():
     torch.testing.assert_close(layer.ia3_l["a"].grad.reshape(-1), (g * z).sum(0))  # ∂L/∂l = Σ_t g ⊙ (W x + b)
 
 
+@pytest.mark.parametrize("ff", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_training_path_has_autograd_gradients(ff, bias):
+    """One adapter on a plain nn.Linear trains through one fused node that scales W instead of the
+    activation; its gradients (x, l, and a trainable bias) equal autograd's on the definition, also where
+    l has entries too small to divide by (0, 1e-30)."""
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5, bias=bias)
+    layer = IA3Layer(base, "a", is_feedforward=ff)
+    with torch.no_grad():
+        l = layer.ia3_l["a"]
+        l.copy_(1 + 0.5 * torch.randn(l.shape))
+        l.view(-1)[0], l.view(-1)[1] = 0.0, 1e-30
+    if bias:
+        base.bias.requires_grad_(True)
+    x = torch.randn(2, 3, 6, requires_grad=True)
+    g = torch.randn(2, 3, 5)
+    (layer(x) * g).sum().backward()
+    got = (x.grad, layer.ia3_l["a"].grad, base.bias.grad if bias else None)
+    x2 = x.detach().clone().requires_grad_(True)
+    l2 = layer.ia3_l["a"].detach().clone().reshape(-1).requires_grad_(True)
+    b2 = base.bias.detach().clone().requires_grad_(True) if bias else None
+    ref = torch.nn.functional.linear(x2 * l2, base.weight, b2) if ff else l2 * torch.nn.functional.linear(x2, base.weight, b2)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(got[0], x2.grad)
+    torch.testing.assert_close(got[1].reshape(-1), l2.grad)
+    if bias:
+        torch.testing.assert_close(got[2], b2.grad)
+
+
 # ---------------------------------------------------------------------------------------------------
 # merging: exact, and exactly undone
 # ---------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -27,6 +28,92 @@ from peftlab.tuners.routing import Routing
 
 #: the layer types peft 0.21.2 scales with (IA)³
 SUPPORTED_LAYERS = (nn.Linear, Conv1D, nn.Conv2d, nn.Conv3d)
+
+
+#: below this |l| the fused output-scaling backward does not divide by l (W·l may leave float32's normal range)
+_DIVIDE_FLOOR = 1e-18
+
+
+class IA3InputScaleFunction(torch.autograd.Function):
+    """h = W (l ⊙ x) + b computed as x (W diag(l))ᵀ + b, one autograd node.
+
+    Forward scales the (out, in) weight instead of the (tokens, in) activation. Backward, with g = ∂L/∂h:
+    ∂x = g (W diag(l)), and ∂l = Σ_tokens (g W) ⊙ x. On the CPU the latter is read off ∂x as
+    Σ_tokens ∂x ⊙ x / l, which saves a pass over the activation (entries of l too small to divide by are
+    computed directly); elsewhere u = g W is formed once and scaled in place, ∂x = u ⊙ l, so the backward
+    never waits for the device to look at l.
+
+    Explained in: book/ia3.ipynb
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                l: torch.Tensor) -> torch.Tensor:
+        scaled = weight * l  # W diag(l): columns scaled
+        ctx.save_for_backward(x, weight, l, scaled)
+        ctx.has_bias = bias is not None
+        return F.linear(x, scaled, bias)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):
+        x, weight, l, scaled = ctx.saved_tensors
+        need_x, need_w, need_b, need_l = ctx.needs_input_grad
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_x = grad_l = None
+        if need_l and x.device.type == "cpu":
+            gx = g2 @ scaled  # ∂L/∂x, (tokens, in)
+            tiny = l.abs() < _DIVIDE_FLOOR
+            grad_l = (gx * x2).sum(0) / torch.where(tiny, 1.0, l)  # Σ_t (g W) ⊙ x
+            if bool(tiny.any()):
+                idx = tiny.nonzero().squeeze(1)
+                grad_l[idx] = ((g2 @ weight[:, idx]) * x2[:, idx]).sum(0)
+            grad_x = gx.view(x.shape) if need_x else None
+        elif need_l:
+            u = g2 @ weight  # ∂L/∂(l ⊙ x), (tokens, in)
+            grad_l = (u * x2).sum(0)
+            grad_x = u.mul_(l).view(x.shape) if need_x else None
+        elif need_x:
+            grad_x = (g2 @ scaled).view(x.shape)
+        grad_w = g2.t() @ (x2 * l) if need_w else None
+        grad_b = g2.sum(0) if need_b and ctx.has_bias else None
+        return grad_x, grad_w, grad_b, grad_l
+
+
+class IA3OutputScaleFunction(torch.autograd.Function):
+    """h = l ⊙ (W x + b) computed as x (diag(l) W)ᵀ + l ⊙ b, one autograd node.
+
+    Forward scales the (out, in) weight instead of the (tokens, out) output. Backward: ∂x = g (diag(l) W),
+    ∂l = Σ_tokens g ⊙ (W x + b) = Σ_tokens g ⊙ h / l, with W x + b recomputed for the entries whose |l| is
+    too small to divide by.
+
+    Explained in: book/ia3.ipynb
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                l: torch.Tensor) -> torch.Tensor:
+        scaled = weight * l.unsqueeze(1)  # diag(l) W: rows scaled
+        out = F.linear(x, scaled, None if bias is None else bias * l)
+        ctx.save_for_backward(x, weight, bias, l, scaled, out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):
+        x, weight, bias, l, scaled, out = ctx.saved_tensors
+        need_x, need_w, need_b, need_l = ctx.needs_input_grad
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_l = None
+        if need_l:
+            tiny = l.abs() < _DIVIDE_FLOOR
+            grad_l = (g2 * out.reshape(-1, out.shape[-1])).sum(0) / torch.where(tiny, 1.0, l)
+            if bool(tiny.any()):  # Σ_t g ⊙ (W x + b) for those outputs, computed directly
+                idx = tiny.nonzero().squeeze(1)
+                z = x2 @ weight[idx].t() + (0 if bias is None else bias[idx])
+                grad_l[idx] = (g2[:, idx] * z).sum(0)
+        grad_w = (g2 * l).t() @ x2 if need_w else None
+        grad_b = (g2 * l).sum(0) if need_b and bias is not None else None
+        grad_x = (g2 @ scaled).view(x.shape) if need_x else None
+        return grad_x, grad_w, grad_b, grad_l
 
 
 class IA3Layer(AdapterLayer):
@@ -180,7 +267,15 @@ class IA3Layer(AdapterLayer):
     # ---- forward --------------------------------------------------------------------------------
     def adapter_forward(self, x: torch.Tensor, adapters: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """h = l_out ⊙ base(l_in ⊙ x): the input scaled by the feed-forward adapters' vectors, the output by
-        the others' (several active adapters multiply)."""
+        the others' (several active adapters multiply).
+
+        Training one adapter on a plain ``nn.Linear`` takes a fused path that scales the weight instead of the
+        activation (:class:`IA3InputScaleFunction`; :class:`IA3OutputScaleFunction` on the CPU, whose backward
+        would otherwise wait for the device to check for tiny entries of l)."""
+        if len(adapters) == 1 and torch.is_grad_enabled() and not args and not kwargs:
+            fused = self._fused(x, adapters[0])
+            if fused is not None:
+                return fused
         l_in = l_out = None
         for name in adapters:
             v = self.vector(name)
@@ -194,6 +289,19 @@ class IA3Layer(AdapterLayer):
         if l_out is not None:
             result = (result * l_out).to(result.dtype)  # l ⊙ (W x + b)
         return result
+
+    def _fused(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
+        base = self._modules["base_layer"]
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+            return None
+        w, l = base._parameters["weight"], self.ia3_l[name]
+        if not (x.dtype == w.dtype == l.dtype):
+            return None
+        if self.is_feedforward[name]:
+            return IA3InputScaleFunction.apply(x, w, base._parameters["bias"], l.view(-1))
+        if x.device.type != "cpu":
+            return None
+        return IA3OutputScaleFunction.apply(x, w, base._parameters["bias"], l.view(-1))
 
     def _per_row(self, scales: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """(rows, features) scales shaped to broadcast over an activation of shape ``like``."""

@@ -474,3 +474,16 @@ def test_lab_loop_and_trainer_lower_the_loss(lab_tokenizer, tmp_path):
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 20 and sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_scaled_activations_diagram_marks_the_scaled_boxes():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from peftlab import viz
+
+    ax = viz.scaled_activations([["q", "k"], ["attn"], ["down"]], {"k": "out", "down": "in"}, title="t")
+    texts = [t.get_text() for t in ax.texts]
+    assert texts.count("⊙ l") == 2 and {"q", "k", "attn", "down"} <= set(texts)
+    marks = {round(t.get_position()[0], 2) for t in ax.texts if t.get_text() == "⊙ l"}
+    assert marks == {round(1.0 + 0.1, 2), round(2 * 1.35 - 0.1, 2)}  # after k's box, before down's box

@@ -132,29 +132,39 @@ def accuracy(model: Any, tokenizer: Any, examples: Sequence[ChoiceExample], batc
 
 
 @torch.no_grad()
-def distractor_log_prob(model: Any, tokenizer: Any, examples: Sequence[ChoiceExample], batch_size: int = 32) -> float:
-    """Mean log-probability per token of the wrong choices (what L_UL pushes down).
+def evaluate(model: Any, tokenizer: Any, examples: Sequence[ChoiceExample], batch_size: int = 32) -> dict[str, float]:
+    """Rank-classification accuracy and the three T-Few losses on held-out examples (means over examples),
+    plus the mean log-probability per token of the wrong choices.
 
     Explained in: book/ia3.ipynb
     """
-    from peftlab.losses.tfew import batch_losses
+    from peftlab.losses.tfew import batch_losses, rank_classification
 
     was = model.training
     model.eval()
     device = next(model.parameters()).device
-    total = count = 0.0
+    sums = {"accuracy": 0.0, "lm": 0.0, "ul": 0.0, "ln": 0.0}
+    wrong_logp = wrong_tokens = 0.0
+    n = 0
     try:
         for batch in loader(examples, tokenizer, batch_size, shuffle=False):
             batch = {k: v.to(device) for k, v in batch.items()}
             res = batch_losses(model, batch)
+            k = len(batch["label"])
+            sums["accuracy"] += float((rank_classification(res.scores) == batch["label"]).sum())
+            for name in ("lm", "ul", "ln"):
+                sums[name] += float(getattr(res, name)) * k
             wrong = torch.ones_like(res.scores, dtype=torch.bool)
-            wrong[torch.arange(len(batch["label"])), batch["label"]] = False
-            length = (batch["labels"] != -100).sum(-1).float()  # (N, C) tokens of each choice (end of sequence too)
-            total += float((res.scores * length)[wrong].sum())
-            count += float(length[wrong].sum())
+            wrong[torch.arange(k), batch["label"]] = False
+            length = (batch["labels"] != -100).sum(-1).float()  # answer tokens of each choice (end of sequence too)
+            wrong_logp += float((res.scores * length)[wrong].sum())
+            wrong_tokens += float(length[wrong].sum())
+            n += k
     finally:
         model.train(was)
-    return total / count
+    out = {name: v / n for name, v in sums.items()}
+    out["distractor_log_prob"] = wrong_logp / wrong_tokens
+    return out
 
 
 @dataclass
@@ -167,7 +177,7 @@ class ChoiceRun:
     label: str
     seed: int
     accuracy: float
-    distractor_log_prob: float
+    test: dict[str, float]  # evaluate(): accuracy, lm, ul, ln, distractor_log_prob on the test examples
     trainable: int
     seconds: float
     loss: list[float] = field(default_factory=list)
@@ -201,7 +211,7 @@ def finetune_choices(config: Any, load: Any, *, label: str, ul: bool, ln: bool, 
                            optimizer=lambda params: torch.optim.Adam(params, lr=lr), loss_fn=TFewLoss(ul, ln),
                            progress=False, device=device)
     seconds = time.perf_counter() - start
-    acc = accuracy(model, tok, test_set)
-    dlp = distractor_log_prob(model, tok, test_set)
+    scores = evaluate(model, tok, test_set)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return ChoiceRun(label, seed, acc, dlp, trainable, seconds, list(history.loss), model if keep_model else None)
+    return ChoiceRun(label, seed, scores["accuracy"], scores, trainable, seconds, list(history.loss),
+                     model if keep_model else None)

@@ -14,8 +14,8 @@ choice (its log-likelihood is Σ_t ℓ_t, its length-normalised score β = (1/T)
   choice with the largest β.
 
 :func:`tfew_loss` computes all three from the model's logits; :class:`TFewLoss` is a ``loss_fn(model,
-batch)`` for :func:`peftlab.lab.train.train`; :class:`TFewTrainer` is a ``transformers.Trainer`` whose
-``compute_loss`` uses them.
+batch)`` for :func:`peftlab.lab.train.train`; :class:`TFewTrainer` is a :class:`peftlab.Trainer` (a
+``transformers.Trainer``) whose ``compute_loss`` uses them.
 
 Explained in: book/ia3.ipynb
 """
@@ -193,12 +193,13 @@ def rank_classification_accuracy(model: Any, batches: Any) -> float:
 
 
 def _trainer_class() -> type:
-    from transformers import Trainer
+    from peftlab.trainer import Trainer
 
     class TFewTrainer(Trainer):
-        """A ``transformers.Trainer`` whose loss is T-Few's L_LM + L_UL + L_LN on multiple-choice batches
-        (``ul=False``/``ln=False`` drop a term). Use with ``remove_unused_columns=False`` so ``label`` reaches
-        the loss, and a collator that builds (N, C, T) batches.
+        """:class:`peftlab.Trainer` (a ``transformers.Trainer`` whose checkpoints hold the adapter) whose loss
+        is T-Few's L_LM + L_UL + L_LN on multiple-choice batches (``ul=False``/``ln=False`` drop a term). Use
+        with ``remove_unused_columns=False`` so ``label`` reaches the loss, and a collator that builds
+        (N, C, T) batches.
 
         Explained in: book/ia3.ipynb
         """

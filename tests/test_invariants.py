@@ -36,7 +36,7 @@ import torch
 from conftest import base_model, fill_, output, output_with_grad, quiet
 from torch import nn
 
-from peftlab import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
+from peftlab import AdaptionPromptConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
 from peftlab.config import TargetingConfig
 from peftlab.lab.models import example_inputs
 from peftlab.registry import get_method, methods
@@ -181,12 +181,20 @@ def ia3_count(layer: AdapterLayer, config: TargetingConfig, key: str) -> int:
     return n_in if is_ff else n_out
 
 
+def adaption_prompt_count(layer: AdapterLayer, config: TargetingConfig, key: str) -> int:
+    """LLaMA-Adapter's formula: adapter_len · hidden (the prompt) + 1 (the gate) per adapted attention module."""
+    assert layer.adapter_len["default"] == config.adapter_len, key
+    return config.adapter_len * layer.get_base_layer().config.hidden_size + 1
+
+
 TRAITS: dict[str, Traits] = {
     "LORA": Traits(count=lora_count, identity=lora_identity,
                    mutates_base=lambda c: c.init_lora_weights in ("pissa", "olora")),
     "LOHA": Traits(count=loha_count, identity=lycoris_identity),
     "LOKR": Traits(count=lokr_count, identity=lycoris_identity),
     "IA3": Traits(count=ia3_count, identity=lambda c: "exact" if c.init_ia3_weights else None),
+    # a zero gate: the prompt's attention is multiplied by 0 (no init option; no merge, no mixed batches)
+    "ADAPTION_PROMPT": Traits(count=adaption_prompt_count, identity=lambda config: "exact"),
 }
 
 
@@ -303,6 +311,12 @@ CASES = [
     Case("ia3-gpt2-default", "gpt2", IA3Config(task_type="CAUSAL_LM"), 4),
     Case("ia3-t5-default", "t5", IA3Config(task_type="SEQ_2_SEQ_LM"), 16),
     Case("ia3-bert-cls-default", "bert_cls", IA3Config(task_type="SEQ_CLS"), 8, ("classifier",)),
+    # --- LLaMA-Adapter (the tiny Llama has 2 blocks, 4 query heads over 2 key/value heads) ------------
+    Case("adaption-prompt-llama-top", "llama", AdaptionPromptConfig(adapter_len=4, adapter_layers=1,
+                                                                    task_type="CAUSAL_LM"), 1),
+    Case("adaption-prompt-llama-all", "llama", AdaptionPromptConfig(adapter_len=1, adapter_layers=2,
+                                                                    target_modules="self_attn",
+                                                                    task_type="CAUSAL_LM"), 2),
 ]
 CASE_IDS = [c.name for c in CASES]
 

@@ -1,9 +1,11 @@
 """Adapter methods. ``base`` is the mechanism they share; each method lives in its own sub-package."""
 
+from peftlab.tuners.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from peftlab.tuners.base import AdapterLayer, BaseTuner
 from peftlab.tuners.ia3 import IA3Config, IA3Model
 from peftlab.tuners.loha import LoHaConfig, LoHaModel
 from peftlab.tuners.lokr import LoKrConfig, LoKrModel
 from peftlab.tuners.lora import LoraConfig, LoraModel
 
-__all__ = ["AdapterLayer", "BaseTuner", "IA3Config", "IA3Model", "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "LoraConfig", "LoraModel"]
+__all__ = ["AdaptionPromptConfig", "AdaptionPromptModel", "AdapterLayer", "BaseTuner", "IA3Config", "IA3Model",
+           "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "LoraConfig", "LoraModel"]

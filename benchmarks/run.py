@@ -237,6 +237,23 @@ def s_adaption_prompt_decode(a, dev, dt, batch: int = 16, prompt: int = 64) -> d
                          "peft/base": ("peft", "base")})
 
 
+def s_ia3_step(a, dev, dt) -> dict:
+    """One training step with (IA)³ at peft's Llama default (k_proj, v_proj scaled at the output, down_proj at
+    the input): peftlab against peft and the frozen model's forward + backward."""
+    x = tokens(8, 128, dev)
+    batch = {"input_ids": x, "labels": x}
+    fns = {}
+    for lib in ("peftlab", "peft"):
+        lib_mod = lib_of(lib)
+        m = lib_mod.get_peft_model(llama(256, 4, dev, dt), lib_mod.IA3Config(task_type="CAUSAL_LM")).train()
+        fns[lib] = train_step(m, optimiser(m), batch)
+    f = floor_model(llama(256, 4, dev, dt))
+    fns["limit"] = train_step(f, optimiser(f), batch)
+    t = interleave(fns, a.reps, a.warmup, dev)
+    return summarise(t, {"peftlab/peft": ("peftlab", "peft"), "peftlab/limit": ("peftlab", "limit"),
+                         "peft/limit": ("peft", "limit")})
+
+
 def s_inference(a, dev, dt) -> dict:
     x = tokens(8, 128, dev)
     fns, models = {}, {}
@@ -411,7 +428,7 @@ SCENARIOS = {
     "lora_step": s_lora_step, "dora_step": s_dora_step, "inference": s_inference, "serving": s_serving,
     "merging": s_merging, "memory": s_memory, "lab_scale": s_lab_scale, "loha_step": s_loha_step,
     "lokr_step": s_lokr_step, "adaption_prompt_step": s_adaption_prompt_step,
-    "adaption_prompt_decode": s_adaption_prompt_decode,
+    "adaption_prompt_decode": s_adaption_prompt_decode, "ia3_step": s_ia3_step,
 }
 
 # (scenario, ratio, target: ratio must be ≤ this)
@@ -422,6 +439,7 @@ TARGETS = [
     ("lab_scale", "peftlab/peft", 0.80), ("lab_scale", "peftlab/full_ft", 1.00),
     ("loha_step", "peftlab/peft", 0.90), ("lokr_step", "peftlab/peft", 0.90),
     ("adaption_prompt_step", "peftlab/peft", 1.00), ("adaption_prompt_decode", "peftlab/peft", 1.00),
+    ("ia3_step", "peftlab/peft", 0.97),
 ]
 
 

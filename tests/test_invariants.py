@@ -36,7 +36,7 @@ import torch
 from conftest import base_model, fill_, output, output_with_grad, quiet
 from torch import nn
 
-from peftlab import AdaptionPromptConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
+from peftlab import AdaptionPromptConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
 from peftlab.config import TargetingConfig
 from peftlab.lab.models import example_inputs
 from peftlab.registry import get_method, methods
@@ -168,6 +168,19 @@ def lycoris_identity(config: TargetingConfig) -> str | None:
     return None if config.init_weights is False else "exact"  # one zero factor: ΔW = 0 exactly
 
 
+def ia3_count(layer: AdapterLayer, config: TargetingConfig, key: str) -> int:
+    """(IA)³'s formula: one number per input feature of a feed-forward target, per output feature otherwise
+    (channels on a convolution)."""
+    import re
+
+    ff = config.feedforward_modules
+    is_ff = bool(ff) and (re.fullmatch(ff, key) is not None if isinstance(ff, str)
+                          else any(key == e or key.endswith("." + e) for e in ff))
+    assert layer.is_feedforward["default"] == is_ff, key
+    n_in, n_out = layer_features(layer.get_base_layer())
+    return n_in if is_ff else n_out
+
+
 def adaption_prompt_count(layer: AdapterLayer, config: TargetingConfig, key: str) -> int:
     """LLaMA-Adapter's formula: adapter_len · hidden (the prompt) + 1 (the gate) per adapted attention module."""
     assert layer.adapter_len["default"] == config.adapter_len, key
@@ -179,6 +192,7 @@ TRAITS: dict[str, Traits] = {
                    mutates_base=lambda c: c.init_lora_weights in ("pissa", "olora")),
     "LOHA": Traits(count=loha_count, identity=lycoris_identity),
     "LOKR": Traits(count=lokr_count, identity=lycoris_identity),
+    "IA3": Traits(count=ia3_count, identity=lambda c: "exact" if c.init_ia3_weights else None),
     # a zero gate: the prompt's attention is multiplied by 0 (no init option; no merge, no mixed batches)
     "ADAPTION_PROMPT": Traits(count=adaption_prompt_count, identity=lambda config: "exact"),
 }
@@ -285,6 +299,18 @@ CASES = [
     Case("lokr-t5", "t5", LoKrConfig(target_modules=["q", "v", "wo"], r=2, task_type="SEQ_2_SEQ_LM"), 16),
     Case("lokr-bert-cls", "bert_cls", LoKrConfig(target_modules=["query", "value"], r=1, alpha=2, task_type="SEQ_CLS"),
          4, ("classifier",)),
+    # --- (IA)³ --------------------------------------------------------------------------------------
+    Case("ia3-mlp-ff", "mlp", IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"]), 2),
+    Case("ia3-mlp-regex-init-false", "mlp", IA3Config(target_modules=r"lin\d", feedforward_modules=r".*lin0",
+                                                      init_ia3_weights=False), 2),
+    Case("ia3-mlp-mts", "mlp", IA3Config(target_modules=["lin0"], feedforward_modules=[], modules_to_save=["lin1"]),
+         1),
+    Case("ia3-conv2d", "conv2d", IA3Config(target_modules=["conv2d", "lin0"], feedforward_modules=["lin0"]), 2),
+    Case("ia3-conv2d-ff", "conv2d", IA3Config(target_modules=["conv2d"], feedforward_modules=["conv2d"]), 1),
+    Case("ia3-llama-default", "llama", IA3Config(task_type="CAUSAL_LM"), 6),
+    Case("ia3-gpt2-default", "gpt2", IA3Config(task_type="CAUSAL_LM"), 4),
+    Case("ia3-t5-default", "t5", IA3Config(task_type="SEQ_2_SEQ_LM"), 16),
+    Case("ia3-bert-cls-default", "bert_cls", IA3Config(task_type="SEQ_CLS"), 8, ("classifier",)),
     # --- LLaMA-Adapter (the tiny Llama has 2 blocks, 4 query heads over 2 key/value heads) ------------
     Case("adaption-prompt-llama-top", "llama", AdaptionPromptConfig(adapter_len=4, adapter_layers=1,
                                                                     task_type="CAUSAL_LM"), 1),

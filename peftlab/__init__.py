@@ -14,8 +14,10 @@ from peftlab.mapping import get_peft_model, inject_adapter_in_model
 from peftlab.peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction,
                                 PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM,
                                 PeftModelForSequenceClassification, PeftModelForTokenClassification)
+from peftlab.tuners.boft import BOFTConfig, BOFTModel
 from peftlab.tuners.loha import LoHaConfig, LoHaModel
 from peftlab.tuners.lokr import LoKrConfig, LoKrModel
+from peftlab.tuners.oft import OFTConfig, OFTModel
 from peftlab.tuners.lora import LoftQConfig, LoraConfig, LoraModel
 from peftlab.utils.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -26,7 +28,7 @@ __all__ = [
     "inject_adapter_in_model",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
-    "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel",
+    "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "OFTConfig", "OFTModel", "BOFTConfig", "BOFTModel",
     "get_peft_model_state_dict", "set_peft_model_state_dict", "__version__",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",

@@ -1,8 +1,10 @@
 """Adapter methods. ``base`` is the mechanism they share; each method lives in its own sub-package."""
 
 from peftlab.tuners.base import AdapterLayer, BaseTuner
+from peftlab.tuners.boft import BOFTConfig, BOFTModel
 from peftlab.tuners.loha import LoHaConfig, LoHaModel
 from peftlab.tuners.lokr import LoKrConfig, LoKrModel
+from peftlab.tuners.oft import OFTConfig, OFTModel
 from peftlab.tuners.lora import LoraConfig, LoraModel
 
-__all__ = ["AdapterLayer", "BaseTuner", "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "LoraConfig", "LoraModel"]
+__all__ = ["AdapterLayer", "BaseTuner", "BOFTConfig", "BOFTModel", "OFTConfig", "OFTModel", "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "LoraConfig", "LoraModel"]

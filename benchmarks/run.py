@@ -192,6 +192,43 @@ def s_lokr_step(a, dev, dt) -> dict:
     return s_lycoris_step(a, dev, dt, "LoKr")
 
 
+def s_orthogonal_step(a, dev, dt, method: str, extra: dict | None = None) -> dict:
+    """One training step with an OFT (block 32) or BOFT (block 8) adapter on q, k, v, o: peftlab against peft."""
+    x = tokens(8, 128, dev)
+    batch = {"input_ids": x, "labels": x}
+    kw = {"OFT": dict(oft_block_size=32), "BOFT": dict(boft_block_size=8, boft_n_butterfly_factor=1)}[method]
+    fns = {}
+    for lib in ("peftlab", "peft"):
+        lib_mod = lib_of(lib)
+        cfg = getattr(lib_mod, f"{method}Config")(target_modules=QKVO, **kw)
+        m = lib_mod.get_peft_model(llama(256, 4, dev, dt), cfg).train()
+        fns[lib] = train_step(m, optimiser(m), batch)
+    for label, (lib, cfg) in (extra or {}).items():
+        m = lib_of(lib).get_peft_model(llama(256, 4, dev, dt), cfg).train()
+        fns[label] = train_step(m, optimiser(m), batch)
+    f = floor_model(llama(256, 4, dev, dt))
+    fns["limit"] = train_step(f, optimiser(f), batch)
+    t = interleave(fns, a.reps, a.warmup, dev)
+    ratios = {"peftlab/peft": ("peftlab", "peft"), "peftlab/limit": ("peftlab", "limit"),
+              "peft/limit": ("peft", "limit")}
+    if extra:
+        ratios.update({"peftlab 2 factors/lora": ("boft2", "lora"), "peftlab 2 factors/peft": ("boft2", "peft")})
+    return summarise(t, ratios)
+
+
+def s_oft_step(a, dev, dt) -> dict:
+    return s_orthogonal_step(a, dev, dt, "OFT")
+
+
+def s_boft_step(a, dev, dt) -> dict:
+    """BOFT with one factor (what peft trains on a CPU) against peft; two factors against LoRA r=16."""
+    import peftlab
+    extra = {"boft2": ("peftlab", peftlab.BOFTConfig(target_modules=QKVO, boft_block_size=8,
+                                                     boft_n_butterfly_factor=2)),
+             "lora": ("peftlab", peftlab.LoraConfig(r=16, lora_alpha=32, target_modules=QKVO))}
+    return s_orthogonal_step(a, dev, dt, "BOFT", extra)
+
+
 def s_inference(a, dev, dt) -> dict:
     x = tokens(8, 128, dev)
     fns, models = {}, {}
@@ -365,7 +402,7 @@ def s_memory(a, dev, dt) -> dict:
 SCENARIOS = {
     "lora_step": s_lora_step, "dora_step": s_dora_step, "inference": s_inference, "serving": s_serving,
     "merging": s_merging, "memory": s_memory, "lab_scale": s_lab_scale, "loha_step": s_loha_step,
-    "lokr_step": s_lokr_step,
+    "lokr_step": s_lokr_step, "oft_step": s_oft_step, "boft_step": s_boft_step,
 }
 
 # (scenario, ratio, target: ratio must be ≤ this)
@@ -375,6 +412,7 @@ TARGETS = [
     ("inference", "peftlab merged/base", 1.02), ("merging", "merge peftlab/peft", 1.00),
     ("lab_scale", "peftlab/peft", 0.80), ("lab_scale", "peftlab/full_ft", 1.00),
     ("loha_step", "peftlab/peft", 0.90), ("lokr_step", "peftlab/peft", 0.90),
+    ("oft_step", "peftlab/peft", 0.95), ("boft_step", "peftlab/peft", 0.70),
 ]
 
 

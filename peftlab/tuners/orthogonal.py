@@ -194,6 +194,40 @@ def multiplicative_dropout(blocks: torch.Tensor, p: float) -> torch.Tensor:
     return torch.where(drop.to(blocks.device).view(n, 1, 1), eye, blocks)
 
 
+class RotatedLinear(torch.autograd.Function):
+    """h = x (W Rᵀ)ᵀ + b for block-diagonal R (r, b, b) and a frozen W (out, r·b), as one autograd node.
+
+    Forward rotates the weight (out·in·b) rather than every token; backward, with g = ∂L/∂h and G = g W
+    (∂L/∂(xR), the product a frozen layer computes anyway): ∂x = G Rᵀ and ∂R_i = x_iᵀ G_i, block by block.
+
+    Explained in: book/oft_boft.ipynb
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                blocks: torch.Tensor) -> torch.Tensor:
+        out, n = weight.shape
+        r, b, _ = blocks.shape
+        # W Rᵀ block by block: (r, out, b) @ (r, b, b)
+        w_rot = torch.bmm(weight.view(out, r, b).transpose(0, 1), blocks.transpose(1, 2))
+        ctx.save_for_backward(x, weight, blocks)
+        return F.linear(x, w_rot.transpose(0, 1).reshape(out, n), bias)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):
+        x, weight, blocks = ctx.saved_tensors
+        r, b, _ = blocks.shape
+        g2 = g.reshape(-1, g.shape[-1])
+        t = g2.shape[0]
+        gr = torch.mm(g2, weight).view(t, r, b).transpose(0, 1)  # ∂L/∂(xR), (r, tokens, b)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(gr, blocks.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
+        xb = x.reshape(t, r, b).transpose(0, 1)  # (r, tokens, b)
+        grad_blocks = torch.bmm(xb.transpose(1, 2), gr)  # Σ_tokens x_iᵀ G_i, (r, b, b)
+        return grad_x, None, None, grad_blocks
+
+
 # ---------------------------------------------------------------------------------------------------
 # layer
 # ---------------------------------------------------------------------------------------------------
@@ -291,9 +325,27 @@ class OrthogonalLayer(AdapterLayer):
             return ((result - base.bias) * scale.to(result.dtype) + base.bias).to(out_dtype)
         return (result * scale.to(result.dtype)).to(out_dtype)
 
-    def fused_forward(self, x: torch.Tensor, adapter_name: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        """Training one adapter on a plain nn.Linear: a method's single autograd node, or None (default)."""
+    def block_diagonal_blocks(self, adapter_name: str) -> torch.Tensor | None:
+        """R's (r, b, b) blocks when R is block-diagonal (OFT; BOFT with one factor), else None."""
         return None
+
+    def fused_forward(self, x: torch.Tensor, adapter_name: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """Training one adapter with a block-diagonal R on a plain, frozen nn.Linear: :class:`RotatedLinear`,
+        then the output scale s if the method has one; None when the generic path must run."""
+        base = self._modules["base_layer"]
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or args or kwargs:
+            return None
+        w, bias = base._parameters["weight"], base._parameters["bias"]
+        if w.requires_grad or (bias is not None and bias.requires_grad):
+            return None
+        blocks = self.block_diagonal_blocks(adapter_name)
+        if blocks is None or not x.dtype == w.dtype == blocks.dtype:
+            return None
+        s = self.out_scale(adapter_name)
+        if s is None:
+            return RotatedLinear.apply(x, w, bias, blocks)
+        out = RotatedLinear.apply(x, w, None, blocks) * s  # (W Rᵀ x)·s + b
+        return out + bias if bias is not None else out
 
     def _conv_forward(self, x: torch.Tensor, adapters: Sequence[str], args: tuple, kwargs: dict) -> torch.Tensor:
         """A convolution with the rotated filters s ⊙ (W Rᵀ): one convolution, equal to the merged layer."""

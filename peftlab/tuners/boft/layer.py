@@ -84,6 +84,11 @@ class BOFTLayer(OrthogonalLayer):
         """
         return butterfly_rotate(x, self.factors(adapter_name, training))
 
+    def block_diagonal_blocks(self, adapter_name: str) -> torch.Tensor | None:
+        """One factor: R is block-diagonal (the fast OFT path applies); more: None."""
+        factors = self.boft_R[adapter_name]
+        return self.factors(adapter_name, self.training)[0] if factors.shape[0] == 1 else None
+
     def out_scale(self, adapter_name: str) -> torch.Tensor:
         return self.boft_s[adapter_name].reshape(-1)
 

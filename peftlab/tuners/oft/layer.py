@@ -14,7 +14,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftlab.tuners.orthogonal import (OrthogonalLayer, block_diagonal, cayley, cayley_neumann,
@@ -30,40 +29,6 @@ class OFTRotation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"blocks={self.weight.shape[0]}, packed={self.weight.shape[1]}"
-
-
-class RotatedLinear(torch.autograd.Function):
-    """h = x (W Rᵀ)ᵀ + b for block-diagonal R (r, b, b) and a frozen W (out, r·b), as one autograd node.
-
-    Forward rotates the weight (out·in·b) rather than every token; backward, with g = ∂L/∂h and G = g W
-    (∂L/∂(xR), the product a frozen layer computes anyway): ∂x = G Rᵀ and ∂R_i = x_iᵀ G_i, block by block.
-
-    Explained in: book/oft_boft.ipynb
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                blocks: torch.Tensor) -> torch.Tensor:
-        out, n = weight.shape
-        r, b, _ = blocks.shape
-        # W Rᵀ block by block: (r, out, b) @ (r, b, b)
-        w_rot = torch.bmm(weight.view(out, r, b).transpose(0, 1), blocks.transpose(1, 2))
-        ctx.save_for_backward(x, weight, blocks)
-        return F.linear(x, w_rot.transpose(0, 1).reshape(out, n), bias)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor):
-        x, weight, blocks = ctx.saved_tensors
-        r, b, _ = blocks.shape
-        g2 = g.reshape(-1, g.shape[-1])
-        t = g2.shape[0]
-        gr = torch.mm(g2, weight).view(t, r, b).transpose(0, 1)  # ∂L/∂(xR), (r, tokens, b)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.bmm(gr, blocks.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
-        xb = x.reshape(t, r, b).transpose(0, 1)  # (r, tokens, b)
-        grad_blocks = torch.bmm(xb.transpose(1, 2), gr)  # Σ_tokens x_iᵀ G_i, (r, b, b)
-        return grad_x, None, None, grad_blocks
 
 
 class OFTLayer(OrthogonalLayer):
@@ -152,18 +117,10 @@ class OFTLayer(OrthogonalLayer):
     def exactly_orthogonal(self, adapter_name: str) -> bool:
         return not self.oft_settings[adapter_name]["neumann"]
 
-    def fused_forward(self, x: torch.Tensor, adapter_name: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        """Training one adapter on a plain, frozen nn.Linear: :class:`RotatedLinear`."""
-        base = self._modules["base_layer"]
-        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or args or kwargs:
-            return None
-        w, bias = base._parameters["weight"], base._parameters["bias"]
+    def block_diagonal_blocks(self, adapter_name: str) -> torch.Tensor:
+        """OFT's R is always block-diagonal: its (r, b, b) blocks (a shared block repeated r times)."""
         blocks = self.blocks(adapter_name, self.training)
-        if w.requires_grad or (bias is not None and bias.requires_grad) or not x.dtype == w.dtype == blocks.dtype:
-            return None
-        if blocks.shape[0] == 1:
-            blocks = blocks.expand(self.r[adapter_name], -1, -1)
-        return RotatedLinear.apply(x, w, bias, blocks)
+        return blocks.expand(self.r[adapter_name], -1, -1) if blocks.shape[0] == 1 else blocks
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, oft_block_size={self.oft_block_size}"

@@ -14,6 +14,8 @@ Pinned differences (peft 0.21.2 on a CPU):
   fresh adapter is not the identity and merged ≠ unmerged; peftlab's unmerged output equals peft's merged one.
 * OFT ``module_dropout``: peft stores it but never applies it; peftlab drops blocks in training.
 * An OFT block size that does not divide a layer: peft picks a nearby divisor with a warning; peftlab refuses.
+* Two OFT adapters active at once: peft's unmerged forward composes them in the opposite order to its merge;
+  peftlab's forward composes them as merging does.
 """
 
 from __future__ import annotations
@@ -258,3 +260,25 @@ def test_oft_block_size_that_does_not_divide():
     assert ref.base_model.model.lin0.oft_block_size["default"] == 5
     with pytest.raises(ValueError, match=r"oft_block_size=4 does not divide.*\[2, 5, 10\]"):
         peftlab.get_peft_model(base_model("mlp"), peftlab.OFTConfig(**kwargs))
+
+
+def test_two_active_oft_adapters_compose_as_merging_does():
+    """peft rotates x by the first active adapter, then the second, but merges them the other way round, so its
+    merged output differs from its unmerged one; peftlab composes them as merging does. One active adapter at a
+    time (the case files are about) is the same in both."""
+    x = example_inputs("mlp")
+    kwargs = dict(target_modules=["lin0"], oft_block_size=5)
+    results = {}
+    for lib in ("peft", "peftlab"):
+        pm = build(lib, "OFT", "mlp", kwargs)
+        with quiet():
+            pm.add_adapter("other", getattr(LIBS[lib], "OFTConfig")(**kwargs))
+        fill_trainable(pm, "other", prefixes=PREFIXES)
+        pm.base_model.set_adapter(["default", "other"])
+        unmerged = output(pm, x)
+        with quiet():
+            pm.merge_adapter()
+        results[lib] = (unmerged, output(pm, x))
+    assert not torch.allclose(results["peft"][0], results["peft"][1], atol=1e-4)
+    torch.testing.assert_close(results["peftlab"][0], results["peftlab"][1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(results["peftlab"][1], results["peft"][1], atol=ATOL, rtol=0)  # same merged weights

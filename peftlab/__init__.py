@@ -17,11 +17,21 @@ from peftlab.peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForFea
 from peftlab.tuners.boft import BOFTConfig, BOFTModel
 from peftlab.tuners.loha import LoHaConfig, LoHaModel
 from peftlab.tuners.lokr import LoKrConfig, LoKrModel
-from peftlab.tuners.oft import OFTConfig, OFTModel
 from peftlab.tuners.lora import LoftQConfig, LoraConfig, LoraModel
+from peftlab.tuners.oft import OFTConfig, OFTModel
 from peftlab.utils.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # peftlab.Trainer imports transformers.Trainer (and accelerate): only when asked for
+    if name == "Trainer":
+        from peftlab.trainer import Trainer
+
+        return Trainer
+    raise AttributeError(f"module 'peftlab' has no attribute {name!r}")
+
 
 __all__ = [
     "PeftConfig", "PeftType", "TaskType", "LoraConfig", "LoftQConfig", "LoraModel", "get_peft_model",
@@ -29,7 +39,7 @@ __all__ = [
     "PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
     "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "OFTConfig", "OFTModel", "BOFTConfig", "BOFTModel",
-    "get_peft_model_state_dict", "set_peft_model_state_dict", "__version__",
+    "get_peft_model_state_dict", "set_peft_model_state_dict", "__version__", "Trainer",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
 ]

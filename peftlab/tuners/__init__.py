@@ -4,7 +4,8 @@ from peftlab.tuners.base import AdapterLayer, BaseTuner
 from peftlab.tuners.boft import BOFTConfig, BOFTModel
 from peftlab.tuners.loha import LoHaConfig, LoHaModel
 from peftlab.tuners.lokr import LoKrConfig, LoKrModel
-from peftlab.tuners.oft import OFTConfig, OFTModel
 from peftlab.tuners.lora import LoraConfig, LoraModel
+from peftlab.tuners.oft import OFTConfig, OFTModel
 
-__all__ = ["AdapterLayer", "BaseTuner", "BOFTConfig", "BOFTModel", "OFTConfig", "OFTModel", "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "LoraConfig", "LoraModel"]
+__all__ = ["AdapterLayer", "BaseTuner", "BOFTConfig", "BOFTModel", "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel",
+           "LoraConfig", "LoraModel", "OFTConfig", "OFTModel"]

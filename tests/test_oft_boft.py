@@ -380,3 +380,16 @@ def test_block_diagonal_and_shared_block():
     rot = layer.rotation("default")
     assert torch.equal(rot[:5, :5], rot[15:, 15:])
     assert isinstance(layer, OFTLayer) and not isinstance(layer, BOFTLayer)
+
+
+@pytest.mark.parametrize("config", [OFTConfig(target_modules=["lin0", "lin1"], oft_block_size=5),
+                                    BOFTConfig(target_modules=["lin0", "lin1"], boft_block_size=5)],
+                         ids=["oft", "boft"])
+def test_safe_merge_refuses_a_diverged_adapter_and_changes_nothing(config):
+    pm = filled(config)
+    with torch.no_grad():
+        next(p for n, p in pm.named_parameters() if "lin1" in n and ("oft_R" in n or "boft_R" in n)).fill_(float("nan"))
+    before = {n: p.clone() for n, p in pm.named_parameters() if "base_layer" in n}
+    with pytest.raises(ValueError, match="would put NaN or inf"):
+        pm.merge_adapter(safe_merge=True)
+    assert all(torch.equal(p, before[n]) for n, p in pm.named_parameters() if "base_layer" in n)

@@ -36,7 +36,8 @@ import torch
 from conftest import base_model, fill_, output, output_with_grad, quiet
 from torch import nn
 
-from peftlab import BOFTConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, PeftModel, get_peft_model
+from peftlab import (AdaptionPromptConfig, BOFTConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, PeftModel,
+                     get_peft_model)
 from peftlab.config import TargetingConfig
 from peftlab.lab.models import example_inputs
 from peftlab.registry import get_method, methods
@@ -193,6 +194,12 @@ def orthogonal_identity(approx: bool) -> Callable[[TargetingConfig], str | None]
     return lambda config: None if config.init_weights is False else ("approx" if approx else "exact")
 
 
+def adaption_prompt_count(layer: AdapterLayer, config: TargetingConfig, key: str) -> int:
+    """LLaMA-Adapter's formula: adapter_len · hidden (the prompt) + 1 (the gate) per adapted attention module."""
+    assert layer.adapter_len["default"] == config.adapter_len, key
+    return config.adapter_len * layer.get_base_layer().config.hidden_size + 1
+
+
 TRAITS: dict[str, Traits] = {
     "LORA": Traits(count=lora_count, identity=lora_identity,
                    mutates_base=lambda c: c.init_lora_weights in ("pissa", "olora")),
@@ -200,6 +207,8 @@ TRAITS: dict[str, Traits] = {
     "LOKR": Traits(count=lokr_count, identity=lycoris_identity),
     "OFT": Traits(count=oft_count, identity=orthogonal_identity(False)),
     "BOFT": Traits(count=boft_count, identity=orthogonal_identity(True)),
+    # a zero gate: the prompt's attention is multiplied by 0 (no init option; no merge, no mixed batches)
+    "ADAPTION_PROMPT": Traits(count=adaption_prompt_count, identity=lambda config: "exact"),
 }
 
 
@@ -325,6 +334,12 @@ CASES = [
     Case("boft-bert-cls-butterfly2", "bert_cls", BOFTConfig(target_modules=["query", "value"], boft_block_size=0,
                                                             boft_block_num=8, boft_n_butterfly_factor=2,
                                                             task_type="SEQ_CLS"), 4, ("classifier",)),
+    # --- LLaMA-Adapter (the tiny Llama has 2 blocks, 4 query heads over 2 key/value heads) ------------
+    Case("adaption-prompt-llama-top", "llama", AdaptionPromptConfig(adapter_len=4, adapter_layers=1,
+                                                                    task_type="CAUSAL_LM"), 1),
+    Case("adaption-prompt-llama-all", "llama", AdaptionPromptConfig(adapter_len=1, adapter_layers=2,
+                                                                    target_modules="self_attn",
+                                                                    task_type="CAUSAL_LM"), 2),
 ]
 CASE_IDS = [c.name for c in CASES]
 

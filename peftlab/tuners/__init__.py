@@ -1,5 +1,6 @@
 """Adapter methods. ``base`` is the mechanism they share; each method lives in its own sub-package."""
 
+from peftlab.tuners.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from peftlab.tuners.base import AdapterLayer, BaseTuner
 from peftlab.tuners.boft import BOFTConfig, BOFTModel
 from peftlab.tuners.loha import LoHaConfig, LoHaModel
@@ -7,5 +8,5 @@ from peftlab.tuners.lokr import LoKrConfig, LoKrModel
 from peftlab.tuners.lora import LoraConfig, LoraModel
 from peftlab.tuners.oft import OFTConfig, OFTModel
 
-__all__ = ["AdapterLayer", "BaseTuner", "BOFTConfig", "BOFTModel", "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel",
-           "LoraConfig", "LoraModel", "OFTConfig", "OFTModel"]
+__all__ = ["AdaptionPromptConfig", "AdaptionPromptModel", "AdapterLayer", "BaseTuner", "BOFTConfig", "BOFTModel",
+           "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "LoraConfig", "LoraModel", "OFTConfig", "OFTModel"]

@@ -192,6 +192,43 @@ def s_lokr_step(a, dev, dt) -> dict:
     return s_lycoris_step(a, dev, dt, "LoKr")
 
 
+def s_orthogonal_step(a, dev, dt, method: str, extra: dict | None = None) -> dict:
+    """One training step with an OFT (block 32) or BOFT (block 8) adapter on q, k, v, o: peftlab against peft."""
+    x = tokens(8, 128, dev)
+    batch = {"input_ids": x, "labels": x}
+    kw = {"OFT": dict(oft_block_size=32), "BOFT": dict(boft_block_size=8, boft_n_butterfly_factor=1)}[method]
+    fns = {}
+    for lib in ("peftlab", "peft"):
+        lib_mod = lib_of(lib)
+        cfg = getattr(lib_mod, f"{method}Config")(target_modules=QKVO, **kw)
+        m = lib_mod.get_peft_model(llama(256, 4, dev, dt), cfg).train()
+        fns[lib] = train_step(m, optimiser(m), batch)
+    for label, (lib, cfg) in (extra or {}).items():
+        m = lib_of(lib).get_peft_model(llama(256, 4, dev, dt), cfg).train()
+        fns[label] = train_step(m, optimiser(m), batch)
+    f = floor_model(llama(256, 4, dev, dt))
+    fns["limit"] = train_step(f, optimiser(f), batch)
+    t = interleave(fns, a.reps, a.warmup, dev)
+    ratios = {"peftlab/peft": ("peftlab", "peft"), "peftlab/limit": ("peftlab", "limit"),
+              "peft/limit": ("peft", "limit")}
+    if extra:
+        ratios.update({"peftlab 2 factors/lora": ("boft2", "lora"), "peftlab 2 factors/peft": ("boft2", "peft")})
+    return summarise(t, ratios)
+
+
+def s_oft_step(a, dev, dt) -> dict:
+    return s_orthogonal_step(a, dev, dt, "OFT")
+
+
+def s_boft_step(a, dev, dt) -> dict:
+    """BOFT with one factor (what peft trains on a CPU) against peft; two factors against LoRA r=16."""
+    import peftlab
+    extra = {"boft2": ("peftlab", peftlab.BOFTConfig(target_modules=QKVO, boft_block_size=8,
+                                                     boft_n_butterfly_factor=2)),
+             "lora": ("peftlab", peftlab.LoraConfig(r=16, lora_alpha=32, target_modules=QKVO))}
+    return s_orthogonal_step(a, dev, dt, "BOFT", extra)
+
+
 def adaption_prompted(lib_name: str, model, adapter_len: int = 10, adapter_layers: int = 4):
     lib = lib_of(lib_name)
     cfg = lib.AdaptionPromptConfig(adapter_len=adapter_len, adapter_layers=adapter_layers, task_type="CAUSAL_LM")
@@ -427,8 +464,8 @@ def s_memory(a, dev, dt) -> dict:
 SCENARIOS = {
     "lora_step": s_lora_step, "dora_step": s_dora_step, "inference": s_inference, "serving": s_serving,
     "merging": s_merging, "memory": s_memory, "lab_scale": s_lab_scale, "loha_step": s_loha_step,
-    "lokr_step": s_lokr_step, "adaption_prompt_step": s_adaption_prompt_step,
-    "adaption_prompt_decode": s_adaption_prompt_decode, "ia3_step": s_ia3_step,
+    "lokr_step": s_lokr_step, "oft_step": s_oft_step, "boft_step": s_boft_step, "ia3_step": s_ia3_step,
+    "adaption_prompt_step": s_adaption_prompt_step, "adaption_prompt_decode": s_adaption_prompt_decode,
 }
 
 # (scenario, ratio, target: ratio must be ≤ this)
@@ -438,6 +475,7 @@ TARGETS = [
     ("inference", "peftlab merged/base", 1.02), ("merging", "merge peftlab/peft", 1.00),
     ("lab_scale", "peftlab/peft", 0.80), ("lab_scale", "peftlab/full_ft", 1.00),
     ("loha_step", "peftlab/peft", 0.90), ("lokr_step", "peftlab/peft", 0.90),
+    ("oft_step", "peftlab/peft", 0.95), ("boft_step", "peftlab/peft", 0.70),
     ("adaption_prompt_step", "peftlab/peft", 1.00), ("adaption_prompt_decode", "peftlab/peft", 1.00),
     ("ia3_step", "peftlab/peft", 0.97),
 ]

@@ -200,16 +200,17 @@ def test_save_model_with_a_gathered_state_dict_writes_its_adapter_tensors(tmp_pa
 
 
 # ---- every registered method: load_best_model_at_end and save_model ----------------------------------
-# methods whose config does not take a list of target layers (or needs a field without a default)
-METHOD_KWARGS = {"ADAPTION_PROMPT": {"adapter_len": 2, "adapter_layers": 1, "target_modules": "self_attn"}}
+# methods whose config does not take a list of target layers, needs a field without a default, or whose
+# default does not fit the tiny Llama's 16 features (OFT's block size of 32)
+METHOD_KWARGS = {"ADAPTION_PROMPT": {"adapter_len": 2, "adapter_layers": 1, "target_modules": "self_attn"},
+                 "OFT": {"oft_block_size": 4}, "BOFT": {"boft_block_size": 4}}
 
 
 def method_config(spec) -> TargetingConfig:
-    if spec.peft_type in METHOD_KWARGS:
-        return spec.config_class(task_type=TaskType.CAUSAL_LM, **METHOD_KWARGS[spec.peft_type])
-    if not issubclass(spec.config_class, TargetingConfig):
+    kwargs = {"target_modules": ["q_proj", "v_proj"], **METHOD_KWARGS.get(spec.peft_type, {})}
+    if not issubclass(spec.config_class, TargetingConfig) and spec.peft_type not in METHOD_KWARGS:
         pytest.fail(f"{spec.peft_type}: add a config for this method to METHOD_KWARGS in tests/test_trainer.py")
-    return spec.config_class(target_modules=["q_proj", "v_proj"], task_type=TaskType.CAUSAL_LM)
+    return spec.config_class(task_type=TaskType.CAUSAL_LM, **kwargs)
 
 
 @pytest.mark.parametrize("spec", methods(), ids=lambda s: s.peft_type)

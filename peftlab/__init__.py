@@ -17,6 +17,7 @@ from peftlab.peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForFea
 from peftlab.tuners.loha import LoHaConfig, LoHaModel
 from peftlab.tuners.lokr import LoKrConfig, LoKrModel
 from peftlab.tuners.lora import LoftQConfig, LoraConfig, LoraModel
+from peftlab.tuners.xlora import XLoraConfig, XLoraModel
 from peftlab.utils.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
 
 __version__ = "0.1.0"
@@ -26,7 +27,7 @@ __all__ = [
     "inject_adapter_in_model",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
-    "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel",
+    "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "XLoraConfig", "XLoraModel",
     "get_peft_model_state_dict", "set_peft_model_state_dict", "__version__",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",

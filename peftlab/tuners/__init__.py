@@ -4,5 +4,7 @@ from peftlab.tuners.base import AdapterLayer, BaseTuner
 from peftlab.tuners.loha import LoHaConfig, LoHaModel
 from peftlab.tuners.lokr import LoKrConfig, LoKrModel
 from peftlab.tuners.lora import LoraConfig, LoraModel
+from peftlab.tuners.xlora import XLoraConfig, XLoraModel
 
-__all__ = ["AdapterLayer", "BaseTuner", "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "LoraConfig", "LoraModel"]
+__all__ = ["AdapterLayer", "BaseTuner", "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "LoraConfig", "LoraModel",
+           "XLoraConfig", "XLoraModel"]

@@ -62,6 +62,13 @@ class LoraLayer(AdapterLayer):
         """B(A(dropout(x))) of one adapter, before scaling."""
         raise NotImplementedError
 
+    def adapter_delta(self, x: torch.Tensor, adapter_name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """s · B(A(dropout(x))): what the adapter adds to the base output (a variant such as DoRA: the generic
+        difference)."""
+        if adapter_name in self.lora_variant:
+            return super().adapter_delta(x, adapter_name, *args, **kwargs)
+        return self._delta(x, adapter_name) * self.scaling[adapter_name]
+
     def adapter_forward(self, x: torch.Tensor, adapters: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         for name in adapters:

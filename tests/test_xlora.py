@@ -276,3 +276,16 @@ def test_unload_gives_back_the_base(experts):
     base = logits(base_model("llama"))
     plain = m.unload()
     assert torch.equal(logits(plain), base)
+
+
+def test_expert_order_survives_saving(experts, tmp_path):
+    """Expert i is the gate's output i: the saved config keeps the experts' order even where their names do
+    not sort that way (JSON configs are written with sorted keys)."""
+    named = {"zeta": experts["e0"], "alpha": experts["e1"], "mid": experts["e2"]}
+    m = xlora(named)
+    _set_gate(m, [200.0, 0.0, 0.0])  # all weight on the first expert, "zeta"
+    before = logits(m)
+    m.save_pretrained(tmp_path / "x")
+    again = PeftModel.from_pretrained(base_model("llama"), tmp_path / "x")
+    assert list(again.peft_config["default"].adapters) == ["zeta", "alpha", "mid"]
+    assert torch.equal(logits(again), before)

@@ -163,3 +163,15 @@ def test_peft_needs_experts_named_by_index(expert_dirs):
         run(theirs)
     ours = build(peftlab, named)  # peftlab keeps the names and numbers the experts inside
     assert run(ours)[1].shape[-1] == 2
+
+
+def test_peft_sorts_the_expert_names_when_it_saves(tmp_path):
+    """peft writes adapter_config.json with sorted keys, the experts' names included, so a peft X-LoRA whose
+    expert names do not sort in their order reloads them in another order than its gate was trained with;
+    peftlab keeps the order (and peft reads peftlab's file in that order)."""
+    adapters = {"b": "/x/b", "a": "/x/a"}
+    peft.XLoraConfig(hidden_size=HIDDEN, adapters=adapters).save_pretrained(str(tmp_path / "peft"))
+    assert list(peft.XLoraConfig.from_pretrained(str(tmp_path / "peft")).adapters) == ["a", "b"]
+    peftlab.XLoraConfig(hidden_size=HIDDEN, adapters=adapters).save_pretrained(tmp_path / "ours")
+    assert list(peft.XLoraConfig.from_pretrained(str(tmp_path / "ours")).adapters) == ["b", "a"]
+    assert list(peftlab.PeftConfig.from_pretrained(tmp_path / "ours").adapters) == ["b", "a"]

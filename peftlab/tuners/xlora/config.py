@@ -5,10 +5,13 @@ Explained in: book/xlora.ipynb
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
 from dataclasses import dataclass
 
-from peftlab.config import PeftConfig, PeftType
+from peftlab.config import CONFIG_NAME, PEFT_FORMAT_VERSION, PeftConfig, PeftType
+from peftlab.utils.io import atomic_write_text
 
 
 @dataclass
@@ -79,3 +82,13 @@ class XLoraConfig(PeftConfig):
         if self.enable_softmax_topk and self.enable_softmax:
             warnings.warn("enable_softmax and enable_softmax_topk are both on: the top-k scalings go through two "
                           "softmaxes (peft warns of worse results)", UserWarning, stacklevel=3)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``adapter_config.json`` with the keys sorted, as every config, but ``adapters`` in its own order:
+        expert ``i`` is the gate's output ``i``. (peft sorts the expert names too, so a peft X-LoRA reloads its
+        experts in another order than it trained them with unless their names sort in that order.)"""
+        data = self.to_dict()
+        data["peft_version"] = data.get("peft_version") or PEFT_FORMAT_VERSION
+        ordered = {k: data[k] for k in sorted(data)}
+        os.makedirs(save_directory, exist_ok=True)
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(ordered, indent=2) + "\n")

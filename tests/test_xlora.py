@@ -289,3 +289,30 @@ def test_expert_order_survives_saving(experts, tmp_path):
     again = PeftModel.from_pretrained(base_model("llama"), tmp_path / "x")
     assert list(again.peft_config["default"].adapters) == ["zeta", "alpha", "mid"]
     assert torch.equal(logits(again), before)
+
+
+def test_embedding_experts_are_mixed_too(tmp_path):
+    ex = make_experts(str(tmp_path), n=2, targets=("embed_tokens", "q_proj"))
+    m = xlora(ex)
+    logits(m)
+    assert m.get_latest_scalings().shape == (2, 6, 3, 2)  # embed_tokens + 2 × q_proj
+    _set_gate(m, [0.0, 200.0])
+    torch.testing.assert_close(logits(m), logits(_single_expert(ex, "e1")), atol=1e-5, rtol=0)
+
+
+def test_a_failing_forward_leaves_no_scalings_behind(experts):
+    from peftlab.tuners.routing import _TOKEN_WEIGHTS
+
+    m = xlora(experts)
+
+    def fail_in_real_pass(module, args):
+        if not m.base_model._in_scaling_pass:
+            raise RuntimeError("boom")
+
+    handle = m.base_model.model.lm_head.register_forward_pre_hook(fail_in_real_pass)
+    with pytest.raises(RuntimeError, match="boom"):
+        m(input_ids=IDS)
+    handle.remove()
+    assert _TOKEN_WEIGHTS.get() is None and m.base_model._contexts == []
+    assert not m.base_model._in_scaling_pass
+    torch.testing.assert_close(logits(m), logits(xlora(experts)))

@@ -321,6 +321,42 @@ def s_inference(a, dev, dt) -> dict:
                          "peftlab unmerged/base": ("peftlab", "base")})
 
 
+def s_xlora(a, dev, dt, n_experts: int = 3) -> dict:
+    """An X-LoRA forward (scaling pass + real pass mixing ``n_experts`` LoRA experts per token) against one
+    plain LoRA forward, and against peft's X-LoRA on the same experts and gate weights."""
+    x = tokens(8, 128, dev)
+    folder = Path(tempfile.mkdtemp(prefix="bench-xlora-"))
+    experts = {}
+    for i in range(n_experts):
+        m = adapted("peftlab", llama(256, 4, "cpu", torch.float32), QKVO, trainable=False)
+        randomise_B(m, seed=10 + i)
+        m.save_pretrained(folder / str(i))
+        experts[str(i)] = str(folder / str(i))  # peft's X-LoRA needs the names "0", "1", ...
+    models = {}
+    for lib in ("peftlab", "peft"):
+        base = llama(256, 4, dev, dt)
+        base.config.use_cache = False
+        cfg = lib_of(lib).XLoraConfig(task_type="CAUSAL_LM", hidden_size=256, adapters=experts, xlora_depth=2,
+                                      xlora_size=64, xlora_dropout_p=0.0)
+        torch.manual_seed(0)
+        models[lib] = lib_of(lib).get_peft_model(base, cfg).eval()
+    models["peft"].load_state_dict({k: v for k, v in models["peftlab"].state_dict().items() if "xlora" in k},
+                                   strict=False)
+    lora = adapted("peftlab", llama(256, 4, dev, dt), QKVO, trainable=False)
+    randomise_B(lora)
+
+    def fwd(m):
+        def run():
+            with torch.inference_mode():
+                m(input_ids=x)
+        return run
+
+    t = interleave({"xlora_peftlab": fwd(models["peftlab"]), "xlora_peft": fwd(models["peft"]),
+                    "lora_peftlab": fwd(lora)}, a.reps, a.warmup, dev)
+    return summarise(t, {"xlora/lora (peftlab)": ("xlora_peftlab", "lora_peftlab"),
+                         "xlora peftlab/peft": ("xlora_peftlab", "xlora_peft")})
+
+
 def s_serving(a, dev, dt, n_adapters: int = 16, prompt: int = 64) -> dict:
     """One decode step (sequence 1, KV cache of ``prompt`` tokens) for 16 requests, each its own adapter."""
     names = [f"a{i}" for i in range(n_adapters)]
@@ -466,6 +502,7 @@ SCENARIOS = {
     "merging": s_merging, "memory": s_memory, "lab_scale": s_lab_scale, "loha_step": s_loha_step,
     "lokr_step": s_lokr_step, "oft_step": s_oft_step, "boft_step": s_boft_step, "ia3_step": s_ia3_step,
     "adaption_prompt_step": s_adaption_prompt_step, "adaption_prompt_decode": s_adaption_prompt_decode,
+    "xlora": s_xlora,
 }
 
 # (scenario, ratio, target: ratio must be ≤ this)
@@ -478,6 +515,7 @@ TARGETS = [
     ("oft_step", "peftlab/peft", 0.95), ("boft_step", "peftlab/peft", 0.70),
     ("adaption_prompt_step", "peftlab/peft", 1.00), ("adaption_prompt_decode", "peftlab/peft", 1.00),
     ("ia3_step", "peftlab/peft", 0.97),
+    ("xlora", "xlora/lora (peftlab)", 2.20), ("xlora", "xlora peftlab/peft", 1.00),
 ]
 
 

@@ -21,6 +21,7 @@ from peftlab.tuners.loha import LoHaConfig, LoHaModel
 from peftlab.tuners.lokr import LoKrConfig, LoKrModel
 from peftlab.tuners.lora import LoftQConfig, LoraConfig, LoraModel
 from peftlab.tuners.oft import OFTConfig, OFTModel
+from peftlab.tuners.xlora import XLoraConfig, XLoraModel
 from peftlab.utils.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
     "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "OFTConfig", "OFTModel", "BOFTConfig", "BOFTModel",
     "IA3Config", "IA3Model", "AdaptionPromptConfig", "AdaptionPromptModel",
+    "XLoraConfig", "XLoraModel",
     "get_peft_model_state_dict", "set_peft_model_state_dict", "__version__", "Trainer",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",

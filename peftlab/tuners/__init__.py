@@ -8,7 +8,8 @@ from peftlab.tuners.loha import LoHaConfig, LoHaModel
 from peftlab.tuners.lokr import LoKrConfig, LoKrModel
 from peftlab.tuners.lora import LoraConfig, LoraModel
 from peftlab.tuners.oft import OFTConfig, OFTModel
+from peftlab.tuners.xlora import XLoraConfig, XLoraModel
 
 __all__ = ["AdaptionPromptConfig", "AdaptionPromptModel", "AdapterLayer", "BaseTuner", "BOFTConfig", "BOFTModel",
            "IA3Config", "IA3Model", "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "LoraConfig", "LoraModel",
-           "OFTConfig", "OFTModel"]
+           "OFTConfig", "OFTModel", "XLoraConfig", "XLoraModel"]

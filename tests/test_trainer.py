@@ -213,7 +213,8 @@ def method_config(spec) -> TargetingConfig:
     return spec.config_class(task_type=TaskType.CAUSAL_LM, **kwargs)
 
 
-@pytest.mark.parametrize("spec", methods(), ids=lambda s: s.peft_type)
+# X-LoRA is built from saved LoRA experts and holds one gate: it has its own test below
+@pytest.mark.parametrize("spec", [s for s in methods() if s.peft_type != "XLORA"], ids=lambda s: s.peft_type)
 def test_best_model_at_end_and_save_model_for_every_method(spec, tmp_path: Path) -> None:
     from peftlab import Trainer
 
@@ -244,6 +245,46 @@ def test_best_model_at_end_and_save_model_for_every_method(spec, tmp_path: Path)
     assert {"adapter_model.safetensors", "adapter_config.json", "other"} <= set(os.listdir(out))
     model.eval()
     x = torch.tensor([[1, 5, 7, 9]])
+    reloaded = PeftModel.from_pretrained(tiny_llama(), str(out))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_xlora_checkpoints_hold_the_gate_best_model_and_save_model(tmp_path: Path) -> None:
+    from peftlab import Trainer, XLoraConfig
+
+    experts = {}
+    for i in range(2):  # two saved LoRA experts on the same base
+        folder = tmp_path / f"expert{i}"
+        expert = lora(seed=i)
+        with torch.no_grad():  # trained-looking experts (B ≠ 0): otherwise the gate's scalings change nothing
+            for name, p in expert.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        expert.save_pretrained(str(folder))
+        experts[str(i)] = str(folder)
+    model = get_peft_model(tiny_llama(), XLoraConfig(task_type=TaskType.CAUSAL_LM, hidden_size=16, adapters=experts,
+                                                     xlora_depth=1))
+    gate = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    assert gate and all("xlora" in k for k in gate)  # only the gate trains
+    trainer = Trainer(model=model, args=args(tmp_path / "run", max_steps=4, save_steps=1, eval_strategy="steps",
+                                             eval_steps=1, load_best_model_at_end=True, metric_for_best_model="pick",
+                                             greater_is_better=True),
+                      train_dataset=dataset(), eval_dataset=dataset(8, seed=1),
+                      compute_metrics=lambda _: {"pick": float(trainer.state.global_step == 2)})
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and best.endswith("checkpoint-2"), best
+    assert not any(f.startswith("model") for f in os.listdir(best))  # the gate and experts, not the base model
+    x = torch.tensor([[1, 5, 7, 9]])
+    model.eval()
+    reloaded_best = PeftModel.from_pretrained(tiny_llama(), best)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded_best(input_ids=x).logits, model(input_ids=x).logits)
+    now = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    assert any(not torch.equal(gate[k], now[k]) for k in gate)  # the gate trained
+    out = tmp_path / "final"
+    trainer.save_model(str(out))
     reloaded = PeftModel.from_pretrained(tiny_llama(), str(out))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=x).logits, model(input_ids=x).logits)

@@ -862,7 +862,9 @@ class BaseTuner(nn.Module):
                     if id(layer) in quantized:
                         layer._replace_base_layer(quantized[id(layer)])
                 raise
-        for key, layer in tqdm(layers, disable=not progressbar, desc="Unloading" + (" and merging" if merge else "")):
+        # innermost first: a layer may hold another one inside its base (LoRA on nn.MultiheadAttention's out_proj)
+        for key, layer in tqdm(layers[::-1], disable=not progressbar,
+                               desc="Unloading" + (" and merging" if merge else "")):
             parent, _, child = get_submodule_parent(self.model, key)
             new = layer.get_base_layer()
             if requantize and id(layer) in quantized:

@@ -113,10 +113,14 @@ class DoraLinearFunction(torch.autograd.Function):
                 return DoraLinearFunction.forward(ctx, x, weight, bias, A, B, m, n, s)
         # rank-r products as (r, T) = A xᵀ: with r ≪ in, out the BLAS kernels run faster in this orientation
         xaT = torch.mm(A, x.t())  # (A x)ᵀ, (r, T)
-        z = F.linear(x, weight)  # W x, (T, out)
-        z.addmm_(xaT.t(), B.t(), alpha=s)  # z = W x + s·B A x
+        # The base output exactly as the base layer computes it, plus (m/n − 1)·W x + (m/n)·s·B A x (peft's form):
+        # a fresh adapter (B = 0, m = n, so m/n = 1 exactly) then returns the base output bit for bit.
+        base = F.linear(x, weight, bias)  # W x + b, (T, out)
+        wx = base - bias if bias is not None else base  # W x
+        lora = torch.mm(xaT.t(), B.t())  # B A x, (T, out)
         c = m / n  # m/‖W + s·B A‖, (out,)
-        out = torch.addcmul(bias, z, c) if bias is not None else z * c
+        out = base + ((c - 1) * wx + (c * s) * lora)
+        z = wx.add_(lora, alpha=s)  # z = W x + s·B A x, for ∂m
         ctx.save_for_backward(x, weight, A, B, m, n, xaT, z)
         ctx.s = s
         ctx.has_bias = bias is not None

@@ -718,8 +718,9 @@ class BaseTuner(nn.Module):
                         p.requires_grad_(True)
             elif bias.endswith("_only"):  # the method's own mode ("lora_only", "oft_only", ...): adapted layers
                 for _, layer in self.adapter_layers():
-                    if a in layer.adapter_names and layer.get_base_layer().bias is not None:
-                        layer.get_base_layer().bias.requires_grad_(True)
+                    base_bias = getattr(layer.get_base_layer(), "bias", None)  # an Embedding has none
+                    if a in layer.adapter_names and isinstance(base_bias, torch.Tensor):
+                        base_bias.requires_grad_(True)
 
     def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
         """Activate one adapter (or several: their effects add up) in every layer; they train unless

@@ -71,8 +71,8 @@ def adapter_state_items(model: nn.Module, adapter_name: str, config: Any = None)
     elif isinstance(bias, str) and bias.endswith("_only"):  # "lora_only", "oft_only", ...: adapted layers' biases
         for path, module in model.named_modules():
             if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names:
-                b = module.get_base_layer().bias
-                if b is not None:
+                b = getattr(module.get_base_layer(), "bias", None)  # an Embedding has none
+                if isinstance(b, torch.Tensor):
                     key = f"{path}.base_layer.bias" if path else "base_layer.bias"
                     items.append((key, key, b))
     return [(mem, _unfsdp(disk), t) for mem, disk, t in items]

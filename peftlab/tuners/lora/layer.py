@@ -19,7 +19,7 @@ from torch import nn
 
 from peftlab.tuners.base import AdapterLayer
 from peftlab.tuners.lora import init as lora_init
-from peftlab.tuners.lora.dora import DoraLinearVariant
+from peftlab.tuners.lora.dora import DoraConvVariant, DoraEmbeddingVariant, DoraLinearVariant
 from peftlab.tuners.routing import _ROUTING, BASE_ADAPTER, Routing
 
 
@@ -64,11 +64,31 @@ class LoraLayer(AdapterLayer):
         raise NotImplementedError
 
     def adapter_forward(self, x: torch.Tensor, adapters: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        result = None
         for name in adapters:
-            delta = self._delta(x, name)
-            # h = W₀x + s · B A x   (one fused multiply-add)
-            result = torch.add(result, delta.to(result.dtype), alpha=self.scaling[name])
+            if name in self.lora_variant:  # e.g. DoRA, which may compute the base itself
+                result = self.lora_variant[name].forward(self, name, x, result, *args, **kwargs)
+                continue
+            if result is None:
+                result = self.base_layer(x, *args, **kwargs)
+            # h = W₀x + s · B A x, in peft's order of operations (mixed batches repeat exactly these on their rows)
+            result = result + self._delta(x, name).to(result.dtype) * self.scaling[name]
+        return result if result is not None else self.base_layer(x, *args, **kwargs)
+
+    def mixed_batch_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Row i through adapter ``names[i]``, with the operations of :meth:`adapter_forward` on each adapter's
+        rows, so a mixed batch equals the per-adapter runs bit for bit."""
+        result = self.base_layer(x, *args, **kwargs)
+        own = self._adapters
+        for name, rows in routing.groups(x.shape[0], x.device).items():
+            if name == BASE_ADAPTER or name not in own:
+                continue
+            if name in self.lora_variant:  # e.g. DoRA rescales the base output too: replace those rows
+                part = self.lora_variant[name].forward(self, name, x.index_select(0, rows), None, *args, **kwargs)
+                result = result.index_copy(0, rows, part.to(result.dtype))
+                continue
+            delta = self._delta(x.index_select(0, rows), name).to(result.dtype) * self.scaling[name]
+            result = result.index_add(0, rows, delta)
         return result
 
     def merged_weights(self, adapter_name, weight, bias):
@@ -95,12 +115,9 @@ class LoraLayer(AdapterLayer):
         return lora_B[adapter_name].bias if lora_B is not None and adapter_name in lora_B else None
 
 
-def _linear_only(layer: LoraLayer, init_lora_weights: bool | str, use_dora: bool = False, **_: Any) -> None:
-    """DoRA and the initialisations that read the base weight exist for linear layers only."""
+def _linear_only(layer: LoraLayer, init_lora_weights: bool | str, **_: Any) -> None:
+    """The initialisations that read the base weight exist for linear layers only."""
     kind = type(layer.get_base_layer()).__name__
-    if use_dora:
-        raise ValueError(f"use_dora=True supports nn.Linear, Conv1D and Linear4bit layers, not {kind}; leave this "
-                         "module out of target_modules (or add it to exclude_modules)")
     if lora_init.reads_base_weight(init_lora_weights):
         raise ValueError(f"init_lora_weights={init_lora_weights!r} supports nn.Linear, Conv1D and Linear4bit layers, "
                          f"not {kind}; leave this module out of target_modules (or add it to exclude_modules)")
@@ -249,17 +266,8 @@ class Linear(LoraLayer):
                 continue
             if result is None:
                 result = self.base_layer(x, *args, **kwargs)
-            A = self.lora_A[name].weight
-            B = self.lora_B[name]
-            if B.bias is not None or A.dtype != result.dtype:
-                result = torch.add(result, self._delta(x, name).to(result.dtype), alpha=self.scaling[name])
-                continue
-            dropout = self.lora_dropout[name]
-            xa = F.linear(x if isinstance(dropout, nn.Identity) else dropout(x), A)  # A x, shape (..., r)
-            # h = W₀x + s · B (A x): the B product and the sum in one addmm over the flattened rows
-            out = torch.addmm(result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]), B.weight.t(),
-                              alpha=self.scaling[name])
-            result = out.view(result.shape)
+            # h = W₀x + s · B (A x), in peft's order of operations (a mixed batch repeats exactly these per row group)
+            result = result + self._delta(x, name).to(result.dtype) * self.scaling[name]
         return result
 
     def mixed_batch_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -271,7 +279,7 @@ class Linear(LoraLayer):
         for unequal ranks, active dropout, DoRA, lora_bias or inputs with a leading dimension other than the
         batch."""
         if not self.batched_mixed_batches:
-            return AdapterLayer.mixed_batch_forward(self, x, routing, *args, **kwargs)
+            return LoraLayer.mixed_batch_forward(self, x, routing, *args, **kwargs)
         names = routing.stacked_names()
         own = self._adapters
         if not all(n in own for n in names):
@@ -338,7 +346,7 @@ class Embedding(LoraLayer):
         super().__init__(base_layer)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, **_)
         self.set_adapter([adapter_name])
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
@@ -356,6 +364,10 @@ class Embedding(LoraLayer):
             nn.init.normal_(B)
         self.lora_embedding_A[adapter_name] = nn.Parameter(A)
         self.lora_embedding_B[adapter_name] = nn.Parameter(B)
+        self.lora_variant.pop(adapter_name, None)
+        if _.get("use_dora"):
+            self.lora_variant[adapter_name] = DoraEmbeddingVariant
+            DoraEmbeddingVariant.init(self, adapter_name)
         self._record_adapter(adapter_name)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -391,7 +403,7 @@ class Conv(LoraLayer):
                           UserWarning, stacklevel=2)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias, **_)
         self.set_adapter([adapter_name])
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
@@ -421,6 +433,13 @@ class Conv(LoraLayer):
             nn.init.zeros_(self.lora_B[adapter_name].weight)
             if lora_bias:
                 nn.init.zeros_(self.lora_B[adapter_name].bias)
+        self.lora_variant.pop(adapter_name, None)
+        if _.get("use_dora"):
+            if base.groups > 1:
+                raise ValueError(f"use_dora=True is not supported for a grouped {type(base).__name__} (groups="
+                                 f"{base.groups}): its ΔW has no grouped form; leave it out of target_modules")
+            self.lora_variant[adapter_name] = DoraConvVariant
+            DoraConvVariant.init(self, adapter_name)
         self._record_adapter(adapter_name)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

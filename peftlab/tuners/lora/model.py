@@ -79,11 +79,10 @@ class LoraModel(BaseTuner):
                 raise ValueError("MultiheadAttention does not support DoRA (yet), please set use_dora to False")
         init = config.init_lora_weights
         if not isinstance(target, LINEAR):
-            if config.use_dora:
+            if config.use_dora and isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and target.groups > 1:
                 raise ValueError(
-                    f"use_dora=True: target module {key!r} is a {type(target).__name__}, but peftlab's DoRA supports "
-                    "nn.Linear, Conv1D and Linear4bit layers. Leave it out of target_modules (or add it to "
-                    "exclude_modules)"
+                    f"use_dora=True: target module {key!r} is a grouped {type(target).__name__} (groups={target.groups}),"
+                    " whose ΔW has no grouped form; leave it out of target_modules (or add it to exclude_modules)"
                 )
             if lora_init.reads_base_weight(init):
                 raise ValueError(
@@ -110,6 +109,20 @@ class LoraModel(BaseTuner):
                 "init_lora_weights": config.init_lora_weights, "use_rslora": config.use_rslora,
                 "lora_bias": config.lora_bias, "use_dora": config.use_dora,
                 "loftq_config": config.loftq_config or None}
+
+    @classmethod
+    def state_dict_for_save(cls, model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str,
+                            config: LoraConfig) -> dict[str, torch.Tensor]:
+        """DoRA's magnitude is ``...lora_magnitude_vector.<adapter>.weight`` in memory and
+        ``...lora_magnitude_vector`` in the file (peft's format)."""
+        suffix = ".lora_magnitude_vector.weight"
+        return {(k[:-len(".weight")] if k.endswith(suffix) else k): v for k, v in state.items()}
+
+    @classmethod
+    def state_dict_for_load(cls, model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str,
+                            config: LoraConfig) -> dict[str, torch.Tensor]:
+        """The inverse of :meth:`state_dict_for_save`."""
+        return {(k + ".weight" if k.endswith(".lora_magnitude_vector") else k): v for k, v in state.items()}
 
     @classmethod
     def convert_for_save(cls, state: dict[str, torch.Tensor], config: LoraConfig, initial_dir: str | os.PathLike,

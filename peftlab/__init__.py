@@ -18,6 +18,7 @@ from peftlab.tuners.loha import LoHaConfig, LoHaModel
 from peftlab.tuners.lokr import LoKrConfig, LoKrModel
 from peftlab.tuners.lora import LoftQConfig, LoraConfig, LoraModel
 from peftlab.utils.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
+from peftlab.utils.warning import PeftWarning
 
 __version__ = "0.1.0"
 
@@ -27,7 +28,7 @@ __all__ = [
     "PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
     "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel",
-    "get_peft_model_state_dict", "set_peft_model_state_dict", "__version__",
+    "get_peft_model_state_dict", "set_peft_model_state_dict", "__version__", "PeftWarning",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
 ]

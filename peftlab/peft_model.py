@@ -14,6 +14,7 @@ import copy
 import functools
 import inspect
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -401,6 +402,14 @@ class PeftModel(nn.Module):
                                      filenames=(WEIGHTS_NAME,))
         config = PeftConfig.from_pretrained(folder)
         config.inference_mode = not is_trainable
+        for init in ("pissa", "corda", "olora"):  # peft's warning: these change the base weights
+            if any(getattr(c, "init_lora_weights", None) == init for c in (config, *self.peft_config.values())):
+                name = {"pissa": "PiSSA", "corda": "CorDA", "olora": "OLoRA"}[init]
+                warnings.warn(f"{name} changes the base weights of the model and should thus not be used with other "
+                              f"adapters. Consider converting the {name} adapter into a normal LoRA adapter "
+                              "(save_pretrained(..., path_initial_model_for_weight_conversion=...)).", UserWarning,
+                              stacklevel=2)
+                break
         weights = _mapped(load_adapter_weights(folder, allow_pickle=kwargs.get("allow_pickle"),
                                                device=torch_device or "cpu"), key_mapping)
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage,

@@ -663,11 +663,29 @@ class BaseTuner(nn.Module):
         for m in config.modules_to_save or ():
             self._wrap_modules_to_save(m, adapter_name, required=m not in OPTIONAL_MODULES_TO_SAVE)
         self.peft_config[adapter_name] = config
+        self._warn_tied_weights()
         # A new adapter is active only when it is the first one (peft's behaviour).
         if len(self.peft_config) == 1:
             self.set_adapter(adapter_name)
         else:
             self._mark_trainable()
+
+    def _warn_tied_weights(self) -> None:
+        """peft's warning when a transformers model ties its input and output embeddings and one of them is
+        adapted or trained whole (modules_to_save): the two copies stop being one weight."""
+        config = getattr(self.model, "config", None)
+        if not getattr(config, "tie_word_embeddings", False) or not hasattr(self.model, "get_input_embeddings"):
+            return
+        try:
+            tied = [self.model.get_input_embeddings(), self.model.get_output_embeddings()]
+        except (AttributeError, NotImplementedError):
+            return
+        tied = [m for m in tied if m is not None]
+        if any(isinstance(m, (AdapterLayer, ModulesToSaveWrapper)) for m in tied):
+            warnings.warn("Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but "
+                          "`ensure_weight_tying` is not set to True. This can lead to complications, for example when "
+                          "merging the adapter or converting your model to formats other than safetensors.",
+                          UserWarning, stacklevel=3)
 
     def _modules_to_save_keys(self, name: str, required: bool = True) -> list[str]:
         """Full names of the modules a ``modules_to_save`` entry means (exact name or dotted suffix)."""
@@ -714,7 +732,8 @@ class BaseTuner(nn.Module):
             bias = getattr(self.peft_config.get(a), "bias", "none")
             if bias == "all":
                 for n, p in self.model.named_parameters():
-                    if n.endswith("bias") and ".modules_to_save." not in f".{n}" and "original_module" not in n:
+                    is_bias = n == "bias" or n.endswith(".bias")  # peft's rule (not in_proj_bias)
+                    if is_bias and ".modules_to_save." not in f".{n}" and "original_module" not in n:
                         p.requires_grad_(True)
             elif bias.endswith("_only"):  # the method's own mode ("lora_only", "oft_only", ...): adapted layers
                 for _, layer in self.adapter_layers():
@@ -887,6 +906,7 @@ class BaseTuner(nn.Module):
         9 % of each weight's norm on Gaussian weights, larger than most adapters' ΔW).
         """
         self._require_merge("merge_and_unload()")
+        self._warn_tied_weights()
         return self._unload(True, progressbar, safe_merge, adapter_names, requantize)
 
     def unload(self) -> nn.Module:

@@ -58,7 +58,7 @@ def adapter_state_items(model: nn.Module, adapter_name: str, config: Any = None)
         # every bias outside the adapter tensors, as peft selects them: a modules_to_save copy's bias appears
         # a second time as <module>.modules_to_save.bias, the frozen original's as <module>.original_module.bias
         for n, t in model.named_parameters(remove_duplicate=False):
-            if not n.endswith("bias") or id(t) in adapter_tensor_ids:
+            if not (n == "bias" or n.endswith(".bias")) or id(t) in adapter_tensor_ids:  # peft's rule
                 continue
             parts = n.split(".")
             if "modules_to_save" in parts:

@@ -20,6 +20,7 @@ from torch import nn
 from peftlab.tuners.base import AdapterLayer
 from peftlab.tuners.lora import init as lora_init
 from peftlab.tuners.lora.dora import DoraConvVariant, DoraEmbeddingVariant, DoraLinearVariant
+from peftlab.utils.warning import PeftWarning
 from peftlab.tuners.routing import _ROUTING, BASE_ADAPTER, Routing
 
 
@@ -51,6 +52,12 @@ class LoraLayer(AdapterLayer):
         # scaling = α/r (LoRA), or α/√r (rsLoRA)
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+
+    def _check_lora_bias(self, lora_bias: bool) -> None:
+        """peft's warning when ``lora_bias=True`` meets a layer without a bias (merging then adds one)."""
+        if lora_bias and not isinstance(self.bias, torch.Tensor):
+            warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {type(self.get_base_layer()).__name__} "
+                          "has no bias; merging adds s·b_B to the layer as a new bias.", PeftWarning, stacklevel=4)
 
     def set_scale(self, adapter_name: str, scale: float) -> None:
         """scaling = scale · α/r: weight one adapter at run time (diffusers' ``set_adapters``)."""
@@ -197,6 +204,7 @@ class Linear(LoraLayer):
                      use_dora: bool = False, loftq_config: dict | None = None, **_: Any) -> None:
         if use_dora and lora_bias:
             raise ValueError("lora_bias=True cannot be combined with use_dora=True; set one of them to False")
+        self._check_lora_bias(lora_bias)
         self._set_hyperparameters(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
         kw = self._new_tensor_kwargs()
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **kw)  # A: r × in
@@ -410,6 +418,7 @@ class Conv(LoraLayer):
                      init_lora_weights: bool | str = True, use_rslora: bool = False, lora_bias: bool = False,
                      **_: Any) -> None:
         _linear_only(self, init_lora_weights, **_)
+        self._check_lora_bias(lora_bias)
         self._set_hyperparameters(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
         base = self.get_base_layer()
         if r % base.groups:
@@ -531,6 +540,7 @@ class MultiheadAttention(LoraLayer):
         if lora_init.reads_base_weight(init_lora_weights):
             raise ValueError(f"init_lora_weights={init_lora_weights!r} supports nn.Linear, Conv1D and Linear4bit "
                              "layers, not MultiheadAttention; leave it out of target_modules")
+        self._check_lora_bias(lora_bias)
         self._set_hyperparameters(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
         kw = self._new_tensor_kwargs()
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **kw)

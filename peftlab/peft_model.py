@@ -191,9 +191,9 @@ class PeftModel(nn.Module):
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the active adapter; it trains unless ``inference_mode=True`` (or it was loaded
         for inference)."""
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name} not found.")
-        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+        if isinstance(adapter_name, str) and adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} not found; adapters: {sorted(self.peft_config)}")
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)  # a list: several active
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         """Turn gradients of the named adapters on or off without changing which adapter is active."""
@@ -418,7 +418,7 @@ class PeftModel(nn.Module):
             result = load_adapter_state_dict(self, weights, adapter_name, config,
                                              ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False))
         except ValueError:
-            self.base_model.delete_adapter(adapter_name)
+            self.base_model.remove_adapter_entirely(adapter_name)
             raise
         prefix = self.base_model.prefix
         result.missing_keys[:] = [k for k in result.missing_keys if prefix in k and adapter_name in k]

@@ -213,7 +213,7 @@ def load_adapter(model: nn.Module, peft_model_id: str | os.PathLike | None = Non
 
 def _undo_add(model: nn.Module, adapter_name: str, previous_active: str | list[str] | None) -> None:
     tuner = _require_tuner(model)
-    tuner.delete_adapter(adapter_name)
+    tuner.remove_adapter_entirely(adapter_name)
     if not tuner.peft_config:
         tuner.unload()
         _attach(model, None)

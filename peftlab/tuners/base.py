@@ -810,6 +810,17 @@ class BaseTuner(nn.Module):
             for _, layer in self.adapter_layers():
                 layer.set_adapter([])
 
+    def remove_adapter_entirely(self, adapter_name: str) -> None:
+        """Undo adding ``adapter_name`` (a load that failed): delete it without the active-adapter warning and put
+        back the plain layers it alone had wrapped, so the model is as before the add."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.delete_adapter(adapter_name)
+        for key, layer in list(self.adapter_layers())[::-1]:
+            if not layer.adapter_names:
+                parent, _, child = get_submodule_parent(self.model, key)
+                setattr(parent, child, layer.base_layer)
+
     def enable_adapter_layers(self) -> None:
         for _, layer in self.adapter_layers():
             layer.enable_adapters(True)

@@ -136,8 +136,8 @@ class DoraLinearFunction(torch.autograd.Function):
         wx = base - bias if bias is not None else base  # W x
         lora = torch.mm(xaT.t(), B.t())  # B A x, (T, out)
         c = m / n  # m/‖W + s·B A‖, (out,)
-        out = base + ((c - 1) * wx + (c * s) * lora)
-        z = wx.add_(lora, alpha=s)  # z = W x + s·B A x, for ∂m
+        out = torch.addcmul(base, wx, c - 1).addcmul_(lora, c * s)
+        z = torch.add(wx, lora, alpha=s)  # z = W x + s·B A x, for ∂m
         ctx.save_for_backward(x, weight, A, B, m, n, xaT, z)
         ctx.s = s
         ctx.has_bias = bias is not None

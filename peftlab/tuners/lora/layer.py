@@ -83,19 +83,22 @@ class LoraLayer(AdapterLayer):
         return result if result is not None else self.base_layer(x, *args, **kwargs)
 
     def mixed_batch_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Row i through adapter ``names[i]``, with the operations of :meth:`adapter_forward` on each adapter's
-        rows, so a mixed batch equals the per-adapter runs bit for bit."""
+        """Row i through adapter ``names[i]``, bit for bit what that adapter computes alone: the base output is
+        computed once, and each adapter's low-rank term with the operations and on the batch shape of
+        :meth:`adapter_forward` (a matrix product's rounding can depend on how many rows it has), then its rows are
+        taken. The low-rank terms cost k times one adapter's; ``batched_mixed_batches`` (lora.Linear) trades the
+        exactness for one batched product."""
         result = self.base_layer(x, *args, **kwargs)
         own = self._adapters
         for name, rows in routing.groups(x.shape[0], x.device).items():
             if name == BASE_ADAPTER or name not in own:
                 continue
             if name in self.lora_variant:  # e.g. DoRA rescales the base output too: replace those rows
-                part = self.lora_variant[name].forward(self, name, x.index_select(0, rows), None, *args, **kwargs)
-                result = result.index_copy(0, rows, part.to(result.dtype))
+                full = self.lora_variant[name].forward(self, name, x, None, *args, **kwargs)
+                result = result.index_copy(0, rows, full.index_select(0, rows).to(result.dtype))
                 continue
-            delta = self._delta(x.index_select(0, rows), name).to(result.dtype) * self.scaling[name]
-            result = result.index_add(0, rows, delta)
+            delta = self._delta(x, name).to(result.dtype) * self.scaling[name]
+            result = result.index_add(0, rows, delta.index_select(0, rows))
         return result
 
     def merged_weights(self, adapter_name, weight, bias):

@@ -34,7 +34,7 @@ from torch import nn
 from peftlab.integrations.transformers import get_tuner, save_adapter
 from peftlab.peft_model import PeftModel, tuner_for
 from peftlab.utils.io import SAFETENSORS_WEIGHTS_NAME, atomic_folder, atomic_save_tensors, load_adapter_weights
-from peftlab.utils.save_and_load import adapter_state_items, set_peft_model_state_dict
+from peftlab.utils.save_and_load import adapter_state_items, load_adapter_state_dict
 
 TRAINING_ARGS_NAME = "training_args.bin"  # the file transformers.Trainer writes next to a saved model
 
@@ -78,7 +78,7 @@ def load_adapters_from_checkpoint(model: nn.Module, folder: str | os.PathLike) -
     weights = {name: load_adapter_weights(path) for name, path in folders.items()}  # safetensors only
     configs = adapter_configs(model)
     for name, state in weights.items():  # each call checks every tensor before copying any
-        set_peft_model_state_dict(model, state, name, configs[name])
+        load_adapter_state_dict(model, state, name, configs[name])
     return list(weights)
 
 

@@ -351,6 +351,7 @@ class PeftModel(nn.Module):
             weights = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
             atomic_save_tensors(state, os.path.join(folder, weights), safe_serialization)
             config.save_pretrained(folder)
+            self.base_model.save_companions(folder, name, safe_serialization)  # e.g. X-LoRA's experts
 
     def create_or_update_model_card(self, output_dir: str) -> None:
         """Write ``README.md`` in ``output_dir``, or update the one there, with what peft puts in a model card:
@@ -409,6 +410,7 @@ class PeftModel(nn.Module):
         if config is None:
             config = PeftConfig.from_pretrained(folder)
         config.inference_mode = not is_trainable
+        tuner_for(config).prepare_load(config, folder, kwargs)  # e.g. where X-LoRA's experts are
         weights = _mapped(load_adapter_weights(folder, allow_pickle=kwargs.get("allow_pickle")), key_mapping)
         task = config.task_type
         peft_cls = MODEL_TYPE_TO_PEFT_MODEL.get(str(task), PeftModel) if cls is PeftModel else cls
@@ -564,7 +566,7 @@ class PeftModelForCausalLM(PeftModel):
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         self._check_adapter_names(adapter_names, self._batch_size(args, kwargs))
         with mixed_batch(adapter_names):
-            return self.get_base_model().generate(*args, **kwargs)
+            return self.base_model.generate(*args, **kwargs)  # the tuner's (X-LoRA's) or, by default, the model's
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
         return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)

@@ -174,7 +174,7 @@ def get_adapter_state_dict(model: nn.Module, adapter_name: str | None = None) ->
 
 def load_adapter(model: nn.Module, peft_model_id: str | os.PathLike | None = None, adapter_name: str | None = None,
                  is_trainable: bool = False, adapter_state_dict: dict[str, torch.Tensor] | None = None,
-                 peft_config: PeftConfig | None = None, allow_pickle: bool = False, **kwargs: Any) -> None:
+                 peft_config: PeftConfig | None = None, allow_pickle: bool | None = None, **kwargs: Any) -> None:
     """Add the adapter saved in ``peft_model_id`` (a folder written by peft, peftlab or transformers) and
     activate it; or build one from ``peft_config`` + ``adapter_state_dict``.
 

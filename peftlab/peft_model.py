@@ -84,8 +84,9 @@ class PeftModel(nn.Module):
         peft_config = self._add_task_modules(peft_config, model)
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = _model_name(model)
-        self.base_model = tuner_for(peft_config)(model, {adapter_name: peft_config}, adapter_name,
-                                                 low_cpu_mem_usage=low_cpu_mem_usage)
+        # (only when asked: a tuner that builds its layers otherwise, like X-LoRA, need not take the option)
+        meta = {"low_cpu_mem_usage": True} if low_cpu_mem_usage else {}
+        self.base_model = tuner_for(peft_config)(model, {adapter_name: peft_config}, adapter_name, **meta)
         prepare_model_for_gradient_checkpointing(model)
         if not autocast_adapter_dtype:
             self._keep_base_dtype(adapter_name)

@@ -466,6 +466,9 @@ class BaseTuner(nn.Module):
 
     #: the start of the method's adapter tensor names (``"lora_"``), from its registry entry (peft's ``prefix``)
     prefix: ClassVar[str] = ""
+    #: after ``delete_adapter``, put back the plain module of a layer no adapter uses any more (peft does for
+    #: adaption prompts); False keeps the emptied layer, which computes its base layer (peft's LoRA & co)
+    unwrap_emptied_layers: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str = "default",
                  low_cpu_mem_usage: bool = False, state_dict: dict[str, torch.Tensor] | None = None) -> None:
@@ -842,8 +845,11 @@ class BaseTuner(nn.Module):
         # As in peft, the layers stay wrapped (with no adapter left a layer computes its base layer); unload()
         # gives the plain model back.
         was_active = adapter_name in self.active_adapters
-        for key, layer in list(self.adapter_layers()):
+        for key, layer in list(self.adapter_layers())[::-1]:
             layer.delete_adapter(adapter_name)
+            if self.unwrap_emptied_layers and not layer.adapter_names:
+                parent, _, child = get_submodule_parent(self.model, key)
+                setattr(parent, child, layer.base_layer)
         for key, module in list(self.model.named_modules()):
             if isinstance(module, ModulesToSaveWrapper):
                 module.delete(adapter_name)

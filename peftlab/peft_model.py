@@ -251,12 +251,20 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Within this context the model computes exactly what the base model computes."""
+        """Within this context the model computes exactly what the base model computes. Afterwards the adapter
+        layers are enabled again, unless all of them were disabled before (peft's semantics); when some were
+        enabled and others not, a warning says that all will be enabled afterwards."""
+        states = {not layer.disable_adapters for _, layer in self.base_model.adapter_layers()}
+        if len(states) > 1:
+            warnings.warn("The model contains some adapter layers that are enabled and others that are disabled. This "
+                          "is most likely unintentional. After exiting the disable_adapter context, all adapters will "
+                          "be enabled", UserWarning, stacklevel=3)
         self.base_model.disable_adapter_layers()
         try:
             yield
         finally:
-            self.base_model.enable_adapter_layers()
+            if states != {False}:  # enabled, or irregular: enabled again (all disabled before: left disabled)
+                self.base_model.enable_adapter_layers()
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)

@@ -418,3 +418,25 @@ def test_save_embedding_layers_when_the_vocabulary_was_resized(tmp_path):
         warnings.simplefilter("error")
         assert "base_model.model.model.embed_tokens.weight" not in peftlab.get_peft_model_state_dict(
             pm, save_embedding_layers=False)
+
+
+def test_disable_adapter_restores_irregular_states_as_peft():
+    """Leaving disable_adapter(): all layers enabled again; all disabled before -> still disabled; some
+    disabled before -> a warning, then all enabled (peft's semantics)."""
+    x = torch.randn(2, 10)
+    for lib in (peft, peftlab):
+        pm = lib.get_peft_model(seeded(peft_parity.MLP), lib.LoraConfig(target_modules=["lin0", "lin1"])).eval()
+        layers = [pm.base_model.model.lin0, pm.base_model.model.lin1]
+        with pm.disable_adapter():
+            assert all(layer.disable_adapters for layer in layers)
+        assert not any(layer.disable_adapters for layer in layers)
+        pm.base_model.disable_adapter_layers()
+        with pm.disable_adapter():
+            pass
+        assert all(layer.disable_adapters for layer in layers), lib.__name__
+        pm.base_model.enable_adapter_layers()
+        layers[0].enable_adapters(False)
+        with pytest.warns(UserWarning, match="some adapter layers that are enabled and others that are disabled"):
+            with pm.disable_adapter():
+                pm(x)
+        assert not any(layer.disable_adapters for layer in layers), lib.__name__

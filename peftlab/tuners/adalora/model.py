@@ -113,9 +113,10 @@ class AdaLoraModel(BaseTuner):
                                    if isinstance(m, AdaLoraLayer) and adapter_name in m.lora_A]
         return cache[adapter_name]
 
-    def inject_adapter(self, adapter_name: str, config: Any) -> None:
+    def inject_adapter(self, adapter_name: str, config: Any, low_cpu_mem_usage: bool = False,
+                       state_dict: dict[str, torch.Tensor] | None = None) -> None:
         self.__dict__.pop("_layer_cache", None)
-        super().inject_adapter(adapter_name, config)
+        super().inject_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     def _training_adapters(self) -> list[str]:
         """Active adapters whose config is not in inference mode (peft's one ``trainable_adapter_name``)."""

@@ -14,7 +14,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftlab.quantization.nf4 import Linear4bit
-from peftlab.tuners.base import BaseTuner, layer_features
+from peftlab.tuners.base import BaseTuner, device_memory_bytes, layer_features
 from peftlab.tuners.lora import init as lora_init
 from peftlab.tuners.lora.config import LoraConfig
 from peftlab.tuners.lora.layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, MultiheadAttention
@@ -36,16 +36,6 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 }
 
 
-def _memory_bytes(device: torch.device) -> int:
-    """Total memory of ``device`` in bytes (0 when unknown)."""
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.get_device_properties(device).total_memory)
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (AttributeError, ValueError, OSError, RuntimeError):
-        return 0
-
-
 class LoraModel(BaseTuner):
     """Injects LoRA layers into a model (see :class:`~peftlab.tuners.base.BaseTuner`).
 
@@ -61,7 +51,7 @@ class LoraModel(BaseTuner):
         r = config.rank_and_alpha(key)[0]
         if isinstance(weight, torch.Tensor) and weight.dim() >= 2:  # e.g. r=2**40: refuse before allocating A and B
             need = r * (weight.shape[0] + weight[0].numel()) * weight.element_size()  # A and B, bytes
-            have = _memory_bytes(weight.device)
+            have = device_memory_bytes(weight.device)
             if have and need > have:
                 raise ValueError(f"r={r} for {key!r}: A and B would need {need / 2**30:,.0f} GiB, more than the "
                                  f"{have / 2**30:,.0f} GiB of {weight.device.type} memory; the rank of ΔW is at most "

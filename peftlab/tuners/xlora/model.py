@@ -335,7 +335,8 @@ class XLoraModel(BaseTuner):
                              "the gate (set_topk_lora, or a single-expert LoRA model for one expert)")
         self._mark_trainable()
 
-    def inject_adapter(self, adapter_name: str, config: Any) -> None:
+    def inject_adapter(self, adapter_name: str, config: Any, low_cpu_mem_usage: bool = False,
+                       state_dict: dict[str, torch.Tensor] | None = None) -> None:
         raise ValueError("an X-LoRA model holds one X-LoRA adapter; list every expert in XLoraConfig.adapters")
 
     def delete_adapter(self, adapter_name: str) -> None:

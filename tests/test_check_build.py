@@ -54,6 +54,7 @@ def test_nan_in_prose_is_caught_but_not_in_code_or_words(tmp_path: Path) -> None
     problems = _page(tmp_path, CLEAN.replace("1,024 parameters", "nan parameters"))
     assert len(problems) == 1 and "'nan' in the prose" in problems[0]
     assert _page(tmp_path, CLEAN.replace("1,024 parameters", "nanoseconds and finance")) == []
+    assert _page(tmp_path, CLEAN.replace("1,024 parameters", "refuses a NaN or an infinite value")) == []  # prose
 
 
 def test_font_stack_must_name_a_cjk_font(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ Checks, each failing with the page and what was found:
 3. Every notebook page has an "Open in Colab" link to its ``.ipynb`` on the repository.
 4. What a reader must not see (every page): a markdown table left as raw text (``| --- |`` outside
    code), a Python warning (``UserWarning: ...``) or any stderr output in a cell's output, and
-   ``nan``/``NaN`` in the prose (a number that does not exist in this profile, glued as a float).
+   ``nan`` in the prose (a number that does not exist in this profile, glued as a float).
    The site's CSS must give the text a font stack with CJK fallbacks (the Chinese terms).
 5. ``--render`` (default: when Chromium is installed; always under CI, ``CI=true``, where a
    missing browser fails the check instead of skipping it): headless Chromium, with its network
@@ -52,7 +52,8 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 RAW_TABLE = re.compile(r"\|\s*:?-{3,}:?\s*\|")
 WARNING = re.compile(r"\b[A-Z]\w*Warning: ")
-NAN = re.compile(r"(?<![\w.\-])(?:nan|NaN)(?![\w])")
+# Python prints a missing float as "nan"; the word NaN in a sentence about NaN values is prose, not a leak.
+NAN = re.compile(r"(?<![\w.\-])nan(?![\w])")
 CJK = re.compile(r"[\u4e00-\u9fff]")
 CJK_FAMILIES = ("Noto Sans CJK", "Noto Sans SC", "Source Han Sans", "PingFang", "Microsoft YaHei", "WenQuanYi",
                 "Hiragino Sans GB")

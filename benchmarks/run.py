@@ -192,6 +192,51 @@ def s_lokr_step(a, dev, dt) -> dict:
     return s_lycoris_step(a, dev, dt, "LoKr")
 
 
+def adaption_prompted(lib_name: str, model, adapter_len: int = 10, adapter_layers: int = 4):
+    lib = lib_of(lib_name)
+    cfg = lib.AdaptionPromptConfig(adapter_len=adapter_len, adapter_layers=adapter_layers, task_type="CAUSAL_LM")
+    return lib.get_peft_model(model, cfg)
+
+
+def open_gates(model, value: float = 0.1) -> None:
+    """A trained LLaMA-Adapter: gates away from zero (same in both libraries)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "adaption_gate" in n:
+                p.fill_(value)
+
+
+def s_adaption_prompt_step(a, dev, dt) -> dict:
+    """One training step with LLaMA-Adapter (10 prompt vectors in all 4 blocks): peftlab against peft."""
+    x = tokens(8, 128, dev)
+    batch = {"input_ids": x, "labels": x}
+    fns = {}
+    for lib in ("peftlab", "peft"):
+        m = adaption_prompted(lib, llama(256, 4, dev, dt)).train()
+        open_gates(m)
+        fns[lib] = train_step(m, optimiser(m), batch)
+    f = floor_model(llama(256, 4, dev, dt))
+    fns["limit"] = train_step(f, optimiser(f), batch)
+    t = interleave(fns, a.reps, a.warmup, dev)
+    return summarise(t, {"peftlab/peft": ("peftlab", "peft"), "peftlab/limit": ("peftlab", "limit"),
+                         "peft/limit": ("peft", "limit")})
+
+
+def s_adaption_prompt_decode(a, dev, dt, batch: int = 16, prompt: int = 64) -> dict:
+    """One decode step (sequence 1, KV cache of ``prompt`` tokens) for 16 requests with one LLaMA-Adapter."""
+    x_prompt, x_step = tokens(batch, prompt, dev), tokens(batch, 1, dev, seed=1)
+    fns, after = {}, {}
+    for lib in ("peftlab", "peft"):
+        m = adaption_prompted(lib, llama(256, 4, dev, dt)).eval()
+        open_gates(m)
+        fns[lib], after[lib] = decoder(m, x_prompt, x_step, {})
+    base = llama(256, 4, dev, dt).eval()
+    fns["base"], after["base"] = decoder(base, x_prompt, x_step, {})
+    t = interleave(fns, a.reps * 2, a.warmup, dev, after)
+    return summarise(t, {"peftlab/peft": ("peftlab", "peft"), "peftlab/base": ("peftlab", "base"),
+                         "peft/base": ("peft", "base")})
+
+
 def s_inference(a, dev, dt) -> dict:
     x = tokens(8, 128, dev)
     fns, models = {}, {}
@@ -365,7 +410,8 @@ def s_memory(a, dev, dt) -> dict:
 SCENARIOS = {
     "lora_step": s_lora_step, "dora_step": s_dora_step, "inference": s_inference, "serving": s_serving,
     "merging": s_merging, "memory": s_memory, "lab_scale": s_lab_scale, "loha_step": s_loha_step,
-    "lokr_step": s_lokr_step,
+    "lokr_step": s_lokr_step, "adaption_prompt_step": s_adaption_prompt_step,
+    "adaption_prompt_decode": s_adaption_prompt_decode,
 }
 
 # (scenario, ratio, target: ratio must be ≤ this)
@@ -375,6 +421,7 @@ TARGETS = [
     ("inference", "peftlab merged/base", 1.02), ("merging", "merge peftlab/peft", 1.00),
     ("lab_scale", "peftlab/peft", 0.80), ("lab_scale", "peftlab/full_ft", 1.00),
     ("loha_step", "peftlab/peft", 0.90), ("lokr_step", "peftlab/peft", 0.90),
+    ("adaption_prompt_step", "peftlab/peft", 1.00), ("adaption_prompt_decode", "peftlab/peft", 1.00),
 ]
 
 

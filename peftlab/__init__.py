@@ -14,6 +14,7 @@ from peftlab.mapping import get_peft_model, inject_adapter_in_model
 from peftlab.peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction,
                                 PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM,
                                 PeftModelForSequenceClassification, PeftModelForTokenClassification)
+from peftlab.tuners.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from peftlab.tuners.loha import LoHaConfig, LoHaModel
 from peftlab.tuners.lokr import LoKrConfig, LoKrModel
 from peftlab.tuners.lora import LoftQConfig, LoraConfig, LoraModel
@@ -21,13 +22,23 @@ from peftlab.utils.save_and_load import get_peft_model_state_dict, set_peft_mode
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # peftlab.Trainer imports transformers.Trainer (and accelerate): only when asked for
+    if name == "Trainer":
+        from peftlab.trainer import Trainer
+
+        return Trainer
+    raise AttributeError(f"module 'peftlab' has no attribute {name!r}")
+
+
 __all__ = [
     "PeftConfig", "PeftType", "TaskType", "LoraConfig", "LoftQConfig", "LoraModel", "get_peft_model",
     "inject_adapter_in_model",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
-    "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel",
-    "get_peft_model_state_dict", "set_peft_model_state_dict", "__version__",
+    "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "AdaptionPromptConfig", "AdaptionPromptModel",
+    "get_peft_model_state_dict", "set_peft_model_state_dict", "__version__", "Trainer",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
 ]

@@ -41,6 +41,32 @@ def _model_name(model: nn.Module) -> str | None:
     return name or None
 
 
+def _checkpointing_on(model: nn.Module) -> bool:
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5 name, then 4's
+        if hasattr(type(model), attr) or attr in model.__dict__:
+            return bool(getattr(model, attr))
+    return True  # not a transformers model: as peft, assume it may checkpoint
+
+
+def prepare_model_for_gradient_checkpointing(model: nn.Module) -> nn.Module:
+    """Make the embeddings' output require grad, as peft's ``PeftModel`` does when the base model checkpoints.
+
+    With (re-entrant) gradient checkpointing a checkpointed block returns a tensor that requires grad only if
+    one of its *inputs* does; the base is frozen, so without this the adapters inside the block get no
+    gradient. transformers' ``enable_input_require_grads`` adds the forward hook; other models get the same
+    hook on ``get_input_embeddings()``.
+
+    Explained in: book/distributed.ipynb
+    """
+    if not _checkpointing_on(model):
+        return model
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    elif hasattr(model, "get_input_embeddings"):
+        model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    return model
+
+
 class PeftModel(nn.Module):
     """A base model with adapters.
 
@@ -57,6 +83,7 @@ class PeftModel(nn.Module):
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = _model_name(model)
         self.base_model = tuner_for(peft_config)(model, {adapter_name: peft_config}, adapter_name)
+        prepare_model_for_gradient_checkpointing(model)
         if not autocast_adapter_dtype:  # keep adapters in the base dtype (e.g. bf16) instead of float32
             dtype = next(model.parameters()).dtype
             for _, layer in self.base_model.adapter_layers():
@@ -114,6 +141,22 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         """The wrapped model (its adapter layers included)."""
         return self.base_model.model
+
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """The base model's ``activation_checkpointing_enable`` (what ``Trainer(gradient_checkpointing=True)``
+        calls), then the input-grad hook of :func:`prepare_model_for_gradient_checkpointing`. peft 0.21 adds the
+        hook only when checkpointing was on before wrapping, so a ViT checkpointed after wrapping fails there.
+
+        Explained in: book/distributed.ipynb
+        """
+        self.get_base_model().activation_checkpointing_enable(*args, **kwargs)
+        prepare_model_for_gradient_checkpointing(self.get_base_model())
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """transformers 4's name for :meth:`activation_checkpointing_enable` (same hook afterwards)."""
+        self.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+                                                            **kwargs)
+        prepare_model_for_gradient_checkpointing(self.get_base_model())
 
     # ---- forward ----------------------------------------------------------------------------------
     def _check_adapter_names(self, adapter_names: Sequence[str] | None, batch: int | None) -> None:

@@ -1,7 +1,8 @@
 """Hostile and broken inputs: fuzzed configs, unknown keys, pickles, corrupt files, adapters for another model.
 
 * Every config class in the method registry (``peftlab.registry.methods()``: a new method registers one and is
-  fuzzed here with no change): hypothesis sets up to three fields to hostile or plausible values. The config either refuses with
+  fuzzed here with no change, or with one ``MINIMAL_KWARGS`` entry when a field is required): hypothesis sets up to
+  three fields to hostile or plausible values. The config either refuses with
   a ValueError/TypeError that names a config field, or it is valid: then it round-trips through
   ``adapter_config.json``, and ``get_peft_model`` on a tiny Llama either refuses the same way or gives a model
   whose outputs are finite (never an exception from deep inside torch, never NaN).
@@ -77,6 +78,8 @@ def _fuzz_kwargs(cls: type) -> st.SearchStrategy:
         lambda chosen: st.fixed_dictionaries({f.name: _value(f) for f in chosen}))
 
 
+# a valid config for the classes whose required fields have no default (peft leaves them None)
+MINIMAL_KWARGS = {"AdaptionPromptConfig": {"adapter_len": 2, "adapter_layers": 1, "target_modules": "self_attn"}}
 _TINY = {}
 
 
@@ -103,7 +106,7 @@ def test_fuzzed_configs_refuse_clearly_or_work(cls: type, tmp_path_factory: pyte
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                config = cls(**kwargs)
+                config = cls(**{**MINIMAL_KWARGS.get(cls.__name__, {}), **kwargs})
             except (ValueError, TypeError) as err:
                 assert _names_a_field(str(err), cls), f"{cls.__name__}({kwargs!r}) refused without naming a field: {err}"
                 log["refused at config"] += 1
@@ -142,7 +145,8 @@ def test_unknown_keys_load_with_a_warning_naming_them(cls: type, extra: dict, tm
     extra = {k: v for k, v in extra.items() if k not in known and k != "runtime_config"}
     if not extra:
         return
-    base = cls(**({"target_modules": ["q_proj"]} if "target_modules" in known else {})).to_dict()
+    base = cls(**MINIMAL_KWARGS.get(cls.__name__, {"target_modules": ["q_proj"]} if "target_modules" in known
+                                    else {})).to_dict()
     folder = tmp_path_factory.mktemp("future")
     (folder / "adapter_config.json").write_text(json.dumps({**base, **extra}))
     with pytest.warns(UserWarning) as caught:

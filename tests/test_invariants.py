@@ -36,7 +36,7 @@ import torch
 from conftest import base_model, fill_, output, output_with_grad, quiet
 from torch import nn
 
-from peftlab import LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
+from peftlab import AdaptionPromptConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
 from peftlab.config import TargetingConfig
 from peftlab.lab.models import example_inputs
 from peftlab.registry import get_method, methods
@@ -168,11 +168,19 @@ def lycoris_identity(config: TargetingConfig) -> str | None:
     return None if config.init_weights is False else "exact"  # one zero factor: ΔW = 0 exactly
 
 
+def adaption_prompt_count(layer: AdapterLayer, config: TargetingConfig, key: str) -> int:
+    """LLaMA-Adapter's formula: adapter_len · hidden (the prompt) + 1 (the gate) per adapted attention module."""
+    assert layer.adapter_len["default"] == config.adapter_len, key
+    return config.adapter_len * layer.get_base_layer().config.hidden_size + 1
+
+
 TRAITS: dict[str, Traits] = {
     "LORA": Traits(count=lora_count, identity=lora_identity,
                    mutates_base=lambda c: c.init_lora_weights in ("pissa", "olora")),
     "LOHA": Traits(count=loha_count, identity=lycoris_identity),
     "LOKR": Traits(count=lokr_count, identity=lycoris_identity),
+    # a zero gate: the prompt's attention is multiplied by 0 (no init option; no merge, no mixed batches)
+    "ADAPTION_PROMPT": Traits(count=adaption_prompt_count, identity=lambda config: "exact"),
 }
 
 
@@ -277,6 +285,12 @@ CASES = [
     Case("lokr-t5", "t5", LoKrConfig(target_modules=["q", "v", "wo"], r=2, task_type="SEQ_2_SEQ_LM"), 16),
     Case("lokr-bert-cls", "bert_cls", LoKrConfig(target_modules=["query", "value"], r=1, alpha=2, task_type="SEQ_CLS"),
          4, ("classifier",)),
+    # --- LLaMA-Adapter (the tiny Llama has 2 blocks, 4 query heads over 2 key/value heads) ------------
+    Case("adaption-prompt-llama-top", "llama", AdaptionPromptConfig(adapter_len=4, adapter_layers=1,
+                                                                    task_type="CAUSAL_LM"), 1),
+    Case("adaption-prompt-llama-all", "llama", AdaptionPromptConfig(adapter_len=1, adapter_layers=2,
+                                                                    target_modules="self_attn",
+                                                                    task_type="CAUSAL_LM"), 2),
 ]
 CASE_IDS = [c.name for c in CASES]
 

@@ -173,6 +173,32 @@ def test_state_dict_hooks_rename_on_save_and_back_on_load(two_layout, tmp_path):
     torch.testing.assert_close(output(loaded, x), output(model, x), atol=0, rtol=0)
 
 
+def test_is_target_hook_lets_a_method_match_its_own_way(two_layout):
+    """A tuner's ``is_target`` replaces the shared target_modules rules (LLaMA-Adapter reads a string as a name
+    suffix, not a regex); filter_targets then sees only what it matched."""
+    seen: list[list[str]] = []
+
+    class PrefixModel(TwoLayoutModel):
+        def is_target(self, config, key):  # a toy rule: the name *starts* with the string
+            return key.startswith(config.target_modules)
+
+        def filter_targets(self, config, keys):
+            seen.append(list(keys))
+            return keys
+
+    spec = register_method(MethodSpec(peft_type="TWOLAYOUT", config_class=TwoLayoutConfig, tuner_class=PrefixModel,
+                                      prefix="toy_"))
+    try:
+        # the shared rules read a string as a regex that must match the whole name: "lin" matches nothing
+        model = get_peft_model(base_model("mlp"), TwoLayoutConfig(target_modules="lin", r=2))
+        assert seen == [["lin0", "lin1"]]
+        assert {n for n, m in model.named_modules() if isinstance(m, AdapterLayer)} == {
+            "base_model.model.lin0", "base_model.model.lin1"}
+    finally:
+        register_method(two_layout)
+        assert spec.peft_type == "TWOLAYOUT"
+
+
 def test_method_flags_refuse_merge_and_mixed_batches(tmp_path):
     spec = register_method(MethodSpec(peft_type="TWOLAYOUT", config_class=TwoLayoutConfig, tuner_class=TwoLayoutModel,
                                       prefix="toy_", supports_merge=False, supports_mixed_batch=False))

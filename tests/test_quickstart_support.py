@@ -74,8 +74,8 @@ def test_trainer_trains_a_peftlab_model_and_reloads_its_best_checkpoint(tmp_path
 
 
 def test_trainer_checkpoint_of_tied_embeddings_is_refused_by_safetensors(tmp_path: Path) -> None:
-    """Known limitation the quickstart explains (and works around): Trainer saves a non-peft module as a raw
-    safetensors state dict, which refuses tied tensors. If this starts passing, update book/quickstart.ipynb."""
+    """transformers.Trainer saves a non-peft module as a raw safetensors state dict, which refuses tied tensors:
+    why peftlab.Trainer exists (tests/test_trainer.py). If this starts passing, update book/quickstart.ipynb."""
     from transformers import Trainer, TrainingArguments
 
     peft_model = get_peft_model(tiny_llama(tied=True), LoraConfig(task_type=TaskType.CAUSAL_LM, r=4))

@@ -13,7 +13,8 @@ Two pieces:
   W' = W + ΔW) or ``merged_weights``/``unmerged_weights`` (multiplicative ones: W' = W R, W = W' Rᵀ).
 * :class:`BaseTuner` walks a model, finds the target modules, wraps them, marks only adapter tensors as
   trainable, and merges or unloads everything at the end. A method subclass fills in hooks, nothing else:
-  ``default_target_modules`` (per ``model_type``), ``layer_dispatch`` (module types → layer class),
+  ``default_target_modules`` (per ``model_type``), ``is_target`` (a config's own matching rule),
+  ``layer_dispatch`` (module types → layer class),
   ``layer_kwargs`` (a config → one layer's arguments), ``check_layer`` (method-specific refusals),
   ``filter_targets`` (e.g. keep only the top blocks), ``state_dict_for_save``/``state_dict_for_load``
   (renames, tensors cut to or resized from a saved rank), ``convert_for_save``. Whether a method merges
@@ -28,8 +29,9 @@ fill them in:
 
 * LLaMA-Adapter (adaption prompts) is still an :class:`AdapterLayer`: its ``base_layer`` is a whole
   attention module (``self_attn``), ``layer_dispatch`` names the attention classes it supports,
-  ``filter_targets`` keeps the top ``adapter_layers`` blocks, ``adapter_forward`` adds the gated attention
-  over the prompt to the module's output, and its registry entry says ``supports_merge=False``. Targeting,
+  ``is_target`` reads peft's ``target_modules="self_attn"`` as a module-name suffix, ``filter_targets``
+  keeps the top ``adapter_layers`` blocks, ``adapter_forward`` adds the gated attention over the prompt to
+  the module's output, and its registry entry says ``supports_merge=False``. Targeting,
   several named adapters, enable/disable, delete, trainable marking and the file format (``adaption_prompt``
   and ``adaption_gate`` per layer) come from this module unchanged.
 * X-LoRA is a tuner around LoRA layers: ``XLoraModel`` (a :class:`BaseTuner`) loads the experts as LoRA
@@ -48,6 +50,7 @@ Explained in: book/lora.ipynb
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
@@ -85,6 +88,17 @@ def layer_features(layer: nn.Module) -> tuple[int, int]:
         return n_in, n_out
     raise ValueError(f"cannot tell the input and output sizes of a {type(layer).__name__}; adapters wrap nn.Linear, "
                      "Conv1D, nn.Conv1d/2d/3d, nn.Embedding and layers with in_features/out_features")
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Total memory of ``device`` in bytes (0 when unknown): a method refuses an adapter larger than this before
+    allocating it, instead of failing deep inside torch."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return 0
 
 
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -459,6 +473,12 @@ class BaseTuner(nn.Module):
                           UserWarning, stacklevel=5)
             config.fan_in_fan_out = False
 
+    def is_target(self, config: Any, key: str) -> bool:
+        """Whether the module named ``key`` matches ``config``'s targets (default: peft's ``target_modules``
+        rules in :mod:`peftlab.tuners.matching`). A method whose config names its targets otherwise overrides
+        it: LLaMA-Adapter's ``target_modules="self_attn"`` is a module-name suffix, not a regex."""
+        return matching.check_target_module_exists(config, key)
+
     def filter_targets(self, config: Any, keys: list[str]) -> list[str]:
         """The matched module names this method adapts (default: all; LLaMA-Adapter keeps the top layers)."""
         return keys
@@ -552,7 +572,7 @@ class BaseTuner(nn.Module):
             )
         config = self._prepare_config(config)
         names = self._candidate_names()
-        keys = self.filter_targets(config, [k for k in names if matching.check_target_module_exists(config, k)])
+        keys = self.filter_targets(config, [k for k in names if self.is_target(config, k)])
         wrapper_keys = {k for k, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
         wrapped = [k for k in keys if k in wrapper_keys]
         if wrapped:  # peft refuses these too; skipping them silently would drop a requested target

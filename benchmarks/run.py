@@ -192,6 +192,43 @@ def s_lokr_step(a, dev, dt) -> dict:
     return s_lycoris_step(a, dev, dt, "LoKr")
 
 
+def s_orthogonal_step(a, dev, dt, method: str, extra: dict | None = None) -> dict:
+    """One training step with an OFT (block 32) or BOFT (block 8) adapter on q, k, v, o: peftlab against peft."""
+    x = tokens(8, 128, dev)
+    batch = {"input_ids": x, "labels": x}
+    kw = {"OFT": dict(oft_block_size=32), "BOFT": dict(boft_block_size=8, boft_n_butterfly_factor=1)}[method]
+    fns = {}
+    for lib in ("peftlab", "peft"):
+        lib_mod = lib_of(lib)
+        cfg = getattr(lib_mod, f"{method}Config")(target_modules=QKVO, **kw)
+        m = lib_mod.get_peft_model(llama(256, 4, dev, dt), cfg).train()
+        fns[lib] = train_step(m, optimiser(m), batch)
+    for label, (lib, cfg) in (extra or {}).items():
+        m = lib_of(lib).get_peft_model(llama(256, 4, dev, dt), cfg).train()
+        fns[label] = train_step(m, optimiser(m), batch)
+    f = floor_model(llama(256, 4, dev, dt))
+    fns["limit"] = train_step(f, optimiser(f), batch)
+    t = interleave(fns, a.reps, a.warmup, dev)
+    ratios = {"peftlab/peft": ("peftlab", "peft"), "peftlab/limit": ("peftlab", "limit"),
+              "peft/limit": ("peft", "limit")}
+    if extra:
+        ratios.update({"peftlab 2 factors/lora": ("boft2", "lora"), "peftlab 2 factors/peft": ("boft2", "peft")})
+    return summarise(t, ratios)
+
+
+def s_oft_step(a, dev, dt) -> dict:
+    return s_orthogonal_step(a, dev, dt, "OFT")
+
+
+def s_boft_step(a, dev, dt) -> dict:
+    """BOFT with one factor (what peft trains on a CPU) against peft; two factors against LoRA r=16."""
+    import peftlab
+    extra = {"boft2": ("peftlab", peftlab.BOFTConfig(target_modules=QKVO, boft_block_size=8,
+                                                     boft_n_butterfly_factor=2)),
+             "lora": ("peftlab", peftlab.LoraConfig(r=16, lora_alpha=32, target_modules=QKVO))}
+    return s_orthogonal_step(a, dev, dt, "BOFT", extra)
+
+
 def adaption_prompted(lib_name: str, model, adapter_len: int = 10, adapter_layers: int = 4):
     lib = lib_of(lib_name)
     cfg = lib.AdaptionPromptConfig(adapter_len=adapter_len, adapter_layers=adapter_layers, task_type="CAUSAL_LM")
@@ -237,6 +274,23 @@ def s_adaption_prompt_decode(a, dev, dt, batch: int = 16, prompt: int = 64) -> d
                          "peft/base": ("peft", "base")})
 
 
+def s_ia3_step(a, dev, dt) -> dict:
+    """One training step with (IA)³ at peft's Llama default (k_proj, v_proj scaled at the output, down_proj at
+    the input): peftlab against peft and the frozen model's forward + backward."""
+    x = tokens(8, 128, dev)
+    batch = {"input_ids": x, "labels": x}
+    fns = {}
+    for lib in ("peftlab", "peft"):
+        lib_mod = lib_of(lib)
+        m = lib_mod.get_peft_model(llama(256, 4, dev, dt), lib_mod.IA3Config(task_type="CAUSAL_LM")).train()
+        fns[lib] = train_step(m, optimiser(m), batch)
+    f = floor_model(llama(256, 4, dev, dt))
+    fns["limit"] = train_step(f, optimiser(f), batch)
+    t = interleave(fns, a.reps, a.warmup, dev)
+    return summarise(t, {"peftlab/peft": ("peftlab", "peft"), "peftlab/limit": ("peftlab", "limit"),
+                         "peft/limit": ("peft", "limit")})
+
+
 def s_inference(a, dev, dt) -> dict:
     x = tokens(8, 128, dev)
     fns, models = {}, {}
@@ -265,6 +319,42 @@ def s_inference(a, dev, dt) -> dict:
                          "peftlab merged/base": ("peftlab_merged", "base"),
                          "peft merged/base": ("peft_merged", "base"),
                          "peftlab unmerged/base": ("peftlab", "base")})
+
+
+def s_xlora(a, dev, dt, n_experts: int = 3) -> dict:
+    """An X-LoRA forward (scaling pass + real pass mixing ``n_experts`` LoRA experts per token) against one
+    plain LoRA forward, and against peft's X-LoRA on the same experts and gate weights."""
+    x = tokens(8, 128, dev)
+    folder = Path(tempfile.mkdtemp(prefix="bench-xlora-"))
+    experts = {}
+    for i in range(n_experts):
+        m = adapted("peftlab", llama(256, 4, "cpu", torch.float32), QKVO, trainable=False)
+        randomise_B(m, seed=10 + i)
+        m.save_pretrained(folder / str(i))
+        experts[str(i)] = str(folder / str(i))  # peft's X-LoRA needs the names "0", "1", ...
+    models = {}
+    for lib in ("peftlab", "peft"):
+        base = llama(256, 4, dev, dt)
+        base.config.use_cache = False
+        cfg = lib_of(lib).XLoraConfig(task_type="CAUSAL_LM", hidden_size=256, adapters=experts, xlora_depth=2,
+                                      xlora_size=64, xlora_dropout_p=0.0)
+        torch.manual_seed(0)
+        models[lib] = lib_of(lib).get_peft_model(base, cfg).eval()
+    models["peft"].load_state_dict({k: v for k, v in models["peftlab"].state_dict().items() if "xlora" in k},
+                                   strict=False)
+    lora = adapted("peftlab", llama(256, 4, dev, dt), QKVO, trainable=False)
+    randomise_B(lora)
+
+    def fwd(m):
+        def run():
+            with torch.inference_mode():
+                m(input_ids=x)
+        return run
+
+    t = interleave({"xlora_peftlab": fwd(models["peftlab"]), "xlora_peft": fwd(models["peft"]),
+                    "lora_peftlab": fwd(lora)}, a.reps, a.warmup, dev)
+    return summarise(t, {"xlora/lora (peftlab)": ("xlora_peftlab", "lora_peftlab"),
+                         "xlora peftlab/peft": ("xlora_peftlab", "xlora_peft")})
 
 
 def s_serving(a, dev, dt, n_adapters: int = 16, prompt: int = 64) -> dict:
@@ -410,8 +500,9 @@ def s_memory(a, dev, dt) -> dict:
 SCENARIOS = {
     "lora_step": s_lora_step, "dora_step": s_dora_step, "inference": s_inference, "serving": s_serving,
     "merging": s_merging, "memory": s_memory, "lab_scale": s_lab_scale, "loha_step": s_loha_step,
-    "lokr_step": s_lokr_step, "adaption_prompt_step": s_adaption_prompt_step,
-    "adaption_prompt_decode": s_adaption_prompt_decode,
+    "lokr_step": s_lokr_step, "oft_step": s_oft_step, "boft_step": s_boft_step, "ia3_step": s_ia3_step,
+    "adaption_prompt_step": s_adaption_prompt_step, "adaption_prompt_decode": s_adaption_prompt_decode,
+    "xlora": s_xlora,
 }
 
 # (scenario, ratio, target: ratio must be ≤ this)
@@ -421,7 +512,10 @@ TARGETS = [
     ("inference", "peftlab merged/base", 1.02), ("merging", "merge peftlab/peft", 1.00),
     ("lab_scale", "peftlab/peft", 0.80), ("lab_scale", "peftlab/full_ft", 1.00),
     ("loha_step", "peftlab/peft", 0.90), ("lokr_step", "peftlab/peft", 0.90),
+    ("oft_step", "peftlab/peft", 0.95), ("boft_step", "peftlab/peft", 0.70),
     ("adaption_prompt_step", "peftlab/peft", 1.00), ("adaption_prompt_decode", "peftlab/peft", 1.00),
+    ("ia3_step", "peftlab/peft", 0.97),
+    ("xlora", "xlora/lora (peftlab)", 2.20), ("xlora", "xlora peftlab/peft", 1.00),
 ]
 
 

@@ -15,9 +15,13 @@ from peftlab.peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForFea
                                 PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM,
                                 PeftModelForSequenceClassification, PeftModelForTokenClassification)
 from peftlab.tuners.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
+from peftlab.tuners.boft import BOFTConfig, BOFTModel
+from peftlab.tuners.ia3 import IA3Config, IA3Model
 from peftlab.tuners.loha import LoHaConfig, LoHaModel
 from peftlab.tuners.lokr import LoKrConfig, LoKrModel
 from peftlab.tuners.lora import LoftQConfig, LoraConfig, LoraModel
+from peftlab.tuners.oft import OFTConfig, OFTModel
+from peftlab.tuners.xlora import XLoraConfig, XLoraModel
 from peftlab.utils.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
 
 __version__ = "0.1.0"
@@ -37,7 +41,9 @@ __all__ = [
     "inject_adapter_in_model",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
-    "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "AdaptionPromptConfig", "AdaptionPromptModel",
+    "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "OFTConfig", "OFTModel", "BOFTConfig", "BOFTModel",
+    "IA3Config", "IA3Model", "AdaptionPromptConfig", "AdaptionPromptModel",
+    "XLoraConfig", "XLoraModel",
     "get_peft_model_state_dict", "set_peft_model_state_dict", "__version__", "Trainer",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",

@@ -312,6 +312,7 @@ class PeftModel(nn.Module):
             weights = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
             atomic_save_tensors(state, os.path.join(folder, weights), safe_serialization)
             config.save_pretrained(folder)
+            self.base_model.save_companions(folder, name, safe_serialization)  # e.g. X-LoRA's experts
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
@@ -328,6 +329,7 @@ class PeftModel(nn.Module):
         if config is None:
             config = PeftConfig.from_pretrained(folder)
         config.inference_mode = not is_trainable
+        tuner_for(config).prepare_load(config, folder, kwargs)  # e.g. where X-LoRA's experts are
         weights = load_adapter_weights(folder, allow_pickle=allow_pickle)  # read before touching the model
         task = config.task_type
         peft_cls = MODEL_TYPE_TO_PEFT_MODEL.get(str(task), PeftModel) if cls is PeftModel else cls
@@ -382,7 +384,7 @@ class PeftModelForCausalLM(PeftModel):
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         self._check_adapter_names(adapter_names, self._batch_size(args, kwargs))
         with mixed_batch(adapter_names):
-            return self.get_base_model().generate(*args, **kwargs)
+            return self.base_model.generate(*args, **kwargs)  # the tuner's (X-LoRA's) or, by default, the model's
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
         return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)

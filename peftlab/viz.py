@@ -21,6 +21,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.patches import FancyBboxPatch
 from matplotlib.ticker import MaxNLocator
 
 ArrayLike = Any  # torch.Tensor, numpy array, nested lists, sympy Matrix of numbers
@@ -391,6 +392,51 @@ def bars(
     return ax
 
 
+# ----------------------------------------------------------------------------- scaled activations
+
+
+def scaled_activations(
+    stages: Sequence[Sequence[str]],
+    scaled: Mapping[str, str],
+    ax: Optional[Axes] = None,
+    *,
+    title: Optional[str] = None,
+) -> Axes:
+    """A block's data flow, left to right, with the activations an (IA)³ vector scales marked.
+
+    ``stages``: the block's steps in order, each a list of parallel boxes (module or operation names).
+    ``scaled``: box name -> ``"out"`` (a vector ⊙ on its output, drawn after the box) or ``"in"`` (on its
+    input, drawn before it); other boxes are frozen and unscaled (grey).
+
+    Explained in: book/ia3.ipynb
+    """
+    ax = _new_ax(ax, figsize=(max(6.0, 1.35 * len(stages)), 0.9 + 0.75 * max(len(s) for s in stages)))
+    width, height, gap = 1.0, 0.5, 0.35
+    for i, stage in enumerate(stages):
+        x0 = i * (width + gap)
+        for j, name in enumerate(stage):
+            y0 = -j * (height + 0.25) + (len(stage) - 1) * (height + 0.25) / 2
+            side = scaled.get(name)
+            face = "#d9e8f5" if side else "#eeeeee"
+            ax.add_patch(FancyBboxPatch((x0, y0 - height / 2), width, height, boxstyle="round,pad=0.02",
+                                                    facecolor=face, edgecolor=COLORS[0] if side else "#999999"))
+            ax.text(x0 + width / 2, y0, name, ha="center", va="center", fontsize=8)
+            if side:
+                xm = x0 + width + 0.1 if side == "out" else x0 - 0.1
+                ax.text(xm, y0 + height / 2 + 0.08, "⊙ l", ha="center", va="bottom", fontsize=9, color=COLORS[3],
+                        fontweight="bold")
+        if i + 1 < len(stages):
+            ax.annotate("", xy=(x0 + width + gap, 0), xytext=(x0 + width, 0),
+                        arrowprops=dict(arrowstyle="->", color="#555555", lw=1))
+    rows = max(len(s) for s in stages)
+    ax.set_xlim(-0.3, len(stages) * (width + gap))
+    ax.set_ylim(-rows * 0.45 - 0.3, rows * 0.45 + 0.45)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    return ax
+
+
 # ----------------------------------------------------------------------------- image grids
 
 
@@ -533,17 +579,17 @@ METHOD_DIAGRAMS: dict[str, MethodDiagram] = {
         merge=r"merge: $W = W_0 + \Delta W$"),
     "oft": MethodDiagram(
         "OFT: an orthogonal rotation of the input, learned block by block",
-        main=(Block("$R$", "orthogonal, block-diagonal, $I$ at start", "train"), _W0),
+        main=(Block(r"$R^\top$", "orthogonal, block-diagonal, $I$ at start", "train"), _W0),
         combine="",
-        equation=r"$h = W_0 R\, x$,  $R = (I + Q)(I - Q)^{-1}$, $Q$ skew-symmetric",
-        merge=r"merge: $W = W_0 R$"),
+        equation=r"$h = W_0 R^\top x$,  $R = (I - Q)(I + Q)^{-1}$, $Q^\top = -Q$ per block",
+        merge=r"merge: $W = W_0 R^\top$"),
     "boft": MethodDiagram(
         "BOFT: a product of butterfly-sparse orthogonal factors",
-        main=(Block(r"$R_1 \cdots R_m$", "butterfly factors, orthogonal", "train"), _W0,
+        main=(Block(r"$R^\top = (R_m \cdots R_1)^\top$", "butterfly factors, orthogonal", "train"), _W0,
               Block(r"$\odot\, s$", r"scale, $d_{out}$", "train")),
         combine="",
-        equation=r"$h = s \odot (W_0 R_m \cdots R_1\, x)$",
-        merge=r"merge: $W = \mathrm{diag}(s)\, W_0 R_m \cdots R_1$"),
+        equation=r"$h = s \odot (W_0 R^\top x)$",
+        merge=r"merge: $W = s \odot (W_0 R^\top)$"),
     "ia3": MethodDiagram(
         "IA3: rescale activations with a learned vector",
         main=(_W0, Block(r"$\odot\, l$", r"$d_{out}$, ones at start", "train")),

@@ -102,7 +102,7 @@ def output_with_grad(model: torch.nn.Module, x, **kwargs) -> torch.Tensor:
 
 # Adapter tensors that scale something and start near one (DoRA's magnitude, IA3's vectors): filled
 # with values near their own instead of replaced, so a "trained" adapter stays a sensible model.
-SCALE_LIKE_TENSORS = ("lora_magnitude_vector", "ia3_l")
+SCALE_LIKE_TENSORS = ("lora_magnitude_vector", "ia3_l", "boft_s")
 
 
 def fill_(tensor: torch.Tensor, name: str) -> None:

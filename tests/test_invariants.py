@@ -36,7 +36,8 @@ import torch
 from conftest import base_model, fill_, output, output_with_grad, quiet
 from torch import nn
 
-from peftlab import AdaptionPromptConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
+from peftlab import (AdaptionPromptConfig, BOFTConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig,
+                     PeftModel, get_peft_model)
 from peftlab.config import TargetingConfig
 from peftlab.lab.models import example_inputs
 from peftlab.registry import get_method, methods
@@ -168,6 +169,42 @@ def lycoris_identity(config: TargetingConfig) -> str | None:
     return None if config.init_weights is False else "exact"  # one zero factor: ΔW = 0 exactly
 
 
+def ia3_count(layer: AdapterLayer, config: TargetingConfig, key: str) -> int:
+    """(IA)³'s formula: one number per input feature of a feed-forward target, per output feature otherwise
+    (channels on a convolution)."""
+    import re
+
+    ff = config.feedforward_modules
+    is_ff = bool(ff) and (re.fullmatch(ff, key) is not None if isinstance(ff, str)
+                          else any(key == e or key.endswith("." + e) for e in ff))
+    assert layer.is_feedforward["default"] == is_ff, key
+    n_in, n_out = layer_features(layer.get_base_layer())
+    return n_in if is_ff else n_out
+def _rotated_size(layer: AdapterLayer) -> int:
+    base = layer.get_base_layer()
+    return base.in_channels * math.prod(base.kernel_size) if isinstance(base, nn.Conv2d) else base.in_features
+
+
+def oft_count(layer: AdapterLayer, config: TargetingConfig, key: str) -> int:
+    """OFT's formula: r blocks of b(b−1)/2 free entries (one block with block_share), r·b = in (in·kh·kw)."""
+    n = _rotated_size(layer)
+    b = config.oft_block_size if config.r == 0 else n // config.r
+    assert layer.oft_block_size["default"] == b and layer.r["default"] == n // b, key
+    return (1 if config.block_share else n // b) * b * (b - 1) // 2
+
+
+def boft_count(layer: AdapterLayer, config: TargetingConfig, key: str) -> int:
+    """BOFT's formula: m factors of (in/b) full b×b matrices, plus the output scale s (out)."""
+    n = _rotated_size(layer)
+    b = config.boft_block_size or n // config.boft_block_num
+    return config.boft_n_butterfly_factor * (n // b) * b * b + layer_features(layer.get_base_layer())[1]
+
+
+def orthogonal_identity(approx: bool) -> Callable[[TargetingConfig], str | None]:
+    # BOFT computes (W x')·s + b: with s = 1 equal to W x + b up to the rounding of adding b separately
+    return lambda config: None if config.init_weights is False else ("approx" if approx else "exact")
+
+
 def adaption_prompt_count(layer: AdapterLayer, config: TargetingConfig, key: str) -> int:
     """LLaMA-Adapter's formula: adapter_len · hidden (the prompt) + 1 (the gate) per adapted attention module."""
     assert layer.adapter_len["default"] == config.adapter_len, key
@@ -179,6 +216,9 @@ TRAITS: dict[str, Traits] = {
                    mutates_base=lambda c: c.init_lora_weights in ("pissa", "olora")),
     "LOHA": Traits(count=loha_count, identity=lycoris_identity),
     "LOKR": Traits(count=lokr_count, identity=lycoris_identity),
+    "IA3": Traits(count=ia3_count, identity=lambda c: "exact" if c.init_ia3_weights else None),
+    "OFT": Traits(count=oft_count, identity=orthogonal_identity(False)),
+    "BOFT": Traits(count=boft_count, identity=orthogonal_identity(True)),
     # a zero gate: the prompt's attention is multiplied by 0 (no init option; no merge, no mixed batches)
     "ADAPTION_PROMPT": Traits(count=adaption_prompt_count, identity=lambda config: "exact"),
 }
@@ -285,6 +325,39 @@ CASES = [
     Case("lokr-t5", "t5", LoKrConfig(target_modules=["q", "v", "wo"], r=2, task_type="SEQ_2_SEQ_LM"), 16),
     Case("lokr-bert-cls", "bert_cls", LoKrConfig(target_modules=["query", "value"], r=1, alpha=2, task_type="SEQ_CLS"),
          4, ("classifier",)),
+    # --- (IA)³ --------------------------------------------------------------------------------------
+    Case("ia3-mlp-ff", "mlp", IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"]), 2),
+    Case("ia3-mlp-regex-init-false", "mlp", IA3Config(target_modules=r"lin\d", feedforward_modules=r".*lin0",
+                                                      init_ia3_weights=False), 2),
+    Case("ia3-mlp-mts", "mlp", IA3Config(target_modules=["lin0"], feedforward_modules=[], modules_to_save=["lin1"]),
+         1),
+    Case("ia3-conv2d", "conv2d", IA3Config(target_modules=["conv2d", "lin0"], feedforward_modules=["lin0"]), 2),
+    Case("ia3-conv2d-ff", "conv2d", IA3Config(target_modules=["conv2d"], feedforward_modules=["conv2d"]), 1),
+    Case("ia3-llama-default", "llama", IA3Config(task_type="CAUSAL_LM"), 6),
+    Case("ia3-gpt2-default", "gpt2", IA3Config(task_type="CAUSAL_LM"), 4),
+    Case("ia3-t5-default", "t5", IA3Config(task_type="SEQ_2_SEQ_LM"), 16),
+    Case("ia3-bert-cls-default", "bert_cls", IA3Config(task_type="SEQ_CLS"), 8, ("classifier",)),
+    # --- OFT and BOFT -------------------------------------------------------------------------------
+    Case("oft-mlp", "mlp", OFTConfig(target_modules=["lin0", "lin1"], oft_block_size=5), 2),
+    Case("oft-mlp-exact-coft-bias", "mlp", OFTConfig(target_modules=["lin0", "lin1"], r=2, oft_block_size=0,
+                                                     use_cayley_neumann=False, coft=True, eps=0.5,
+                                                     bias="oft_only"), 2),
+    Case("oft-mlp-block-share-init-false", "mlp", OFTConfig(target_modules=["lin1"], oft_block_size=4,
+                                                            block_share=True, init_weights=False,
+                                                            modules_to_save=["lin0"]), 1),
+    Case("oft-conv2d", "conv2d", OFTConfig(target_modules=["conv2d", "lin0"], oft_block_size=5), 2),
+    Case("oft-llama", "llama", OFTConfig(target_modules=["q_proj", "v_proj"], oft_block_size=8, module_dropout=0.1,
+                                         num_cayley_neumann_terms=6, task_type="CAUSAL_LM"), 4),
+    Case("boft-mlp", "mlp", BOFTConfig(target_modules=["lin0", "lin1"], boft_block_size=5), 2),
+    Case("boft-mlp-butterfly2", "mlp", BOFTConfig(target_modules=["lin1"], boft_block_size=2,
+                                                  boft_n_butterfly_factor=2, bias="all"), 1),
+    Case("boft-conv2d", "conv2d", BOFTConfig(target_modules=["conv2d"], boft_block_size=9, bias="boft_only"), 1),
+    Case("boft-llama-butterfly3", "llama", BOFTConfig(target_modules=["q_proj", "o_proj"], boft_block_size=4,
+                                                      boft_n_butterfly_factor=3, boft_dropout=0.1,
+                                                      task_type="CAUSAL_LM"), 4),
+    Case("boft-bert-cls-butterfly2", "bert_cls", BOFTConfig(target_modules=["query", "value"], boft_block_size=0,
+                                                            boft_block_num=8, boft_n_butterfly_factor=2,
+                                                            task_type="SEQ_CLS"), 4, ("classifier",)),
     # --- LLaMA-Adapter (the tiny Llama has 2 blocks, 4 query heads over 2 key/value heads) ------------
     Case("adaption-prompt-llama-top", "llama", AdaptionPromptConfig(adapter_len=4, adapter_layers=1,
                                                                     task_type="CAUSAL_LM"), 1),

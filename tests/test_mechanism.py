@@ -305,3 +305,49 @@ def test_shared_fields_normalised_and_absent_fields_not_written():
 def test_bias_modes_are_the_methods_own():
     with pytest.raises(ValueError, match="'none', 'all', 'lora_only'"):
         LoraConfig(bias="oft_only")
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-token adapter weights (the hook X-LoRA's gate uses)
+# ---------------------------------------------------------------------------------------------------
+class _Fixed:
+    """TokenWeights for one layer: the given weights there, nothing elsewhere."""
+
+    def __init__(self, layer, weights):
+        self.layer, self.weights = layer, weights
+
+    def weights_for(self, layer):
+        return self.weights if layer is self.layer else None
+
+
+@pytest.mark.parametrize("method", ["toy", "lora"])
+def test_token_weights_give_base_plus_weighted_deltas(two_layout, method):
+    """w per token and adapter: base(x) + Σ_a w_a·Δ_a(x), through the generic ``adapter_delta`` (toy method) or a
+    method's own (LoRA); adapters a layer lacks are skipped; layers the weights do not name are unchanged."""
+    from peftlab.tuners.routing import token_weights
+
+    if method == "toy":
+        model = two_adapters()
+        names = ["low", "full"]
+    else:
+        model = get_peft_model(base_model("mlp"), LoraConfig(target_modules=["lin0"], r=2), adapter_name="low")
+        model.add_adapter("full", LoraConfig(target_modules=["lin0"], r=4))
+        fill_method_tensors(model, ("lora_",))
+        names = ["low", "full"]
+    model.eval()
+    layer = model.base_model.model.lin0
+    x = torch.randn(3, 5, layer.in_features)
+    w = {"low": torch.rand(3, 5, 1), "full": torch.rand(3, 5, 1), "absent": torch.rand(3, 5, 1)}
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        deltas = {n: layer.adapter_forward(x, [n]) - base for n in names}
+        expected = base + sum(w[n] * deltas[n] for n in names)
+        with token_weights(_Fixed(layer, w)):
+            got = layer(x)
+        with token_weights(_Fixed(object(), w)):
+            untouched = layer(x)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(untouched, layer(x))
+        with token_weights(_Fixed(layer, {})):  # no weights: the base layer alone
+            assert torch.equal(layer(x), base)

@@ -200,19 +200,21 @@ def test_save_model_with_a_gathered_state_dict_writes_its_adapter_tensors(tmp_pa
 
 
 # ---- every registered method: load_best_model_at_end and save_model ----------------------------------
-# methods whose config does not take a list of target layers (or needs a field without a default)
-METHOD_KWARGS = {"ADAPTION_PROMPT": {"adapter_len": 2, "adapter_layers": 1, "target_modules": "self_attn"}}
+# methods whose config does not take a list of target layers, needs a field without a default, or whose
+# default does not fit the tiny Llama's 16 features (OFT's block size of 32)
+METHOD_KWARGS = {"ADAPTION_PROMPT": {"adapter_len": 2, "adapter_layers": 1, "target_modules": "self_attn"},
+                 "OFT": {"oft_block_size": 4}, "BOFT": {"boft_block_size": 4}}
 
 
 def method_config(spec) -> TargetingConfig:
-    if spec.peft_type in METHOD_KWARGS:
-        return spec.config_class(task_type=TaskType.CAUSAL_LM, **METHOD_KWARGS[spec.peft_type])
-    if not issubclass(spec.config_class, TargetingConfig):
+    kwargs = {"target_modules": ["q_proj", "v_proj"], **METHOD_KWARGS.get(spec.peft_type, {})}
+    if not issubclass(spec.config_class, TargetingConfig) and spec.peft_type not in METHOD_KWARGS:
         pytest.fail(f"{spec.peft_type}: add a config for this method to METHOD_KWARGS in tests/test_trainer.py")
-    return spec.config_class(target_modules=["q_proj", "v_proj"], task_type=TaskType.CAUSAL_LM)
+    return spec.config_class(task_type=TaskType.CAUSAL_LM, **kwargs)
 
 
-@pytest.mark.parametrize("spec", methods(), ids=lambda s: s.peft_type)
+# X-LoRA is built from saved LoRA experts and holds one gate: it has its own test below
+@pytest.mark.parametrize("spec", [s for s in methods() if s.peft_type != "XLORA"], ids=lambda s: s.peft_type)
 def test_best_model_at_end_and_save_model_for_every_method(spec, tmp_path: Path) -> None:
     from peftlab import Trainer
 
@@ -243,6 +245,46 @@ def test_best_model_at_end_and_save_model_for_every_method(spec, tmp_path: Path)
     assert {"adapter_model.safetensors", "adapter_config.json", "other"} <= set(os.listdir(out))
     model.eval()
     x = torch.tensor([[1, 5, 7, 9]])
+    reloaded = PeftModel.from_pretrained(tiny_llama(), str(out))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_xlora_checkpoints_hold_the_gate_best_model_and_save_model(tmp_path: Path) -> None:
+    from peftlab import Trainer, XLoraConfig
+
+    experts = {}
+    for i in range(2):  # two saved LoRA experts on the same base
+        folder = tmp_path / f"expert{i}"
+        expert = lora(seed=i)
+        with torch.no_grad():  # trained-looking experts (B ≠ 0): otherwise the gate's scalings change nothing
+            for name, p in expert.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        expert.save_pretrained(str(folder))
+        experts[str(i)] = str(folder)
+    model = get_peft_model(tiny_llama(), XLoraConfig(task_type=TaskType.CAUSAL_LM, hidden_size=16, adapters=experts,
+                                                     xlora_depth=1))
+    gate = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    assert gate and all("xlora" in k for k in gate)  # only the gate trains
+    trainer = Trainer(model=model, args=args(tmp_path / "run", max_steps=4, save_steps=1, eval_strategy="steps",
+                                             eval_steps=1, load_best_model_at_end=True, metric_for_best_model="pick",
+                                             greater_is_better=True),
+                      train_dataset=dataset(), eval_dataset=dataset(8, seed=1),
+                      compute_metrics=lambda _: {"pick": float(trainer.state.global_step == 2)})
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and best.endswith("checkpoint-2"), best
+    assert not any(f.startswith("model") for f in os.listdir(best))  # the gate and experts, not the base model
+    x = torch.tensor([[1, 5, 7, 9]])
+    model.eval()
+    reloaded_best = PeftModel.from_pretrained(tiny_llama(), best)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded_best(input_ids=x).logits, model(input_ids=x).logits)
+    now = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    assert any(not torch.equal(gate[k], now[k]) for k in gate)  # the gate trained
+    out = tmp_path / "final"
+    trainer.save_model(str(out))
     reloaded = PeftModel.from_pretrained(tiny_llama(), str(out))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=x).logits, model(input_ids=x).logits)

@@ -375,7 +375,7 @@ def launch(recipes: tuple[str, ...], setup: Setup, out: str | os.PathLike, nproc
                           timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun exited with {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}")
-    results = {r: [torch.load(Path(out) / r / f"rank{k}.pt", weights_only=False) for k in range(nproc)]
+    results = {r: [torch.load(Path(out) / r / f"rank{k}.pt", weights_only=True) for k in range(nproc)]
                for r in recipes}
     for records in results.values():
         for rec in records:

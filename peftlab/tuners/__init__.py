@@ -2,8 +2,14 @@
 
 from peftlab.tuners.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from peftlab.tuners.base import AdapterLayer, BaseTuner
+from peftlab.tuners.boft import BOFTConfig, BOFTModel
+from peftlab.tuners.ia3 import IA3Config, IA3Model
 from peftlab.tuners.loha import LoHaConfig, LoHaModel
 from peftlab.tuners.lokr import LoKrConfig, LoKrModel
 from peftlab.tuners.lora import LoraConfig, LoraModel
+from peftlab.tuners.oft import OFTConfig, OFTModel
+from peftlab.tuners.xlora import XLoraConfig, XLoraModel
 
-__all__ = ["AdaptionPromptConfig", "AdaptionPromptModel", "AdapterLayer", "BaseTuner", "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "LoraConfig", "LoraModel"]
+__all__ = ["AdaptionPromptConfig", "AdaptionPromptModel", "AdapterLayer", "BaseTuner", "BOFTConfig", "BOFTModel",
+           "IA3Config", "IA3Model", "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "LoraConfig", "LoraModel",
+           "OFTConfig", "OFTModel", "XLoraConfig", "XLoraModel"]

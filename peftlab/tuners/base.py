@@ -36,11 +36,12 @@ fill them in:
   and ``adaption_gate`` per layer) come from this module unchanged.
 * X-LoRA is a tuner around LoRA layers: ``XLoraModel`` (a :class:`BaseTuner`) loads the experts as LoRA
   adapters through the registry (``get_method("LORA")``, never by importing the LoRA package), adds its
-  classifier as a trainable module of its own, and overrides ``BaseTuner.forward`` for the two passes (a
-  scaling pass with the adapters off, then the real pass). The per-token, per-expert scalings reach the
-  LoRA layers the way mixed batches reach them: a context variable set around the second pass (as
-  :mod:`peftlab.tuners.routing` does for ``adapter_names``), read by the layers' forward; the layers' own
-  math is unchanged.
+  classifier as a trainable module of its own, and runs the two passes (a scaling pass, then the real pass)
+  from a forward pre-hook on the wrapped model, so ``generate()`` gets them too. The per-token, per-expert
+  scalings reach the LoRA layers the way mixed batches reach them: a context variable
+  (:class:`~peftlab.tuners.routing.TokenWeights`, set around the second pass) that
+  :meth:`AdapterLayer.forward` reads; the layer then computes ``base(x) + Σ_a w_a · Δ_a(x)`` from its
+  method's ``adapter_delta`` (:meth:`AdapterLayer.weighted_forward`), so the layers' own math is unchanged.
 
 State-dict names, saving and loading live in :mod:`peftlab.utils.save_and_load` and work from the
 structure built here (``adapter_layer_names``), not from substrings of parameter names.
@@ -62,7 +63,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftlab.tuners import matching
 from peftlab.tuners.modules_to_save import ModulesToSaveWrapper
-from peftlab.tuners.routing import _ROUTING, BASE_ADAPTER, Routing, mixed_batch  # noqa: F401
+from peftlab.tuners.routing import _ROUTING, _TOKEN_WEIGHTS, BASE_ADAPTER, Routing, mixed_batch  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------------
 # What every method needs to know about the layer it wraps
@@ -262,6 +263,23 @@ class AdapterLayer(nn.Module):
         """ΔW of one adapter, shaped like the base weight (for additive methods)."""
         raise NotImplementedError
 
+    def adapter_delta(self, x: torch.Tensor, adapter_name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """What ``adapter_name`` adds to ``base_layer(x)``. Generic: the adapter's output minus the base's; a method
+        whose adapter is additive (LoRA: s·B A x) overrides it with the product alone."""
+        return self.adapter_forward(x, [adapter_name], *args, **kwargs) - self.base_layer(x, *args, **kwargs)
+
+    def weighted_forward(self, x: torch.Tensor, weights: dict[str, torch.Tensor], *args: Any,
+                         **kwargs: Any) -> torch.Tensor:
+        """``base(x) + Σ_a w_a · Δ_a(x)`` with per-token weights ``w_a`` (broadcast against the output), for the
+        adapters of ``weights`` this layer holds (a context set by :func:`peftlab.tuners.routing.token_weights`)."""
+        result = self.base_layer(x, *args, **kwargs)
+        own = self._adapters
+        for name, w in weights.items():
+            if name in own:
+                delta = self.adapter_delta(x, name, *args, **kwargs)
+                result = result + (delta * w.to(delta.dtype)).to(result.dtype)
+        return result
+
     def merged_weights(self, adapter_name: str, weight: torch.Tensor, bias: torch.Tensor | None):
         """(W', b') with the adapter folded in. Additive methods: W' = W + ΔW. Computed in float32."""
         delta = self.get_delta_weight(adapter_name)
@@ -331,6 +349,13 @@ class AdapterLayer(nn.Module):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        weighting = _TOKEN_WEIGHTS.get()
+        if weighting is not None:
+            weights = weighting.weights_for(self)
+            if weights is not None:
+                if self.merged:
+                    raise ValueError("per-token adapter weights need unmerged adapters; call unmerge_adapter() first")
+                return self.weighted_forward(x, weights, *args, **kwargs)
         routing = _ROUTING.get()
         if routing is not None:
             if self.merged:
@@ -497,6 +522,15 @@ class BaseTuner(nn.Module):
         """The checkpoint's tensors ready to be copied in: old names mapped to new ones, the model's layers
         resized to a saved rank (AdaLoRA), tensors the method never loads dropped. Default: unchanged."""
         return state
+
+    def save_companions(self, folder: str, adapter_name: str, safe_serialization: bool) -> None:
+        """Write files an adapter needs besides its own tensors and config into ``folder`` (X-LoRA: its
+        experts, one LoRA folder each). Default: nothing."""
+
+    @classmethod
+    def prepare_load(cls, config: Any, folder: str, kwargs: dict[str, Any]) -> None:
+        """Before ``from_pretrained`` builds the tuner: note in ``config`` what it needs from the saved folder or
+        the caller's keyword arguments (X-LoRA: where its experts are). Default: nothing."""
 
     @classmethod
     def convert_for_save(cls, state: dict[str, torch.Tensor], config: Any, initial_dir: Any,

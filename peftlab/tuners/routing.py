@@ -1,4 +1,5 @@
-"""Mixed batches: which adapter each row of a batch uses, visible to every adapter layer during one forward.
+"""Mixed batches: which adapter each row of a batch uses, visible to every adapter layer during one forward;
+and per-token weights: how much of each adapter every token gets (X-LoRA's scalings), the same way.
 
 Explained in: book/integrations.ipynb
 """
@@ -78,3 +79,36 @@ def mixed_batch(adapter_names: Sequence[str] | None) -> Iterator[None]:
         _ROUTING.reset(token)
 
 
+
+
+# ---------------------------------------------------------------------------------------------------
+class TokenWeights:
+    """Per-token, per-adapter weights for one forward pass, shared by all adapter layers.
+
+    ``weights_for(layer)`` returns ``{adapter name: weight}`` for that layer, each weight broadcastable
+    against the layer's output (e.g. ``(batch, seq, 1)``), or None to leave the layer as it is. The layer
+    then computes ``base(x) + Σ_a weight_a · Δ_a(x)`` (:meth:`~peftlab.tuners.base.AdapterLayer.weighted_forward`).
+    A method that routes tokens (X-LoRA's gate) subclasses this.
+
+    Explained in: book/xlora.ipynb
+    """
+
+    def weights_for(self, layer: object) -> dict[str, torch.Tensor] | None:
+        raise NotImplementedError
+
+
+_TOKEN_WEIGHTS: contextvars.ContextVar[TokenWeights | None] = contextvars.ContextVar("peftlab_token_weights",
+                                                                                     default=None)
+
+
+@contextlib.contextmanager
+def token_weights(weights: TokenWeights | None) -> Iterator[None]:
+    """Within this context every adapter layer weights its adapters per token as ``weights`` says."""
+    if weights is None:
+        yield
+        return
+    token = _TOKEN_WEIGHTS.set(weights)
+    try:
+        yield
+    finally:
+        _TOKEN_WEIGHTS.reset(token)

@@ -62,6 +62,13 @@ class LoraLayer(AdapterLayer):
         """B(A(dropout(x))) of one adapter, before scaling."""
         raise NotImplementedError
 
+    def adapter_delta(self, x: torch.Tensor, adapter_name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """s · B(A(dropout(x))): what the adapter adds to the base output (a variant such as DoRA: the generic
+        difference)."""
+        if adapter_name in self.lora_variant:
+            return super().adapter_delta(x, adapter_name, *args, **kwargs)
+        return self._delta(x, adapter_name) * self.scaling[adapter_name]
+
     def adapter_forward(self, x: torch.Tensor, adapters: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         for name in adapters:
@@ -272,6 +279,27 @@ class Linear(LoraLayer):
                               alpha=self.scaling[name])
             result = out.view(result.shape)
         return result
+
+    def weighted_forward(self, x: torch.Tensor, weights: dict[str, torch.Tensor], *args: Any,
+                         **kwargs: Any) -> torch.Tensor:
+        """W₀x + Σ_a w_a·s_a·B_a A_a x with per-token weights, as two products for all adapters together: the
+        A's stacked ((Σr, in): x Aᵀ at once), each adapter's r columns times w_a·s_a, then the B's side by side.
+        Falls back to one product per adapter for DoRA, lora_bias, active dropout or mixed dtypes."""
+        names = [n for n in weights if n in self._adapters]
+        plain = names and not args and not kwargs and all(
+            n not in self.lora_variant and self.lora_B[n].bias is None
+            and (not self.training or isinstance(self.lora_dropout[n], nn.Identity))
+            and self.lora_A[n].weight.dtype == x.dtype for n in names)
+        if not plain:
+            return super().weighted_forward(x, weights, *args, **kwargs)
+        result = self.base_layer(x)
+        A = torch.cat([self.lora_A[n].weight for n in names])  # (Σr, in)
+        B = torch.cat([self.lora_B[n].weight for n in names], dim=1)  # (out, Σr)
+        xa = F.linear(x, A)  # (..., Σr)
+        scale = torch.cat([(weights[n].to(xa.dtype) * self.scaling[n]).expand(*xa.shape[:-1], self.r[n])
+                           for n in names], dim=-1)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), (xa * scale).reshape(-1, xa.shape[-1]), B.t())
+        return out.view(result.shape)
 
     def mixed_batch_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Row i through adapter ``names[i]``: the adapters' A and B stacked, one gather per row and two

@@ -1,0 +1,97 @@
+"""BOFT layers (Liu et al. 2023, arXiv 2311.06243): h = s ⊙ (W Rᵀ) x, R = M_{m−1} ⋯ M_0, M_i = P_i B_i P_iᵀ.
+
+Storage (peft's names): ``boft_R`` (m, blocks, b, b), each b×b matrix A giving the skew Q = ½(A − Aᵀ) and the
+block Cayley(Q) (exact); ``boft_s``, a per-output scale, (out, 1) on a Linear and (1, out) on a Conv2d. B_i is
+block-diagonal; the butterfly permutations P_i (:func:`~peftlab.tuners.orthogonal.butterfly_perm`) make factor i
+pair inputs b·2^(i−1) apart. The factors are applied as gathers and block products in plain PyTorch, on every
+device (peft 0.21.2 needs its CUDA extension for m > 1 and otherwise trains one factor).
+
+Explained in: book/oft_boft.ipynb
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftlab.tuners.orthogonal import OrthogonalLayer, butterfly_rotate, cayley, multiplicative_dropout, skew_from_square
+
+
+class BOFTLayer(OrthogonalLayer):
+    """BOFT on ``nn.Linear`` and ``nn.Conv2d``.
+
+    Explained in: book/oft_boft.ipynb
+    """
+
+    adapter_layer_names = ("boft_R", "boft_s")
+    other_param_names = ("boft_block_size", "boft_block_num", "boft_dropout")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__(base_layer)
+        self.boft_R = nn.ParameterDict()
+        self.boft_s = nn.ParameterDict()
+        self.boft_block_size: dict[str, int] = {}
+        self.boft_block_num: dict[str, int] = {}
+        self.boft_dropout: dict[str, float] = {}
+        self.update_layer(adapter_name, **kwargs)
+        self.set_adapter([adapter_name])
+
+    def update_layer(self, adapter_name: str, boft_block_size: int, boft_block_num: int,
+                     boft_n_butterfly_factor: int = 1, boft_dropout: float = 0.0, init_weights: bool = True,
+                     **_: Any) -> None:
+        """Create m factors of (blocks, b, b) and the scale s for ``adapter_name`` (the tuner checked the sizes).
+
+        Explained in: book/oft_boft.ipynb
+        """
+        if boft_block_size == 0:
+            boft_block_size = self.in_dim // boft_block_num
+        else:
+            boft_block_num = self.in_dim // boft_block_size
+        factors = torch.zeros(boft_n_butterfly_factor, boft_block_num, boft_block_size, boft_block_size)
+        scale = torch.ones(1, self.out_features) if self.is_conv else torch.ones(self.out_features, 1)
+        if init_weights is False:  # peft's draws, in its order
+            nn.init.normal_(factors, mean=0.0, std=0.1)
+            nn.init.normal_(scale, mean=1.0, std=0.1)
+        kw = self._new_tensor_kwargs()
+        self.boft_R[adapter_name] = nn.Parameter(factors.to(**kw))
+        self.boft_s[adapter_name] = nn.Parameter(scale.to(**kw))
+        self.boft_block_size[adapter_name] = boft_block_size
+        self.boft_block_num[adapter_name] = boft_block_num
+        self.boft_dropout[adapter_name] = boft_dropout
+        self._record_adapter(adapter_name)
+
+    # ---- the rotation -------------------------------------------------------------------------------
+    def factors(self, adapter_name: str, training: bool = False) -> torch.Tensor:
+        """Each factor's orthogonal blocks Cayley(½(A − Aᵀ)), (m, blocks, b, b).
+
+        Explained in: book/oft_boft.ipynb
+        """
+        a = self.boft_R[adapter_name]
+        m, nb, b, _ = a.shape
+        blocks = cayley(skew_from_square(a.reshape(m * nb, b, b))).view(m, nb, b, b)
+        p = self.boft_dropout[adapter_name]
+        if training and p > 0:  # one random factor loses int(p·blocks) blocks to I
+            i = int(torch.randint(0, m, (1,)))
+            blocks = torch.cat([blocks[:i], multiplicative_dropout(blocks[i], p)[None], blocks[i + 1:]])
+        return blocks
+
+    def rotate(self, x: torch.Tensor, adapter_name: str, training: bool = False) -> torch.Tensor:
+        """x R = x M_{m−1} ⋯ M_0 through gathers and block products (never the dense R).
+
+        Explained in: book/oft_boft.ipynb
+        """
+        return butterfly_rotate(x, self.factors(adapter_name, training))
+
+    def block_diagonal_blocks(self, adapter_name: str) -> torch.Tensor | None:
+        """One factor: R is block-diagonal (the fast OFT path applies); more: None."""
+        factors = self.boft_R[adapter_name]
+        return self.factors(adapter_name, self.training)[0] if factors.shape[0] == 1 else None
+
+    def out_scale(self, adapter_name: str) -> torch.Tensor:
+        return self.boft_s[adapter_name].reshape(-1)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, boft_block_size={self.boft_block_size}, "
+                f"boft_block_num={self.boft_block_num}")

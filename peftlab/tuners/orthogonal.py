@@ -1,0 +1,393 @@
+"""What OFT and BOFT share: the rotation math, a layer base and a tuner base.
+
+Both methods multiply instead of adding. A frozen layer h = W x (W of shape (out, in)) becomes
+
+    h = (W Rᵀ) x,    equivalently   x ↦ x R  (row vectors)  before the frozen layer,
+
+with R an orthogonal (in × in) matrix: RᵀR = I, so W Rᵀ has the same singular values as W, and the angles
+between its rows (the neurons) are those of W. R starts at I (the adapter changes nothing at step 0).
+
+The pieces, as peft 0.21.2 computes them (so files interchange), written here once:
+
+* :func:`skew_from_packed` / :func:`skew_from_square`: a skew-symmetric Q (Qᵀ = −Q) from free numbers, OFT's
+  packed upper triangle (b(b−1)/2 per block) or BOFT's full b×b matrix (Q = ½(A − Aᵀ));
+* :func:`cayley`: the exact Cayley map R = (I − Q)(I + Q)⁻¹, orthogonal for every skew Q (one small linear solve
+  per block); :func:`cayley_neumann`: peft's truncated series I + 2Q + 2Q² + … + Qᵏ, cheaper and only
+  approximately orthogonal;
+* block-diagonal R (OFT): ``r`` blocks of size ``b`` with r·b = in, each rotating its own slice of the input;
+* :func:`butterfly_perm`: the permutations that make BOFT's factors mix different strides, so a product of
+  m block-diagonal factors is dense when 2^(m−1)·b ≥ in.
+
+On a convolution the rotation acts on the flattened filter (in_channels · kh · kw); the layer rotates the
+weight and runs the convolution once (what merging computes too).
+
+Explained in: book/oft_boft.ipynb
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.tuners.base import AdapterLayer, BaseTuner
+from peftlab.tuners.lycoris import DEFAULT_TARGET_MODULES  # peft gives OFT and BOFT LoRA's map too
+
+#: the layer types peft 0.21.2 wraps with OFT and BOFT (here: Linear and Conv2d; no embeddings)
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the rotation math
+# ---------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _triu(b: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = torch.triu_indices(b, b, 1)
+    return rows.to(device), cols.to(device)
+
+
+def skew_from_packed(vec: torch.Tensor, b: int) -> torch.Tensor:
+    """(n, b(b−1)/2) upper-triangle entries → n skew-symmetric (b, b) matrices Q = U − Uᵀ (OFT's storage).
+
+    Explained in: book/oft_boft.ipynb
+    """
+    rows, cols = _triu(b, str(vec.device))
+    upper = vec.new_zeros(vec.shape[0], b, b)
+    upper[:, rows, cols] = vec
+    return upper - upper.transpose(-2, -1)  # Qᵀ = −Q
+
+
+def skew_from_square(a: torch.Tensor) -> torch.Tensor:
+    """Any (…, b, b) → its skew-symmetric part Q = ½(A − Aᵀ) (BOFT's storage).
+
+    Explained in: book/oft_boft.ipynb
+    """
+    return 0.5 * (a - a.transpose(-2, -1))
+
+
+def cayley(q: torch.Tensor) -> torch.Tensor:
+    """Exact Cayley map of skew (…, b, b): R = (I − Q)(I + Q)⁻¹, orthogonal (RᵀR = I) for every skew Q.
+
+    I + Q is always invertible (Q's eigenvalues are imaginary), and R never has eigenvalue −1: the map reaches
+    the rotations of SO(b) without reflections. Q = 0 gives R = I.
+
+    Explained in: book/oft_boft.ipynb
+    """
+    eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype).expand_as(q)
+    # R (I + Q) = I − Q, solved on the right (the two factors commute, so R = (I + Q)⁻¹(I − Q) as well)
+    return torch.linalg.solve(eye + q, eye - q, left=False)
+
+
+def cayley_neumann(q: torch.Tensor, terms: int) -> torch.Tensor:
+    """peft's Cayley–Neumann series for skew (…, b, b): I + 2Q + 2Q² + … + 2Qᵏ⁻¹ + Qᵏ, k = max(terms − 1, 3).
+
+    (I + Q)(I − Q)⁻¹ = (I + Q)(I + Q + Q² + …) = I + 2Q + 2Q² + …, truncated; the last kept power has weight 1
+    (peft ≥ 0.18). Orthogonal only up to the first dropped power, so small ‖Q‖ is needed. As in peft, terms=1
+    gives I, terms=2 gives I + 2Q, and terms=3 and 4 give the same matrix (I + 2Q + 2Q² + Q³).
+
+    Explained in: book/oft_boft.ipynb
+    """
+    r = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype).expand_as(q).clone()
+    if terms <= 1:
+        return r
+    r = r + 2 * q
+    if terms == 2:
+        return r
+    power = q @ q
+    r = r + 2 * power
+    for _ in range(3, terms - 1):
+        power = power @ q
+        r = r + 2 * power
+    return r + power @ q  # the last power, weight 1
+
+
+def block_diagonal(blocks: torch.Tensor, n_blocks: int | None = None) -> torch.Tensor:
+    """(r, b, b) → the (r·b, r·b) block-diagonal matrix; one shared block (1, b, b) repeated ``n_blocks`` times.
+
+    Explained in: book/oft_boft.ipynb
+    """
+    n = blocks.shape[0] if n_blocks is None else n_blocks
+    if blocks.shape[0] == 1 and n > 1:
+        blocks = blocks.expand(n, -1, -1)
+    return torch.block_diag(*blocks.unbind(0))
+
+
+def rotate_blocks(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """x ↦ x R for block-diagonal R: (…, r·b) with (r, b, b) blocks (or one shared block (1, b, b)).
+
+    Explained in: book/oft_boft.ipynb
+    """
+    b = blocks.shape[-1]
+    shape = x.shape
+    xb = x.reshape(-1, shape[-1] // b, b).transpose(0, 1)  # (r, tokens, b)
+    if blocks.shape[0] == 1:
+        out = (xb.reshape(-1, b) @ blocks[0]).view_as(xb)
+    else:
+        out = torch.bmm(xb, blocks)  # each slice of b inputs through its own block
+    return out.transpose(0, 1).reshape(shape)
+
+
+def butterfly_perm(n: int, block_size: int, factor: int, n_factors: int) -> torch.Tensor:
+    """Indices of BOFT's permutation for butterfly factor ``factor`` (0-based) of ``n_factors``: ``perm``.
+
+    Factor i works on groups of g = b·2^i consecutive inputs, cut into 2^(i+1) chunks of b/2: the permutation
+    lists the even chunks first, then the odd ones, so the factor's b×b blocks pair chunks that lie b·2^(i−1)
+    apart (stride doubles from factor to factor; factor 0 is the identity). As a matrix, P[j, perm[j]] = 1,
+    and the factor is P B Pᵀ with B block-diagonal. One factor: no permutation.
+
+    Explained in: book/oft_boft.ipynb
+    """
+    if n_factors == 1:
+        return torch.arange(n)
+    half = block_size // 2
+    chunks = 2 ** (factor + 1)  # per group of size half · chunks = block_size · 2^factor
+    order = list(range(0, chunks, 2)) + list(range(1, chunks, 2))  # evens, then odds
+    within = torch.cat([torch.arange(c * half, (c + 1) * half) for c in order])
+    group = half * chunks
+    return (torch.arange(0, n, group).view(-1, 1) + within.view(1, -1)).reshape(-1)
+
+
+@functools.lru_cache(maxsize=256)
+def _butterfly_indices(n: int, block_size: int, factor: int, n_factors: int, device: str,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perm, its inverse) on ``device``: x P = x[..., inverse], y Pᵀ = y[..., perm]."""
+    perm = butterfly_perm(n, block_size, factor, n_factors)
+    return perm.to(device), torch.argsort(perm).to(device)
+
+
+def butterfly_rotate(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """x ↦ x R with R = M_{m−1} ⋯ M_1 M_0, M_i = P_i B_i P_iᵀ (B_i block-diagonal from ``factors[i]``, (nb, b, b)).
+
+    Each factor costs a gather, one block product and a gather: O(in · b) per row instead of the O(in²) of the
+    dense R (peft builds R densely, with (in × in) permutation matrices, at every step).
+
+    Explained in: book/oft_boft.ipynb
+    """
+    m, _, b, _ = factors.shape
+    n = x.shape[-1]
+    for i in range(m - 1, -1, -1):  # x M_{m−1} first
+        if i == 0 or m == 1:
+            x = rotate_blocks(x, factors[i])
+            continue
+        perm, inverse = _butterfly_indices(n, b, i, m, str(x.device))
+        x = rotate_blocks(x[..., inverse], factors[i])[..., perm]  # x P_i, then B_i, then Pᵢᵀ
+    return x
+
+
+def multiplicative_dropout(blocks: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-time dropout for rotations: int(p·n) random blocks of (n, b, b) become I (n = 1: unchanged).
+
+    Explained in: book/oft_boft.ipynb
+    """
+    n, b = blocks.shape[0], blocks.shape[-1]
+    k = int(p * n)
+    if n == 1 or k == 0:
+        return blocks
+    drop = torch.zeros(n, dtype=torch.bool)
+    drop[torch.randperm(n)[:k]] = True
+    eye = torch.eye(b, device=blocks.device, dtype=blocks.dtype)
+    return torch.where(drop.to(blocks.device).view(n, 1, 1), eye, blocks)
+
+
+class RotatedLinear(torch.autograd.Function):
+    """h = x (W Rᵀ)ᵀ + b for block-diagonal R (r, b, b) and a frozen W (out, r·b), as one autograd node.
+
+    Forward rotates the weight (out·in·b) rather than every token; backward, with g = ∂L/∂h and G = g W
+    (∂L/∂(xR), the product a frozen layer computes anyway): ∂x = G Rᵀ and ∂R_i = x_iᵀ G_i, block by block.
+
+    Explained in: book/oft_boft.ipynb
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                blocks: torch.Tensor) -> torch.Tensor:
+        out, n = weight.shape
+        r, b, _ = blocks.shape
+        # W Rᵀ block by block: (r, out, b) @ (r, b, b)
+        w_rot = torch.bmm(weight.view(out, r, b).transpose(0, 1), blocks.transpose(1, 2))
+        ctx.save_for_backward(x, weight, blocks)
+        return F.linear(x, w_rot.transpose(0, 1).reshape(out, n), bias)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):
+        x, weight, blocks = ctx.saved_tensors
+        r, b, _ = blocks.shape
+        g2 = g.reshape(-1, g.shape[-1])
+        t = g2.shape[0]
+        gr = torch.mm(g2, weight).view(t, r, b).transpose(0, 1)  # ∂L/∂(xR), (r, tokens, b)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(gr, blocks.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
+        xb = x.reshape(t, r, b).transpose(0, 1)  # (r, tokens, b)
+        grad_blocks = torch.bmm(xb.transpose(1, 2), gr)  # Σ_tokens x_iᵀ G_i, (r, b, b)
+        return grad_x, None, None, grad_blocks
+
+
+# ---------------------------------------------------------------------------------------------------
+# layer
+# ---------------------------------------------------------------------------------------------------
+class OrthogonalLayer(AdapterLayer):
+    """A frozen nn.Linear or nn.Conv2d whose input side each adapter rotates: W' = s ⊙ (W Rᵀ).
+
+    A method implements :meth:`rotate` (x ↦ x R on the last dimension, the fast path), :meth:`rotation` (R as
+    a dense (in, in) matrix), :meth:`out_scale` (BOFT's s, or None) and :meth:`exactly_orthogonal`.
+    ``in_dim`` is ``in_features``, or in_channels·kh·kw on a convolution.
+
+    Explained in: book/oft_boft.ipynb
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        base = self.get_base_layer()
+        if not isinstance(base, SUPPORTED_LAYERS):
+            raise ValueError(f"{type(self).__name__} wraps nn.Linear or nn.Conv2d, not {type(base).__name__}")
+        self.is_conv = isinstance(base, nn.Conv2d)
+        self.in_dim = self.in_features * (math.prod(base.kernel_size) if self.is_conv else 1)
+
+    # ---- a method's math ----------------------------------------------------------------------------
+    def rotate(self, x: torch.Tensor, adapter_name: str, training: bool = False) -> torch.Tensor:
+        """x R for x (…, in_dim); ``training`` applies the method's multiplicative dropout."""
+        raise NotImplementedError
+
+    def rotation(self, adapter_name: str, training: bool = False) -> torch.Tensor:
+        """R as a dense (in_dim, in_dim) matrix (merging, convolutions, pictures)."""
+        eye = torch.eye(self.in_dim, device=self.weight.device, dtype=self._adapter_dtype(adapter_name))
+        return self.rotate(eye, adapter_name, training)
+
+    def out_scale(self, adapter_name: str) -> torch.Tensor | None:
+        """A per-output factor s (BOFT's boft_s, flattened to (out,)), or None."""
+        return None
+
+    def exactly_orthogonal(self, adapter_name: str) -> bool:
+        """True when R is orthogonal up to rounding (exact Cayley), False for a truncated series."""
+        return True
+
+    def _adapter_dtype(self, adapter_name: str) -> torch.dtype:
+        return self._first_tensor(adapter_name).dtype
+
+    def _first_tensor(self, adapter_name: str) -> torch.Tensor:
+        entry = self.adapter_tensors(adapter_name)[0][1]
+        return entry if isinstance(entry, torch.Tensor) else next(entry.parameters())
+
+    # ---- merge ----------------------------------------------------------------------------------
+    def _flat(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.reshape(weight.shape[0], -1)  # (out, in·kh·kw) on a convolution
+
+    def merged_weights(self, adapter_name: str, weight: torch.Tensor, bias: torch.Tensor | None):
+        """W' = s ⊙ (W Rᵀ) (rows scaled by s); the bias is unchanged."""
+        rot = self.rotation(adapter_name).float()
+        new = self._flat(weight).float() @ rot.T
+        s = self.out_scale(adapter_name)
+        if s is not None:
+            new = new * s.float().view(-1, 1)
+        return new.reshape(weight.shape).to(weight.dtype), bias
+
+    def unmerged_weights(self, adapter_name: str, weight: torch.Tensor, bias: torch.Tensor | None):
+        """W = (W' / s) R⁻ᵀ: Rᵀ⁻¹ = R for an exact rotation; a truncated series is inverted (float64)."""
+        w = self._flat(weight).double()
+        s = self.out_scale(adapter_name)
+        if s is not None:
+            w = w / s.double().view(-1, 1)
+        rot = self.rotation(adapter_name).double()
+        w = w @ rot if self.exactly_orthogonal(adapter_name) else torch.linalg.solve(rot, w.T).T  # W' R⁻ᵀ
+        return w.reshape(weight.shape).to(weight.dtype), bias
+
+    # ---- forward --------------------------------------------------------------------------------
+    def adapter_forward(self, x: torch.Tensor, adapters: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Several active adapters act in the order merging composes them: the first named acts last on x."""
+        if self.is_conv:
+            return self._conv_forward(x, adapters, args, kwargs)
+        if len(adapters) == 1 and torch.is_grad_enabled():
+            fused = self.fused_forward(x, adapters[0], args, kwargs)
+            if fused is not None:
+                return fused
+        out_dtype = x.dtype
+        scale = None
+        for name in reversed(list(adapters)):
+            dt = self._first_tensor(name).dtype
+            x = self.rotate(x.to(dt), name, self.training)
+            s = self.out_scale(name)
+            if s is not None:
+                scale = s if scale is None else scale * s
+        base = self.get_base_layer()
+        if scale is None:
+            return self.base_layer(x.to(out_dtype), *args, **kwargs)
+        if type(base) is nn.Linear and not (args or kwargs) and x.dtype == base.weight.dtype:
+            out = F.linear(x, base.weight) * scale  # (W x')·s + b
+            return out + base.bias if base.bias is not None else out
+        result = self.base_layer(x.to(out_dtype), *args, **kwargs)
+        if base.bias is not None:  # s scales W x', not the bias
+            return ((result - base.bias) * scale.to(result.dtype) + base.bias).to(out_dtype)
+        return (result * scale.to(result.dtype)).to(out_dtype)
+
+    def block_diagonal_blocks(self, adapter_name: str) -> torch.Tensor | None:
+        """R's (r, b, b) blocks when R is block-diagonal (OFT; BOFT with one factor), else None."""
+        return None
+
+    def fused_forward(self, x: torch.Tensor, adapter_name: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """Training one adapter with a block-diagonal R on a plain, frozen nn.Linear: :class:`RotatedLinear`,
+        then the output scale s if the method has one; None when the generic path must run."""
+        base = self._modules["base_layer"]
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or args or kwargs:
+            return None
+        w, bias = base._parameters["weight"], base._parameters["bias"]
+        if w.requires_grad or (bias is not None and bias.requires_grad):
+            return None
+        blocks = self.block_diagonal_blocks(adapter_name)
+        if blocks is None or not x.dtype == w.dtype == blocks.dtype:
+            return None
+        s = self.out_scale(adapter_name)
+        if s is None:
+            return RotatedLinear.apply(x, w, bias, blocks)
+        out = RotatedLinear.apply(x, w, None, blocks) * s  # (W Rᵀ x)·s + b
+        return out + bias if bias is not None else out
+
+    def _conv_forward(self, x: torch.Tensor, adapters: Sequence[str], args: tuple, kwargs: dict) -> torch.Tensor:
+        """A convolution with the rotated filters s ⊙ (W Rᵀ): one convolution, equal to the merged layer."""
+        base = self.get_base_layer()
+        w = self._flat(base.weight)
+        for name in adapters:  # merging order: the first named is applied to W first
+            rot = self.rotation(name, self.training)
+            w = w.to(rot.dtype) @ rot.T
+            s = self.out_scale(name)
+            if s is not None:
+                w = w * s.view(-1, 1)
+        w = w.reshape(base.weight.shape).to(base.weight.dtype)
+        bias = base.bias
+        return base._conv_forward(x.to(w.dtype), w, bias)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tuner
+# ---------------------------------------------------------------------------------------------------
+class OrthogonalTuner(BaseTuner):
+    """Injects OFT or BOFT layers (see :class:`~peftlab.tuners.base.BaseTuner`).
+
+    Explained in: book/oft_boft.ipynb
+    """
+
+    default_target_modules = DEFAULT_TARGET_MODULES
+
+    @staticmethod
+    def rotated_size(target: nn.Module) -> int:
+        """The size R acts on: in_features, or in_channels·kh·kw of a convolution."""
+        if isinstance(target, nn.Conv2d):
+            return target.in_channels * math.prod(target.kernel_size)
+        return target.in_features
+
+    def check_layer(self, config: Any, target: nn.Module, key: str) -> None:
+        if isinstance(target, nn.Conv2d) and target.groups > 1:
+            raise ValueError(
+                f"target module {key!r} is a grouped nn.Conv2d (groups={target.groups}); {self.method_name} rotates "
+                "the whole filter of an ungrouped convolution. Leave it out of target_modules"
+            )
+
+
+def divisors(n: int) -> list[int]:
+    """The divisors of ``n`` (to name valid block sizes in errors)."""
+    return [d for d in range(1, n + 1) if n % d == 0]

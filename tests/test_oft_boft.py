@@ -1,0 +1,395 @@
+"""OFT and BOFT: the rotation math, the butterfly, merging, dropout and the errors.
+
+Invariants shared with every method (identity at init, save/load, delete, mixed batches, ...) are rows of
+``test_invariants.py``; the comparison with peft is ``test_oft_boft_interop.py``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import base_model, fill_trainable, output
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from peftlab import BOFTConfig, OFTConfig, get_peft_model
+from peftlab.lab.models import example_inputs
+from peftlab.tuners.boft.layer import BOFTLayer
+from peftlab.tuners.oft.layer import OFTLayer
+from peftlab.tuners.orthogonal import (block_diagonal, butterfly_perm, butterfly_rotate, cayley, cayley_neumann,
+                                       skew_from_packed, skew_from_square)
+
+PREFIXES = ("oft_", "boft_")
+
+
+def eye_like(r: torch.Tensor) -> torch.Tensor:
+    return torch.eye(r.shape[-1], dtype=r.dtype).expand_as(r)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the Cayley map
+# ---------------------------------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(2, 12), n=st.integers(1, 4), scale=st.floats(0.0, 20.0), seed=st.integers(0, 2**31 - 1))
+def test_cayley_is_orthogonal_for_any_skew_parameter(b, n, scale, seed):
+    """RᵀR = RRᵀ = I and det R = +1 for every skew Q, however large (the exact map; float64)."""
+    g = torch.Generator().manual_seed(seed)
+    vec = torch.randn(n, b * (b - 1) // 2, generator=g, dtype=torch.float64) * scale
+    q = skew_from_packed(vec, b)
+    assert torch.equal(q, -q.transpose(-2, -1))
+    r = cayley(q)
+    torch.testing.assert_close(r.transpose(-2, -1) @ r, eye_like(r), atol=1e-10, rtol=0)
+    torch.testing.assert_close(r @ r.transpose(-2, -1), eye_like(r), atol=1e-10, rtol=0)
+    torch.testing.assert_close(torch.linalg.det(r), torch.ones(n, dtype=torch.float64), atol=1e-8, rtol=0)
+    a = torch.randn(n, b, b, generator=g, dtype=torch.float64) * scale  # BOFT's storage: any square matrix
+    rb = cayley(skew_from_square(a))
+    torch.testing.assert_close(rb.transpose(-2, -1) @ rb, eye_like(rb), atol=1e-10, rtol=0)
+
+
+def test_cayley_of_zero_is_the_identity_exactly():
+    for b in (2, 5, 32):
+        q = torch.zeros(3, b, b)
+        assert torch.equal(cayley(q), eye_like(q))
+        assert torch.equal(cayley_neumann(q, 5), eye_like(q))
+
+
+@pytest.mark.parametrize("terms", [2, 3, 4, 5, 6, 8])
+def test_neumann_series_is_peft_series(terms):
+    """peft's series, term for term (terms 3 and 4 give the same matrix there, and here)."""
+    peft_layer = pytest.importorskip("peft.tuners.oft.layer")
+    b = 6
+    vec = torch.randn(3, b * (b - 1) // 2, generator=torch.Generator().manual_seed(terms)) * 0.3
+    module = peft_layer.OFTRotationModule(3, vec.shape[1], b, 3 * b, num_cayley_neumann_terms=terms)
+    ref = module._cayley_batch(vec, b, True, terms)
+    torch.testing.assert_close(cayley_neumann(skew_from_packed(vec, b), terms), ref, atol=1e-6, rtol=0)
+    exact = module._cayley_batch(vec, b, False)
+    torch.testing.assert_close(cayley(skew_from_packed(vec, b)), exact, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [0.01, 0.05])
+def test_neumann_error_by_number_of_terms(scale):
+    """‖RᵀR − I‖ of peft's series for ‖Q‖ < 1: terms 3 and 4 coincide; with an odd last power (an even number of
+    terms) the error falls fast; one more term (an even last power, weight 1) makes it worse again, so peft's
+    default of 5 terms is less orthogonal than 4."""
+    b = 8
+    q = skew_from_packed(torch.randn(4, b * (b - 1) // 2, generator=torch.Generator().manual_seed(0),
+                                     dtype=torch.float64) * scale, b)
+    err = {k: torch.linalg.matrix_norm(cayley_neumann(q, k).mT @ cayley_neumann(q, k) - eye_like(q)).max().item()
+           for k in range(2, 11)}
+    assert err[3] == err[4]
+    floor = 1e-14  # float64 rounding
+    assert all(err[k] > err[k + 2] or err[k + 2] < floor for k in (2, 4, 6, 8, 5, 7))
+    assert all(err[k] > 10 * err[k - 1] for k in (5, 7, 9))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the butterfly
+# ---------------------------------------------------------------------------------------------------
+def perm_matrix(perm: torch.Tensor) -> torch.Tensor:
+    p = torch.zeros(len(perm), len(perm), dtype=torch.float64)
+    p[torch.arange(len(perm)), perm] = 1.0  # P[j, perm[j]] = 1
+    return p
+
+
+def dense_butterfly(factors: torch.Tensor) -> torch.Tensor:
+    """The reference: R = M_{m−1} ⋯ M_0 with M_i = P_i B_i P_iᵀ, every matrix dense (the paper's product)."""
+    m, nb, b, _ = factors.shape
+    n = nb * b
+    rot = torch.eye(n, dtype=factors.dtype)
+    for i in range(m):
+        p = perm_matrix(butterfly_perm(n, b, i, m))
+        rot = p @ torch.block_diag(*factors[i]) @ p.T @ rot
+    return rot
+
+
+@pytest.mark.parametrize("n, b, m", [(16, 4, 1), (16, 4, 2), (16, 2, 4), (32, 4, 3), (24, 2, 3), (48, 8, 2)])
+def test_butterfly_rotate_equals_the_dense_product(n, b, m):
+    g = torch.Generator().manual_seed(n + b + m)
+    factors = cayley(skew_from_square(torch.randn(m, n // b, b, b, generator=g, dtype=torch.float64)))
+    x = torch.randn(5, n, generator=g, dtype=torch.float64)
+    rot = dense_butterfly(factors)
+    torch.testing.assert_close(butterfly_rotate(x, factors), x @ rot, atol=1e-12, rtol=0)
+    torch.testing.assert_close(rot.T @ rot, torch.eye(n, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_butterfly_permutations_are_peft_permutations():
+    peft_layer = pytest.importorskip("peft.tuners.boft.layer")
+    for n, b, m in [(32, 4, 2), (32, 4, 3), (64, 8, 3), (48, 4, 2), (16, 2, 4), (8, 2, 1)]:
+        for i in range(m):
+            ref = peft_layer.BOFTLayer.block_butterfly_perm(None, n, int(n // b / 2**i), int(b / 2), m - 1)
+            assert torch.equal(butterfly_perm(n, b, i, m), ref), (n, b, m, i)
+
+
+def test_butterfly_factors_reach_further_and_fill_r():
+    """One factor is block-diagonal (density 1/blocks); each factor doubles the reach; log2(n/b) + 1 factors
+    make R dense. Identical block-diagonal factors without permutations would stay block-diagonal."""
+    n, b = 32, 4
+    densities = []
+    for m in (1, 2, 3, 4):
+        factors = cayley(skew_from_square(torch.randn(m, n // b, b, b, generator=torch.Generator().manual_seed(m),
+                                                      dtype=torch.float64)))
+        rot = dense_butterfly(factors)
+        densities.append((rot.abs() > 1e-12).double().mean().item())
+    assert densities[0] == pytest.approx(b / n)
+    assert densities == sorted(densities) and densities[-1] == 1.0
+    assert densities[1] == pytest.approx(2 * b / n)
+    # without the permutations: still block-diagonal
+    same = torch.block_diag(*factors[0]) @ torch.block_diag(*factors[1])
+    assert (same.abs() > 1e-12).double().mean().item() == pytest.approx(b / n)
+
+
+def test_boft_two_factors_train_on_cpu():
+    """boft_n_butterfly_factor=2 gives two factors on the CPU, both receive gradients, and R stays orthogonal."""
+    model = get_peft_model(base_model("llama"), BOFTConfig(target_modules=["q_proj"], boft_block_size=4,
+                                                           boft_n_butterfly_factor=2, task_type="CAUSAL_LM"))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.boft_R["default"].shape == (2, 8, 4, 4)
+    fill_trainable(model, prefixes=PREFIXES)
+    model.train()
+    x = example_inputs("llama")
+    model(**x).loss.backward()
+    grad = layer.boft_R["default"].grad
+    assert grad[0].abs().sum() > 0 and grad[1].abs().sum() > 0
+    with torch.no_grad():
+        rot = layer.rotation("default").double()
+    torch.testing.assert_close(rot.T @ rot, torch.eye(32, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert (rot.abs() > 1e-9).double().mean() == pytest.approx(0.25)  # 2 factors of 4-blocks: 8-wide reach
+
+
+# ---------------------------------------------------------------------------------------------------
+# layers: merging, the fused path, convolutions, dropout, several adapters
+# ---------------------------------------------------------------------------------------------------
+def filled(config, model="mlp", scale: float = 1.0):
+    pm = get_peft_model(base_model(model), config).eval()
+    fill_trainable(pm, prefixes=PREFIXES)
+    if scale != 1.0:
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if ("oft_R" in n or "boft_R" in n):
+                    p.mul_(scale)
+    return pm
+
+
+@pytest.mark.parametrize("config", [
+    OFTConfig(target_modules=["lin0", "lin1"], oft_block_size=5),
+    OFTConfig(target_modules=["lin0", "lin1"], oft_block_size=10, use_cayley_neumann=False),
+    BOFTConfig(target_modules=["lin0"], boft_block_size=10),
+], ids=["oft-neumann", "oft-exact", "boft"])
+def test_merge_unmerge_exact_even_for_large_rotations(config):
+    """With ‖Q‖ ≈ 1 the truncated series is far from orthogonal; unmerging inverts it (exact Cayley: Rᵀ)."""
+    pm = filled(config, scale=10.0)
+    x = example_inputs("mlp")
+    layer = pm.base_model.model.lin0
+    w0 = layer.get_base_layer().weight.detach().clone()
+    rot = layer.rotation("default").double()
+    err = (rot.T @ rot - torch.eye(10, dtype=torch.float64)).abs().max().item()
+    assert (err > 1e-2) == getattr(config, "use_cayley_neumann", False), err
+    before = output(pm, x)
+    pm.merge_adapter()
+    torch.testing.assert_close(output(pm, x), before, atol=1e-5, rtol=0)
+    pm.unmerge_adapter()
+    torch.testing.assert_close(layer.get_base_layer().weight, w0, atol=1e-6, rtol=0)
+
+
+def test_fused_training_path_equals_autograd():
+    """RotatedLinear (weight rotated once, hand-written backward) gives autograd's outputs and gradients."""
+    torch.manual_seed(0)
+    pm = filled(OFTConfig(target_modules=["lin0", "lin1"], oft_block_size=5))
+    x = example_inputs("mlp").requires_grad_(True)
+    grads = {}
+    for fused in (True, False):
+        for p in pm.parameters():
+            p.grad = None
+        x.grad = None
+        if not fused:  # the generic path: x R, then the frozen layer
+            for layer in (pm.base_model.model.lin0, pm.base_model.model.lin1):
+                layer.fused_forward = lambda *a, **k: None
+        out = pm(x)
+        out.pow(2).sum().backward()
+        grads[fused] = (out.detach(), x.grad.clone(),
+                        [p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad])
+    torch.testing.assert_close(grads[True][0], grads[False][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(grads[True][1], grads[False][1], atol=1e-6, rtol=0)
+    for a, b in zip(grads[True][2], grads[False][2]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+class BigConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+        self.head = nn.Linear(6 * 5 * 5, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("config", [OFTConfig(target_modules=["conv"], oft_block_size=6),
+                                    BOFTConfig(target_modules=["conv"], boft_block_size=6, boft_n_butterfly_factor=2)],
+                         ids=["oft", "boft"])
+def test_conv2d_is_the_rotated_convolution(config):
+    """A 3×3 convolution with padding on a 5×5 image: the adapted layer is the convolution with filters
+    s ⊙ (W Rᵀ), a fresh adapter is the identity exactly, and merged equals unmerged."""
+    torch.manual_seed(0)
+    base = BigConv()
+    x = torch.randn(2, 4, 5, 5)
+    expected = base(x).detach()
+    pm = get_peft_model(base, config).eval()
+    torch.testing.assert_close(output(pm, x), expected, atol=1e-6, rtol=0)
+    fill_trainable(pm, prefixes=PREFIXES)
+    layer = pm.base_model.model.conv
+    w = layer.get_base_layer().weight
+    rot = layer.rotation("default")
+    s = layer.out_scale("default")
+    w_rot = w.reshape(6, -1) @ rot.T * (1 if s is None else s.view(-1, 1))
+    ref = torch.nn.functional.conv2d(x, w_rot.reshape(w.shape), layer.get_base_layer().bias, padding=1)
+    got = output(pm, x)
+    assert not torch.allclose(got, expected, atol=1e-4)
+    torch.testing.assert_close(layer(x).detach(), ref, atol=1e-5, rtol=0)
+    pm.merge_adapter()
+    torch.testing.assert_close(output(pm, x), got, atol=1e-5, rtol=0)
+
+
+def test_oft_module_dropout_replaces_blocks_in_training():
+    """In training int(p·r) blocks become I (peft 0.21.2 never applies this setting); eval is unaffected."""
+    pm = filled(OFTConfig(target_modules=["lin1"], oft_block_size=2, module_dropout=0.5))
+    layer = pm.base_model.model.lin1
+    eval_blocks = layer.blocks("default")
+    torch.manual_seed(0)
+    train_blocks = layer.blocks("default", training=True)
+    same = [torch.equal(a, b) for a, b in zip(train_blocks, eval_blocks)]
+    is_eye = [torch.equal(b, torch.eye(2)) for b in train_blocks]
+    assert sum(is_eye) == 5 and sum(same) == 5 and all(s != e for s, e in zip(same, is_eye))
+
+
+def test_boft_dropout_hits_one_factor():
+    pm = filled(BOFTConfig(target_modules=["lin1"], boft_block_size=2, boft_n_butterfly_factor=2,
+                           boft_dropout=0.5))
+    layer = pm.base_model.model.lin1
+    full = layer.factors("default")
+    torch.manual_seed(1)
+    dropped = layer.factors("default", training=True)
+    changed = [not torch.equal(a, b) for a, b in zip(full, dropped)]
+    assert sum(changed) == 1
+    i = changed.index(True)
+    assert sum(torch.equal(b, torch.eye(2)) for b in dropped[i]) == 5
+
+
+def test_several_active_adapters_merge_as_they_run():
+    """Rotations do not commute: with two active adapters the unmerged forward composes them in the order
+    merging does (the first named acts on W first), so merged equals unmerged."""
+    for cfg in (OFTConfig(target_modules=["lin0"], oft_block_size=5),
+                BOFTConfig(target_modules=["lin0"], boft_block_size=2, boft_n_butterfly_factor=1)):
+        pm = filled(cfg)
+        pm.add_adapter("other", cfg)
+        fill_trainable(pm, "other", prefixes=PREFIXES)
+        pm.base_model.set_adapter(["default", "other"])
+        x = example_inputs("mlp")
+        both = output(pm, x)
+        pm.set_adapter("default")
+        one = output(pm, x)
+        assert not torch.allclose(both, one, atol=1e-5)
+        pm.base_model.set_adapter(["default", "other"])
+        pm.merge_adapter()
+        torch.testing.assert_close(output(pm, x), both, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(r=4, oft_block_size=8), r"r=4 and oft_block_size=8 are both set.*oft_block_size=8\) or OFTConfig\(r=4"),
+    (dict(r=0, oft_block_size=0), "set one of them"),
+    (dict(oft_block_size=-2), "non-negative integer"),
+    (dict(module_dropout=1.0), r"module_dropout=1.0 must be a probability in \[0, 1\)"),
+    (dict(eps=0.0), "eps=0.0: COFT's radius must be a positive number"),
+    (dict(num_cayley_neumann_terms=1), "fewer than 2 terms"),
+    (dict(rank_pattern={"lin0": 2}), "has no 'rank_pattern' option"),
+    (dict(bias="lora_only"), "valid values: 'none', 'all', 'oft_only'"),
+])
+def test_oft_config_errors(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        OFTConfig(target_modules=["lin0"], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(boft_block_size=4, boft_block_num=2), "both set"),
+    (dict(boft_block_size=0, boft_block_num=0), "set one of them"),
+    (dict(boft_n_butterfly_factor=0), "positive integer"),
+    (dict(boft_dropout=-0.1), "probability"),
+    (dict(bias="oft_only"), "'none', 'all', 'boft_only'"),
+])
+def test_boft_config_errors(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        BOFTConfig(target_modules=["lin0"], **kwargs)
+
+
+@pytest.mark.parametrize("config, match", [
+    (OFTConfig(target_modules=["lin0"], oft_block_size=4),
+     r"oft_block_size=4 does not divide .*in_features = 10.* Valid oft_block_size values for this layer: \[2, 5, 10\]"),
+    (OFTConfig(target_modules=["lin0"], r=3, oft_block_size=0), r"r=3 does not divide.*\[1, 2, 5\]"),
+    (OFTConfig(target_modules=["lin0"], oft_block_size=1), "blocks of size 1"),
+    (BOFTConfig(target_modules=["lin1"], boft_block_size=3), r"boft_block_size=3 does not divide the layer's input size 20"),
+    (BOFTConfig(target_modules=["lin1"], boft_block_size=2, boft_n_butterfly_factor=4),
+     r"boft_n_butterfly_factor=4 with blocks of size 2 spans b·2\^\(m−1\) = 16 inputs, which must divide the "
+     r"layer's input size 20. No boft_block_size allows 4 factors here; with boft_block_size=2 use "
+     r"boft_n_butterfly_factor=2 or fewer"),
+    (BOFTConfig(target_modules=["lin1"], boft_block_size=0, boft_block_num=5, boft_n_butterfly_factor=2),
+     r"even number of blocks; boft_block_num=5 gives 5 blocks of size 4.*\[2, 10\]"),
+])
+def test_layer_size_errors_name_the_numbers_and_valid_choices(config, match):
+    model = base_model("mlp")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        get_peft_model(model, config)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing changed
+
+
+def test_grouped_conv_is_refused():
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, groups=2)
+
+    for cfg in (OFTConfig(target_modules=["conv"], oft_block_size=2), BOFTConfig(target_modules=["conv"])):
+        with pytest.raises(ValueError, match=r"grouped nn.Conv2d \(groups=2\)"):
+            get_peft_model(Grouped(), cfg)
+
+
+def test_unsupported_layer_is_refused():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="supports Linear, Conv2d"):
+            get_peft_model(base_model("emb_conv1d"), OFTConfig(target_modules=["emb"], oft_block_size=5))
+
+
+def test_block_diagonal_and_shared_block():
+    blocks = cayley(skew_from_packed(torch.randn(1, 3, dtype=torch.float64), 3))
+    full = block_diagonal(blocks, 4)
+    assert full.shape == (12, 12)
+    for i in range(4):
+        assert torch.equal(full[3 * i:3 * i + 3, 3 * i:3 * i + 3], blocks[0])
+    assert (full.abs() > 0).double().mean() <= 0.25 + 1e-12
+    # a layer with block_share stores one block and uses it r times
+    pm = filled(OFTConfig(target_modules=["lin1"], oft_block_size=5, block_share=True))
+    layer = pm.base_model.model.lin1
+    assert layer.oft_R["default"].weight.shape == (1, 10)
+    rot = layer.rotation("default")
+    assert torch.equal(rot[:5, :5], rot[15:, 15:])
+    assert isinstance(layer, OFTLayer) and not isinstance(layer, BOFTLayer)
+
+
+@pytest.mark.parametrize("config", [OFTConfig(target_modules=["lin0", "lin1"], oft_block_size=5),
+                                    BOFTConfig(target_modules=["lin0", "lin1"], boft_block_size=5)],
+                         ids=["oft", "boft"])
+def test_safe_merge_refuses_a_diverged_adapter_and_changes_nothing(config):
+    pm = filled(config)
+    with torch.no_grad():
+        next(p for n, p in pm.named_parameters() if "lin1" in n and ("oft_R" in n or "boft_R" in n)).fill_(float("nan"))
+    before = {n: p.clone() for n, p in pm.named_parameters() if "base_layer" in n}
+    with pytest.raises(ValueError, match="would put NaN or inf"):
+        pm.merge_adapter(safe_merge=True)
+    assert all(torch.equal(p, before[n]) for n, p in pm.named_parameters() if "base_layer" in n)

@@ -192,6 +192,29 @@ def s_lokr_step(a, dev, dt) -> dict:
     return s_lycoris_step(a, dev, dt, "LoKr")
 
 
+def s_adalora_step(a, dev, dt) -> dict:
+    """One AdaLoRA training step (init_r=12 → target_r=8 on q, k, v, o): forward with the orthogonality
+    penalty, backward, optimizer step, then ``update_and_allocate`` (scores + a mask every step, deltaT=1,
+    inside the budget phase): peftlab against peft."""
+    x = tokens(8, 128, dev)
+    batch = {"input_ids": x, "labels": x}
+    fns = {}
+    for lib in ("peftlab", "peft"):
+        lib_mod = lib_of(lib)
+        cfg = lib_mod.AdaLoraConfig(init_r=12, target_r=8, lora_alpha=32, tinit=0, tfinal=0, total_step=10**6,
+                                    target_modules=QKVO)
+        m = lib_mod.get_peft_model(llama(256, 4, dev, dt), cfg).train()
+        opt, counter = optimiser(m), [0]
+
+        def run(m=m, opt=opt, counter=counter) -> None:
+            m(**batch).loss.backward()
+            opt.step()
+            m.base_model.update_and_allocate(counter[0] + 1)
+            opt.zero_grad(set_to_none=True)
+            counter[0] += 1
+        fns[lib] = run
+    t = interleave(fns, a.reps, a.warmup, dev)
+    return summarise(t, {"peftlab/peft": ("peftlab", "peft")})
 def s_orthogonal_step(a, dev, dt, method: str, extra: dict | None = None) -> dict:
     """One training step with an OFT (block 32) or BOFT (block 8) adapter on q, k, v, o: peftlab against peft."""
     x = tokens(8, 128, dev)
@@ -501,8 +524,8 @@ SCENARIOS = {
     "lora_step": s_lora_step, "dora_step": s_dora_step, "inference": s_inference, "serving": s_serving,
     "merging": s_merging, "memory": s_memory, "lab_scale": s_lab_scale, "loha_step": s_loha_step,
     "lokr_step": s_lokr_step, "oft_step": s_oft_step, "boft_step": s_boft_step, "ia3_step": s_ia3_step,
-    "adaption_prompt_step": s_adaption_prompt_step, "adaption_prompt_decode": s_adaption_prompt_decode,
-    "xlora": s_xlora,
+    "adalora_step": s_adalora_step, "adaption_prompt_step": s_adaption_prompt_step,
+    "adaption_prompt_decode": s_adaption_prompt_decode, "xlora": s_xlora,
 }
 
 # (scenario, ratio, target: ratio must be ≤ this)
@@ -513,6 +536,7 @@ TARGETS = [
     ("lab_scale", "peftlab/peft", 0.80), ("lab_scale", "peftlab/full_ft", 1.00),
     ("loha_step", "peftlab/peft", 0.90), ("lokr_step", "peftlab/peft", 0.90),
     ("oft_step", "peftlab/peft", 0.95), ("boft_step", "peftlab/peft", 0.70),
+    ("adalora_step", "peftlab/peft", 0.90),
     ("adaption_prompt_step", "peftlab/peft", 1.00), ("adaption_prompt_decode", "peftlab/peft", 1.00),
     ("ia3_step", "peftlab/peft", 0.97),
     ("xlora", "xlora/lora (peftlab)", 2.20), ("xlora", "xlora peftlab/peft", 1.00),

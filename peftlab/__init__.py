@@ -14,6 +14,7 @@ from peftlab.mapping import get_peft_model, inject_adapter_in_model
 from peftlab.peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction,
                                 PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM,
                                 PeftModelForSequenceClassification, PeftModelForTokenClassification)
+from peftlab.tuners.adalora import AdaLoraConfig, AdaLoraModel
 from peftlab.tuners.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from peftlab.tuners.boft import BOFTConfig, BOFTModel
 from peftlab.tuners.ia3 import IA3Config, IA3Model
@@ -33,6 +34,10 @@ def __getattr__(name: str):
         from peftlab.trainer import Trainer
 
         return Trainer
+    if name in ("PeftlabCallback", "AdaLoraCallback"):  # a transformers.TrainerCallback: only when asked for
+        from peftlab.integrations.trainer import PeftlabCallback
+
+        return PeftlabCallback  # AdaLoraCallback: the name AdaLoRA's warning gives
     raise AttributeError(f"module 'peftlab' has no attribute {name!r}")
 
 
@@ -43,7 +48,8 @@ __all__ = [
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
     "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "OFTConfig", "OFTModel", "BOFTConfig", "BOFTModel",
     "IA3Config", "IA3Model", "AdaptionPromptConfig", "AdaptionPromptModel",
-    "XLoraConfig", "XLoraModel",
+    "XLoraConfig", "XLoraModel", "AdaLoraConfig", "AdaLoraModel",
+    "AdaLoraCallback", "PeftlabCallback",
     "get_peft_model_state_dict", "set_peft_model_state_dict", "__version__", "Trainer",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",

@@ -79,6 +79,9 @@ class PeftConfig:
     PEFT_TYPE: ClassVar[str] = ""
     # Keys peft 0.21 knows for this method that peftlab does not implement: name -> the only accepted value.
     UNSUPPORTED_KEYS: ClassVar[dict[str, Any]] = {}
+    # Keys peft writes for this method that are not fields here (AdaLoRA's config inherits every LoRA key):
+    # name -> its default. A file may hold them at that value; they are written at it too.
+    FILE_DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     base_model_name_or_path: str | None = None
     revision: str | None = None
@@ -107,7 +110,10 @@ class PeftConfig:
     # ---- dict and JSON ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """All fields as plain JSON-able values (enums as strings, sets as sorted lists)."""
-        return {f.name: _json_value(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        data = {f.name: _json_value(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        for k, v in self.FILE_DEFAULTS.items():
+            data.setdefault(k, _json_value(v))
+        return data
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -135,6 +141,12 @@ class PeftConfig:
             )
         known = {f.name for f in dataclasses.fields(target)}
         data.pop("runtime_config", None)
+        for k, default in target.FILE_DEFAULTS.items():
+            if k in data and k not in known:
+                value = data.pop(k)
+                if value != default and not (default in ({}, None) and value in ({}, [], None)):
+                    raise ValueError(f"{target.__name__}: {k}={value!r} in the adapter config; peftlab's "
+                                     f"{target.PEFT_TYPE} does not implement {k!r}, only its default {default!r}")
         unknown = sorted(k for k in data if k not in known)
         if unknown:
             warnings.warn(

@@ -14,6 +14,9 @@ arguments and changes three steps only:
   seen, so the run continues with the losses of an uninterrupted one;
 * ``load_best_model_at_end``: the best checkpoint's adapter tensors are copied back the same way.
 
+It also adds :class:`peftlab.PeftlabCallback`, so a method's per-step work (AdaLoRA's rank allocation after
+every optimizer step) cannot be forgotten.
+
 The model is a peftlab ``PeftModel`` or a model given adapters in place by peftlab's transformers-style API
 (``enable_adapters_api(model).add_adapter(config)``, :mod:`peftlab.integrations`); any other model goes
 through ``transformers.Trainer`` unchanged.
@@ -31,6 +34,8 @@ import torch
 import transformers
 from torch import nn
 
+from peftlab.config import CONFIG_NAME, PeftConfig
+from peftlab.integrations.trainer import PeftlabCallback
 from peftlab.integrations.transformers import get_tuner, save_adapter
 from peftlab.peft_model import PeftModel, tuner_for
 from peftlab.utils.io import SAFETENSORS_WEIGHTS_NAME, atomic_folder, atomic_save_tensors, load_adapter_weights
@@ -76,7 +81,10 @@ def load_adapters_from_checkpoint(model: nn.Module, folder: str | os.PathLike) -
         raise ValueError(f"checkpoint {os.fspath(folder)!s} has no adapter weights for {', '.join(missing)}; "
                          f"pass a checkpoint-N folder written by peftlab.Trainer (adapter_model.safetensors)")
     weights = {name: load_adapter_weights(path) for name, path in folders.items()}  # safetensors only
-    configs = adapter_configs(model)
+    configs = dict(adapter_configs(model))
+    for name, path in folders.items():  # the config saved with the tensors describes them (AdaLoRA: which
+        if os.path.isfile(os.path.join(path, CONFIG_NAME)):  # triplets each module kept at that step)
+            configs[name] = PeftConfig.from_pretrained(path)
     for name, state in weights.items():  # each call checks every tensor before copying any
         set_peft_model_state_dict(model, state, name, configs[name])
     return list(weights)
@@ -126,6 +134,12 @@ class Trainer(transformers.Trainer):
 
     Explained in: book/distributed.ipynb
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # a method's per-step work (AdaLoRA's rank allocation) runs without being asked for
+        if not any(isinstance(c, PeftlabCallback) for c in self.callback_handler.callbacks):
+            self.add_callback(PeftlabCallback())
 
     def peftlab_model(self, model: nn.Module | None = None) -> nn.Module | None:
         """The model with peftlab adapters inside ``model`` (default: the trainer's), unwrapped from

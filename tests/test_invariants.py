@@ -36,8 +36,8 @@ import torch
 from conftest import base_model, fill_, output, output_with_grad, quiet
 from torch import nn
 
-from peftlab import (AdaptionPromptConfig, BOFTConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig,
-                     PeftModel, get_peft_model)
+from peftlab import (AdaLoraConfig, AdaptionPromptConfig, BOFTConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig,
+                     OFTConfig, PeftModel, get_peft_model)
 from peftlab.config import TargetingConfig
 from peftlab.lab.models import example_inputs
 from peftlab.registry import get_method, methods
@@ -169,6 +169,17 @@ def lycoris_identity(config: TargetingConfig) -> str | None:
     return None if config.init_weights is False else "exact"  # one zero factor: ΔW = 0 exactly
 
 
+def adalora_count(layer: AdapterLayer, config: TargetingConfig, key: str) -> int:
+    """AdaLoRA's formula: r₀·(in·k + out) for Q and P plus r₀ singular values Λ (r₀ = init_r), scaling α / r₀."""
+    r = config.init_r
+    assert layer.r["default"] == r, key
+    assert layer.factor("default") == pytest.approx(config.lora_alpha / (r + 1e-5), rel=1e-6), key  # peft's ε
+    base = layer.get_base_layer()
+    n_in, n_out = layer_features(base)
+    k = math.prod(base.kernel_size) if isinstance(base, nn.Conv2d) else 1
+    return r * (n_in * k + n_out) + r
+
+
 def ia3_count(layer: AdapterLayer, config: TargetingConfig, key: str) -> int:
     """(IA)³'s formula: one number per input feature of a feed-forward target, per output feature otherwise
     (channels on a convolution)."""
@@ -212,6 +223,7 @@ def adaption_prompt_count(layer: AdapterLayer, config: TargetingConfig, key: str
 
 
 TRAITS: dict[str, Traits] = {
+    "ADALORA": Traits(count=adalora_count, identity=lambda c: None if c.init_lora_weights is False else "exact"),
     "LORA": Traits(count=lora_count, identity=lora_identity,
                    mutates_base=lambda c: c.init_lora_weights in ("pissa", "olora")),
     "LOHA": Traits(count=loha_count, identity=lycoris_identity),
@@ -325,6 +337,24 @@ CASES = [
     Case("lokr-t5", "t5", LoKrConfig(target_modules=["q", "v", "wo"], r=2, task_type="SEQ_2_SEQ_LM"), 16),
     Case("lokr-bert-cls", "bert_cls", LoKrConfig(target_modules=["query", "value"], r=1, alpha=2, task_type="SEQ_CLS"),
          4, ("classifier",)),
+    # --- AdaLoRA -------------------------------------------------------------------------------------
+    Case("adalora-mlp", "mlp", AdaLoraConfig(target_modules=["lin0", "lin1"], total_step=10), 2),
+    Case("adalora-mlp-dropout-bias-mts", "mlp", AdaLoraConfig(target_modules=["lin0"], init_r=4, target_r=2, lora_alpha=16,
+                                                             lora_dropout=0.1, bias="lora_only", total_step=10,
+                                                             modules_to_save=["lin1"]), 1),
+    Case("adalora-mlp-init-false", "mlp", AdaLoraConfig(target_modules=["lin0"], init_lora_weights=False,
+                                                        total_step=10), 1),
+    Case("adalora-conv2d", "conv2d", AdaLoraConfig(target_modules=["conv2d", "lin0"], init_r=3, target_r=2,
+                                                   total_step=10), 2),
+    Case("adalora-llama-layers", "llama", AdaLoraConfig(target_modules=LLAMA_ATTN, layers_to_transform=[1],
+                                                        layers_pattern="layers", total_step=10,
+                                                        task_type="CAUSAL_LM"), 4),
+    Case("adalora-gpt2", "gpt2", AdaLoraConfig(target_modules=["c_attn"], fan_in_fan_out=True, bias="all",
+                                               total_step=10, task_type="CAUSAL_LM"), 2),
+    Case("adalora-t5", "t5", AdaLoraConfig(target_modules=["q", "v"], init_r=4, target_r=2, total_step=10,
+                                           task_type="SEQ_2_SEQ_LM"), 12),
+    Case("adalora-bert-cls", "bert_cls", AdaLoraConfig(target_modules=["query", "value"], total_step=10,
+                                                       task_type="SEQ_CLS"), 4, ("classifier",)),
     # --- (IA)³ --------------------------------------------------------------------------------------
     Case("ia3-mlp-ff", "mlp", IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"]), 2),
     Case("ia3-mlp-regex-init-false", "mlp", IA3Config(target_modules=r"lin\d", feedforward_modules=r".*lin0",

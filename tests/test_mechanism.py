@@ -308,6 +308,45 @@ def test_bias_modes_are_the_methods_own():
 
 
 # ---------------------------------------------------------------------------------------------------
+# per-step work of a method (AdaLoRA's allocation) and keys a method's file carries at their defaults
+# ---------------------------------------------------------------------------------------------------
+def test_step_hooks_find_tuners_that_act_per_step():
+    """``step_hooks`` returns ``on_optimizer_step`` of the tuners that override it (none for LoRA); the lab's
+    training loop calls each after every optimizer step with the 0-based step, before the user's on_step."""
+    from peftlab.lab.train import train
+    from peftlab.tuners.base import step_hooks
+
+    lora = get_peft_model(base_model("mlp"), LoraConfig(target_modules=["lin0"]))
+    assert step_hooks(lora) == []
+    calls: list[tuple[str, int]] = []
+
+    class Counting(type(lora.base_model)):
+        def on_optimizer_step(self, global_step: int) -> None:
+            assert all(p.grad is not None for p in self.parameters() if p.requires_grad)  # before zero_grad
+            calls.append(("tuner", global_step))
+
+    lora.base_model.__class__ = Counting
+    assert step_hooks(lora) == [lora.base_model.on_optimizer_step]
+    x = torch.randn(4, 10)
+    train(lora, lambda step: (x, torch.zeros(4, dtype=torch.long)), steps=3, progress=False,
+          on_step=lambda step, m, loss, opt: calls.append(("user", step)))
+    assert calls == [("tuner", 0), ("user", 0), ("tuner", 1), ("user", 1), ("tuner", 2), ("user", 2)]
+
+
+def test_file_defaults_are_accepted_only_at_their_default():
+    @dataclass
+    class WithFileDefaults(TargetingConfig):
+        PEFT_TYPE = "LORA"
+        FILE_DEFAULTS = {"use_rslora": False, "eva_config": None}
+
+    data = {"target_modules": ["lin0"], "use_rslora": False, "eva_config": {}}
+    config = WithFileDefaults.from_dict(data)
+    assert config.to_dict()["use_rslora"] is False and config.to_dict()["eva_config"] is None
+    with pytest.raises(ValueError, match="use_rslora=True.*only its default False"):
+        WithFileDefaults.from_dict({**data, "use_rslora": True})
+
+
+# ---------------------------------------------------------------------------------------------------
 # per-token adapter weights (the hook X-LoRA's gate uses)
 # ---------------------------------------------------------------------------------------------------
 class _Fixed:

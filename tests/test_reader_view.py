@@ -69,7 +69,7 @@ def test_tables_are_dataframes_not_markdown_strings(path: Path) -> None:
 @pytest.mark.parametrize("chapter, methods", [("lora", ["lora"]), ("lora_in_practice", ["dora"]),
                                               ("loha_lokr", ["loha", "lokr"]), ("oft_boft", ["oft", "boft"]),
                                               ("ia3", ["ia3"]), ("llama_adapter", ["llama_adapter"]),
-                                              ("xlora", ["xlora"])])
+                                              ("xlora", ["xlora"]), ("adalora", ["adalora"])])
 def test_method_chapters_draw_their_diagram(chapter: str, methods: list[str]) -> None:
     text = "\n".join(_src(c) for c in _cells(ROOT / "book" / f"{chapter}.ipynb") if c["cell_type"] == "code")
     for m in methods:

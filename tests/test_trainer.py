@@ -203,7 +203,8 @@ def test_save_model_with_a_gathered_state_dict_writes_its_adapter_tensors(tmp_pa
 # methods whose config does not take a list of target layers, needs a field without a default, or whose
 # default does not fit the tiny Llama's 16 features (OFT's block size of 32)
 METHOD_KWARGS = {"ADAPTION_PROMPT": {"adapter_len": 2, "adapter_layers": 1, "target_modules": "self_attn"},
-                 "OFT": {"oft_block_size": 4}, "BOFT": {"boft_block_size": 4}}
+                 "OFT": {"oft_block_size": 4}, "BOFT": {"boft_block_size": 4},
+                 "ADALORA": {"total_step": 100}}
 
 
 def method_config(spec) -> TargetingConfig:

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftlab.lab.profile import seed_everything
+from peftlab.tuners.base import step_hooks as tuner_step_hooks
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -203,6 +204,14 @@ def _hook_list(hooks: Hooks, name: str) -> list[StepHook]:
     return listed
 
 
+def _method_hook(hook: Callable[[int], None]) -> StepHook:
+    def run(step: int, model: nn.Module, loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+        hook(step)
+
+    run.__name__ = getattr(hook, "__qualname__", "on_optimizer_step")
+    return run
+
+
 def _call_hooks(hooks: list[StepHook], name: str, step: int, model: nn.Module, loss: torch.Tensor,
                 opt: torch.optim.Optimizer) -> None:
     for h in hooks:
@@ -244,7 +253,9 @@ def train(
     mixed-precision code path).
 ``on_backward`` / ``on_step``: a hook ``hook(step, model, loss, optimizer)`` or a list of them,
 called once per step after ``loss.backward()`` (and clipping), before / after ``optimizer.step()``,
-always before ``zero_grad``, so gradients are present in both.
+always before ``zero_grad``, so gradients are present in both. A tuner's own per-step work
+(``BaseTuner.on_optimizer_step``: AdaLoRA's ``update_and_allocate(step)``) runs first among the
+``on_step`` hooks without being asked.
 
     Explained in: book/lab.ipynb
     """
@@ -253,6 +264,9 @@ always before ``zero_grad``, so gradients are present in both.
     if eval_every < 0:
         raise ValueError(f"eval_every must be >= 0, got {eval_every}")
     backward_hooks, step_hooks = _hook_list(on_backward, "on_backward"), _hook_list(on_step, "on_step")
+    # a method's own per-step work (AdaLoRA's rank allocation) runs first among the on_step hooks, so it
+    # cannot be forgotten
+    step_hooks = [_method_hook(h) for h in tuner_step_hooks(model)] + step_hooks
     seed_everything(seed)
     if device is not None:
         device = torch.device(device)

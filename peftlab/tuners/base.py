@@ -404,6 +404,19 @@ def get_submodule_parent(model: nn.Module, key: str) -> tuple[nn.Module, nn.Modu
     return parent, getattr(parent, child), child
 
 
+def step_hooks(model: nn.Module) -> list[Any]:
+    """``on_optimizer_step`` of every tuner inside ``model`` whose method overrides it (AdaLoRA): a
+    :class:`~peftlab.PeftModel`'s ``base_model``, or a tuner kept by the transformers-style API.
+
+    Explained in: book/adalora.ipynb
+    """
+    tuners = [m for m in model.modules() if isinstance(m, BaseTuner)]
+    kept = getattr(model, "__dict__", {}).get("_peftlab_tuner")  # peftlab.integrations.transformers
+    if isinstance(kept, BaseTuner) and kept not in tuners:
+        tuners.append(kept)
+    return [t.on_optimizer_step for t in tuners if type(t).on_optimizer_step is not BaseTuner.on_optimizer_step]
+
+
 # Task heads the task models add to modules_to_save; a model may have one of them and not the other.
 OPTIONAL_MODULES_TO_SAVE = ("classifier", "score", "qa_outputs")
 
@@ -507,6 +520,12 @@ class BaseTuner(nn.Module):
     def filter_targets(self, config: Any, keys: list[str]) -> list[str]:
         """The matched module names this method adapts (default: all; LLaMA-Adapter keeps the top layers)."""
         return keys
+
+    # ---- method hook: per training step --------------------------------------------------------
+    def on_optimizer_step(self, global_step: int) -> None:
+        """Work a method does after every optimizer step, before the gradients are cleared (AdaLoRA's rank
+        allocation). :func:`step_hooks` finds the tuners that override it; the lab's training loop and
+        ``peftlab.PeftlabCallback`` (a ``transformers.TrainerCallback``) call them. Default: nothing."""
 
     # ---- method hooks: files --------------------------------------------------------------------
     @classmethod

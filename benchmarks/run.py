@@ -395,6 +395,9 @@ def s_serving(a, dev, dt, n_adapters: int = 16, prompt: int = 64) -> dict:
             pm.add_adapter(n, lib_mod.LoraConfig(r=16, lora_alpha=32, target_modules=QKVO))
         pm.eval()
         randomise_B(pm)
+        if lib == "peftlab":  # the opt-in batched path (the default is bit-exact per adapter, k low-rank products)
+            for _, layer in pm.base_model.adapter_layers():
+                layer.batched_mixed_batches = True
         fns[lib], after[lib] = decoder(pm, x_prompt, x_step, {"adapter_names": names})
     base = llama(256, 4, dev, dt).eval()
     fns["base"], after["base"] = decoder(base, x_prompt, x_step, {})

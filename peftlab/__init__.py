@@ -24,6 +24,7 @@ from peftlab.tuners.lora import LoftQConfig, LoraConfig, LoraModel
 from peftlab.tuners.oft import OFTConfig, OFTModel
 from peftlab.tuners.xlora import XLoraConfig, XLoraModel
 from peftlab.utils.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
+from peftlab.utils.warning import PeftWarning
 
 __version__ = "0.1.0"
 
@@ -50,7 +51,7 @@ __all__ = [
     "IA3Config", "IA3Model", "AdaptionPromptConfig", "AdaptionPromptModel",
     "XLoraConfig", "XLoraModel", "AdaLoraConfig", "AdaLoraModel",
     "AdaLoraCallback", "PeftlabCallback",
-    "get_peft_model_state_dict", "set_peft_model_state_dict", "__version__", "Trainer",
+    "get_peft_model_state_dict", "set_peft_model_state_dict", "__version__", "Trainer", "PeftWarning",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
 ]

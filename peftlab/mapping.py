@@ -5,6 +5,7 @@ Explained in: book/quickstart.ipynb
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from peftlab.config import PeftConfig
@@ -29,17 +30,23 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     if revision is not None:
         peft_config.revision = revision
     cls = MODEL_TYPE_TO_PEFT_MODEL.get(str(peft_config.task_type), PeftModel)
-    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+               low_cpu_mem_usage=low_cpu_mem_usage)
 
 
 def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
-                            low_cpu_mem_usage: bool = False) -> nn.Module:
+                            low_cpu_mem_usage: bool = False, state_dict: dict[str, torch.Tensor] | None = None,
+                            ) -> nn.Module:
     """Put adapter layers into ``model`` itself (no ``PeftModel`` around it) and return it.
 
     State-dict names then have no ``base_model.model.`` prefix, as in transformers' and diffusers'
-    adapter integrations.
+    adapter integrations. ``low_cpu_mem_usage=True`` creates the adapter on the meta device (load a
+    checkpoint next with ``set_peft_model_state_dict(..., low_cpu_mem_usage=True)``); ``state_dict`` adapts
+    exactly the modules it has tensors for.
 
     Explained in: book/integrations.ipynb
     """
-    tuner_for(peft_config)(model, {adapter_name: peft_config}, adapter_name)
+    tuner = tuner_for(peft_config)(model, {adapter_name: peft_config}, adapter_name,
+                                   low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+    model.peft_config = tuner.peft_config  # as in peft: get/set_peft_model_state_dict find the config here
     return model

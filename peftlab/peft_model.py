@@ -14,6 +14,7 @@ import copy
 import functools
 import inspect
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -26,8 +27,9 @@ from peftlab.tuners.base import BaseTuner
 from peftlab.tuners.routing import BASE_ADAPTER, mixed_batch
 from peftlab.utils.io import (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, atomic_save_tensors, load_adapter_weights,
                               resolve_adapter_dir)
-from peftlab.utils.io import atomic_folder
-from peftlab.utils.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
+from peftlab.utils.io import atomic_folder, atomic_write_text
+from peftlab.config import PEFT_FORMAT_VERSION
+from peftlab.utils.save_and_load import adapter_state_dict, load_adapter_state_dict
 
 def tuner_for(config: PeftConfig) -> type[BaseTuner]:
     """The tuner class of ``config``'s method, from the registry (a clear error for an unknown method)."""
@@ -77,18 +79,17 @@ class PeftModel(nn.Module):
     task_modules_to_save: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
-                 autocast_adapter_dtype: bool = True) -> None:
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
         super().__init__()
         peft_config = self._add_task_modules(peft_config, model)
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = _model_name(model)
-        self.base_model = tuner_for(peft_config)(model, {adapter_name: peft_config}, adapter_name)
+        # (only when asked: a tuner that builds its layers otherwise, like X-LoRA, need not take the option)
+        meta = {"low_cpu_mem_usage": True} if low_cpu_mem_usage else {}
+        self.base_model = tuner_for(peft_config)(model, {adapter_name: peft_config}, adapter_name, **meta)
         prepare_model_for_gradient_checkpointing(model)
-        if not autocast_adapter_dtype:  # keep adapters in the base dtype (e.g. bf16) instead of float32
-            dtype = next(model.parameters()).dtype
-            for _, layer in self.base_model.adapter_layers():
-                for attr in layer.adapter_layer_names:
-                    getattr(layer, attr).to(dtype)
+        if not autocast_adapter_dtype:
+            self._keep_base_dtype(adapter_name)
         if type(self).forward is PeftModel.forward:
             self._show_base_signature(model)
 
@@ -137,6 +138,16 @@ class PeftModel(nn.Module):
     @property
     def active_adapters(self) -> list[str]:
         return self.base_model.active_adapters
+
+    def _keep_base_dtype(self, adapter_name: str) -> None:
+        """``autocast_adapter_dtype=False``: the adapter's tensors in the base dtype (e.g. bf16), not float32."""
+        dtype = next(self.get_base_model().parameters()).dtype
+        for _, layer in self.base_model.adapter_layers():
+            for _, entry in layer.adapter_tensors(adapter_name):
+                if isinstance(entry, nn.Module):
+                    entry.to(dtype)
+                else:
+                    entry.data = entry.data.to(dtype)
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (its adapter layers included)."""
@@ -190,42 +201,70 @@ class PeftModel(nn.Module):
             return self.base_model(*args, **kwargs)
 
     # ---- adapters ---------------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Add a new adapter (not activated: call ``set_adapter`` to use it)."""
-        current = next(iter(self.peft_config.values()))
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Add a new adapter (not activated: call ``set_adapter`` to use it). ``low_cpu_mem_usage=True`` creates
+        its tensors on the meta device (load a checkpoint into it next); ``autocast_adapter_dtype=False`` keeps
+        them in the base model's dtype."""
+        current = next(iter(self.peft_config.values()), peft_config)
         if str(peft_config.peft_type) != str(current.peft_type):
             raise ValueError(f"this model's adapters are {current.peft_type}; a {peft_config.peft_type} adapter "
                              "cannot be added to it")
         peft_config = self._add_task_modules(peft_config, self.get_base_model())
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = current.base_model_name_or_path
-        self.base_model.inject_adapter(adapter_name, peft_config)
+        self._check_new_adapter_config(adapter_name, peft_config)
+        self.base_model.inject_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+        if not autocast_adapter_dtype:
+            self._keep_base_dtype(adapter_name)
         # a fresh adapter is trainable only when it is active: keep the current active adapter as it was
-        self.base_model.set_adapter(self.active_adapter)
+        if self.active_adapter:
+            self.base_model.set_adapter(self.active_adapter)
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the active adapter (it becomes trainable unless loaded for inference)."""
-        self.base_model.set_adapter(adapter_name)
+    def _check_new_adapter_config(self, adapter_name: str, config: PeftConfig) -> None:
+        """peft's rule: of several adapters, at most one may train biases (``bias`` other than "none"), since the
+        biases are shared by all of them."""
+        configs = {**self.peft_config, adapter_name: config}
+        biased = [n for n, c in configs.items() if getattr(c, "bias", "none") != "none"]
+        if len(biased) > 1:
+            raise ValueError(
+                f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, set bias to "
+                "'none' for all adapters (the base biases they would train are shared by every adapter)"
+            )
+
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the active adapter; it trains unless ``inference_mode=True`` (or it was loaded
+        for inference)."""
+        if isinstance(adapter_name, str) and adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} not found; adapters: {sorted(self.peft_config)}")
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)  # a list: several active
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn gradients of the named adapters on or off without changing which adapter is active."""
+        self.base_model.set_requires_grad(adapter_names, requires_grad=requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Delete an adapter that is not active."""
-        if adapter_name in self.active_adapters:
-            others = sorted(set(self.peft_config) - {adapter_name})
-            raise ValueError(
-                f"adapter {adapter_name!r} is the active adapter; switch with set_adapter(...) to one of {others} "
-                "first" if others else
-                f"adapter {adapter_name!r} is the only adapter; use unload() to get the plain model back"
-            )
+        """Delete an adapter. Deleting the active one activates the first remaining adapter by name (with a
+        warning, as peft does); after the last one no adapter is active and the model computes the base model.
+        A merged adapter is refused (unmerge it first)."""
         self.base_model.delete_adapter(adapter_name)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Within this context the model computes exactly what the base model computes."""
+        """Within this context the model computes exactly what the base model computes. Afterwards the adapter
+        layers are enabled again, unless all of them were disabled before (peft's semantics); when some were
+        enabled and others not, a warning says that all will be enabled afterwards."""
+        states = {not layer.disable_adapters for _, layer in self.base_model.adapter_layers()}
+        if len(states) > 1:
+            warnings.warn("The model contains some adapter layers that are enabled and others that are disabled. This "
+                          "is most likely unintentional. After exiting the disable_adapter context, all adapters will "
+                          "be enabled", UserWarning, stacklevel=3)
         self.base_model.disable_adapter_layers()
         try:
             yield
         finally:
-            self.base_model.enable_adapter_layers()
+            if states != {False}:  # enabled, or irregular: enabled again (all disabled before: left disabled)
+                self.base_model.enable_adapter_layers()
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
@@ -266,11 +305,17 @@ class PeftModel(nn.Module):
 
     # ---- files ------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
-                        selected_adapters: Sequence[str] | None = None, is_main_process: bool = True,
+                        selected_adapters: Sequence[str] | None = None, save_embedding_layers: str | bool = "auto",
+                        is_main_process: bool = True,
                         path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
                         **kwargs: Any) -> None:
         """Write each adapter as ``adapter_model.safetensors`` + ``adapter_config.json``; the ``default``
-        adapter in ``save_directory``, any other in ``save_directory/<name>``.
+        adapter in ``save_directory``, any other in ``save_directory/<name>``; and a model card ``README.md``
+        (written, or updated when one is there, as peft does).
+
+        ``save_embedding_layers``: ``"auto"`` (peft's default) also writes the whole input/output embedding
+        matrices when an embedding is a target or the vocabulary was resized, with a warning; ``True`` always,
+        ``False`` never.
 
         ``path_initial_model_for_weight_conversion``: the folder where a PiSSA/OLoRA adapter was saved right
         after ``get_peft_model`` (before training). The adapter is then written as a plain LoRA for the
@@ -289,14 +334,17 @@ class PeftModel(nn.Module):
         if not is_main_process:
             return
         with atomic_folder(save_directory, keep_existing=True) as stage:  # all adapters appear at once, or none
-            self._save_adapters(stage, names, safe_serialization, path_initial_model_for_weight_conversion)
+            self.create_or_update_model_card(stage)
+            self._save_adapters(stage, names, safe_serialization, path_initial_model_for_weight_conversion,
+                                save_embedding_layers)
 
     def _save_adapters(self, save_directory: str, names: Sequence[str], safe_serialization: bool,
-                       path_initial_model_for_weight_conversion: str | os.PathLike | None) -> None:
+                       path_initial_model_for_weight_conversion: str | os.PathLike | None,
+                       save_embedding_layers: str | bool = "auto") -> None:
         for name in names:
             folder = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
             config = copy.copy(self.peft_config[name])
-            state = get_peft_model_state_dict(self, name, config)
+            state = adapter_state_dict(self, name, config, save_embedding_layers=save_embedding_layers)
             if path_initial_model_for_weight_conversion is not None:
                 state, config = tuner_for(config).convert_for_save(state, config,
                                                                    path_initial_model_for_weight_conversion)
@@ -314,29 +362,73 @@ class PeftModel(nn.Module):
             config.save_pretrained(folder)
             self.base_model.save_companions(folder, name, safe_serialization)  # e.g. X-LoRA's experts
 
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        """Write ``README.md`` in ``output_dir``, or update the one there, with what peft puts in a model card:
+        ``library_name: peft`` (the file format), the tags (``lora``, ``transformers``, ``base_model:adapter:...``),
+        ``base_model``, ``pipeline_tag`` for a causal LM, and a framework-versions line.
+
+        Explained in: book/peft_differences.md
+        """
+        write_model_card(self, output_dir)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+                    private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
+                    create_pr: bool = False, max_shard_size: int | str | None = "50GB",
+                    tags: list[str] | None = None) -> str:
+        """Save the adapters (and the model card) and upload them to the Hub repository ``repo_id`` through
+        ``huggingface_hub`` (created when it does not exist); returns the commit's URL. transformers' signature,
+        which peft's ``PeftModel`` inherits.
+
+        Explained in: book/peft_differences.md
+        """
+        import tempfile
+
+        import huggingface_hub
+
+        api = huggingface_hub.HfApi(token=token if isinstance(token, str) else None)
+        repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            if tags:
+                add_model_card_tags(os.path.join(tmp, "README.md"), tags)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message or
+                                       "Upload model", commit_description=commit_description, token=token,
+                                       revision=revision, create_pr=create_pr)
+        return str(getattr(commit, "commit_url", commit))
+
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, config: PeftConfig | None = None, allow_pickle: bool = False,
+                        is_trainable: bool = False, config: PeftConfig | None = None,
+                        autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
+                        low_cpu_mem_usage: bool = False, key_mapping: dict[str, str] | None = None,
                         **kwargs: Any) -> PeftModel:
         """Wrap ``model`` with the adapter saved in ``model_id`` (a folder written by ``save_pretrained`` in
-        peftlab or peft). The adapter is frozen unless ``is_trainable=True``.
+        peftlab or peft, or a Hub repository). The adapter is frozen unless ``is_trainable=True``.
+        ``low_cpu_mem_usage=True`` creates the adapter on the meta device and puts the checkpoint's tensors in
+        place (no initialisation, no second copy). ``key_mapping`` (regex → replacement) renames checkpoint keys
+        (without ``base_model.model.``) before loading. ``.bin`` checkpoints are read with
+        ``torch.load(weights_only=True)`` (never a full unpickle), with a warning that safetensors is preferred.
 
         Explained in: book/configs.ipynb
         """
-        # from the Hub, fetch adapter_model.bin too when the caller accepts pickles (older adapters have no safetensors)
+        if ephemeral_gpu_offload:
+            raise ValueError("ephemeral_gpu_offload=True (DoRA on offloaded weights) is not implemented in peftlab; "
+                             "load without it")
         folder = resolve_adapter_dir(model_id, subfolder=kwargs.get("subfolder"), revision=kwargs.get("revision"),
-                                     filenames=(WEIGHTS_NAME,) if allow_pickle else ())
+                                     filenames=(WEIGHTS_NAME,))
         if config is None:
             config = PeftConfig.from_pretrained(folder)
         config.inference_mode = not is_trainable
         tuner_for(config).prepare_load(config, folder, kwargs)  # e.g. where X-LoRA's experts are
-        weights = load_adapter_weights(folder, allow_pickle=allow_pickle)  # read before touching the model
+        weights = _mapped(load_adapter_weights(folder, allow_pickle=kwargs.get("allow_pickle")), key_mapping)
         task = config.task_type
         peft_cls = MODEL_TYPE_TO_PEFT_MODEL.get(str(task), PeftModel) if cls is PeftModel else cls
         requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-        peft_model = peft_cls(model, config, adapter_name)
+        peft_model = peft_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                              low_cpu_mem_usage=low_cpu_mem_usage)
         try:
-            set_peft_model_state_dict(peft_model, weights, adapter_name, config)
+            load_adapter_state_dict(peft_model, weights, adapter_name, config,
+                                    ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False))
         except ValueError:
             peft_model.unload()  # leave the caller's model as it was, trainable flags included
             for p, flag in requires_grad:
@@ -347,24 +439,123 @@ class PeftModel(nn.Module):
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     allow_pickle: bool = False, **kwargs: Any) -> None:
-        """Add the adapter saved in ``model_id`` under ``adapter_name`` (not activated)."""
+                     torch_device: str | None = None, autocast_adapter_dtype: bool = True,
+                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
+                     key_mapping: dict[str, str] | None = None, **kwargs: Any):
+        """Add the adapter saved in ``model_id`` under ``adapter_name`` (not activated). Returns peft's load
+        result: ``missing_keys`` (adapter tensors of ``adapter_name`` the checkpoint did not fill: none, since
+        a checkpoint that misses some is refused) and ``unexpected_keys``.
+
+        Explained in: book/configs.ipynb
+        """
+        if ephemeral_gpu_offload:
+            raise ValueError("ephemeral_gpu_offload=True is not implemented in peftlab; load without it")
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another adapter_name")
-        # from the Hub, fetch adapter_model.bin too when the caller accepts pickles (older adapters have no safetensors)
         folder = resolve_adapter_dir(model_id, subfolder=kwargs.get("subfolder"), revision=kwargs.get("revision"),
-                                     filenames=(WEIGHTS_NAME,) if allow_pickle else ())
+                                     filenames=(WEIGHTS_NAME,))
         config = PeftConfig.from_pretrained(folder)
         config.inference_mode = not is_trainable
-        weights = load_adapter_weights(folder, allow_pickle=allow_pickle)
-        self.add_adapter(adapter_name, config)
+        for init in ("pissa", "corda", "olora"):  # peft's warning: these change the base weights
+            if any(getattr(c, "init_lora_weights", None) == init for c in (config, *self.peft_config.values())):
+                name = {"pissa": "PiSSA", "corda": "CorDA", "olora": "OLoRA"}[init]
+                warnings.warn(f"{name} changes the base weights of the model and should thus not be used with other "
+                              f"adapters. Consider converting the {name} adapter into a normal LoRA adapter "
+                              "(save_pretrained(..., path_initial_model_for_weight_conversion=...)).", UserWarning,
+                              stacklevel=2)
+                break
+        weights = _mapped(load_adapter_weights(folder, allow_pickle=kwargs.get("allow_pickle"),
+                                               device=torch_device or "cpu"), key_mapping)
+        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage,
+                         autocast_adapter_dtype=autocast_adapter_dtype)
         try:
-            set_peft_model_state_dict(self, weights, adapter_name, config)
+            result = load_adapter_state_dict(self, weights, adapter_name, config,
+                                             ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False))
         except ValueError:
-            self.base_model.delete_adapter(adapter_name)
+            self.base_model.remove_adapter_entirely(adapter_name)
             raise
-        if not is_trainable:
+        prefix = self.base_model.prefix
+        result.missing_keys[:] = [k for k in result.missing_keys if prefix in k and adapter_name in k]
+        if is_trainable:
+            self.set_requires_grad(adapter_name)
+        else:
             self.eval()
+        return result
+
+
+def _mapped(state: dict[str, torch.Tensor], key_mapping: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    """peft's ``key_mapping``: regex replacements applied to checkpoint keys without ``base_model.model.``."""
+    if not key_mapping:
+        return state
+    import re
+
+    prefix = "base_model.model."
+    out = {}
+    for key, value in state.items():
+        had = key.startswith(prefix)
+        k = key.removeprefix(prefix)
+        for pattern, replacement in key_mapping.items():
+            k, n = re.subn(pattern, replacement, k)
+            if n:
+                break
+        out[(prefix if had else "") + k] = value
+    return out
+
+
+def add_model_card_tags(path: str, tags: Sequence[str]) -> None:
+    """Add ``tags`` to the model card at ``path`` (push_to_hub's ``tags``)."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(open(path).read())
+    card.data.tags = sorted(set(card.data.tags or []) | set(tags))
+    atomic_write_text(path, str(card))
+
+
+def write_model_card(model: PeftModel, output_dir: str) -> None:
+    """The model card peft writes (see :meth:`PeftModel.create_or_update_model_card`), atomically.
+
+    Explained in: book/peft_differences.md
+    """
+    from huggingface_hub import ModelCard
+
+    import peftlab
+
+    path = os.path.join(output_dir, "README.md")
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else \
+        "---\n{}\n---\n\n# Model Card\n\nAn adapter saved with peftlab, in PEFT's file format.\n"
+    card = ModelCard(text)
+    card.data["library_name"] = "peft"
+    base = model.get_base_model()
+    tags = set(getattr(base, "model_tags", None) or [])
+    try:
+        import transformers
+
+        if isinstance(base, transformers.PreTrainedModel):
+            tags.add("transformers")
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    config = model.peft_config.get(model.active_adapters[0]) if model.active_adapters else None
+    if config is not None and str(config.peft_type) == "LORA":
+        tags.add("lora")
+    name = getattr(base, "name_or_path", None)
+    if name:
+        tags.add(f"base_model:adapter:{name}")
+    if tags:
+        card.data["tags"] = sorted(tags | set(card.data.tags or []))
+    if not card.data.get("pipeline_tag") and isinstance(model, PeftModelForCausalLM):
+        card.data["pipeline_tag"] = "text-generation"
+    name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None)
+    if name_or_path:
+        card.data["base_model"] = name_or_path
+    lines = card.text.splitlines()
+    heading, line = "### Framework versions", f"- peftlab {peftlab.__version__} (PEFT {PEFT_FORMAT_VERSION} file format)"
+    if line not in lines:
+        if heading in lines:
+            lines.insert(lines.index(heading) + 2, line)
+        else:
+            lines.append(f"{heading}\n\n{line}")
+    card.text = "\n".join(lines)
+    atomic_write_text(path, str(card))
 
 
 class PeftModelForCausalLM(PeftModel):

@@ -51,6 +51,7 @@ def register_method(spec: MethodSpec) -> MethodSpec:
                          f"registered peft_type={spec.peft_type!r}")
     _METHODS[spec.peft_type] = spec
     spec.tuner_class.method = spec  # the tuner reads its own flags (supports_merge, prefix) from here
+    spec.tuner_class.prefix = spec.prefix  # peft's name for it
     return spec
 
 

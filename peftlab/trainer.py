@@ -39,7 +39,7 @@ from peftlab.integrations.trainer import PeftlabCallback
 from peftlab.integrations.transformers import get_tuner, save_adapter
 from peftlab.peft_model import PeftModel, tuner_for
 from peftlab.utils.io import SAFETENSORS_WEIGHTS_NAME, atomic_folder, atomic_save_tensors, load_adapter_weights
-from peftlab.utils.save_and_load import adapter_state_items, set_peft_model_state_dict
+from peftlab.utils.save_and_load import adapter_state_items, load_adapter_state_dict
 
 TRAINING_ARGS_NAME = "training_args.bin"  # the file transformers.Trainer writes next to a saved model
 
@@ -86,7 +86,7 @@ def load_adapters_from_checkpoint(model: nn.Module, folder: str | os.PathLike) -
         if os.path.isfile(os.path.join(path, CONFIG_NAME)):  # triplets each module kept at that step)
             configs[name] = PeftConfig.from_pretrained(path)
     for name, state in weights.items():  # each call checks every tensor before copying any
-        set_peft_model_state_dict(model, state, name, configs[name])
+        load_adapter_state_dict(model, state, name, configs[name])
     return list(weights)
 
 

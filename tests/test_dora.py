@@ -48,8 +48,8 @@ IDS = [c[0] for c in CASES]
 
 
 def canonical(name: str) -> str:
-    """peft keeps m in a module (``...lora_magnitude_vector.<adapter>.weight``), peftlab in a ParameterDict."""
-    return name[:-len(".weight")] if ".lora_magnitude_vector." in name and name.endswith(".weight") else name
+    """peft and peftlab hold m under the same name (``...lora_magnitude_vector.<adapter>.weight``)."""
+    return name
 
 
 
@@ -77,7 +77,7 @@ def reference_forward(layer, x: torch.Tensor) -> torch.Tensor:
     W = W.T if layer.fan_in_fan_out else W
     V = W + s * B @ A
     n = torch.linalg.norm(V, dim=1).detach()
-    return (layer.lora_magnitude_vector["default"] / n) * F.linear(x, V) + (0 if layer.bias is None else layer.bias)
+    return (layer.lora_magnitude_vector["default"].weight / n) * F.linear(x, V) + (0 if layer.bias is None else layer.bias)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def test_magnitude_initialised_to_row_norms(case):
     _, model, kwargs = case
     pm = build("peftlab", model, kwargs, filled=False)
     for key, layer in dora_layers(pm).items():
-        m = layer.lora_magnitude_vector["default"]
+        m = layer.lora_magnitude_vector["default"].weight
         assert m.shape == (layer.out_features,) and m.requires_grad, key
         torch.testing.assert_close(m, dora.reference_weight_norm(layer, "default"), atol=1e-5, rtol=1e-6, msg=key)
     # W' = W at init: the output is the original model's (PiSSA + DoRA included: W_res + s·B₀A₀ = W)
@@ -158,7 +158,7 @@ def test_gradients_reach_m_and_the_norm_is_detached(case):
     for key, layer in dora_layers(pm).items():
         x = torch.randn(7, layer.in_features, generator=torch.Generator().manual_seed(3), requires_grad=True)
         params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
-                  layer.lora_magnitude_vector["default"], x]
+                  layer.lora_magnitude_vector["default"].weight, x]
         y = layer(x)
         grads = torch.autograd.grad(y.pow(2).sum(), params)
         assert grads[2].abs().sum() > 0  # the magnitude learns
@@ -225,7 +225,7 @@ def test_merge_unmerge_exact(case):
     for key, layer in dora_layers(pm).items():
         W, delta = weights[key], layer.get_delta_weight("default")
         V = (W + delta).T if layer.fan_in_fan_out else W + delta
-        c = layer.lora_magnitude_vector["default"].detach() / torch.linalg.norm(V, dim=1)
+        c = layer.lora_magnitude_vector["default"].weight.detach() / torch.linalg.norm(V, dim=1)
         expected = c[:, None] * V  # W' = m/‖W + ΔW‖ · (W + ΔW)
         got = layer.get_base_layer().weight.detach()
         torch.testing.assert_close(got.T if layer.fan_in_fan_out else got, expected, atol=1e-6, rtol=1e-6, msg=key)
@@ -324,15 +324,14 @@ def test_adapters_move_both_ways(case, direction, tmp_path):
             assert torch.equal(p, saved[canonical(n)]), n
 
 
-def test_in_memory_names_differ_from_peft_only_by_the_weight_suffix():
-    """Divergence: peft holds m as ``lora_magnitude_vector.<adapter>.weight`` (a module per adapter), peftlab as
-    ``lora_magnitude_vector.<adapter>`` (a ParameterDict entry); the files are identical."""
+def test_in_memory_names_equal_peft():
+    """m lives in ``lora_magnitude_vector.<adapter>.weight`` in both libraries; the files hold
+    ``...lora_magnitude_vector`` (no ``.weight``) in both."""
     ref, ours = build("peft", "mlp", CASES[0][2]), build("peftlab", "mlp", CASES[0][2])
     ref_names = {n for n, _ in ref.named_parameters()}
     our_names = {n for n, _ in ours.named_parameters()}
-    assert "base_model.model.lin0.lora_magnitude_vector.default.weight" in ref_names
-    assert "base_model.model.lin0.lora_magnitude_vector.default" in our_names
-    assert {canonical(n) for n in ref_names} == our_names
+    assert "base_model.model.lin0.lora_magnitude_vector.default.weight" in our_names
+    assert ref_names == our_names
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -360,24 +359,41 @@ def test_mixed_batch_with_dora_equals_separate_runs():
         output(ref, x, adapter_names=["default", "__base__", "default", "default"])
 
 
-@pytest.mark.parametrize("model,targets,kind", [("emb_conv1d", ["emb", "conv1d"], "Embedding"),
-                                                ("conv2d", ["conv2d"], "Conv2d"),
-                                                ("conv1d", ["conv1d"], "Conv1d")])
-def test_dora_on_unsupported_layers_is_refused_at_injection(model, targets, kind):
-    base = base_model(model)
-    before = {k: v.clone() for k, v in base.state_dict().items()}
-    with pytest.raises(ValueError) as info, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        get_peft_model(base, LoraConfig(target_modules=targets, use_dora=True))
-    msg = str(info.value)
-    assert "use_dora=True" in msg and kind in msg and "nn.Linear" in msg and "exclude_modules" in msg
-    assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())  # nothing changed
+@pytest.mark.parametrize("model,targets", [("emb_conv1d", ["emb", "conv1d"]), ("conv2d", ["conv2d"]),
+                                           ("conv1d", ["conv1d"])])
+def test_dora_on_conv_and_embedding_matches_peft(model, targets):
+    """DoRA on nn.Embedding and nn.Conv1d/2d: a fresh adapter is exactly the base model, the magnitude has peft's
+    shape and name, a filled adapter gives peft's outputs, and merging gives the unmerged outputs."""
+    x = example_inputs(model, batch=3)
+    base_out = output(base_model(model), x)
+    kwargs = dict(target_modules=targets, use_dora=True)
+    fresh = get_peft_model(base_model(model), LoraConfig(**kwargs)).eval()
+    assert torch.equal(output(fresh, x), base_out)
+    ref, ours = build("peft", model, kwargs), build("peftlab", model, kwargs)
+    ref_shapes = {n: p.shape for n, p in ref.named_parameters()}
+    assert ref_shapes == {n: p.shape for n, p in ours.named_parameters()}
+    expected = output(ref, x)
+    torch.testing.assert_close(output(ours, x), expected, atol=1e-5, rtol=0)
+    ours.merge_adapter()
+    torch.testing.assert_close(output(ours, x), expected, atol=1e-5, rtol=0)
+    ours.unmerge_adapter()
+    torch.testing.assert_close(output(ours, x), expected, atol=1e-5, rtol=0)
 
 
-def test_dora_cannot_be_added_to_an_existing_embedding_adapter():
+def test_dora_on_a_grouped_conv_is_refused():
+    """peft builds a grouped conv's DoRA norm from B·A reshaped out of its layout (a meaningless number); peftlab
+    refuses it before changing the model."""
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="use_dora=True.*grouped Conv2d"):
+        get_peft_model(model, LoraConfig(target_modules=["0"], r=4, use_dora=True))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_dora_can_be_added_to_an_existing_embedding_adapter():
     pm = get_peft_model(base_model("emb_conv1d"), LoraConfig(target_modules=["emb"]))
-    with pytest.raises(ValueError, match="use_dora=True.*supports"):
-        pm.add_adapter("dora", LoraConfig(target_modules=["emb"], use_dora=True))
+    pm.add_adapter("dora", LoraConfig(target_modules=["emb"], use_dora=True))
+    assert pm.base_model.model.emb.lora_magnitude_vector["dora"].weight.shape == (5,)
 
 
 def test_dora_with_lora_bias_refused():
@@ -392,7 +408,7 @@ def test_save_load_round_trip_and_trainable_reload(tmp_path):
     loaded = PeftModel.from_pretrained(base_model("gpt2"), tmp_path, is_trainable=True)
     torch.testing.assert_close(output(loaded, x), output(pm, x), atol=0, rtol=0)
     trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
-    assert any(n.endswith("lora_magnitude_vector.default") for n in trainable)
+    assert any(n.endswith("lora_magnitude_vector.default.weight") for n in trainable)
 
 
 # ---------------------------------------------------------------------------------------------------

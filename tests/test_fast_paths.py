@@ -92,6 +92,12 @@ def test_training_step_uses_the_fused_node_and_matches_plain_path() -> None:
 
 
 # ---- mixed batches -------------------------------------------------------------------------------
+@pytest.fixture
+def batched(monkeypatch):
+    """The opt-in batched (bmm) mixed-batch path; the default path is the exact per-adapter forward."""
+    monkeypatch.setattr(LoraLinear, "batched_mixed_batches", True)
+
+
 def _multi(ranks=(4, 4, 4), dropout: float = 0.0, lin1_for_c: bool = True):
     torch.manual_seed(0)
     model = peftlab.get_peft_model(MLP(), peftlab.LoraConfig(r=ranks[0], lora_alpha=8, target_modules=["lin0", "lin1"],
@@ -118,7 +124,7 @@ def _per_adapter(model, x: torch.Tensor, names: list[str]) -> torch.Tensor:
 
 @pytest.mark.parametrize("shape", [(7, 12), (7, 3, 12)])
 @pytest.mark.parametrize("case", ["equal_ranks", "unequal_ranks", "adapter_missing_in_a_layer"])
-def test_mixed_batch_equals_per_adapter_runs(shape, case: str) -> None:
+def test_mixed_batch_equals_per_adapter_runs(shape, case: str, batched) -> None:
     model = _multi(ranks=(4, 2, 6) if case == "unequal_ranks" else (4, 4, 4),
                    lin1_for_c=case != "adapter_missing_in_a_layer")
     x = torch.randn(*shape)
@@ -129,7 +135,7 @@ def test_mixed_batch_equals_per_adapter_runs(shape, case: str) -> None:
     torch.testing.assert_close(mixed, want)
 
 
-def test_batched_path_is_taken_and_falls_back() -> None:
+def test_batched_path_is_taken_and_falls_back(batched) -> None:
     model = _multi()
     layer = model.base_model.model.lin0
     calls = []
@@ -153,14 +159,14 @@ def test_batched_path_is_taken_and_falls_back() -> None:
     assert layer._stacked(("a", "b"), torch.randn(2, 12)) is not None
 
 
-def test_mixed_batch_with_active_dropout_falls_back_and_trains() -> None:
+def test_mixed_batch_with_active_dropout_falls_back_and_trains(batched) -> None:
     model = _multi(dropout=0.1).train()
     layer = model.base_model.model.lin0
     assert layer._stacked(("a", "b", "c"), torch.randn(2, 12)) is None
     model(torch.randn(3, 12), adapter_names=["a", "b", "c"]).sum().backward()
 
 
-def test_mixed_batch_gradients_match_grouped_loop(monkeypatch) -> None:
+def test_mixed_batch_gradients_match_grouped_loop(monkeypatch, batched) -> None:
     model = _multi()
     model.set_adapter(["a", "b", "c"])  # trainable
     x = torch.randn(4, 12)
@@ -175,7 +181,7 @@ def test_mixed_batch_gradients_match_grouped_loop(monkeypatch) -> None:
         torch.testing.assert_close(g, model.get_parameter(n).grad, msg=n)
 
 
-def test_stack_cache_follows_weight_updates() -> None:
+def test_stack_cache_follows_weight_updates(batched) -> None:
     model = _multi()
     x = torch.randn(3, 12)
     names = ["a", "b", "c"]
@@ -194,11 +200,11 @@ def test_fused_dora_equals_reference_formula() -> None:
     _randomise(model)
     layer = model.base_model.model.lin0
     with torch.no_grad():
-        layer.lora_magnitude_vector["default"].mul_(1.3)
+        layer.lora_magnitude_vector["default"].weight.mul_(1.3)
     x = torch.randn(5, 12)
     W, b = layer.base_layer.weight, layer.base_layer.bias
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    s, m = layer.scaling["default"], layer.lora_magnitude_vector["default"]
+    s, m = layer.scaling["default"], layer.lora_magnitude_vector["default"].weight
     n = reference_weight_norm(layer, "default")
     want = (m / n) * (F.linear(x, W) + s * F.linear(F.linear(x, A), B)) + b  # h = (m/‖W + sBA‖)(W + sBA)x + b
     torch.testing.assert_close(layer(x), want)
@@ -225,3 +231,22 @@ def test_fused_node_not_used_for_half_precision_base() -> None:
     layer = model.base_model.model.lin0
     x = torch.randn(2, 12, dtype=torch.bfloat16)
     assert not layer._fusable("default", x)
+
+
+@pytest.mark.parametrize("shape", [(7, 12), (7, 3, 12)])
+def test_default_mixed_batch_is_exactly_the_per_adapter_forward(shape) -> None:
+    """Without the opt-in, each adapter's rows run through the operations of that adapter's own forward (peft's
+    form), so a mixed batch equals the per-adapter runs bit for bit."""
+    model = _multi()
+    x = torch.randn(*shape)
+    names = ["a", "b", "__base__", "c", "a", "c", "__base__"]
+    with torch.no_grad():
+        mixed = model(x, adapter_names=names)
+        outs = {}
+        for name in ("a", "b", "c"):
+            model.set_adapter(name)
+            outs[name] = model(x)
+        with model.disable_adapter():
+            outs["__base__"] = model(x)
+    for row, name in enumerate(names):
+        assert torch.equal(mixed[row], outs[name][row]), (row, name)

@@ -179,14 +179,14 @@ def _untouched(model: torch.nn.Module) -> bool:
     return not any("lora_" in n for n, _ in model.named_parameters())
 
 
-def test_pickled_adapter_is_refused_unless_allowed_and_never_runs_code(tmp_path: Path) -> None:
+def test_pickled_adapter_loads_tensors_only_and_never_runs_code(tmp_path: Path) -> None:
     folder, out = _saved_lora(tmp_path, safe=False)
     model, inputs = _tiny()
-    with pytest.raises(ValueError, match="allow_pickle=True"):
-        PeftModel.from_pretrained(model, folder)
+    with pytest.raises(ValueError, match="allow_pickle=False"):  # refused when the caller says so
+        PeftModel.from_pretrained(model, folder, allow_pickle=False)
     assert _untouched(model)
-    with torch.no_grad():  # a plain tensor pickle loads when allowed (weights_only)
-        assert torch.equal(PeftModel.from_pretrained(model, folder, allow_pickle=True)(**inputs).logits, out)
+    with torch.no_grad(), pytest.warns(UserWarning, match="weights_only=True"):  # peft's default: tensors only
+        assert torch.equal(PeftModel.from_pretrained(model, folder)(**inputs).logits, out)
 
     marker = tmp_path / "pwned.txt"
     with open(folder / "adapter_model.bin", "wb") as fh:

@@ -622,7 +622,7 @@ def test_save_load_round_trip(case: Case, tmp_path):
     x = inputs(case)
     expected = output(model, x)
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     with quiet():
         loaded = PeftModel.from_pretrained(base_model(case.model), tmp_path)
     assert type(loaded) is type(model)

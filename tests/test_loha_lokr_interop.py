@@ -317,7 +317,7 @@ def test_same_files(case, pair_cache, tmp_path):
     ours.save_pretrained(tmp_path / "peftlab")
     ref_files = sorted(p.name for p in (tmp_path / "peft").iterdir())
     our_files = sorted(p.name for p in (tmp_path / "peftlab").iterdir())
-    assert our_files == [f for f in ref_files if f != "README.md"]
+    assert our_files == ref_files  # the model card README.md included
     ref_tensors, ref_config = read_files(tmp_path / "peft")
     our_tensors, our_config = read_files(tmp_path / "peftlab")
     assert {k: tuple(v.shape) for k, v in our_tensors.items()} == {k: tuple(v.shape) for k, v in ref_tensors.items()}

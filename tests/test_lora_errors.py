@@ -187,11 +187,24 @@ def test_target_of_unsupported_type_leaves_model_unchanged():
     assert_unchanged(model, before)  # lin0 was not wrapped either
 
 
-def test_grouped_conv_is_refused():
+def test_grouped_conv_rank_not_divisible_by_groups_is_refused():
+    """peft's rule: LoRA on a grouped conv needs r divisible by groups (B keeps the groups apart)."""
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
     before = snapshot(model)
-    with pytest.raises(ValueError, match="groups=2"):
-        get_peft_model(model, LoraConfig(target_modules=["0"]))
+    with pytest.raises(ValueError, match="groups=2 and rank 3.*divisible by groups"):
+        get_peft_model(model, LoraConfig(target_modules=["0"], r=3))
+    assert_unchanged(model, before)
+
+
+def test_grouped_conv_cannot_merge():
+    """ΔW of a LoRA on a grouped conv connects every input channel, which no grouped weight holds: merging raises
+    NotImplementedError as in peft (the forward works), and the weights stay as they were."""
+    with pytest.warns(UserWarning, match="groups > 1. Merging is not supported"):
+        model = get_peft_model(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), LoraConfig(target_modules=["0"], r=4))
+    fill_method_tensors(model)
+    before = snapshot(model)
+    with pytest.raises(NotImplementedError, match="groups > 1"):
+        model.merge_adapter()
     assert_unchanged(model, before)
 
 
@@ -254,22 +267,27 @@ def test_unusable_adapter_names(name):
 
 
 def test_deleting_the_active_adapter():
+    """peft's semantics: the active adapter is deleted and the first remaining one (by name) becomes active, with a
+    warning saying so."""
     model = mlp_peft()
     model.add_adapter("other", LoraConfig(target_modules=["lin0"], r=2))
-    before = snapshot(model)
-    with pytest.raises(ValueError) as info:
+    with pytest.warns(UserWarning, match="Adapter default was active which is now deleted. Setting active adapter to "
+                                         "other"):
         model.delete_adapter("default")
-    assert "active adapter" in str(info.value) and "set_adapter" in str(info.value) and "other" in str(info.value)
-    assert_unchanged(model, before)
+    assert list(model.peft_config) == ["other"] and model.active_adapter == "other"
+    assert not [k for k in model.state_dict() if "default" in k.split(".")]
 
 
 def test_deleting_the_only_adapter():
+    """peft's semantics: deleting the last adapter leaves no active adapter; the layers stay wrapped and compute
+    the base model exactly (unload() gives the plain model back)."""
     model = mlp_peft()
-    before = snapshot(model)
-    with pytest.raises(ValueError) as info:
-        model.delete_adapter("default")
-    assert "only adapter" in str(info.value) and "unload()" in str(info.value)
-    assert_unchanged(model, before)
+    x = torch.randn(3, 10)
+    base = base_model("mlp")
+    model.delete_adapter("default")
+    assert model.peft_config == {} and model.active_adapters == []
+    assert torch.equal(model(x), base(x))
+    assert type(model.unload().lin0) is nn.Linear
 
 
 def test_deleting_an_unknown_adapter():
@@ -472,20 +490,28 @@ def test_truncated_safetensors(saved, keep):
     assert_unchanged(peft_model, before)
 
 
-def test_pickle_only_adapter_needs_allow_pickle(tmp_path):
+def test_pickle_only_adapter_loads_tensors_only_with_a_warning(tmp_path):
+    """As peft: a ``.bin`` adapter is read with torch.load(weights_only=True) (never a full unpickle), with a
+    warning that safetensors is preferred; allow_pickle=True reads it without the warning, allow_pickle=False
+    refuses it and leaves everything unchanged."""
     source = mlp_peft()
     source.save_pretrained(tmp_path, safe_serialization=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.bin"]
     on_disk = folder_bytes(tmp_path)
     model = base_model("mlp")
     before = snapshot(model)
     with pytest.raises(ValueError) as info:
-        PeftModel.from_pretrained(model, tmp_path)
-    assert "pickle" in str(info.value) and "allow_pickle=True" in str(info.value)
+        PeftModel.from_pretrained(model, tmp_path, allow_pickle=False)
+    assert "pickle" in str(info.value) and "allow_pickle=False" in str(info.value)
     assert_unchanged(model, before)
     assert folder_bytes(tmp_path) == on_disk
-    loaded = PeftModel.from_pretrained(model, tmp_path, allow_pickle=True)
     x = example_inputs("mlp")
+    with pytest.warns(UserWarning, match=r"weights_only=True.*adapter_model.safetensors is the preferred"):
+        loaded = PeftModel.from_pretrained(base_model("mlp"), tmp_path)
+    torch.testing.assert_close(loaded(x), source(x), atol=0, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = PeftModel.from_pretrained(model, tmp_path, allow_pickle=True)
     torch.testing.assert_close(loaded(x), source(x), atol=0, rtol=0)
 
 

@@ -54,7 +54,8 @@ IDS = [c[0] for c in CASES]
 
 
 def canonical(name: str) -> str:
-    return name[:-len(".weight")] if ".lora_magnitude_vector." in name and name.endswith(".weight") else name
+    """peft and peftlab name every adapter tensor alike (DoRA's m included)."""
+    return name
 
 
 def train_(model: nn.Module) -> None:

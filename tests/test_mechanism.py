@@ -140,8 +140,8 @@ def test_alternative_layouts_are_found_by_forward_merge_delete_and_save(two_layo
     torch.testing.assert_close(mixed[0], output(model, x)[0])
     # save both, reload both, same outputs
     model.save_pretrained(tmp_path)
-    low = get_peft_model_state_dict(model, "low")
-    full = get_peft_model_state_dict(model, "full")
+    low = get_peft_model_state_dict(model, adapter_name="low")
+    full = get_peft_model_state_dict(model, adapter_name="full")
     assert sorted(low) == ["base_model.model.lin0.toy_w_a", "base_model.model.lin0.toy_w_b"]
     assert sorted(full) == ["base_model.model.lin0.toy_w"]
     loaded = PeftModel.from_pretrained(base_model("mlp"), tmp_path / "low", adapter_name="low")

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from peftlab import LoraConfig, PeftModel, TaskType, get_peft_model
 from peftlab.config import TargetingConfig
 from peftlab.registry import methods
-from peftlab.utils.save_and_load import get_peft_model_state_dict
+from peftlab.utils.save_and_load import adapter_state_dict, get_peft_model_state_dict
 
 transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -63,7 +63,7 @@ def losses(trainer) -> dict[int, float]:
 
 
 def adapter(model: PeftModel, name: str = "default") -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, name).items()}
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------
@@ -134,8 +134,8 @@ def test_adapters_added_in_place_checkpoint_and_resume(tmp_path: Path) -> None:
         return model
 
     def state(model, name="default"):
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, name,
-                                                                             get_tuner(model).peft_config[name]).items()}
+        return {k: v.detach().clone() for k, v in adapter_state_dict(model, name,
+                                                                     get_tuner(model).peft_config[name]).items()}
 
     full_model = make()
     full = Trainer(model=full_model, args=args(tmp_path / "a", max_steps=4, save_steps=2), train_dataset=dataset())

@@ -207,7 +207,8 @@ def test_save_and_reload_is_bit_exact(experts, tmp_path, kw):
             p.normal_()
     before = logits(m)
     m.save_pretrained(tmp_path / "x")
-    assert sorted(os.listdir(tmp_path / "x")) == ["adapter_config.json", "adapter_model.safetensors", "e0", "e1", "e2"]
+    assert sorted(os.listdir(tmp_path / "x")) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "e0",
+                                                  "e1", "e2"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing missing, nothing dropped
         again = PeftModel.from_pretrained(base_model("llama"), tmp_path / "x")

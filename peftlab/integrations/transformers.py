@@ -30,7 +30,8 @@ from peftlab.peft_model import _model_name
 from peftlab.tuners.base import BaseTuner
 from peftlab.utils.io import (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, atomic_folder, atomic_save_tensors,
                               load_adapter_weights, resolve_adapter_dir)
-from peftlab.utils.save_and_load import PEFT_PREFIX, get_peft_model_state_dict, set_peft_model_state_dict
+from peftlab.utils.save_and_load import PEFT_PREFIX, load_adapter_state_dict
+from peftlab.utils.save_and_load import adapter_state_dict as _adapter_state_dict
 
 TUNER_ATTR = "_peftlab_tuner"
 NO_ADAPTER = "No adapter loaded. Please load an adapter first with add_adapter(config) or load_adapter(path)."
@@ -148,7 +149,8 @@ def delete_adapter(model: nn.Module, adapter_names: str | Sequence[str]) -> None
     _check_known(tuner, names)
     for name in names:
         tuner.delete_adapter(name)
-    if not tuner.peft_config:
+    if not tuner.peft_config:  # after the last one the model is plain again (the tuner keeps empty layers)
+        tuner.unload()
         _attach(model, None)
 
 
@@ -167,12 +169,12 @@ def get_adapter_state_dict(model: nn.Module, adapter_name: str | None = None) ->
             raise ValueError(f"no adapter is active; name one of {list(tuner.peft_config)}")
         adapter_name = active[0]
     _check_known(tuner, [adapter_name])
-    return get_peft_model_state_dict(model, adapter_name, tuner.peft_config[adapter_name])
+    return _adapter_state_dict(model, adapter_name, tuner.peft_config[adapter_name])
 
 
 def load_adapter(model: nn.Module, peft_model_id: str | os.PathLike | None = None, adapter_name: str | None = None,
                  is_trainable: bool = False, adapter_state_dict: dict[str, torch.Tensor] | None = None,
-                 peft_config: PeftConfig | None = None, allow_pickle: bool = False, **kwargs: Any) -> None:
+                 peft_config: PeftConfig | None = None, allow_pickle: bool | None = None, **kwargs: Any) -> None:
     """Add the adapter saved in ``peft_model_id`` (a folder written by peft, peftlab or transformers) and
     activate it; or build one from ``peft_config`` + ``adapter_state_dict``.
 
@@ -201,7 +203,7 @@ def load_adapter(model: nn.Module, peft_model_id: str | os.PathLike | None = Non
     previous_active = None if tuner is None else copy.copy(tuner.active_adapter)
     add_adapter(model, peft_config, adapter_name)
     try:
-        set_peft_model_state_dict(model, adapter_state_dict, adapter_name, peft_config)
+        load_adapter_state_dict(model, adapter_state_dict, adapter_name, peft_config)
     except ValueError:
         _undo_add(model, adapter_name, previous_active)
         raise
@@ -211,8 +213,9 @@ def load_adapter(model: nn.Module, peft_model_id: str | os.PathLike | None = Non
 
 def _undo_add(model: nn.Module, adapter_name: str, previous_active: str | list[str] | None) -> None:
     tuner = _require_tuner(model)
-    tuner.delete_adapter(adapter_name)
+    tuner.remove_adapter_entirely(adapter_name)
     if not tuner.peft_config:
+        tuner.unload()
         _attach(model, None)
     elif previous_active is not None:
         tuner.set_adapter(previous_active)

@@ -51,6 +51,8 @@ Explained in: book/lora.ipynb
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -89,6 +91,20 @@ def layer_features(layer: nn.Module) -> tuple[int, int]:
         return n_in, n_out
     raise ValueError(f"cannot tell the input and output sizes of a {type(layer).__name__}; adapters wrap nn.Linear, "
                      "Conv1D, nn.Conv1d/2d/3d, nn.Embedding and layers with in_features/out_features")
+
+
+_ON_META = contextvars.ContextVar("peftlab_adapters_on_meta", default=False)
+
+
+@contextlib.contextmanager
+def adapters_on_meta(enabled: bool = True) -> Iterator[None]:
+    """Within this block new adapter tensors are created on the meta device (``low_cpu_mem_usage=True``):
+    no memory and no initialisation until a checkpoint is loaded into them."""
+    token = _ON_META.set(bool(enabled) or _ON_META.get())
+    try:
+        yield
+    finally:
+        _ON_META.reset(token)
 
 
 def device_memory_bytes(device: torch.device) -> int:
@@ -160,7 +176,7 @@ class AdapterLayer(nn.Module):
     def _new_tensor_kwargs(self) -> dict[str, Any]:
         """device and dtype for a new adapter tensor (float32 on a half-precision base)."""
         w = self.weight
-        return {"device": w.device, "dtype": adapter_dtype(w)}
+        return {"device": torch.device("meta") if _ON_META.get() else w.device, "dtype": adapter_dtype(w)}
 
     # ---- the base weight, whatever its storage ---------------------------------------------------
     def _base_weight(self) -> torch.Tensor:
@@ -244,7 +260,11 @@ class AdapterLayer(nn.Module):
             if adapter_name in container:
                 del container[adapter_name]
         self._adapters.pop(adapter_name, None)
-        self._active_adapters = [n for n in self._active_adapters if n != adapter_name]
+        if adapter_name in self._active_adapters:
+            remaining = [n for n in self._active_adapters if n != adapter_name]
+            if not remaining and self._adapters:  # peft's choice: the first remaining adapter by name
+                remaining = [sorted(self._adapters)[0]]
+            self.set_adapter(remaining)
 
     def set_scale(self, adapter_name: str, scale: float) -> None:
         """Multiply the adapter's output by ``scale`` at run time (a weighted combination of adapters)."""
@@ -297,6 +317,15 @@ class AdapterLayer(nn.Module):
         ``safe_merge`` computes the result on a copy first and refuses it if it holds NaN or inf.
         """
         names = self.active_adapters if adapter_names is None else list(adapter_names)
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names takes a list of adapter names, not the string {adapter_names!r}")
+        if self.merged:  # peft's warnings when merging again
+            more = [n for n in names if n not in self.merged_adapters]
+            if more:
+                warnings.warn(f"Already following adapters were merged {','.join(self.merged_adapters)}. You are now "
+                              f"additionally merging {','.join(more)}.", UserWarning, stacklevel=3)
+            else:
+                warnings.warn("All adapters are already merged, nothing to do.", UserWarning, stacklevel=3)
         base = self.get_base_layer()
         for name in names:
             if name in self.merged_adapters or name not in self.adapter_names:
@@ -389,6 +418,17 @@ class AdapterLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, active={self._active_adapters}, merged={self.merged_adapters}"
 
+    #: what ``repr`` puts before the class name (peft prints ``lora.Linear(...)``); default: the method's package
+    repr_prefix: ClassVar[str | None] = None
+
+    def __repr__(self) -> str:
+        prefix = self.repr_prefix
+        if prefix is None:
+            parts = type(self).__module__.split(".")
+            prefix = parts[parts.index("tuners") + 1] if "tuners" in parts[:-1] else ""
+        rep = super().__repr__()
+        return f"{prefix}.{rep}" if prefix else rep
+
 
 # ---------------------------------------------------------------------------------------------------
 # The tuner: injection into a model and whole-model operations
@@ -437,12 +477,20 @@ class BaseTuner(nn.Module):
     #: (module types, layer class) pairs, tried in order: the first whose types match wraps a target
     layer_dispatch: ClassVar[tuple[tuple[tuple[type, ...], type[AdapterLayer]], ...]] = ()
 
-    def __init__(self, model: nn.Module, peft_config: dict[str, Any], adapter_name: str = "default") -> None:
+    #: the start of the method's adapter tensor names (``"lora_"``), from its registry entry (peft's ``prefix``)
+    prefix: ClassVar[str] = ""
+    #: after ``delete_adapter``, put back the plain module of a layer no adapter uses any more (peft does for
+    #: adaption prompts); False keeps the emptied layer, which computes its base layer (peft's LoRA & co)
+    unwrap_emptied_layers: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str = "default",
+                 low_cpu_mem_usage: bool = False, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.model = model
         self.peft_config: dict[str, Any] = {}
         self.active_adapter: str | list[str] = adapter_name
-        self.inject_adapter(adapter_name, peft_config[adapter_name])
+        config = peft_config if not isinstance(peft_config, dict) else peft_config[adapter_name]
+        self.inject_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # ---- forwarding -----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -605,11 +653,32 @@ class BaseTuner(nn.Module):
                 raise ValueError("target_modules='all-linear' found no nn.Linear or Conv1D layer in this model")
         return config
 
-    def inject_adapter(self, adapter_name: str, config: Any) -> None:
+    def inject_adapter(self, adapter_name: str, config: Any, low_cpu_mem_usage: bool = False,
+                       state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Wrap every target module with this method's layer (or add ``adapter_name`` to an existing one).
 
         Validates first: when nothing matches, or a target cannot carry the method, the model is unchanged.
+        ``low_cpu_mem_usage=True`` creates the adapter's tensors on the meta device (no memory, no
+        initialisation): loading a checkpoint then puts the real tensors in place (peft's option).
+        ``state_dict`` (a checkpoint's tensors, on-disk names): adapt exactly the modules it has tensors for,
+        whatever ``target_modules`` says (peft's option for checkpoints without a usable config).
         """
+        with adapters_on_meta(low_cpu_mem_usage):
+            self._inject_adapter(adapter_name, config, self._targets_in(state_dict))
+
+    def _targets_in(self, state_dict: dict[str, torch.Tensor] | None) -> set[str] | None:
+        """Module names that hold this method's tensors in ``state_dict`` (None when no state_dict)."""
+        if state_dict is None:
+            return None
+        marker = f".{self.prefix}" if self.prefix else None
+        names = set()
+        for key in state_dict:
+            key = key.removeprefix("base_model.model.")
+            if marker and marker in f".{key}":
+                names.add(f".{key}".split(marker, 1)[0][1:])
+        return names
+
+    def _inject_adapter(self, adapter_name: str, config: Any, only: set[str] | None = None) -> None:
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another adapter_name")
         if not adapter_name or "." in adapter_name or adapter_name == BASE_ADAPTER:
@@ -625,7 +694,10 @@ class BaseTuner(nn.Module):
             )
         config = self._prepare_config(config)
         names = self._candidate_names()
-        keys = self.filter_targets(config, [k for k in names if self.is_target(config, k)])
+        if only is not None:  # the modules a state_dict has tensors for
+            keys = [k for k in names if k in only]
+        else:
+            keys = self.filter_targets(config, [k for k in names if self.is_target(config, k)])
         wrapper_keys = {k for k, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
         wrapped = [k for k in keys if k in wrapper_keys]
         if wrapped:  # peft refuses these too; skipping them silently would drop a requested target
@@ -667,11 +739,29 @@ class BaseTuner(nn.Module):
         for m in config.modules_to_save or ():
             self._wrap_modules_to_save(m, adapter_name, required=m not in OPTIONAL_MODULES_TO_SAVE)
         self.peft_config[adapter_name] = config
+        self._warn_tied_weights()
         # A new adapter is active only when it is the first one (peft's behaviour).
         if len(self.peft_config) == 1:
             self.set_adapter(adapter_name)
         else:
             self._mark_trainable()
+
+    def _warn_tied_weights(self) -> None:
+        """peft's warning when a transformers model ties its input and output embeddings and one of them is
+        adapted or trained whole (modules_to_save): the two copies stop being one weight."""
+        config = getattr(self.model, "config", None)
+        if not getattr(config, "tie_word_embeddings", False) or not hasattr(self.model, "get_input_embeddings"):
+            return
+        try:
+            tied = [self.model.get_input_embeddings(), self.model.get_output_embeddings()]
+        except (AttributeError, NotImplementedError):
+            return
+        tied = [m for m in tied if m is not None]
+        if any(isinstance(m, (AdapterLayer, ModulesToSaveWrapper)) for m in tied):
+            warnings.warn("Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but "
+                          "`ensure_weight_tying` is not set to True. This can lead to complications, for example when "
+                          "merging the adapter or converting your model to formats other than safetensors.",
+                          UserWarning, stacklevel=3)
 
     def _modules_to_save_keys(self, name: str, required: bool = True) -> list[str]:
         """Full names of the modules a ``modules_to_save`` entry means (exact name or dotted suffix)."""
@@ -718,15 +808,18 @@ class BaseTuner(nn.Module):
             bias = getattr(self.peft_config.get(a), "bias", "none")
             if bias == "all":
                 for n, p in self.model.named_parameters():
-                    if n.endswith("bias") and ".modules_to_save." not in f".{n}" and "original_module" not in n:
+                    is_bias = n == "bias" or n.endswith(".bias")  # peft's rule (not in_proj_bias)
+                    if is_bias and ".modules_to_save." not in f".{n}" and "original_module" not in n:
                         p.requires_grad_(True)
             elif bias.endswith("_only"):  # the method's own mode ("lora_only", "oft_only", ...): adapted layers
                 for _, layer in self.adapter_layers():
-                    if a in layer.adapter_names and layer.get_base_layer().bias is not None:
-                        layer.get_base_layer().bias.requires_grad_(True)
+                    base_bias = getattr(layer.get_base_layer(), "bias", None)  # an Embedding has none
+                    if a in layer.adapter_names and isinstance(base_bias, torch.Tensor):
+                        base_bias.requires_grad_(True)
 
-    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
-        """Activate one adapter (or several: their effects add up) in every layer."""
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Activate one adapter (or several: their effects add up) in every layer; they train unless
+        ``inference_mode=True`` (or their config says inference_mode)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for n in names:
             if n not in self.peft_config:
@@ -737,6 +830,25 @@ class BaseTuner(nn.Module):
                 layer.unmerge()
         self.active_adapter = names[0] if isinstance(adapter_name, str) else names
         self._mark_trainable()
+        if inference_mode:
+            self.set_requires_grad(names, requires_grad=False)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn gradients of the named adapters' tensors (and their modules_to_save copies) on or off, leaving
+        which adapters are active unchanged (peft's ``set_requires_grad``)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = sorted(set(names) - set(self.peft_config))
+        if unknown:
+            raise ValueError(f"no adapter named {unknown[0]!r}; adapters: {sorted(self.peft_config)}")
+        for _, layer in self.adapter_layers():
+            for name in names:
+                for _, entry in layer.adapter_tensors(name):
+                    entry.requires_grad_(requires_grad)
+        for module in self.model.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                for name in names:
+                    if name in module.modules_to_save:
+                        module.modules_to_save[name].requires_grad_(requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name`` from every layer and wrapper, and its config."""
@@ -749,9 +861,12 @@ class BaseTuner(nn.Module):
                 "unmerge_adapter() before deleting it"
             )
         del self.peft_config[adapter_name]
-        for key, layer in list(self.adapter_layers()):
+        # As in peft, the layers stay wrapped (with no adapter left a layer computes its base layer); unload()
+        # gives the plain model back.
+        was_active = adapter_name in self.active_adapters
+        for key, layer in list(self.adapter_layers())[::-1]:
             layer.delete_adapter(adapter_name)
-            if not layer.adapter_names:  # no adapter left here: put the plain layer back
+            if self.unwrap_emptied_layers and not layer.adapter_names:
                 parent, _, child = get_submodule_parent(self.model, key)
                 setattr(parent, child, layer.base_layer)
         for key, module in list(self.model.named_modules()):
@@ -763,11 +878,27 @@ class BaseTuner(nn.Module):
         remaining = [a for a in self.active_adapters if a != adapter_name]
         if not remaining and self.peft_config:
             remaining = [sorted(self.peft_config)[0]]
+            if was_active:
+                warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                              f"{remaining[0]}.", UserWarning, stacklevel=2)
         if remaining:
             self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
             self.set_adapter(self.active_adapter)
         else:
             self.active_adapter = []
+            for _, layer in self.adapter_layers():
+                layer.set_adapter([])
+
+    def remove_adapter_entirely(self, adapter_name: str) -> None:
+        """Undo adding ``adapter_name`` (a load that failed): delete it without the active-adapter warning and put
+        back the plain layers it alone had wrapped, so the model is as before the add."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.delete_adapter(adapter_name)
+        for key, layer in list(self.adapter_layers())[::-1]:
+            if not layer.adapter_names:
+                parent, _, child = get_submodule_parent(self.model, key)
+                setattr(parent, child, layer.base_layer)
 
     def enable_adapter_layers(self) -> None:
         for _, layer in self.adapter_layers():
@@ -841,7 +972,9 @@ class BaseTuner(nn.Module):
                     if id(layer) in quantized:
                         layer._replace_base_layer(quantized[id(layer)])
                 raise
-        for key, layer in tqdm(layers, disable=not progressbar, desc="Unloading" + (" and merging" if merge else "")):
+        # innermost first: a layer may hold another one inside its base (LoRA on nn.MultiheadAttention's out_proj)
+        for key, layer in tqdm(layers[::-1], disable=not progressbar,
+                               desc="Unloading" + (" and merging" if merge else "")):
             parent, _, child = get_submodule_parent(self.model, key)
             new = layer.get_base_layer()
             if requantize and id(layer) in quantized:
@@ -863,6 +996,7 @@ class BaseTuner(nn.Module):
         9 % of each weight's norm on Gaussian weights, larger than most adapters' ΔW).
         """
         self._require_merge("merge_and_unload()")
+        self._warn_tied_weights()
         return self._unload(True, progressbar, safe_merge, adapter_names, requantize)
 
     def unload(self) -> nn.Module:

@@ -17,6 +17,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -159,8 +160,13 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str, safe_serial
         _atomic_replace(path, lambda tmp: torch.save(clean, tmp))
 
 
-def load_adapter_weights(folder: str, allow_pickle: bool = False, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Read the adapter tensors of ``folder``: safetensors, or a pickle file only when ``allow_pickle=True``.
+def load_adapter_weights(folder: str, allow_pickle: bool | None = None, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Read the adapter tensors of ``folder``: safetensors, else a ``.bin`` file.
+
+    A ``.bin`` file is read as peft reads it, with ``torch.load(weights_only=True)``: tensors and plain
+    containers only, never a full unpickle (a file that needs one fails). By default a warning says that
+    safetensors is preferred; ``allow_pickle=True`` reads it without the warning, ``allow_pickle=False``
+    refuses it.
 
     Explained in: book/configs.ipynb
     """
@@ -175,15 +181,21 @@ def load_adapter_weights(folder: str, allow_pickle: bool = False, device: str = 
                 "adapter again"
             ) from None
     if os.path.isfile(pt):
-        if not allow_pickle:
+        if allow_pickle is False:
             raise ValueError(
-                f"{folder} holds only {WEIGHTS_NAME}, a pickle file, and pickles can run code when loaded; pass "
-                f"allow_pickle=True if you trust it, or re-save it as {SAFETENSORS_WEIGHTS_NAME}"
+                f"{folder} holds only {WEIGHTS_NAME}, a pickle file, and allow_pickle=False refuses it; re-save it as "
+                f"{SAFETENSORS_WEIGHTS_NAME} (or leave allow_pickle unset: it is then read with "
+                "torch.load(weights_only=True))"
             )
+        if allow_pickle is None:
+            warnings.warn(f"{folder} holds {WEIGHTS_NAME}, a pickle file: reading it with torch.load(weights_only=True), "
+                          f"which loads tensors only. {SAFETENSORS_WEIGHTS_NAME} is the preferred format (save the "
+                          "adapter again to convert it)", UserWarning, stacklevel=3)
         try:
             return torch.load(pt, map_location=device, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-            raise ValueError(f"{pt} could not be read ({exc}); it may be truncated or corrupt") from None
+            raise ValueError(f"{pt} could not be read with torch.load(weights_only=True) ({exc}); it may be "
+                             "truncated, corrupt, or hold objects other than tensors") from None
     present = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     raise FileNotFoundError(
         f"no adapter weights in {folder}: expected {SAFETENSORS_WEIGHTS_NAME}; files there: {present or 'none'}"

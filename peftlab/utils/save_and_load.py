@@ -13,6 +13,10 @@ Explained in: book/configs.ipynb
 
 from __future__ import annotations
 
+import json
+import os
+import warnings
+from collections import namedtuple
 from typing import Any
 
 import torch
@@ -54,7 +58,7 @@ def adapter_state_items(model: nn.Module, adapter_name: str, config: Any = None)
         # every bias outside the adapter tensors, as peft selects them: a modules_to_save copy's bias appears
         # a second time as <module>.modules_to_save.bias, the frozen original's as <module>.original_module.bias
         for n, t in model.named_parameters(remove_duplicate=False):
-            if not n.endswith("bias") or id(t) in adapter_tensor_ids:
+            if not (n == "bias" or n.endswith(".bias")) or id(t) in adapter_tensor_ids:  # peft's rule
                 continue
             parts = n.split(".")
             if "modules_to_save" in parts:
@@ -67,24 +71,127 @@ def adapter_state_items(model: nn.Module, adapter_name: str, config: Any = None)
     elif isinstance(bias, str) and bias.endswith("_only"):  # "lora_only", "oft_only", ...: adapted layers' biases
         for path, module in model.named_modules():
             if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names:
-                b = module.get_base_layer().bias
-                if b is not None:
+                b = getattr(module.get_base_layer(), "bias", None)  # an Embedding has none
+                if isinstance(b, torch.Tensor):
                     key = f"{path}.base_layer.bias" if path else "base_layer.bias"
                     items.append((key, key, b))
-    return items
+    return [(mem, _unfsdp(disk), t) for mem, disk, t in items]
 
 
-def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default",
-                              config: Any = None) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under their on-disk names (what ``adapter_model.safetensors`` holds).
+def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None,
+                              adapter_name: str = "default", unwrap_compiled: bool = False,
+                              save_embedding_layers: bool | str = "auto") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under their on-disk names (what ``adapter_model.safetensors`` holds); peft's
+    signature. ``state_dict`` (the model's, e.g. gathered from a distributed run) supplies the values instead
+    of the model's own tensors; ``save_embedding_layers`` adds whole embedding matrices (see
+    :func:`embedding_layers_to_save`).
 
     Explained in: book/configs.ipynb
     """
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
+    config = _find_config(model, adapter_name)
     if config is None:
-        config = _find_config(model, adapter_name)
-    state = {disk: t.detach() for _, disk, t in adapter_state_items(model, adapter_name, config)}
+        known = sorted(getattr(model, "peft_config", None) or {})
+        raise ValueError(f"no adapter named {adapter_name!r} in this model; adapters: {known}")
+    return adapter_state_dict(model, adapter_name, config, state_dict=state_dict,
+                              save_embedding_layers=save_embedding_layers)
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str, config: Any, state_dict: dict[str, torch.Tensor] | None = None,
+                       save_embedding_layers: bool | str = False) -> dict[str, torch.Tensor]:
+    """:func:`get_peft_model_state_dict` for an explicit ``config`` (a model that does not hold its configs).
+
+    Explained in: book/configs.ipynb
+    """
+    items = adapter_state_items(model, adapter_name, config)
+    if state_dict is not None:
+        values = {_unfsdp(k): v for k, v in state_dict.items()}
+        state = {disk: values.get(_unfsdp(mem), t).detach() for mem, disk, t in items}
+    else:
+        state = {disk: t.detach() for _, disk, t in items}
+    state.update(embedding_layers_to_save(model, config, save_embedding_layers, state_dict))
     tuner = _tuner_class(config)
     return tuner.state_dict_for_save(model, state, adapter_name, config) if tuner is not None else state
+
+
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def _embedding_targeted(model: nn.Module, config: Any) -> bool:
+    targets = getattr(config, "target_modules", None)
+    if not targets:
+        return False
+    if isinstance(targets, str):
+        if targets.lower() == "all-linear":
+            return False
+        import re
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return any(re.fullmatch(targets, k) for k, _ in base.named_modules()
+                   if any(re.match(rf"(.*\.)?{e}$", k) for e in EMBEDDING_LAYER_NAMES))
+    return any(e in targets for e in EMBEDDING_LAYER_NAMES)
+
+
+def _vocab_resized(model: nn.Module, config: Any) -> bool:
+    """Whether the model's vocabulary differs from its base model's (read from a local ``config.json``)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    name = getattr(config, "base_model_name_or_path", None)
+    if not vocab or not name or not os.path.isfile(os.path.join(name, "config.json")):
+        return False  # peft asks the Hub here; peftlab never goes online to save a file
+    with open(os.path.join(name, "config.json")) as f:
+        base_vocab = json.load(f).get("vocab_size")
+    return base_vocab is not None and base_vocab != vocab
+
+
+def embedding_layers_to_save(model: nn.Module, config: Any, save_embedding_layers: bool | str = "auto",
+                             state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The whole input/output embedding matrices peft adds to an adapter file: with ``"auto"``, when an
+    embedding (``embed_tokens``, ``lm_head``) is a target or the vocabulary was resized (each with a
+    warning, as in peft); always with ``True``; never with ``False``.
+
+    Explained in: book/peft_differences.md
+    """
+    targeted = _embedding_targeted(model, config)
+    if save_embedding_layers == "auto":
+        if targeted:
+            warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
+                          UserWarning, stacklevel=3)
+            save_embedding_layers = True
+        elif _vocab_resized(model, config):
+            warnings.warn("Setting `save_embedding_layers` to `True` as the embedding layer has been resized during "
+                          "finetuning.", UserWarning, stacklevel=3)
+            save_embedding_layers = True
+        else:
+            save_embedding_layers = False
+    if not save_embedding_layers:
+        return {}
+    if not hasattr(model, "get_input_embeddings"):
+        warnings.warn("Could not identify embedding layer(s) because the model is not a 🤗 transformers model.",
+                      UserWarning, stacklevel=3)
+        return {}
+    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+    wanted = []
+    for layer in layers:
+        if layer is None:
+            continue
+        if not targeted:
+            wanted.append(layer)
+        elif isinstance(layer, AdapterLayer) and isinstance(layer.base_layer, (nn.Linear, nn.Embedding)):
+            wanted.append(layer.base_layer)
+    out = {}
+    values = state_dict if state_dict is not None else None
+    for name, module in model.named_modules():
+        if any(module is w for w in wanted):
+            for pname, t in module.named_parameters(recurse=False):
+                key = f"{name}.{pname}" if name else pname
+                out[_unfsdp(key)] = (values.get(key, t) if values is not None else t).detach()
+    return out
+
+
+def _unfsdp(key: str) -> str:
+    """A state-dict name without FSDP's wrapper segments (``_fsdp_wrapped_module.``), as peft saves it."""
+    return key.replace("_fsdp_wrapped_module.", "") if "_fsdp_wrapped_module" in key else key
 
 
 def _tuner_class(config: Any) -> Any:
@@ -102,30 +209,60 @@ def _find_config(model: nn.Module, adapter_name: str) -> Any:
     return configs.get(adapter_name)
 
 
-def set_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str = "default",
-                              config: Any = None) -> None:
-    """Copy checkpoint tensors (on-disk names) into the adapter ``adapter_name`` of ``model``.
+IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
-    Everything is checked before anything is copied: a missing tensor, a tensor for a module this model
-    lacks, or a shape that does not fit raises ``ValueError`` naming the module and both shapes.
+
+def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor],
+                              adapter_name: str = "default", ignore_mismatched_sizes: bool = False,
+                              low_cpu_mem_usage: bool = False) -> IncompatibleKeys:
+    """Copy checkpoint tensors (on-disk names) into the adapter ``adapter_name`` of ``model``; peft's signature.
+
+    Returns ``(missing_keys, unexpected_keys)`` as ``torch``'s ``load_state_dict`` does: the model's state-dict
+    names the checkpoint did not fill (its base weights among them) and checkpoint names that fit nothing.
+    Everything is checked before anything is copied: a missing adapter tensor, a tensor for a module this model
+    lacks, or a shape that does not fit raises ``ValueError`` naming the module and both shapes
+    (``ignore_mismatched_sizes=True``: such tensors are skipped with a warning instead). With
+    ``low_cpu_mem_usage=True`` adapter tensors created on the meta device are replaced by the loaded ones.
 
     Explained in: book/configs.ipynb
     """
+    config = _find_config(model, adapter_name)
     if config is None:
-        config = _find_config(model, adapter_name)
+        known = sorted(getattr(model, "peft_config", None) or {})
+        raise ValueError(f"no adapter named {adapter_name!r} in this model (add it first); adapters: {known}")
+    return load_adapter_state_dict(model, peft_model_state_dict, adapter_name, config,
+                                   ignore_mismatched_sizes=ignore_mismatched_sizes)
+
+
+def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str, config: Any,
+                            ignore_mismatched_sizes: bool = False) -> IncompatibleKeys:
+    """:func:`set_peft_model_state_dict` for an explicit ``config``.
+
+    Explained in: book/configs.ipynb
+    """
+    state_dict = {_unfsdp(k): v for k, v in state_dict.items()}
     tuner = _tuner_class(config)
     if tuner is not None:  # renames, layers resized to a saved rank, ...: before the names are listed
         state_dict = tuner.state_dict_for_load(model, state_dict, adapter_name, config)
     items = adapter_state_items(model, adapter_name, config)
     by_disk = {disk: t for _, disk, t in items}
     sd = _align_prefix(state_dict, set(by_disk))
-    missing = sorted(k for k in by_disk if k not in sd)
     # peft also writes whole embedding matrices (when embed_tokens/lm_head are targets, or the vocabulary was
     # resized); they are base weights, optional in a checkpoint, and loaded like peft loads them
     by_disk.update({k: t for k, t in _embedding_params(model).items() if k in sd and k not in by_disk})
-    unexpected = sorted(k for k in sd if k not in by_disk)
     mismatched = [(k, tuple(sd[k].shape), tuple(t.shape)) for k, t in by_disk.items()
                   if k in sd and sd[k].shape != t.shape]
+    if mismatched and ignore_mismatched_sizes:
+        lines = "\n".join(f"- {k}: found shape {a} in the checkpoint and {b} in the model instantiated"
+                           for k, a, b in mismatched)
+        warnings.warn(f"Some weights of {type(model).__name__} were not initialized from the model checkpoint and are "
+                      f"being ignored because you passed `ignore_mismatched_sizes=True`: {lines}.", UserWarning,
+                      stacklevel=3)
+        sd = {k: v for k, v in sd.items() if k not in {m[0] for m in mismatched}}
+        by_disk = {k: t for k, t in by_disk.items() if k not in {m[0] for m in mismatched}}
+        mismatched = []
+    missing = sorted(k for k in by_disk if k not in sd)
+    unexpected = sorted(k for k in sd if k not in by_disk)
     wrong_dtype = [(k, sd[k].dtype) for k, t in by_disk.items()
                    if k in sd and t.is_floating_point() and not sd[k].is_floating_point()]
     problems = []
@@ -148,9 +285,31 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
             "the adapter does not fit this model: " + "; ".join(problems) + "." + other
             + " Was it trained on another base model, or with other target_modules / r? The model was left unchanged"
         )
+    mem_of = {disk: mem for mem, disk, _ in items}
     with torch.no_grad():
         for k, t in by_disk.items():
-            t.copy_(sd[k].to(device=t.device, dtype=t.dtype))
+            if t.is_meta:  # created with low_cpu_mem_usage=True: put the loaded tensor in its place
+                _assign(model, mem_of.get(k, k), sd[k], t)
+            else:
+                t.copy_(sd[k].to(device=t.device, dtype=t.dtype))
+    loaded = {mem_of.get(k, k) for k in by_disk}
+    missing_keys = [k for k in model.state_dict() if _unfsdp(k) not in loaded and k not in loaded]
+    return IncompatibleKeys(missing_keys=missing_keys, unexpected_keys=[])
+
+
+def _assign(model: nn.Module, key: str, value: torch.Tensor, old: torch.Tensor) -> None:
+    """Replace the meta-device parameter ``key`` of ``model`` by ``value`` (on the device of its layer's base)."""
+    owner_name, _, name = key.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    device = old.device
+    layer = model
+    for part in owner_name.split(".") if owner_name else ():
+        layer = getattr(layer, part, layer)
+        if isinstance(layer, AdapterLayer):
+            device = layer._base_weight().device
+    if device.type == "meta":
+        device = torch.device("cpu")
+    owner._parameters[name] = nn.Parameter(value.to(device=device, dtype=old.dtype), requires_grad=old.requires_grad)
 
 
 def _name_or_path(model: nn.Module) -> str | None:

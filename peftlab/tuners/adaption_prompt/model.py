@@ -21,6 +21,8 @@ class AdaptionPromptModel(BaseTuner):
     Explained in: book/llama_adapter.ipynb
     """
 
+    unwrap_emptied_layers = True  # as peft: an attention module no adapter uses any more is plain again
+
     @property
     def layer_dispatch(self) -> tuple:  # imported when a model is adapted: `import peftlab` stays light
         from transformers.models.llama.modeling_llama import LlamaAttention

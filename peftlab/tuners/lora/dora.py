@@ -39,6 +39,23 @@ from torch import nn
 MAGNITUDE = "lora_magnitude_vector"
 
 
+class DoraMagnitude(nn.Module):
+    """Holds one adapter's magnitude m as ``weight`` (peft's layout: ``lora_magnitude_vector.<adapter>.weight``
+    in memory, ``lora_magnitude_vector`` in the file).
+
+    Explained in: book/lora_in_practice.ipynb
+    """
+
+    def __init__(self, m: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(m)
+
+
+def magnitude(layer: Any, adapter_name: str) -> torch.Tensor:
+    """The magnitude vector m of ``adapter_name`` in ``layer``."""
+    return layer.lora_magnitude_vector[adapter_name].weight
+
+
 # ---------------------------------------------------------------------------------------------------
 # the norm ‖W + s·B A‖ per output feature
 # ---------------------------------------------------------------------------------------------------
@@ -113,10 +130,14 @@ class DoraLinearFunction(torch.autograd.Function):
                 return DoraLinearFunction.forward(ctx, x, weight, bias, A, B, m, n, s)
         # rank-r products as (r, T) = A xᵀ: with r ≪ in, out the BLAS kernels run faster in this orientation
         xaT = torch.mm(A, x.t())  # (A x)ᵀ, (r, T)
-        z = F.linear(x, weight)  # W x, (T, out)
-        z.addmm_(xaT.t(), B.t(), alpha=s)  # z = W x + s·B A x
+        # The base output exactly as the base layer computes it, plus (m/n − 1)·W x + (m/n)·s·B A x (peft's form):
+        # a fresh adapter (B = 0, m = n, so m/n = 1 exactly) then returns the base output bit for bit.
+        base = F.linear(x, weight, bias)  # W x + b, (T, out)
+        wx = base - bias if bias is not None else base  # W x
+        lora = torch.mm(xaT.t(), B.t())  # B A x, (T, out)
         c = m / n  # m/‖W + s·B A‖, (out,)
-        out = torch.addcmul(bias, z, c) if bias is not None else z * c
+        out = torch.addcmul(base, wx, c - 1).addcmul_(lora, c * s)
+        z = torch.add(wx, lora, alpha=s)  # z = W x + s·B A x, for ∂m
         ctx.save_for_backward(x, weight, A, B, m, n, xaT, z)
         ctx.s = s
         ctx.has_bias = bias is not None
@@ -171,12 +192,15 @@ class DoraLinearVariant:
     def init(layer: Any, adapter_name: str) -> None:
         """Add ``lora_magnitude_vector[adapter_name]`` = ‖W + s·B A‖ per output feature (so W' = W at init)."""
         if not hasattr(layer, MAGNITUDE):
-            layer.lora_magnitude_vector = nn.ParameterDict()
+            layer.lora_magnitude_vector = nn.ModuleDict()
         if MAGNITUDE not in layer.adapter_layer_names:
             layer.adapter_layer_names = (*layer.adapter_layer_names, MAGNITUDE)
-        m = weight_norm(layer, adapter_name)
         dtype = layer.lora_A[adapter_name].weight.dtype
-        layer.lora_magnitude_vector[adapter_name] = nn.Parameter(m.to(dtype))
+        if layer.lora_A[adapter_name].weight.is_meta:  # low_cpu_mem_usage: the checkpoint brings m
+            m = torch.empty(layer.out_features, device="meta")
+        else:
+            m = weight_norm(layer, adapter_name)
+        layer.lora_magnitude_vector[adapter_name] = DoraMagnitude(m.to(dtype))
 
     @staticmethod
     def forward(layer: Any, adapter_name: str, x: torch.Tensor, result: torch.Tensor | None, *args: Any,
@@ -185,7 +209,7 @@ class DoraLinearVariant:
         (``None``: nothing computed yet, then the base is computed here, fused with the adapter)."""
         A = layer.lora_A[adapter_name].weight
         B = layer.lora_B[adapter_name].weight
-        m = layer.lora_magnitude_vector[adapter_name]
+        m = magnitude(layer, adapter_name)
         s = layer.scaling[adapter_name]
         dropout = layer.lora_dropout[adapter_name]
         weight = layer._base_weight()  # stored layout; dequantised for a 4-bit base
@@ -239,7 +263,7 @@ class DoraLinearVariant:
         delta = layer.get_delta_weight(adapter_name).float()  # s·B A, stored layout
         n = torch.linalg.norm(_oriented(W + delta, layer.fan_in_fan_out), dim=1)
         _merged_norms(layer)[adapter_name] = n  # kept apart from _base_cache, which the merge itself clears
-        c = layer.lora_magnitude_vector[adapter_name].detach().float() / n
+        c = magnitude(layer, adapter_name).detach().float() / n
         c = c.view(1, -1) if layer.fan_in_fan_out else c.view(-1, 1)
         return ((current - W) + c * (W + delta)).to(weight.dtype), bias
 
@@ -252,8 +276,147 @@ class DoraLinearVariant:
             raise ValueError(f"DoRA adapter {adapter_name!r} has no norm recorded from its merge (was the base weight "
                              "replaced since?), so it cannot be unmerged exactly")
         others = DoraLinearVariant._others(layer, adapter_name)
-        c = layer.lora_magnitude_vector[adapter_name].detach().float() / n
+        c = magnitude(layer, adapter_name).detach().float() / n
         c = c.view(1, -1) if layer.fan_in_fan_out else c.view(-1, 1)
         delta = layer.get_delta_weight(adapter_name).float()
         W = (weight.float() - others) / c - delta
         return (W + others).to(weight.dtype), bias
+
+
+# ---------------------------------------------------------------------------------------------------
+# DoRA on convolutions and embeddings (peft's forms, no fused kernel)
+# ---------------------------------------------------------------------------------------------------
+def _add_magnitude(layer: Any, adapter_name: str, m: torch.Tensor) -> None:
+    if not hasattr(layer, MAGNITUDE):
+        layer.lora_magnitude_vector = nn.ModuleDict()
+    if MAGNITUDE not in layer.adapter_layer_names:
+        layer.adapter_layer_names = (*layer.adapter_layer_names, MAGNITUDE)
+    layer.lora_magnitude_vector[adapter_name] = DoraMagnitude(m)
+
+
+class _DoraWeightVariant:
+    """DoRA where m and n = ‖W + ΔW‖ live along one axis of the base weight (``axis``: the output channels of a
+    conv, the feature columns of an embedding); the norm runs over every other axis and is detached.
+
+    Explained in: book/peft_differences.md
+    """
+
+    axis = 0
+
+    @classmethod
+    def _shape(cls, weight: torch.Tensor) -> list[int]:
+        shape = [1] * weight.dim()
+        shape[cls.axis] = -1
+        return shape
+
+    @classmethod
+    def norm(cls, layer: Any, adapter_name: str) -> torch.Tensor:
+        """‖W + ΔW‖ along every axis but ``axis``, shaped to broadcast against W, float32, detached."""
+        with torch.no_grad():
+            W = layer._base_weight().float()
+            V = W + layer.get_delta_weight(adapter_name).float()
+            dims = tuple(d for d in range(V.dim()) if d != cls.axis)
+            return torch.linalg.vector_norm(V, dim=dims, keepdim=True)
+
+    @classmethod
+    def init(cls, layer: Any, adapter_name: str) -> None:
+        A = layer.adapter_tensors(adapter_name)[0][1]
+        dtype = (A.weight if isinstance(A, nn.Module) else A).dtype
+        if (A.weight if isinstance(A, nn.Module) else A).is_meta:
+            m = torch.empty(cls.m_shape(layer), device="meta", dtype=dtype)
+        else:
+            m = cls.m_from_norm(cls.norm(layer, adapter_name)).to(dtype)
+        _add_magnitude(layer, adapter_name, m)
+
+    @classmethod
+    def scale(cls, layer: Any, adapter_name: str) -> torch.Tensor:
+        """c = m/n shaped like the weight's ``axis`` (for merging)."""
+        n = cls.norm(layer, adapter_name)
+        return magnitude(layer, adapter_name).detach().float().reshape(n.shape) / n
+
+    @classmethod
+    def merged_weights(cls, layer: Any, adapter_name: str, weight: torch.Tensor, bias: torch.Tensor | None):
+        """W' = (m/n)·(W + ΔW), with n kept for the exact unmerge."""
+        if len(layer.merged_adapters):
+            raise ValueError(f"cannot merge DoRA adapter {adapter_name!r} on top of another merged adapter in the same "
+                             "layer; merge one adapter at a time (unmerge_adapter() in between)")
+        c = cls.scale(layer, adapter_name)
+        _merged_norms(layer)[adapter_name] = c
+        return (c * (weight.float() + layer.get_delta_weight(adapter_name).float())).to(weight.dtype), bias
+
+    @classmethod
+    def unmerged_weights(cls, layer: Any, adapter_name: str, weight: torch.Tensor, bias: torch.Tensor | None):
+        c = _merged_norms(layer).pop(adapter_name, None)
+        if c is None:
+            raise ValueError(f"DoRA adapter {adapter_name!r} has no scale recorded from its merge, so it cannot be "
+                             "unmerged exactly")
+        return (weight.float() / c - layer.get_delta_weight(adapter_name).float()).to(weight.dtype), bias
+
+
+class DoraConvVariant(_DoraWeightVariant):
+    """DoRA on ``nn.Conv1d/2d/3d``: m per output channel, stored (1, out, 1, …) as in peft;
+    h = base(x) + (m/n − 1)·(W ⋆ x) + (m/n)·s·B(A(x)).
+
+    Explained in: book/peft_differences.md
+    """
+
+    axis = 0
+
+    @staticmethod
+    def m_shape(layer: Any) -> tuple[int, ...]:
+        w = layer._base_weight()
+        return (1, w.shape[0]) + (1,) * (w.dim() - 2)
+
+    @staticmethod
+    def m_from_norm(n: torch.Tensor) -> torch.Tensor:
+        return n.transpose(0, 1)  # (out, 1, 1, …) -> peft's (1, out, 1, …)
+
+    @classmethod
+    def forward(cls, layer: Any, adapter_name: str, x: torch.Tensor, result: torch.Tensor | None, *args: Any,
+                **kwargs: Any) -> torch.Tensor:
+        base = layer.get_base_layer()
+        if result is None:
+            result = layer.base_layer(x, *args, **kwargs)
+        W = base.weight
+        with torch.no_grad():
+            V = W.detach() + layer.get_delta_weight(adapter_name).detach().to(W.dtype)
+            n = torch.linalg.vector_norm(V, dim=tuple(range(1, V.dim())), keepdim=True).transpose(0, 1)
+        c = magnitude(layer, adapter_name) / n  # (1, out, 1, …)
+        dropout = layer.lora_dropout[adapter_name]
+        A, B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+        if isinstance(dropout, nn.Identity) or not layer.training:
+            xd = x
+            wx = result - base.bias.view(1, -1, *([1] * (result.dim() - 2))) if base.bias is not None else result
+        else:
+            xd = dropout(x)
+            conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[W.dim()]
+            wx = conv(xd, W, None, base.stride, base.padding, base.dilation, base.groups)
+        xd = xd.to(A.weight.dtype)
+        return result + ((c - 1) * wx + c * B(A(xd)) * layer.scaling[adapter_name]).to(result.dtype)
+
+
+class DoraEmbeddingVariant(_DoraWeightVariant):
+    """DoRA on ``nn.Embedding``: m per embedding feature (dim,), as in peft; h = (m/n)·(E[x] + s·(A[:, x])ᵀ Bᵀ).
+
+    Explained in: book/peft_differences.md
+    """
+
+    axis = 1
+
+    @staticmethod
+    def m_shape(layer: Any) -> tuple[int, ...]:
+        return (layer._base_weight().shape[1],)
+
+    @staticmethod
+    def m_from_norm(n: torch.Tensor) -> torch.Tensor:
+        return n.reshape(-1)
+
+    @classmethod
+    def forward(cls, layer: Any, adapter_name: str, x: torch.Tensor, result: torch.Tensor | None, *args: Any,
+                **kwargs: Any) -> torch.Tensor:
+        if result is None:
+            result = layer.base_layer(x, *args, **kwargs)
+        n = cls.norm(layer, adapter_name).reshape(-1)
+        c = magnitude(layer, adapter_name) / n.to(magnitude(layer, adapter_name).dtype)
+        lora = layer._delta(x, adapter_name) * layer.scaling[adapter_name]
+        return (c * result + c * lora).to(result.dtype)

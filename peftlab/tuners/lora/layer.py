@@ -9,6 +9,7 @@ Explained in: book/lora.ipynb
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,8 +19,9 @@ from torch import nn
 
 from peftlab.tuners.base import AdapterLayer
 from peftlab.tuners.lora import init as lora_init
-from peftlab.tuners.lora.dora import DoraLinearVariant
-from peftlab.tuners.routing import BASE_ADAPTER, Routing
+from peftlab.tuners.lora.dora import DoraConvVariant, DoraEmbeddingVariant, DoraLinearVariant
+from peftlab.utils.warning import PeftWarning
+from peftlab.tuners.routing import _ROUTING, BASE_ADAPTER, Routing
 
 
 class LoraLayer(AdapterLayer):
@@ -51,6 +53,12 @@ class LoraLayer(AdapterLayer):
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
 
+    def _check_lora_bias(self, lora_bias: bool) -> None:
+        """peft's warning when ``lora_bias=True`` meets a layer without a bias (merging then adds one)."""
+        if lora_bias and not isinstance(self.bias, torch.Tensor):
+            warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {type(self.get_base_layer()).__name__} "
+                          "has no bias; merging adds s·b_B to the layer as a new bias.", PeftWarning, stacklevel=4)
+
     def set_scale(self, adapter_name: str, scale: float) -> None:
         """scaling = scale · α/r: weight one adapter at run time (diffusers' ``set_adapters``)."""
         if adapter_name not in self.r:
@@ -70,25 +78,34 @@ class LoraLayer(AdapterLayer):
         return self._delta(x, adapter_name) * self.scaling[adapter_name]
 
     def adapter_forward(self, x: torch.Tensor, adapters: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        result = None
         for name in adapters:
-            delta = self._delta(x, name)
-            # h = W₀x + s · B A x   (one fused multiply-add)
-            result = torch.add(result, delta.to(result.dtype), alpha=self.scaling[name])
-        return result
+            if name in self.lora_variant:  # e.g. DoRA, which may compute the base itself
+                result = self.lora_variant[name].forward(self, name, x, result, *args, **kwargs)
+                continue
+            if result is None:
+                result = self.base_layer(x, *args, **kwargs)
+            # h = W₀x + s · B A x, in peft's order of operations (mixed batches repeat exactly these on their rows)
+            result = result + self._delta(x, name).to(result.dtype) * self.scaling[name]
+        return result if result is not None else self.base_layer(x, *args, **kwargs)
 
     def mixed_batch_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Row i through adapter ``names[i]``, bit for bit what that adapter computes alone: the base output is
+        computed once, and each adapter's low-rank term with the operations and on the batch shape of
+        :meth:`adapter_forward` (a matrix product's rounding can depend on how many rows it has), then its rows are
+        taken. The low-rank terms cost k times one adapter's; ``batched_mixed_batches`` (lora.Linear) trades the
+        exactness for one batched product."""
         result = self.base_layer(x, *args, **kwargs)
         own = self._adapters
         for name, rows in routing.groups(x.shape[0], x.device).items():
             if name == BASE_ADAPTER or name not in own:
                 continue
             if name in self.lora_variant:  # e.g. DoRA rescales the base output too: replace those rows
-                part = self.lora_variant[name].forward(self, name, x.index_select(0, rows), None, *args, **kwargs)
-                result = result.index_copy(0, rows, part.to(result.dtype))
+                full = self.lora_variant[name].forward(self, name, x, None, *args, **kwargs)
+                result = result.index_copy(0, rows, full.index_select(0, rows).to(result.dtype))
                 continue
-            delta = self._delta(x.index_select(0, rows), name) * self.scaling[name]
-            result = result.index_add(0, rows, delta.to(result.dtype))
+            delta = self._delta(x, name).to(result.dtype) * self.scaling[name]
+            result = result.index_add(0, rows, delta.index_select(0, rows))
         return result
 
     def merged_weights(self, adapter_name, weight, bias):
@@ -115,12 +132,9 @@ class LoraLayer(AdapterLayer):
         return lora_B[adapter_name].bias if lora_B is not None and adapter_name in lora_B else None
 
 
-def _linear_only(layer: LoraLayer, init_lora_weights: bool | str, use_dora: bool = False, **_: Any) -> None:
-    """DoRA and the initialisations that read the base weight exist for linear layers only."""
+def _linear_only(layer: LoraLayer, init_lora_weights: bool | str, **_: Any) -> None:
+    """The initialisations that read the base weight exist for linear layers only."""
     kind = type(layer.get_base_layer()).__name__
-    if use_dora:
-        raise ValueError(f"use_dora=True supports nn.Linear, Conv1D and Linear4bit layers, not {kind}; leave this "
-                         "module out of target_modules (or add it to exclude_modules)")
     if lora_init.reads_base_weight(init_lora_weights):
         raise ValueError(f"init_lora_weights={init_lora_weights!r} supports nn.Linear, Conv1D and Linear4bit layers, "
                          f"not {kind}; leave this module out of target_modules (or add it to exclude_modules)")
@@ -182,6 +196,8 @@ class Linear(LoraLayer):
     """
 
     adapter_layer_names = ("lora_A", "lora_B")
+    #: mixed batches through stacked A and B (faster, equal up to rounding); off: bit-exact per-adapter forward
+    batched_mixed_batches: bool = False
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, init_lora_weights: bool | str = True, use_rslora: bool = False,
@@ -198,6 +214,7 @@ class Linear(LoraLayer):
                      use_dora: bool = False, loftq_config: dict | None = None, **_: Any) -> None:
         if use_dora and lora_bias:
             raise ValueError("lora_bias=True cannot be combined with use_dora=True; set one of them to False")
+        self._check_lora_bias(lora_bias)
         self._set_hyperparameters(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
         kw = self._new_tensor_kwargs()
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **kw)  # A: r × in
@@ -267,17 +284,8 @@ class Linear(LoraLayer):
                 continue
             if result is None:
                 result = self.base_layer(x, *args, **kwargs)
-            A = self.lora_A[name].weight
-            B = self.lora_B[name]
-            if B.bias is not None or A.dtype != result.dtype:
-                result = torch.add(result, self._delta(x, name).to(result.dtype), alpha=self.scaling[name])
-                continue
-            dropout = self.lora_dropout[name]
-            xa = F.linear(x if isinstance(dropout, nn.Identity) else dropout(x), A)  # A x, shape (..., r)
-            # h = W₀x + s · B (A x): the B product and the sum in one addmm over the flattened rows
-            out = torch.addmm(result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]), B.weight.t(),
-                              alpha=self.scaling[name])
-            result = out.view(result.shape)
+            # h = W₀x + s · B (A x), in peft's order of operations (a mixed batch repeats exactly these per row group)
+            result = result + self._delta(x, name).to(result.dtype) * self.scaling[name]
         return result
 
     def weighted_forward(self, x: torch.Tensor, weights: dict[str, torch.Tensor], *args: Any,
@@ -302,9 +310,15 @@ class Linear(LoraLayer):
         return out.view(result.shape)
 
     def mixed_batch_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Row i through adapter ``names[i]``: the adapters' A and B stacked, one gather per row and two
-        batched products for the whole batch. Falls back to the per-adapter loop for unequal ranks, active
-        dropout, DoRA, lora_bias or inputs with a leading dimension other than the batch."""
+        """Row i through adapter ``names[i]``. By default each adapter's rows run through exactly the forward
+        that adapter runs alone (so a mixed batch equals the per-adapter runs bit for bit, as in peft). With
+        ``batched_mixed_batches = True`` (opt-in, on the class or a layer) the adapters' A and B are stacked
+        instead: one gather per row and two batched products for the whole batch, faster with many adapters
+        and equal to the per-adapter runs up to float rounding. That path falls back to the per-adapter loop
+        for unequal ranks, active dropout, DoRA, lora_bias or inputs with a leading dimension other than the
+        batch."""
+        if not self.batched_mixed_batches:
+            return LoraLayer.mixed_batch_forward(self, x, routing, *args, **kwargs)
         names = routing.stacked_names()
         own = self._adapters
         if not all(n in own for n in names):
@@ -371,7 +385,7 @@ class Embedding(LoraLayer):
         super().__init__(base_layer)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, **_)
         self.set_adapter([adapter_name])
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
@@ -384,14 +398,15 @@ class Embedding(LoraLayer):
         kw = self._new_tensor_kwargs()
         A = torch.randn(r, self.in_features, **kw)  # r × num_embeddings
         B = torch.randn(self.out_features, r, **kw)  # dim × r
-        if init_lora_weights is True:
-            nn.init.zeros_(A)  # the LoRA paper's embedding init: A = 0, B ~ N(0, 1)
+        if init_lora_weights is not False:  # True and "gaussian" alike, as in peft: A = 0, B ~ N(0, 1)
+            nn.init.zeros_(A)  # (the LoRA paper's embedding init)
             nn.init.normal_(B)
-        elif init_lora_weights == "gaussian":
-            nn.init.normal_(A, std=1 / r)
-            nn.init.zeros_(B)
         self.lora_embedding_A[adapter_name] = nn.Parameter(A)
         self.lora_embedding_B[adapter_name] = nn.Parameter(B)
+        self.lora_variant.pop(adapter_name, None)
+        if _.get("use_dora"):
+            self.lora_variant[adapter_name] = DoraEmbeddingVariant
+            DoraEmbeddingVariant.init(self, adapter_name)
         self._record_adapter(adapter_name)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -422,23 +437,34 @@ class Conv(LoraLayer):
                  lora_dropout: float = 0.0, init_lora_weights: bool | str = True, use_rslora: bool = False,
                  lora_bias: bool = False, **_: Any) -> None:
         super().__init__(base_layer)
+        if base_layer.groups > 1:
+            warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.",
+                          UserWarning, stacklevel=2)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias, **_)
         self.set_adapter([adapter_name])
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      init_lora_weights: bool | str = True, use_rslora: bool = False, lora_bias: bool = False,
                      **_: Any) -> None:
         _linear_only(self, init_lora_weights, **_)
+        self._check_lora_bias(lora_bias)
         self._set_hyperparameters(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
         base = self.get_base_layer()
+        if r % base.groups:
+            raise ValueError(
+                f"Targeting a {type(base).__name__} with groups={base.groups} and rank {r}. Currently, support is "
+                "limited to conv layers where the rank is divisible by groups. Either choose a different rank or do "
+                "not target this specific layer."
+            )
         conv = type(base)
         kw = self._new_tensor_kwargs()
         ones = (1,) * len(base.kernel_size)
         self.lora_A[adapter_name] = conv(self.in_features, r, base.kernel_size, base.stride, base.padding,
                                          dilation=base.dilation, bias=False, padding_mode=base.padding_mode, **kw)
-        self.lora_B[adapter_name] = conv(r, self.out_features, ones, ones, bias=lora_bias, **kw)
+        # a grouped conv keeps its groups apart in B (peft's layout), so A mixes all input channels
+        self.lora_B[adapter_name] = conv(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias, **kw)
         if init_lora_weights is True:
             nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
         elif init_lora_weights == "gaussian":
@@ -447,9 +473,18 @@ class Conv(LoraLayer):
             nn.init.zeros_(self.lora_B[adapter_name].weight)
             if lora_bias:
                 nn.init.zeros_(self.lora_B[adapter_name].bias)
+        self.lora_variant.pop(adapter_name, None)
+        if _.get("use_dora"):
+            if base.groups > 1:
+                raise ValueError(f"use_dora=True is not supported for a grouped {type(base).__name__} (groups="
+                                 f"{base.groups}): its ΔW has no grouped form; leave it out of target_modules")
+            self.lora_variant[adapter_name] = DoraConvVariant
+            DoraConvVariant.init(self, adapter_name)
         self._record_adapter(adapter_name)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        if self.get_base_layer().groups > 1:  # ΔW connects every input channel: no grouped weight holds it
+            raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")
         A = self.lora_A[adapter_name].weight  # (r, in, *kernel)
         B = self.lora_B[adapter_name].weight  # (out, r, 1, …)
         if A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16):
@@ -463,3 +498,138 @@ class Conv(LoraLayer):
         if x.dtype != A.weight.dtype:
             x = x.to(A.weight.dtype)
         return self.lora_B[name](A(x))
+
+
+class Conv1d(Conv):
+    """LoRA on ``nn.Conv1d`` (see :class:`Conv`).
+
+    Explained in: book/lora.ipynb
+    """
+
+
+class Conv2d(Conv):
+    """LoRA on ``nn.Conv2d`` (see :class:`Conv`).
+
+    Explained in: book/lora.ipynb
+    """
+
+
+class Conv3d(Conv):
+    """LoRA on ``nn.Conv3d`` (see :class:`Conv`).
+
+    Explained in: book/lora.ipynb
+    """
+
+
+class MultiheadAttention(LoraLayer):
+    """LoRA on ``nn.MultiheadAttention``: one adapter on the packed q/k/v projection ``in_proj_weight``
+    (A: r × embed, B: 3·embed × r) and one on ``out_proj`` (a LoRA :class:`Linear` inside the base module),
+    as in peft. ``nn.MultiheadAttention`` reads its weights directly (no ``nn.Linear`` forward to hook), so
+    the forward runs the base module with W + ΔW put in place for the call (differentiable in A and B) and
+    the frozen weights restored afterwards. Query, key and value must share the embedding size.
+
+    Explained in: book/peft_differences.md
+    """
+
+    adapter_layer_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.MultiheadAttention, adapter_name: str, r: int = 8, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, init_lora_weights: bool | str = True, use_rslora: bool = False,
+                 lora_bias: bool = False, use_dora: bool = False, **kwargs: Any) -> None:
+        if not getattr(base_layer, "_qkv_same_embed_dim", True):
+            raise ValueError("Only same embed for query/key/value is supported as of now for MultiheadAttention.")
+        if use_dora:
+            raise ValueError("MultiheadAttention does not support DoRA (yet), please set use_dora to False")
+        if not isinstance(base_layer.out_proj, nn.Linear):
+            raise TypeError("out_proj must be an instance of nn.Linear for MultiheadAttention.")
+        super().__init__(base_layer)
+        self.in_features, self.out_features = base_layer.embed_dim, 3 * base_layer.embed_dim
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        base_layer.out_proj = Linear(base_layer.out_proj, adapter_name, r, lora_alpha, lora_dropout,
+                                     init_lora_weights, use_rslora, lora_bias)
+        self._update_in_proj(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias)
+        self.set_adapter([adapter_name])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.get_base_layer().in_proj_weight
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.get_base_layer().in_proj_weight
+
+    def _set_base_weight(self, weight: torch.Tensor) -> None:
+        self.get_base_layer().in_proj_weight.data = weight
+        self._base_cache.clear()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return None  # in_proj_bias is not touched by the adapter
+
+    def _update_in_proj(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                        init_lora_weights: bool | str = True, use_rslora: bool = False, lora_bias: bool = False) -> None:
+        if lora_init.reads_base_weight(init_lora_weights):
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} supports nn.Linear, Conv1D and Linear4bit "
+                             "layers, not MultiheadAttention; leave it out of target_modules")
+        self._check_lora_bias(lora_bias)
+        self._set_hyperparameters(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
+        kw = self._new_tensor_kwargs()
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **kw)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias, **kw)
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
+        elif init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / r)
+        if init_lora_weights is not False:
+            nn.init.zeros_(self.lora_B[adapter_name].weight)
+            if lora_bias:
+                nn.init.zeros_(self.lora_B[adapter_name].bias)
+        self._record_adapter(adapter_name)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                     init_lora_weights: bool | str = True, use_rslora: bool = False, lora_bias: bool = False,
+                     use_dora: bool = False, **_: Any) -> None:
+        if use_dora:
+            raise ValueError("MultiheadAttention does not support DoRA (yet), please set use_dora to False")
+        self.get_base_layer().out_proj.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights,
+                                                    use_rslora, lora_bias)
+        self._update_in_proj(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A = self.lora_A[adapter_name].weight
+        B = self.lora_B[adapter_name].weight
+        if A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16):
+            A, B = A.float(), B.float()
+        return (B @ A) * self.scaling[adapter_name]  # ΔW of in_proj_weight, (3·embed, embed)
+
+    def merged_weights(self, adapter_name, weight, bias):
+        return (weight.float() + self.get_delta_weight(adapter_name).float()).to(weight.dtype), bias
+
+    def adapter_forward(self, query: torch.Tensor, adapters: Sequence[str], *args: Any, **kwargs: Any):
+        base = self.get_base_layer()
+        out_layer = base.out_proj  # the LoRA Linear around out_proj
+        out_lin = out_layer.get_base_layer()
+        w_in, w_out = base.in_proj_weight, out_lin.weight
+        delta_in = sum(self.get_delta_weight(a) for a in adapters)
+        out_adapters = [] if out_layer.disable_adapters or out_layer.merged else \
+            [a for a in out_layer.active_adapters if a in out_layer.adapter_names]
+        try:
+            # W + ΔW for the duration of the call, as plain tensors (differentiable in A and B)
+            del base.in_proj_weight
+            base.in_proj_weight = w_in + delta_in.to(w_in.dtype)
+            if out_adapters:
+                del out_lin.weight
+                out_lin.weight = w_out + sum(out_layer.get_delta_weight(a) for a in out_adapters).to(w_out.dtype)
+            result = base(query, *args, **kwargs)
+        finally:
+            del base.in_proj_weight
+            base.register_parameter("in_proj_weight", w_in)
+            if out_adapters:
+                del out_lin.weight
+                out_lin.register_parameter("weight", w_out)
+        return result
+
+    def forward(self, query: torch.Tensor, *args: Any, **kwargs: Any):
+        if _ROUTING.get() is not None:
+            raise TypeError("lora.MultiheadAttention does not support mixed adapter batches.")
+        return super().forward(query, *args, **kwargs)

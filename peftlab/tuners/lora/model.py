@@ -17,7 +17,7 @@ from peftlab.quantization.nf4 import Linear4bit
 from peftlab.tuners.base import BaseTuner, layer_features
 from peftlab.tuners.lora import init as lora_init
 from peftlab.tuners.lora.config import LoraConfig
-from peftlab.tuners.lora.layer import Conv, Embedding, Linear
+from peftlab.tuners.lora.layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, MultiheadAttention
 from peftlab.utils.io import load_adapter_weights
 
 #: layers that take DoRA and the initialisations that read the base weight (PiSSA, OLoRA, LoftQ)
@@ -53,7 +53,8 @@ class LoraModel(BaseTuner):
     """
 
     default_target_modules = DEFAULT_TARGET_MODULES
-    layer_dispatch = (((nn.Embedding,), Embedding), ((nn.Conv1d, nn.Conv2d, nn.Conv3d), Conv), (LINEAR, Linear))
+    layer_dispatch = (((nn.Embedding,), Embedding), ((nn.Conv1d,), Conv1d), ((nn.Conv2d,), Conv2d),
+                      ((nn.Conv3d,), Conv3d), ((nn.MultiheadAttention,), MultiheadAttention), (LINEAR, Linear))
 
     def check_layer(self, config: LoraConfig, target: nn.Module, key: str) -> None:
         weight = getattr(target, "weight", None)
@@ -65,18 +66,23 @@ class LoraModel(BaseTuner):
                 raise ValueError(f"r={r} for {key!r}: A and B would need {need / 2**30:,.0f} GiB, more than the "
                                  f"{have / 2**30:,.0f} GiB of {weight.device.type} memory; the rank of ΔW is at most "
                                  f"{min(weight.shape[0], weight[0].numel())} here, so use r <= that")
-        if isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and target.groups != 1:
+        if isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and r % target.groups:  # peft's rule
             raise ValueError(
-                f"target module {key!r} is a grouped convolution (groups={target.groups}); peftlab's LoRA supports "
-                "groups=1 only. Exclude it with exclude_modules"
+                f"Targeting a {type(target).__name__} with groups={target.groups} and rank {r}. Currently, support is "
+                "limited to conv layers where the rank is divisible by groups. Either choose a different rank or do "
+                f"not target this specific layer ({key!r})."
             )
+        if isinstance(target, nn.MultiheadAttention):
+            if not target._qkv_same_embed_dim:
+                raise ValueError("Only same embed for query/key/value is supported as of now for MultiheadAttention.")
+            if config.use_dora:
+                raise ValueError("MultiheadAttention does not support DoRA (yet), please set use_dora to False")
         init = config.init_lora_weights
         if not isinstance(target, LINEAR):
-            if config.use_dora:
+            if config.use_dora and isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and target.groups > 1:
                 raise ValueError(
-                    f"use_dora=True: target module {key!r} is a {type(target).__name__}, but peftlab's DoRA supports "
-                    "nn.Linear, Conv1D and Linear4bit layers. Leave it out of target_modules (or add it to "
-                    "exclude_modules)"
+                    f"use_dora=True: target module {key!r} is a grouped {type(target).__name__} (groups={target.groups}),"
+                    " whose ΔW has no grouped form; leave it out of target_modules (or add it to exclude_modules)"
                 )
             if lora_init.reads_base_weight(init):
                 raise ValueError(
@@ -103,6 +109,20 @@ class LoraModel(BaseTuner):
                 "init_lora_weights": config.init_lora_weights, "use_rslora": config.use_rslora,
                 "lora_bias": config.lora_bias, "use_dora": config.use_dora,
                 "loftq_config": config.loftq_config or None}
+
+    @classmethod
+    def state_dict_for_save(cls, model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str,
+                            config: LoraConfig) -> dict[str, torch.Tensor]:
+        """DoRA's magnitude is ``...lora_magnitude_vector.<adapter>.weight`` in memory and
+        ``...lora_magnitude_vector`` in the file (peft's format)."""
+        suffix = ".lora_magnitude_vector.weight"
+        return {(k[:-len(".weight")] if k.endswith(suffix) else k): v for k, v in state.items()}
+
+    @classmethod
+    def state_dict_for_load(cls, model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str,
+                            config: LoraConfig) -> dict[str, torch.Tensor]:
+        """The inverse of :meth:`state_dict_for_save`."""
+        return {(k + ".weight" if k.endswith(".lora_magnitude_vector") else k): v for k, v in state.items()}
 
     @classmethod
     def convert_for_save(cls, state: dict[str, torch.Tensor], config: LoraConfig, initial_dir: str | os.PathLike,

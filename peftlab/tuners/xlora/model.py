@@ -152,10 +152,10 @@ class XLoraModel(BaseTuner):
                     raise ValueError(f"expert layer {key} is a LoRA {type(layer.get_base_layer()).__name__}; X-LoRA "
                                      "mixes LoRA on linear and embedding layers (as peft's does for Linear, "
                                      "Embedding, Conv2d); leave convolutions out of the experts' target_modules")
-            from peftlab.utils.save_and_load import set_peft_model_state_dict
+            from peftlab.utils.save_and_load import load_adapter_state_dict
 
             for i, (folder, cfg) in enumerate(zip(folders, configs)):
-                set_peft_model_state_dict(self.model, load_adapter_weights(folder), str(i), cfg)
+                load_adapter_state_dict(self.model, load_adapter_weights(folder), str(i), cfg)
         except Exception:
             self.lora_model.unload()
             raise

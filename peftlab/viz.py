@@ -11,9 +11,11 @@ Explained in: book/products.ipynb
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import matplotlib as mpl
+import matplotlib.patches  # noqa: F401  (mpl.patches for the method diagrams)
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
@@ -323,8 +325,10 @@ def curves(
     if not isinstance(data, Mapping) or not data:
         raise ValueError("curves needs a non-empty dict name -> values")
     ax = _new_ax(ax)
+    integer_x = True
     for k, (name, v) in enumerate(data.items()):
         x, y = _series(v)
+        integer_x = integer_x and bool(np.all(np.asarray(x, dtype=float) == np.round(np.asarray(x, dtype=float))))
         color = COLORS[k % len(COLORS)]
         if smooth and smooth > 1:
             ax.plot(x, y, color=color, alpha=raw_alpha, linewidth=1)
@@ -333,6 +337,8 @@ def curves(
             ax.plot(x, y, color=color, label=name)
     if log:
         ax.set_yscale("log")
+    if integer_x:  # steps, iterations, ranks: no fractional ticks
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
@@ -496,8 +502,247 @@ def _fmt_count(v: float) -> str:
     return f"{v:.3g}"
 
 
+# ----------------------------------------------------------------------------- method diagrams
+
+
+@dataclass(frozen=True)
+class Block:
+    """One box of a method diagram: a label (mathtext allowed), a short note below it (shape, role) and a kind:
+    ``"frozen"`` (pretrained, not trained), ``"train"`` (the adapter's parameters), ``"fixed"`` (no parameters:
+    a norm, a scale) or ``"op"`` (an operator drawn as a circle: ``"+"``, ``"⊙"``, ``"×"``)."""
+
+    label: str
+    note: str = ""
+    kind: str = "train"
+
+
+@dataclass(frozen=True)
+class MethodDiagram:
+    """What :func:`method_diagram` draws for one method, bottom (input ``x``) to top (output ``h``).
+
+    ``main``: the frozen path from ``x`` to ``h`` (blocks a multiplicative method puts on it, such as OFT's
+    rotation or IA3's scaling vector, are part of it). ``branches``: side paths that also start at ``x``,
+    each bottom to top (LoRA: one branch ``A``, ``B``, scale). ``join``: the operator that joins several
+    branches (LoHa's ``⊙``, LoKr's ``⊗``, X-LoRA's weighted sum). ``combine``: the operator where the side
+    path meets the main one (``"+"`` for an additive update). ``equation`` (mathtext) and ``merge`` (how the
+    adapter folds into W₀, or why it cannot) are printed under the drawing.
+
+    A new method adds one entry to :data:`METHOD_DIAGRAMS` (or passes a spec to :func:`method_diagram`).
+    """
+
+    title: str
+    main: tuple[Block, ...]
+    branches: tuple[tuple[Block, ...], ...] = ()
+    join: str = ""
+    combine: str = "+"
+    equation: str = ""
+    merge: str = ""
+
+
+_W0 = Block(r"$W_0$", r"frozen, $d_{out} \times d_{in}$", "frozen")
+
+#: The diagrams of the book's methods, by the name chapters pass to :func:`method_diagram`.
+METHOD_DIAGRAMS: dict[str, MethodDiagram] = {
+    "lora": MethodDiagram(
+        "LoRA: a low-rank detour beside the frozen weight",
+        main=(_W0,),
+        branches=((Block("$A$", r"$r \times d_{in}$, random"), Block("$B$", r"$d_{out} \times r$, zero at start"),
+                   Block(r"$\times\,\alpha/r$", "scaling", "fixed")),),
+        equation=r"$h = W_0 x + \frac{\alpha}{r} B A x$",
+        merge=r"merge: $W = W_0 + \frac{\alpha}{r} B A$ (no extra inference cost)"),
+    "dora": MethodDiagram(
+        "DoRA: LoRA on the direction, a trained magnitude per output",
+        main=(_W0,),
+        branches=((Block("$A$", r"$r \times d_{in}$"), Block("$B$", r"$d_{out} \times r$, zero at start"),
+                   Block(r"$\times\,\alpha/r$", "scaling", "fixed")),),
+        combine="+",
+        equation=r"$h = m \odot \frac{(W_0 + \frac{\alpha}{r} B A)\,x}{\Vert W_0 + \frac{\alpha}{r} B A \Vert_{row}}$"
+                 r",  $m$ trained ($d_{out}$)",
+        merge=r"merge: $W = m \odot (W_0 + \frac{\alpha}{r}BA)\,/\,\Vert W_0 + \frac{\alpha}{r}BA\Vert_{row}$"),
+    "loha": MethodDiagram(
+        "LoHa: the Hadamard product of two low-rank products",
+        main=(_W0,),
+        branches=((Block("$W_{1b}$", r"$r \times d_{in}$"), Block("$W_{1a}$", r"$d_{out} \times r$")),
+                  (Block("$W_{2b}$", r"$r \times d_{in}$, zero at start"), Block("$W_{2a}$", r"$d_{out} \times r$"))),
+        join="⊙",
+        equation=r"$\Delta W = \frac{\alpha}{r}(W_{1a} W_{1b}) \odot (W_{2a} W_{2b})$, rank up to $r^2$;  "
+                 r"$h = (W_0 + \Delta W)\,x$",
+        merge=r"merge: $W = W_0 + \Delta W$"),
+    "lokr": MethodDiagram(
+        "LoKr: the Kronecker product of a small and a (low-rank) large factor",
+        main=(_W0,),
+        branches=((Block("$W_1$", r"$a \times c$, zero at start"),),
+                  (Block("$W_{2b}$", r"$r \times d$"), Block("$W_{2a}$", r"$b \times r$"))),
+        join="⊗",
+        equation=r"$\Delta W = \frac{\alpha}{r}\, W_1 \otimes W_2$,  $W_2 = W_{2a} W_{2b}$,  "
+                 r"$d_{out} = ab$, $d_{in} = cd$",
+        merge=r"merge: $W = W_0 + \Delta W$"),
+    "oft": MethodDiagram(
+        "OFT: an orthogonal rotation of the input, learned block by block",
+        main=(Block(r"$R^\top$", "orthogonal, block-diagonal, $I$ at start", "train"), _W0),
+        combine="",
+        equation=r"$h = W_0 R^\top x$,  $R = (I - Q)(I + Q)^{-1}$, $Q^\top = -Q$ per block",
+        merge=r"merge: $W = W_0 R^\top$"),
+    "boft": MethodDiagram(
+        "BOFT: a product of butterfly-sparse orthogonal factors",
+        main=(Block(r"$R^\top = (R_m \cdots R_1)^\top$", "butterfly factors, orthogonal", "train"), _W0,
+              Block(r"$\odot\, s$", r"scale, $d_{out}$", "train")),
+        combine="",
+        equation=r"$h = s \odot (W_0 R^\top x)$",
+        merge=r"merge: $W = s \odot (W_0 R^\top)$"),
+    "ia3": MethodDiagram(
+        "IA3: rescale activations with a learned vector",
+        main=(_W0, Block(r"$\odot\, l$", r"$d_{out}$, ones at start", "train")),
+        combine="",
+        equation=r"$h = l \odot (W_0 x)$  (feed-forward layers: $h = W_0 (l \odot x)$)",
+        merge=r"merge: $W = \mathrm{diag}(l)\, W_0$"),
+    "adalora": MethodDiagram(
+        "AdaLoRA: an SVD-shaped update whose rank is reallocated during training",
+        main=(_W0,),
+        branches=((Block("$Q$", r"$r \times d_{in}$"), Block(r"$\Lambda$", "$r$ singular values, pruned"),
+                   Block("$P$", r"$d_{out} \times r$")),),
+        equation=r"$h = W_0 x + P \Lambda Q\, x$,  budget of nonzero $\Lambda_{ii}$ shrinks over training",
+        merge=r"merge: $W = W_0 + P \Lambda Q$"),
+    "llama_adapter": MethodDiagram(
+        "Llama-Adapter: learned prompts with a zero-initialised gate",
+        main=(Block("attention", "frozen, over the tokens", "frozen"),),
+        branches=((Block("prompt", r"$K$ learned tokens"), Block("attention", "over the prompt", "fixed"),
+                   Block(r"$\times\, g$", "gate, zero at start")),),
+        equation=r"$h = \mathrm{Attn}(x) + g \cdot \mathrm{Attn}_{\mathrm{prompt}}(x)$",
+        merge="no merge: the prompts are not a weight update"),
+    "xlora": MethodDiagram(
+        "X-LoRA: a classifier mixes frozen LoRA experts per token",
+        main=(_W0,),
+        branches=((Block(r"$B_1 A_1$", "LoRA expert", "frozen"),), (Block(r"$B_k A_k$", "LoRA expert", "frozen"),),
+                  (Block(r"$\lambda(x)$", "classifier"),)),
+        join="Σ",
+        equation=r"$h = W_0 x + \sum_i \lambda_i(x)\, B_i A_i\, x$",
+        merge="no merge: the weights depend on the input"),
+}
+
+_FILL = {"frozen": "#dbe8f5", "train": "#ffe0bf", "fixed": "#eeeeee", "op": "white"}
+_EDGE = {"frozen": COLORS[0], "train": COLORS[1], "fixed": "#7f7f7f", "op": "#333333"}
+
+
+def method_diagram(method: Union[str, MethodDiagram], ax: Optional[Axes] = None) -> Axes:
+    """Draw a method as the book draws every method: input ``x`` at the bottom, the frozen path on the left,
+    the adapter's path on the right, trained parts in orange, frozen ones in blue, the equation and how it
+    merges underneath. ``method``: a key of :data:`METHOD_DIAGRAMS` (``"lora"``, ``"dora"``, ``"loha"``,
+    ``"lokr"``, ``"oft"``, ``"boft"``, ``"ia3"``, ``"adalora"``, ``"llama_adapter"``, ``"xlora"``) or a
+    :class:`MethodDiagram`.
+
+    Explained in: book/lora.ipynb
+    """
+    if isinstance(method, str):
+        key = method.lower().replace("-", "_")
+        if key not in METHOD_DIAGRAMS:
+            raise KeyError(f"no diagram for method {method!r}; known: {sorted(METHOD_DIAGRAMS)} "
+                           "(or pass a MethodDiagram spec)")
+        spec = METHOD_DIAGRAMS[key]
+    else:
+        spec = method
+    if not spec.main:
+        raise ValueError("a MethodDiagram needs at least one block on its main path")
+    branches = [b for b in spec.branches if b]
+    step, bh = 1.15, 0.78  # vertical distance between rows, block height
+    rows = max([len(spec.main)] + [len(b) for b in branches])
+    join_row = rows + 1 if len(branches) > 1 else None
+    top_row = (join_row or rows) + (1 if branches else 0)
+    y_of = lambda row: row * step  # noqa: E731  (row 0 is x)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.6, 1.0 + 0.62 * (top_row + 3)))
+    ax.set_axis_off()
+    ax.set_xlim(0, 10)
+    ax.set_ylim(-2.1, y_of(top_row + 1) + 0.5)
+    x_main, w_main = 2.6, 3.0
+    if len(branches) == 1:
+        xs, wb = [7.3], 3.0
+    else:
+        wb = min(2.6, 4.6 / max(1, len(branches)) - 0.25)
+        xs = list(np.linspace(5.7 + wb / 2, 9.9 - wb / 2, len(branches)))
+
+    def box(cx: float, row: int, block: Block, width: float) -> tuple[float, float]:
+        cy = y_of(row)
+        if block.kind == "op":
+            ax.add_patch(mpl.patches.Circle((cx, cy), 0.3, fc="white", ec=_EDGE["op"], lw=1.2))
+            ax.text(cx, cy, block.label, ha="center", va="center", fontsize=12)
+            return cy - 0.3, cy + 0.3
+        ax.add_patch(mpl.patches.FancyBboxPatch((cx - width / 2, cy - bh / 2), width, bh,
+                                                boxstyle="round,pad=0.02,rounding_size=0.12",
+                                                fc=_FILL.get(block.kind, "white"), ec=_EDGE.get(block.kind, "#333"),
+                                                lw=1.3))
+        if block.note:
+            ax.text(cx, cy + 0.13, block.label, ha="center", va="center", fontsize=11)
+            ax.text(cx, cy - 0.2, block.note, ha="center", va="center", fontsize=7.5, color="#444444")
+        else:
+            ax.text(cx, cy, block.label, ha="center", va="center", fontsize=11)
+        return cy - bh / 2, cy + bh / 2
+
+    def arrow(p: tuple[float, float], q: tuple[float, float], style: str = "arc3") -> None:
+        ax.add_patch(mpl.patches.FancyArrowPatch(p, q, arrowstyle="-|>", mutation_scale=11, lw=1.2,
+                                                 color="#333333", connectionstyle=style, shrinkA=0, shrinkB=0))
+
+    def node(cx: float, cy: float, label: str) -> None:
+        ax.add_patch(mpl.patches.Circle((cx, cy), 0.3, fc="white", ec="#333333", lw=1.2))
+        ax.text(cx, cy, label, ha="center", va="center", fontsize=12)
+
+    # input
+    ax.text(x_main, y_of(0), "$x$", ha="center", va="center", fontsize=13)
+    # main path
+    prev = y_of(0) + 0.25
+    for i, block in enumerate(spec.main, 1):
+        lo, hi = box(x_main, i, block, w_main)
+        arrow((x_main, prev), (x_main, lo))
+        prev = hi
+    # side paths
+    ends = []
+    for cx, branch in zip(xs, branches):
+        lo, hi = box(cx, 1, branch[0], wb)
+        ax.plot([x_main, x_main], [y_of(0) + 0.25, y_of(0) + 0.45], color="#333333", lw=1.2)
+        arrow((x_main, y_of(0) + 0.45), (cx, lo), "angle,angleA=0,angleB=90,rad=0")
+        for i, block in enumerate(branch[1:], 2):
+            lo2, hi2 = box(cx, i, block, wb)
+            arrow((cx, hi), (cx, lo2))
+            hi = hi2
+        ends.append((cx, hi))
+    if branches:
+        if join_row is not None:
+            jx = float(np.mean(xs))
+            jy = y_of(join_row)
+            node(jx, jy, spec.join or "+")
+            for cx, hi in ends:
+                arrow((cx, hi), (jx, jy - 0.3), "arc3")
+            side_end = (jx + 0.0, jy + 0.3)
+        else:
+            side_end = ends[0]
+        cy = y_of(top_row)
+        arrow((x_main, prev), (x_main, cy - 0.3))
+        node(x_main, cy, spec.combine or "+")
+        arrow(side_end, (x_main + 0.3, cy), "angle,angleA=90,angleB=0,rad=0")
+        prev = cy + 0.3
+        out_y = y_of(top_row + 1)
+    else:
+        out_y = y_of(len(spec.main) + 1)
+    arrow((x_main, prev), (x_main, out_y - 0.25))
+    ax.text(x_main, out_y, "$h$", ha="center", va="center", fontsize=13)
+    # legend, equation, merge rule
+    handles = [mpl.patches.Patch(fc=_FILL[k], ec=_EDGE[k], label=name)
+               for k, name in (("frozen", "frozen (pretrained)"), ("train", "trained (the adapter)"))]
+    ax.legend(handles=handles, loc="upper right", fontsize=8, frameon=False)
+    if spec.equation:
+        ax.text(5.0, -1.0, spec.equation, ha="center", va="center", fontsize=10.5)
+    if spec.merge:
+        ax.text(5.0, -1.75, spec.merge, ha="center", va="center", fontsize=9, color="#333333")
+    ax.set_title(spec.title, fontsize=11)
+    ax.grid(False)
+    return ax
+
+
 __all__ = [
+    "Block",
     "COLORS",
+    "METHOD_DIAGRAMS",
+    "MethodDiagram",
     "SIGNED_CMAP",
     "STYLE",
     "UNSIGNED_CMAP",
@@ -506,6 +751,7 @@ __all__ = [
     "heatmap",
     "heatmaps",
     "image_grid",
+    "method_diagram",
     "set_style",
     "spectrum",
 ]

@@ -111,3 +111,31 @@ def test_spectrum_keeps_float64_precision_and_labels_threshold():
 def test_heatmap_colorbar_label():
     ax = viz.heatmap(np.eye(2), signed=False, colorbar_label="rank")
     assert ax.figure.axes[-1].get_ylabel() == "rank"
+
+
+@pytest.mark.parametrize("method", sorted(viz.METHOD_DIAGRAMS))
+def test_method_diagram_draws_every_known_method(method):
+    ax = viz.method_diagram(method)
+    spec = viz.METHOD_DIAGRAMS[method]
+    texts = [t.get_text() for t in ax.texts]
+    # every block's label is drawn, with x at the bottom and h at the top, and the equation underneath
+    for block in spec.main + tuple(b for branch in spec.branches for b in branch):
+        assert block.label in texts, (method, block.label)
+    assert "$x$" in texts and "$h$" in texts and spec.equation in texts
+    ys = {t.get_text(): t.get_position()[1] for t in ax.texts}
+    assert ys["$x$"] < ys["$h$"]
+    # trained and frozen parts are told apart by colour, and the legend says which is which
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["frozen (pretrained)", "trained (the adapter)"]
+    ax.figure.canvas.draw()  # mathtext must parse
+
+
+def test_method_diagram_takes_a_new_spec_and_rejects_unknown_names():
+    spec = viz.MethodDiagram("toy: a scaled detour", main=(viz.Block("$W_0$", kind="frozen"),),
+                             branches=((viz.Block("$v$"),),), equation="$h = W_0 x + v$")
+    ax = viz.method_diagram(spec)
+    assert "$v$" in [t.get_text() for t in ax.texts]
+    with pytest.raises(KeyError, match="known:.*lora"):
+        viz.method_diagram("vera")
+    with pytest.raises(ValueError, match="main path"):
+        viz.method_diagram(viz.MethodDiagram("empty", main=()))

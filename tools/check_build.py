@@ -10,10 +10,16 @@ Checks, each failing with the page and what was found:
    ``_static/vendor/mathjax/tex-mml-chtml.js``, every page with widget state loads
    ``_static/vendor/widgets/embed.js``, and both files exist.
 3. Every notebook page has an "Open in Colab" link to its ``.ipynb`` on the repository.
-4. ``--render`` (default: when Chromium is installed; always under CI, ``CI=true``, where a
+4. What a reader must not see (every page): a markdown table left as raw text (``| --- |`` outside
+   code), a Python warning (``UserWarning: ...``) or any stderr output in a cell's output, and
+   ``nan`` in the prose (a number that does not exist in this profile, glued as a float).
+   The site's CSS must give the text a font stack with CJK fallbacks (the Chinese terms).
+5. ``--render`` (default: when Chromium is installed; always under CI, ``CI=true``, where a
    missing browser fails the check instead of skipping it): headless Chromium, with its network
    features off, loads each page with math or widgets from ``file://`` and the rendered DOM
-   must contain MathJax output (``mjx-container``) and live widgets (``widget-...`` views).
+   must contain MathJax output (``mjx-container``) and live widgets (``widget-...`` views); and
+   Chinese text, in the site's font stack, must render differently from unassigned code points
+   (identical screenshots mean every CJK glyph is an empty box: no CJK font reached).
 
 Usage: ``python tools/check_build.py [--html _build/html] [--render auto|yes|no]``.
 """
@@ -42,6 +48,120 @@ CDN = re.compile(
 INERT = re.compile(r'const THEBE_JS_URL = "https://unpkg\.com/[^"]*";')
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+RAW_TABLE = re.compile(r"\|\s*:?-{3,}:?\s*\|")
+WARNING = re.compile(r"\b[A-Z]\w*Warning: ")
+# Python prints a missing float as "nan"; the word NaN in a sentence about NaN values is prose, not a leak.
+NAN = re.compile(r"(?<![\w.\-])nan(?![\w])")
+CJK = re.compile(r"[\u4e00-\u9fff]")
+CJK_FAMILIES = ("Noto Sans CJK", "Noto Sans SC", "Source Han Sans", "PingFang", "Microsoft YaHei", "WenQuanYi",
+                "Hiragino Sans GB")
+
+
+class _Reader(HTMLParser):
+    """The text a reader sees, split into prose (outside code and cell outputs) and cell output text;
+    plus whether a cell output carries stderr."""
+
+    VOID = {"br", "img", "hr", "meta", "link", "input", "source", "area", "base", "col", "embed", "param", "track",
+            "wbr"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[tuple[str, set[str]]] = []
+        self.prose: list[str] = []
+        self.output: list[str] = []
+        self.stderr = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self.VOID:
+            return
+        classes = set((dict(attrs).get("class") or "").split())
+        self.stack.append((tag, classes))
+        if "stderr" in classes and self._inside("cell_output"):
+            self.stderr += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        for i in range(len(self.stack) - 1, -1, -1):
+            if self.stack[i][0] == tag:
+                del self.stack[i:]
+                return
+
+    def _inside(self, cls: str) -> bool:
+        return any(cls in classes for _, classes in self.stack)
+
+    def handle_data(self, data: str) -> None:
+        tags = {t for t, _ in self.stack}
+        if tags & {"script", "style", "head", "title", "nav", "header", "footer"} or self._inside("cell_input"):
+            return
+        if self._inside("cell_output"):
+            self.output.append(data)
+        elif not (tags & {"pre", "code", "kbd", "samp"}) and not self._inside("highlight") \
+                and not self._inside("math") and not self._inside("MathJax_Preview"):
+            self.prose.append(data)
+
+
+def check_reader_view(page: Path, rel: str) -> list[str]:
+    """Check 4 on one page: raw markdown tables, leaked warnings and stderr, ``nan`` in the prose."""
+    reader = _Reader()
+    reader.feed(page.read_text(encoding="utf-8", errors="replace"))
+    prose, output = "".join(reader.prose), "".join(reader.output)
+    problems = []
+    for where, text in (("prose", prose), ("a cell output", output)):
+        m = RAW_TABLE.search(text)
+        if m:
+            problems.append(f"{rel}: a raw markdown table in {where}: {text[max(0, m.start() - 60):m.end() + 20]!r} "
+                            "(show a DataFrame, or write a MyST table in markdown)")
+    m = WARNING.search(output)
+    if m:
+        problems.append(f"{rel}: a warning leaks into a cell output: {output[m.start():m.start() + 120]!r}")
+    if reader.stderr:
+        problems.append(f"{rel}: {reader.stderr} cell output(s) on stderr (warnings, progress bars)")
+    for m in NAN.finditer(prose):
+        problems.append(f"{rel}: 'nan' in the prose: {prose[max(0, m.start() - 80):m.end() + 20]!r} "
+                        "(glue a sentence that says the number does not exist in this profile)")
+    return problems
+
+
+def check_font_stack(html: Path) -> list[str]:
+    """The site's own stylesheet names CJK fallback fonts (the Chinese terms need one)."""
+    css = html / "_static" / "peftlab.css"
+    if not css.is_file():
+        return [f"{css.relative_to(html)} missing (html_css_files in _config.yml)"]
+    text = css.read_text(encoding="utf-8")
+    if not any(f in text for f in CJK_FAMILIES):
+        return [f"_static/peftlab.css names no CJK font in its font stack (one of {CJK_FAMILIES})"]
+    return []
+
+
+def check_cjk_render(html: Path, browser: str) -> list[str]:
+    """Screenshot Chinese text and unassigned code points in the site's font stack: equal images mean
+    every CJK glyph was drawn as an empty box (no CJK font reachable)."""
+    css = (html / "_static" / "peftlab.css").resolve().as_uri()
+    shots = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in (("cjk", "中文术语低秩适配"), ("unassigned", "".join(chr(0xF0000 + i) for i in range(8)))):
+            page = Path(tmp) / f"{name}.html"
+            page.write_text(f'<!doctype html><html><head><meta charset="utf-8"><link rel="stylesheet" href="{css}">'
+                            f'</head><body style="margin:0;background:#fff"><p style="font-size:40px">{text}</p>'
+                            "</body></html>", encoding="utf-8")
+            png = Path(tmp) / f"{name}.png"
+            cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
+                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                   f"--user-data-dir={tmp}/profile-{name}", "--window-size=480,80", f"--screenshot={png}",
+                   page.as_uri()]
+            try:
+                subprocess.run(cmd, capture_output=True, timeout=120)
+            except subprocess.TimeoutExpired:
+                return ["CJK render check: Chromium timed out"]
+            if not png.is_file():
+                return ["CJK render check: Chromium wrote no screenshot"]
+            shots.append(png.read_bytes())
+    if shots[0] == shots[1]:
+        return ["Chinese text renders as empty boxes: no CJK font reaches the site's font stack "
+                "(Debian: apt-get install -y fonts-noto-cjk)"]
+    print("check_build: rendered CJK text: glyphs present")
+    return []
 
 
 class _Assets(HTMLParser):
@@ -123,7 +243,7 @@ def _repo_slug() -> tuple[str, str]:
 
 
 def check_static(html: Path) -> tuple[list[str], list[Path]]:
-    """Run checks 1-3; return (problems, pages that need a render check)."""
+    """Run checks 1-4; return (problems, pages that need a render check)."""
     problems: list[str] = []
     to_render: list[Path] = []
     for target in (MATHJAX, EMBED):
@@ -153,6 +273,8 @@ def check_static(html: Path) -> tuple[list[str], list[Path]]:
                 problems.append(f"{rel} shows widgets but carries no widget state")
         if parser.has_math or parser.has_widget_view:
             to_render.append(page)
+        problems += check_reader_view(page, rel)
+    problems += check_font_stack(html)
 
     slug, branch = _repo_slug()
     for page_rel, nb in _notebook_pages().items():
@@ -177,7 +299,7 @@ def _chromium() -> str | None:
 
 
 def check_render(html: Path, pages: list[Path], browser: str) -> list[str]:
-    """Run check 4 with headless Chromium and no network features."""
+    """Run check 5 with headless Chromium and no network features."""
     problems = []
     for page in pages:
         rel = page.relative_to(html).as_posix()
@@ -205,6 +327,8 @@ def check_render(html: Path, pages: list[Path], browser: str) -> list[str]:
         if parser.has_widget_view and not re.search(r'class="[^"]*\bwidget-', dom):
             problems.append(f"{rel}: widgets did not render (no widget views in the DOM)")
         print(f"check_build: rendered {rel}: math={parser.has_math} widgets={parser.has_widget_view}")
+    if any(CJK.search(p.read_text(encoding="utf-8", errors="replace")) for p in html.rglob("*.html")):
+        problems += check_cjk_render(html, browser)
     return problems
 
 
@@ -229,7 +353,8 @@ def main() -> None:
         print("check_build: FAILED\n  " + "\n  ".join(problems), file=sys.stderr)
         sys.exit(1)
     n = len(list(args.html.rglob("*.html")))
-    print(f"check_build: {n} pages OK (offline assets, local MathJax and widgets, Colab links)")
+    print(f"check_build: {n} pages OK (offline assets, local MathJax and widgets, Colab links, no raw tables, "
+          "warnings or nan on a page)")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ __all__ = [
 
 #: H1's adapted layers: all three Linear layers (the head must learn the even classes).
 H1_LAYERS: tuple[str, ...] = ("l1", "l2", "l3")
-#: H1's fine-tuning recipe (paper-claims.md §2.1): Adam, batch 64, 300 steps; LoRA lr 3e-3, full FT lr 1e-3.
+#: H1's fine-tuning recipe: Adam, batch 64, 300 steps; LoRA lr 3e-3, full FT lr 1e-3.
 H1_STEPS, H1_BATCH, H1_LORA_LR, H1_FULL_LR = 300, 64, 3e-3, 1e-3
 #: H4's adapted layers (the trunk; the head is trained in full) and its default width.
 H4_LAYERS: tuple[str, ...] = ("trunk.l1", "trunk.l2")

@@ -11,7 +11,8 @@ local folder instead, built by :func:`simulated_repo`:
   random weights (seeded by the repository id), and a byte-level BPE tokenizer trained on a few strings
   (:func:`sim_tokenizer`): any text encodes;
 * an adapter repository: its shipped ``adapter_config.json`` and random adapter weights that fit the
-  simulated base model, in the format the repository holds (``adapter_model.bin`` for the notes' adapter).
+  simulated base model, in the format the repository holds (``adapter_model.bin`` for the notes' OPT adapter, see
+  :data:`PICKLED_ADAPTERS`; safetensors otherwise).
 
 Every call of a GPU section (``from_pretrained``, ``generate``, ``get_peft_model``, training) runs as on
 the GPU; only the numbers differ, so claims about the real models are asserted in the gpu profile only.
@@ -45,6 +46,9 @@ _LAYER_KEYS = ("num_hidden_layers", "num_layers", "num_decoder_layers")
 _WIDTH_KEYS = ("hidden_size", "d_model")
 _FFN_KEYS = ("ffn_dim", "intermediate_size", "d_ff")
 _DROPPED_KEYS = ("_name_or_path", "torch_dtype", "dtype", "transformers_version")
+
+#: Adapter repositories that hold a pickled ``adapter_model.bin`` (the others: ``adapter_model.safetensors``).
+PICKLED_ADAPTERS = frozenset({"ybelkada/opt-350m-lora"})
 
 _built: dict[str, Path] = {}
 _lock = threading.Lock()
@@ -208,7 +212,12 @@ def _build_adapter_repo(repo_id: str, src: Path, dest: Path) -> None:
     state = {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy(src / "adapter_config.json", dest / "adapter_config.json")
-    torch.save(state, dest / "adapter_model.bin")  # what the notes' repository holds: a pickle, read weights_only
+    if repo_id in PICKLED_ADAPTERS:  # what the notes' repository holds: a pickle, read weights_only
+        torch.save(state, dest / "adapter_model.bin")
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, str(dest / "adapter_model.safetensors"))
 
 
 def is_simulated(model: Any) -> bool:

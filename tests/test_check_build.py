@@ -1,0 +1,87 @@
+"""tools/check_build.py sees what a reader would: raw markdown tables, leaked warnings, nan in prose, missing CJK."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("check_build", ROOT / "tools" / "check_build.py")
+check_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(check_build)
+
+CLEAN = """<html><head><title>t</title></head><body><article class="bd-article">
+<p>LoRA trains 1,024 parameters (秩 r = 4).</p>
+<table><tr><th>a</th><td>1</td></tr></table>
+<div class="cell docutils container"><div class="cell_input docutils container"><div class="highlight"><pre>
+rows = ["| --- |"]  # code may hold anything
+x = float("nan")
+</pre></div></div>
+<div class="cell_output docutils container"><div class="output stream highlight-myst-ansi notranslate">
+<div class="highlight"><pre>score 0.93</pre></div></div></div></div>
+</article></body></html>"""
+
+
+def _page(tmp_path: Path, body: str) -> list[str]:
+    page = tmp_path / "page.html"
+    page.write_text(body, encoding="utf-8")
+    return check_build.check_reader_view(page, "page.html")
+
+
+def test_a_clean_page_passes(tmp_path: Path) -> None:
+    assert _page(tmp_path, CLEAN) == []
+
+
+def test_raw_markdown_table_is_caught(tmp_path: Path) -> None:
+    raw = CLEAN.replace("<p>LoRA", "<p>| task | score |\n| --- | --- |\n| sort | 1 |</p><p>LoRA")
+    problems = _page(tmp_path, raw)
+    assert len(problems) == 1 and "raw markdown table in prose" in problems[0]
+    in_output = CLEAN.replace("score 0.93", "| task | score |\n|---|---|")
+    assert "raw markdown table in a cell output" in _page(tmp_path, in_output)[0]
+
+
+def test_leaked_warning_and_stderr_are_caught(tmp_path: Path) -> None:
+    leaked = CLEAN.replace("score 0.93", "/x/peft.py:3: UserWarning: merging into a quantised base")
+    assert any("warning leaks" in p for p in _page(tmp_path, leaked))
+    stderr = CLEAN.replace('class="output stream', 'class="output stderr')
+    assert any("stderr" in p for p in _page(tmp_path, stderr))
+
+
+def test_nan_in_prose_is_caught_but_not_in_code_or_words(tmp_path: Path) -> None:
+    problems = _page(tmp_path, CLEAN.replace("1,024 parameters", "nan parameters"))
+    assert len(problems) == 1 and "'nan' in the prose" in problems[0]
+    assert _page(tmp_path, CLEAN.replace("1,024 parameters", "nanoseconds and finance")) == []
+    assert _page(tmp_path, CLEAN.replace("1,024 parameters", "refuses a NaN or an infinite value")) == []  # prose
+
+
+def test_font_stack_must_name_a_cjk_font(tmp_path: Path) -> None:
+    (tmp_path / "_static").mkdir()
+    (tmp_path / "_static" / "peftlab.css").write_text("body { font-family: sans-serif; }")
+    assert "names no CJK font" in check_build.check_font_stack(tmp_path)[0]
+    shutil.copy(ROOT / "book" / "_static" / "peftlab.css", tmp_path / "_static" / "peftlab.css")
+    assert check_build.check_font_stack(tmp_path) == []
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None or shutil.which("fc-list") is None,
+                    reason="needs Chromium and fontconfig (CI installs both)")
+def test_cjk_render_check_sees_missing_fonts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "_static").mkdir()
+    shutil.copy(ROOT / "book" / "_static" / "peftlab.css", tmp_path / "_static" / "peftlab.css")
+    browser = shutil.which("chromium")
+    # a fontconfig that knows one Latin font only: Chinese must come out as empty boxes
+    conf = tmp_path / "fonts.conf"
+    latin = next((d for d in ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/truetype/liberation")
+                  if Path(d).is_dir()), None)
+    if latin is None:
+        pytest.skip("no Latin font folder to build a CJK-less fontconfig from")
+    conf.write_text(f'<?xml version="1.0"?><fontconfig><dir>{latin}</dir><cachedir>{tmp_path}/fc</cachedir>'
+                    "</fontconfig>")
+    monkeypatch.setenv("FONTCONFIG_FILE", str(conf))
+    assert "empty boxes" in check_build.check_cjk_render(tmp_path, browser)[0]
+    monkeypatch.delenv("FONTCONFIG_FILE")
+    has_cjk = check_build.subprocess.run(["fc-list", ":lang=zh"], capture_output=True, text=True).stdout.strip()
+    if has_cjk:
+        assert check_build.check_cjk_render(tmp_path, browser) == []

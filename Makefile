@@ -78,7 +78,7 @@ notebooks:
 	@mkdir -p $(REPORTS)
 	$(PY) tools/prepare_exec.py $(EXEC)
 	$(PY) -m pytest $(EXEC)/book --nbmake --overwrite --nbmake-timeout=$(NB_TIMEOUT) \
-	    -n $(JOBS) -p no:cacheprovider -o addopts="" \
+	    -n $(JOBS) -p no:cacheprovider -p tools.nbmake_ports -o addopts="" \
 	    --junitxml=$(REPORTS)/notebooks.xml
 
 html:

@@ -39,3 +39,24 @@ def test_ci_script_installs_the_browser_and_builds_the_readers_book() -> None:
     assert 'export CI="${CI:-true}"' in run
     test_at, book_at = run.index("make test"), run.index("PEFTLAB_PROFILE=cpu make --no-print-directory notebooks")
     assert test_at < book_at and "make --no-print-directory html" in run[book_at:]
+
+
+def test_notebook_kernels_take_ports_from_their_workers_own_block(monkeypatch) -> None:
+    """`make notebooks` loads tools/nbmake_ports.py: two xdist workers never pick the same kernel port, and no
+    kernel port comes from the ephemeral range that port-0 binds (torchrun's gloo, jupyter's default) use."""
+    import importlib
+    import sys
+
+    from jupyter_client.connect import LocalPortCache
+
+    sys.path.insert(0, str(ROOT))
+    plugin = importlib.import_module("tools.nbmake_ports")
+    assert "-p tools.nbmake_ports" in (ROOT / "Makefile").read_text()
+    blocks = []
+    for worker in ("gw0", "gw1"):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+        cache = LocalPortCache()  # a fresh cache per worker process
+        ports = [plugin.find_available_port(cache, "127.0.0.1") for _ in range(5)]
+        assert len(set(ports)) == 5 and all(20000 <= p < 32768 for p in ports), ports
+        blocks.append(set(ports))
+    assert not blocks[0] & blocks[1]

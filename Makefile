@@ -26,7 +26,7 @@ STAMP   := $(VENV)/.peftlab-installed
 JS      := _vendor/.fetched.json
 EXEC    := .cache/book-exec
 REPORTS := _build/reports
-NB_TIMEOUT ?= 1200
+NB_TIMEOUT ?= 600
 
 # Every process gets THREADS threads: JOBS workers x THREADS must fit the machine.
 export OMP_NUM_THREADS := $(THREADS)
@@ -79,6 +79,7 @@ notebooks:
 	$(PY) tools/prepare_exec.py $(EXEC)
 	$(PY) -m pytest $(EXEC)/book --nbmake --overwrite --nbmake-timeout=$(NB_TIMEOUT) \
 	    -n $(JOBS) -p no:cacheprovider -p tools.nbmake_ports -o addopts="" \
+	    --reruns 1 --only-rerun "Kernel died|DeadKernel|[Tt]imeout|timed out" \
 	    --junitxml=$(REPORTS)/notebooks.xml
 
 html:

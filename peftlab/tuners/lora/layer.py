@@ -53,6 +53,18 @@ class LoraLayer(AdapterLayer):
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
 
+    def _init_factors(self, adapter_name: str, init_lora_weights: bool | str, r: int, lora_bias: bool) -> None:
+        """A: Kaiming-uniform (nn.Linear's own init) or N(0, 1/r²) for ``"gaussian"``; B = 0, so ΔW = 0 at
+        step 0. ``False`` keeps both random; PiSSA/OLoRA/LoftQ set A and B from the base afterwards."""
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
+        elif init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / r)
+        if init_lora_weights is not False and not lora_init.reads_base_weight(init_lora_weights):
+            nn.init.zeros_(self.lora_B[adapter_name].weight)  # B = 0  ⇒  ΔW = 0 at step 0
+            if lora_bias:
+                nn.init.zeros_(self.lora_B[adapter_name].bias)
+
     def _check_lora_bias(self, lora_bias: bool) -> None:
         """peft's warning when ``lora_bias=True`` meets a layer without a bias (merging then adds one)."""
         if lora_bias and not isinstance(self.bias, torch.Tensor):
@@ -219,16 +231,9 @@ class Linear(LoraLayer):
         kw = self._new_tensor_kwargs()
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **kw)  # A: r × in
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias, **kw)  # B: out × r
-        if init_lora_weights is True:
-            nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))  # nn.Linear's own init
-        elif init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / r)
+        self._init_factors(adapter_name, init_lora_weights, r, lora_bias)
         if lora_init.reads_base_weight(init_lora_weights):  # PiSSA, OLoRA, LoftQ: A, B and the base from W
             lora_init.initialize(self, adapter_name, init_lora_weights, loftq_config)
-        elif init_lora_weights is not False:
-            nn.init.zeros_(self.lora_B[adapter_name].weight)  # B = 0  ⇒  ΔW = 0 at step 0
-            if lora_bias:
-                nn.init.zeros_(self.lora_B[adapter_name].bias)
         self.lora_variant.pop(adapter_name, None)
         if use_dora:  # after the initialisation, which may change the base (as in peft)
             self.lora_variant[adapter_name] = DoraLinearVariant
@@ -465,14 +470,7 @@ class Conv(LoraLayer):
                                          dilation=base.dilation, bias=False, padding_mode=base.padding_mode, **kw)
         # a grouped conv keeps its groups apart in B (peft's layout), so A mixes all input channels
         self.lora_B[adapter_name] = conv(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias, **kw)
-        if init_lora_weights is True:
-            nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
-        elif init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / r)
-        if init_lora_weights is not False:
-            nn.init.zeros_(self.lora_B[adapter_name].weight)
-            if lora_bias:
-                nn.init.zeros_(self.lora_B[adapter_name].bias)
+        self._init_factors(adapter_name, init_lora_weights, r, lora_bias)
         self.lora_variant.pop(adapter_name, None)
         if _.get("use_dora"):
             if base.groups > 1:
@@ -576,14 +574,7 @@ class MultiheadAttention(LoraLayer):
         kw = self._new_tensor_kwargs()
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **kw)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias, **kw)
-        if init_lora_weights is True:
-            nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
-        elif init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / r)
-        if init_lora_weights is not False:
-            nn.init.zeros_(self.lora_B[adapter_name].weight)
-            if lora_bias:
-                nn.init.zeros_(self.lora_B[adapter_name].bias)
+        self._init_factors(adapter_name, init_lora_weights, r, lora_bias)
         self._record_adapter(adapter_name)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,

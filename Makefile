@@ -27,6 +27,8 @@ JS      := _vendor/.fetched.json
 EXEC    := .cache/book-exec
 REPORTS := _build/reports
 NB_TIMEOUT ?= 600
+# a unit test past this many seconds fails with every thread's stack (a hang never eats CI's limit)
+UNIT_TIMEOUT ?= 600
 
 # Every process gets THREADS threads: JOBS workers x THREADS must fit the machine.
 export OMP_NUM_THREADS := $(THREADS)
@@ -97,7 +99,8 @@ test: setup
 unit:
 	@mkdir -p $(REPORTS)
 	MPLBACKEND=Agg $(OFFLINE) \
-	    $(PY) -m pytest tests -n $(JOBS) -p no:cacheprovider --junitxml=$(REPORTS)/unit.xml
+	    $(PY) -m pytest tests -n $(JOBS) -p no:cacheprovider --junitxml=$(REPORTS)/unit.xml \
+	        --timeout=$(UNIT_TIMEOUT) --timeout-method=thread --durations=15
 
 check:
 	$(PY) tools/check_build.py --html _build/html

@@ -7,6 +7,7 @@ tests/test_adalora_interop.py.
 from __future__ import annotations
 
 import json
+import types
 import warnings
 
 import pytest
@@ -223,6 +224,15 @@ def test_loss_carries_the_orthogonality_penalty():
         penalties += [torch.linalg.norm(q @ q.T - torch.eye(6)), torch.linalg.norm(p.T @ p - torch.eye(6))]
     torch.testing.assert_close(loss, plain + 0.3 * torch.stack(penalties).mean())
     assert orthogonality_penalty([], "default") == 0.0
+    # a rank above a side's size: the same norm from the small Gram matrix (r = 2**20 would need 4 TiB for r × r)
+    wide = types.SimpleNamespace(lora_A={"a": torch.randn(9, 4, dtype=torch.float64, requires_grad=True)},
+                                 lora_B={"a": torch.randn(5, 9, dtype=torch.float64, requires_grad=True)})
+    q, p = wide.lora_A["a"], wide.lora_B["a"]
+    got = orthogonality_penalty([wide], "a")
+    want = (torch.linalg.norm(q @ q.T - torch.eye(9, dtype=q.dtype)) + torch.linalg.norm(p.T @ p - torch.eye(9, dtype=q.dtype))) / 2
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, [q, p]), torch.autograd.grad(want, [q, p])):
+        torch.testing.assert_close(a, b)
     frozen = llama_adalora(orth_reg_weight=0.3, inference_mode=True)
     torch.testing.assert_close(frozen(**x).loss, plain)  # no trainable adapter: no penalty (peft crashes here)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,3 +61,23 @@ def test_notebook_kernels_take_ports_from_their_workers_own_block(monkeypatch) -
         assert len(set(ports)) == 5 and all(20000 <= p < 32768 for p in ports), ports
         blocks.append(set(ports))
     assert not blocks[0] & blocks[1]
+
+
+def test_a_hanging_unit_test_fails_with_its_stack_and_the_run_goes_on(tmp_path: Path) -> None:
+    """`make unit` passes --timeout (pytest-timeout, thread method): a hung test is reported with every thread's
+    stack (on the worker's stderr), the run names it, its xdist worker is replaced, and the other tests still run (CI once lost its whole limit to one hang)."""
+    make = (ROOT / "Makefile").read_text()
+    assert "--timeout=$(UNIT_TIMEOUT) --timeout-method=thread" in make and "UNIT_TIMEOUT ?= " in make
+    (tmp_path / "test_hang.py").write_text(
+        "import time\n\ndef test_hangs():\n    time.sleep(600)\n\n"
+        "def test_a():\n    pass\n\ndef test_b():\n    pass\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-n", "2", "-p", "no:cacheprovider",
+                           "--timeout=3", "--timeout-method=thread", "-q", "--rootdir", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert time.perf_counter() - start < 120, done.stdout[-2000:]
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out[-2000:]
+    assert "crashed while running 'test_hang.py::test_hangs'" in out, out[-3000:]  # the hung test, by name
+    assert "2 passed" in out and "1 failed" in out, out[-2000:]

@@ -393,3 +393,20 @@ def test_safe_merge_refuses_a_diverged_adapter_and_changes_nothing(config):
     with pytest.raises(ValueError, match="would put NaN or inf"):
         pm.merge_adapter(safe_merge=True)
     assert all(torch.equal(p, before[n]) for n, p in pm.named_parameters() if "base_layer" in n)
+
+
+def test_huge_counts_are_refused_at_once_by_name():
+    """Counts that drive a loop or an exponent (fuzzing found both hanging: 2**40 Neumann terms ran 2**40
+    matrix products per forward, and 2**(2**40 − 1) was computed to check a butterfly's reach)."""
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"num_cayley_neumann_terms=1099511627776: at most 64 terms.*"
+                                         r"use_cayley_neumann=False"):
+        OFTConfig(num_cayley_neumann_terms=2**40)
+    assert OFTConfig(num_cayley_neumann_terms=64).num_cayley_neumann_terms == 64
+    assert OFTConfig(num_cayley_neumann_terms=2**40, use_cayley_neumann=False)  # the terms are unused then
+    with pytest.raises(ValueError, match=r"boft_n_butterfly_factor=1099511627776 spans b·2\^\(m−1\) inputs, far more"):
+        get_peft_model(base_model("mlp"), BOFTConfig(target_modules=["lin1"], boft_block_size=4,
+                                                     boft_n_butterfly_factor=2**40))
+    assert time.perf_counter() - start < 5

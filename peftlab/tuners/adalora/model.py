@@ -66,8 +66,15 @@ def orthogonality_penalty(layers: list[AdaLoraLayer], adapter_name: str) -> torc
     total: torch.Tensor | float = 0.0
     for mats in groups.values():
         m = mats[0].unsqueeze(0) if len(mats) == 1 else torch.stack(mats)  # (k, r, d)
-        eye = torch.eye(m.shape[1], device=m.device, dtype=m.dtype)
-        total = total + torch.linalg.matrix_norm(torch.bmm(m, m.transpose(1, 2)) - eye).sum()
+        r, d = m.shape[1], m.shape[2]
+        if r <= d:
+            eye = torch.eye(r, device=m.device, dtype=m.dtype)
+            total = total + torch.linalg.matrix_norm(torch.bmm(m, m.transpose(1, 2)) - eye).sum()
+        else:  # r > d: the same norm from the d × d Gram matrix, never the r × r one (r = 2**20 would need 4 TiB):
+            # ‖MMᵀ − I‖² = tr((MMᵀ)²) − 2 tr(MMᵀ) + r = ‖MᵀM‖² − 2‖M‖² + r, and it is ≥ r − d > 0 (rank ≤ d)
+            sq = (torch.linalg.matrix_norm(torch.bmm(m.transpose(1, 2), m)) ** 2
+                  - 2 * torch.linalg.matrix_norm(m) ** 2 + r)
+            total = total + sq.clamp_min(0).sqrt().sum()
     return total / n if n else 0.0
 
 

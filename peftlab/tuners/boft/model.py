@@ -25,6 +25,8 @@ def boft_sizes_error(n: int, block_size: int, block_num: int, m: int) -> str | N
     b, nb = (block_size, n // block_size) if block_size else (n // block_num, block_num)
     if m == 1:
         return None
+    if m - 1 > n.bit_length():  # 2^(m−1) alone exceeds n (and m = 2**40 would make 2**(m−1) a huge number)
+        return f"boft_n_butterfly_factor={m} spans b·2^(m−1) inputs, far more than the layer's input size {n}"
     if b % 2 or nb % 2:
         return (f"a butterfly (boft_n_butterfly_factor={m}) needs an even block size and an even number of blocks; "
                 f"{field}={value} gives {nb} blocks of size {b}")
@@ -56,7 +58,7 @@ class BOFTModel(OrthogonalTuner):
         if sizes:
             hint = f"Valid {field} values for this layer with boft_n_butterfly_factor={m}: {sizes}"
         else:
-            fits = [k for k in range(1, m) if boft_sizes_error(n, config.boft_block_size, config.boft_block_num,
+            fits = [k for k in range(1, min(m, n.bit_length() + 2)) if boft_sizes_error(n, config.boft_block_size, config.boft_block_num,
                                                                k) is None]
             hint = (f"No {field} allows {m} factors here; with {field}={config.boft_block_size or config.boft_block_num}"
                     f" use boft_n_butterfly_factor={max(fits)} or fewer" if fits else "use fewer factors")

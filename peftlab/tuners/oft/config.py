@@ -20,6 +20,10 @@ def check_size(name: str, value: int) -> None:
         raise ValueError(f"{name}={value!r} must be a non-negative integer (0 means: derive it from the other size)")
 
 
+# the longest Neumann truncation accepted: 0.75^64 ≈ 1e-8, below float32's resolution next to I
+MAX_NEUMANN_TERMS = 64
+
+
 @dataclass
 class OFTConfig(TargetingConfig):
     """OFT: h = (W Rᵀ) x with R block-diagonal and orthogonal, R_i = Cayley(Q_i), Q_i skew (Qᵀ = −Q).
@@ -75,3 +79,9 @@ class OFTConfig(TargetingConfig):
             raise ValueError(f"num_cayley_neumann_terms={n!r}: with fewer than 2 terms the series is I whatever the "
                              "parameters (nothing would train); use 2 or more (peft's default 5), or "
                              "use_cayley_neumann=False for the exact map")
+        if self.use_cayley_neumann and n > MAX_NEUMANN_TERMS:
+            raise ValueError(f"num_cayley_neumann_terms={n}: at most {MAX_NEUMANN_TERMS} terms. Each term costs one "
+                             "matrix product per block at every forward; for ‖Q‖ ≤ 0.75 the 64th power is already "
+                             "below float32's resolution, and as ‖Q‖ nears 1 the series converges too slowly to be "
+                             f"worth it. Use at most {MAX_NEUMANN_TERMS} (peft's default is 5), or "
+                             "use_cayley_neumann=False: the exact inverse, for less")

@@ -91,7 +91,7 @@ def test_reading_order_starts_with_peft_and_ends_with_reference() -> None:
 # ---- visible cells stay short --------------------------------------------------------------------------------------
 # A visible code cell is one a reader sees without opening anything (no remove-cell/remove-input/hide-input tag).
 # d2l keeps most under ten lines; experiment machinery belongs in peftlab/lab/, bookkeeping in hidden cells.
-VISIBLE_CELL_MAX = 14
+VISIBLE_CELL_MAX = 15
 # Chapters not yet brought down to VISIBLE_CELL_MAX, at their longest visible cell today. A ratchet: the number must
 # equal the chapter's longest visible cell, so a cell cannot grow back and a shortened chapter tightens its entry
 # (delete the entry once the chapter is at VISIBLE_CELL_MAX or below).
@@ -99,14 +99,12 @@ LONG_CELL_ALLOWANCE = {
     "adalora": 29,
     "configs": 36,
     "dare": 35,
-    "distributed": 15,
     "ia3": 21,
     "integrations": 37,
     "introduction": 30,
     "lab": 26,
     "llama_adapter": 32,
     "loha_lokr": 35,
-    "lora": 55,
     "lora_in_practice": 38,
     "merging_adapters": 42,
     "oft_boft": 22,

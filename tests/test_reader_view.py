@@ -105,7 +105,6 @@ LONG_CELL_ALLOWANCE = {
     "lab": 26,
     "llama_adapter": 32,
     "loha_lokr": 35,
-    "lora_in_practice": 38,
     "merging_adapters": 42,
     "oft_boft": 22,
     "products": 66,

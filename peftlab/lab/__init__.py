@@ -3,8 +3,9 @@
 Experiment helpers are grouped by concept: :mod:`~peftlab.lab.finetune` (one fine-tuning entry point for
 every method, and the runs built on it), :mod:`~peftlab.lab.spectra` (how low-rank a weight update is),
 :mod:`~peftlab.lab.merging_experiments` (TIES, DARE and adapter merging on the lab's harnesses),
-:mod:`~peftlab.lab.timing` (interleaved latency) and :mod:`~peftlab.lab.fresh_adapter` (a LoRA adapter at
-step 0: placement, initialisation, the first step).
+:mod:`~peftlab.lab.timing` (interleaved latency), :mod:`~peftlab.lab.fresh_adapter` (a LoRA adapter at
+step 0: placement, initialisation, the first step) and :mod:`~peftlab.lab.merge_checks` (how exactly an
+adapter folds into its base).
 
 Submodules are imported on demand (``from peftlab.lab import profile``) so that a chapter
 that needs only the profile does not pay for transformers or datasets.
@@ -13,4 +14,4 @@ Explained in: book/lab.ipynb
 """
 
 __all__ = ["profile", "train", "models", "lm", "tasks", "digits", "finetune", "spectra", "merging_experiments",
-           "timing", "fresh_adapter"]
+           "timing", "fresh_adapter", "merge_checks"]

@@ -1,0 +1,41 @@
+"""How exactly an adapter folds into its base weights: the output gaps of merging, unmerging and unloading.
+
+Explained in: book/lora_in_practice.ipynb
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["merge_gaps"]
+
+
+def merge_gaps(model: nn.Module, x: Tensor) -> dict[str, float]:
+    """max |f'(x) − f(x)| for three ways of folding the adapter of ``model`` (a PEFT model) into its base.
+
+    ``merge_and_unload``: a copy merged and stripped of its adapter layers (a 4-bit base is dequantised first);
+    ``merge_adapter``: ``model`` merged in place, W ← W + ΔW (a 4-bit base rounds W + ΔW back to its grid);
+    ``after unmerge``: ``model`` after ``unmerge_adapter``, against its output before the merge. ``model`` is
+    left unmerged, in eval mode.
+
+    Explained in: book/lora_in_practice.ipynb
+    """
+    if not (hasattr(model, "merge_adapter") and hasattr(model, "merge_and_unload")):
+        raise TypeError(f"merge_gaps needs a PEFT model (get_peft_model(...) or PeftModel.from_pretrained(...)); "
+                        f"got {type(model).__name__}")
+    model.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a 4-bit merge warns that it re-quantises: that is what is measured
+        before = model(x)
+        unloaded = copy.deepcopy(model).merge_and_unload()(x)
+        model.merge_adapter()
+        merged = model(x)
+        model.unmerge_adapter()
+        unmerged = model(x)
+    return {"merge_adapter": float((merged - before).abs().max()),
+            "after unmerge": float((unmerged - before).abs().max()),
+            "merge_and_unload": float((unloaded - before).abs().max())}

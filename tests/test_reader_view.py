@@ -107,7 +107,6 @@ LONG_CELL_ALLOWANCE = {
     "loha_lokr": 35,
     "merging_adapters": 42,
     "oft_boft": 22,
-    "products": 66,
     "reliability": 40,
     "ties": 22,
     "xlora": 34,

@@ -1,7 +1,10 @@
 """Fitting a target update ΔW* with one adapter's parametrisation (LoRA's BA, LoHa's Hadamard product of two
 low-rank pairs, LoKr's Kronecker product), by gradient descent: what a budget of parameters can express.
 
-Explained in: book/products.ipynb
+:func:`fit` fits the bare products (torch operators, random factors); :func:`fit_layer` fits the ΔW of a library
+adapter layer (``get_delta_weight``); :func:`best_rank_error` is the Eckart–Young floor of any rank-k fit.
+
+Explained in: book/products.ipynb, book/loha_lokr.ipynb
 """
 
 from __future__ import annotations
@@ -10,9 +13,9 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["METHODS", "Fit", "fit", "n_parameters"]
+__all__ = ["METHODS", "Fit", "best_rank_error", "fit", "fit_layer", "n_parameters"]
 
 #: The parametrisations :func:`fit` knows, with what ``r`` means for each.
 METHODS: dict[str, str] = {"lora": "ΔW = B A, rank r", "loha": "ΔW = (B₁A₁) ⊙ (B₂A₂), each pair rank r",
@@ -94,3 +97,40 @@ def fit(target: Tensor, method: str, r: int, steps: int, seed: int = 0, lr: floa
         W = delta()
         s = torch.linalg.svdvals(W)
         return Fit(float(rel_err(W)), int((s > 1e-3 * s[0]).sum()), curve)
+
+
+def fit_layer(layer: nn.Module, target: Tensor, steps: int, lr: float = 1e-2,
+              adapter_name: str = "a") -> dict[str, float]:
+    """Fit an adapter layer's ΔW (``get_delta_weight``) to ``target``: Adam on ‖ΔW − ΔW*‖_F / ‖ΔW*‖_F.
+
+    Trains every parameter outside ``base_layer``; returns the final ``error``, the numerical ``rank`` of ΔW
+    (σ > 1e-3 σ₁) and the number of ``parameters`` trained.
+
+    Explained in: book/loha_lokr.ipynb
+    """
+    if not hasattr(layer, "get_delta_weight"):
+        raise TypeError(f"fit_layer needs an adapter layer with get_delta_weight (LoraLinear, LoHaLayer, "
+                        f"LoKrLayer, ...); got {type(layer).__name__}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    params = [p for n, p in layer.named_parameters() if "base_layer" not in n]
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
+        loss = (layer.get_delta_weight(adapter_name) - target).norm() / target.norm()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        delta = layer.get_delta_weight(adapter_name)
+        s = torch.linalg.svdvals(delta)
+        return {"error": float((delta - target).norm() / target.norm()), "rank": int((s > 1e-3 * s[0]).sum()),
+                "parameters": len(torch.cat([p.flatten() for p in params]))}
+
+
+def best_rank_error(target: Tensor, k: int) -> float:
+    """The smallest ‖W − ΔW*‖_F / ‖ΔW*‖_F of any rank-k W (Eckart–Young: drop all but the k largest σ).
+
+    Explained in: book/loha_lokr.ipynb
+    """
+    s = torch.linalg.svdvals(target)
+    return float(s[k:].norm() / s.norm())

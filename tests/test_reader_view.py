@@ -96,8 +96,6 @@ VISIBLE_CELL_MAX = 15
 # equal the chapter's longest visible cell, so a cell cannot grow back and a shortened chapter tightens its entry
 # (delete the entry once the chapter is at VISIBLE_CELL_MAX or below).
 LONG_CELL_ALLOWANCE = {
-    "adalora": 29,
-    "configs": 36,
     "dare": 35,
     "integrations": 37,
     "introduction": 30,
@@ -105,7 +103,6 @@ LONG_CELL_ALLOWANCE = {
     "merging_adapters": 42,
     "reliability": 40,
     "ties": 22,
-    "xlora": 34,
 }
 
 

@@ -502,6 +502,63 @@ def _fmt_count(v: float) -> str:
     return f"{v:.3g}"
 
 
+# ----------------------------------------------------------------------------- Pareto plots
+
+
+def pareto_front(costs: Sequence[float], scores: Sequence[float]) -> list[int]:
+    """Indices of the points no other point beats: none has a cost as low and a score as high, one strictly.
+
+    Explained in: book/choosing_a_method.ipynb
+    """
+    if len(costs) != len(scores):
+        raise ValueError(f"pareto_front needs as many costs as scores, got {len(costs)} and {len(scores)}")
+    pts = list(zip(map(float, costs), map(float, scores)))
+    return [i for i, (c, s) in enumerate(pts)
+            if not any(c2 <= c and s2 >= s and (c2 < c or s2 > s) for j, (c2, s2) in enumerate(pts) if j != i)]
+
+
+def pareto(
+    points: Mapping[str, tuple[float, float]],
+    ax: Optional[Axes] = None,
+    xlabel: str = "trainable parameters",
+    ylabel: str = "score (%)",
+    *,
+    logx: bool = True,
+    title: Optional[str] = None,
+    spread: Optional[Mapping[str, float]] = None,
+) -> Axes:
+    """Named points (cost, score), each labelled, with the Pareto front (lower cost, higher score) joined.
+
+    ``spread[name]`` draws a vertical error bar (e.g. the standard deviation over seeds). Points on the front
+    are filled, the others hollow.
+
+    Explained in: book/choosing_a_method.ipynb
+    """
+    if not isinstance(points, Mapping) or not points:
+        raise ValueError("pareto needs a non-empty dict name -> (cost, score)")
+    ax = _new_ax(ax, figsize=(6.0, 4.0))
+    names = list(points)
+    xs = np.array([float(points[n][0]) for n in names])
+    ys = np.array([float(points[n][1]) for n in names])
+    front = set(pareto_front(xs, ys))
+    for k, n in enumerate(names):
+        color = COLORS[k % len(COLORS)]
+        err = None if spread is None else float(spread.get(n, 0.0))
+        ax.errorbar(xs[k], ys[k], yerr=err, fmt="o", color=color, mfc=color if k in front else "white",
+                    capsize=2, markersize=6)
+        ax.annotate(n, (xs[k], ys[k]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    order = sorted(front, key=lambda i: xs[i])
+    ax.step(xs[order], ys[order], where="post", color="#444444", linewidth=1, alpha=0.6, label="Pareto front")
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="lower right")
+    return ax
+
+
 # ----------------------------------------------------------------------------- method diagrams
 
 

@@ -50,7 +50,12 @@ __all__ = [
     "count_trainable",
     "decision_guide",
     "knobs",
+    "add_checks",
+    "check_flags",
     "match_budget",
+    "plan",
+    "points",
+    "show",
     "method_config",
     "spearman",
     "rank_agreement",
@@ -242,6 +247,36 @@ def match_budget(method: str, budget: int, base: nn.Module, task: str, *, steps:
     return best[1], best[2], best[3]
 
 
+def plan(task: str, base: nn.Module, budget: int, *, steps: int, methods: Sequence[str] = METHODS,
+         settings: Sequence[str] = ("matched", "default")) -> tuple[dict, dict, Any]:
+    """Every method's config on ``task``: at the matched ``budget`` and at its defaults; full fine-tuning once.
+
+    Methods that do not apply to the task (LLaMA-Adapter on digits) are left out. Returns ``(configs, knobs,
+    counts)``: ``configs[(method, setting)]`` for :func:`compare`, the knob each matched config used, and a
+    DataFrame of the sizes and trainable counts.
+
+    Explained in: book/choosing_a_method.ipynb
+    """
+    import pandas as pd
+
+    configs: dict[tuple[str, str], Union[PeftConfig, str]] = {}
+    used: dict[tuple[str, str], dict[str, Any]] = {}
+    rows = []
+    for method in methods:
+        if method in LM_ONLY and not _is_lm(task):
+            continue
+        for setting in (("default",) if method == "full" else settings):
+            if setting == "matched":
+                config, knob, n = match_budget(method, budget, base, task, steps=steps)
+            else:
+                config, knob = method_config(method, task, None, steps=steps, base=base), {}
+                n = count_trainable(config, base, task)
+            configs[(method, setting)], used[(method, setting)] = config, knob
+            rows.append({"method": LABELS[method], "setting": setting, "size": _knob_text(method, knob, config),
+                         "trainable": n, "× budget": n / budget})
+    return configs, used, pd.DataFrame(rows)
+
+
 # ============================================================================ runs
 
 
@@ -262,14 +297,15 @@ class Entry:
 
 def compare(configs: Mapping[tuple[str, str], Union[PeftConfig, str]], task: str, *, steps: int,
             seeds: Sequence[int] = (0,), eval_every: Optional[int] = None, knobs_used: Optional[Mapping] = None,
-            keep_model: Callable[[str, str, int], bool] = lambda m, s, seed: False, **finetune_kwargs: Any
-            ) -> list[Entry]:
+            keep_model: Callable[[str, str, int], bool] = lambda m, s, seed: False,
+            lrs: Optional[Mapping[str, float]] = None, **finetune_kwargs: Any) -> list[Entry]:
     """Train every ``configs[(method, setting)]`` on ``task`` for every seed with :func:`finetune`.
 
     Each run records its eval curve (``eval_every``, default steps // 5) for the time to a target score, and the
     wall time of every optimizer step (an ``on_step`` hook); ``step_seconds`` is their median, so the steps
     that ran an evaluation do not count. Full fine-tuning uses the lab's full-FT learning rate, adapters the
-    adapter one (the lab's defaults); ``finetune_kwargs`` pass through (``base``, ``n_test``, ``device``, …).
+    adapter one (the lab's defaults) unless ``lrs[method]`` names one; ``finetune_kwargs`` pass through
+    (``base``, ``n_test``, ``device``, …).
 
     Explained in: book/choosing_a_method.ipynb
     """
@@ -284,7 +320,8 @@ def compare(configs: Mapping[tuple[str, str], Union[PeftConfig, str]], task: str
             every = eval_every if eval_every is not None else max(1, steps // 5)
             t0 = time.perf_counter()
             stamps.append(t0)
-            run = ft.finetune(config, task, seed=seed, steps=steps, eval_every=every, on_step=tick,
+            lr = (lrs or {}).get(method)
+            run = ft.finetune(config, task, seed=seed, steps=steps, eval_every=every, on_step=tick, lr=lr,
                               keep_delta=False, keep_model=keep_model(method, setting, seed), **finetune_kwargs)
             diffs = [b - a for a, b in zip(stamps, stamps[1:])][1:]  # the first includes setup and step-0 eval
             step_s = statistics.median(diffs) if diffs else run.seconds / max(1, run.steps)
@@ -366,6 +403,29 @@ def table(entries: Sequence[Entry], target: Optional[float] = None) -> Any:
     return df
 
 
+def show(df: Any) -> Any:
+    """The table for the page: the bookkeeping column dropped, numbers rounded, empty cells as "—".
+
+    Explained in: book/choosing_a_method.ipynb
+    """
+    view = df.drop(columns=["key"]).set_index(["method", "setting"])
+    fmt = {"score % (mean)": "{:.1f}", "score % (spread)": "{:.1f}", "trainable": "{:,}", "trainable %": "{:.2f}",
+           "step ms": "{:.2f}", "state KiB": "{:.0f}", "peak KiB": "{:.0f}", "time to target s": "{:.2f}"}
+    return view.style.format({k: v for k, v in fmt.items() if k in view.columns}, na_rep="—")
+
+
+def points(df: Any, cost: str = "trainable", setting: Optional[str] = None) -> tuple[dict, dict]:
+    """``({label: (cost, mean score)}, {label: spread})`` of the rows (of one ``setting``), for :func:`peftlab.viz.pareto`.
+
+    Explained in: book/choosing_a_method.ipynb
+    """
+    rows = df if setting is None else df[(df.setting == setting) | (df.key == "full")]
+    label = [m if setting is not None else f"{m} ({s})" for m, s in zip(rows["method"], rows["setting"])]
+    pts = {k: (float(c), float(v)) for k, c, v in zip(label, rows[cost], rows["score % (mean)"])}
+    spread = {k: float(v) for k, v in zip(label, rows["score % (spread)"])}
+    return pts, spread
+
+
 # ============================================================================ the flags, checked on models
 
 
@@ -436,6 +496,40 @@ def check_interchange(model: nn.Module, fresh_base: Callable[[], nn.Module], inp
         except Exception:  # noqa: BLE001 - any failure to load or run is a "does not interchange"
             return False
     return bool(got.shape == want.shape and torch.allclose(got.float(), want.float(), atol=atol))
+
+
+def check_flags(entries: Sequence[Entry], inputs: Tensor, fresh_base: Callable[[], nn.Module],
+                load: Optional[Callable[[nn.Module, str], nn.Module]] = None) -> Any:
+    """For every kept model in ``entries`` (full fine-tuning aside): does it merge, serve a mixed batch, and load
+    with ``load`` (e.g. ``peft.PeftModel.from_pretrained``)? One row per (method, setting), a DataFrame.
+
+    Explained in: book/choosing_a_method.ipynb
+    """
+    import pandas as pd
+
+    rows, seen = [], set()
+    for e in entries:
+        if e.method == "full" or e.run.model is None or (e.method, e.setting) in seen:
+            continue
+        seen.add((e.method, e.setting))
+        rows.append({"key": e.method, "setting": e.setting, "merge works": check_merge(e.run.model, inputs),
+                     "mixed batch works": check_mixed_batch(e.run.model, inputs),
+                     "peft files": check_interchange(e.run.model, fresh_base, inputs, load)})
+    out = pd.DataFrame(rows)
+    out["peft files"] = out["peft files"].astype("boolean")
+    return out
+
+
+def add_checks(df: Any, checks: Any) -> Any:
+    """``df`` (from :func:`table`) with the ``peft files`` column of ``checks`` (from :func:`check_flags`).
+
+    Explained in: book/choosing_a_method.ipynb
+    """
+    out = df.merge(checks[["key", "setting", "peft files"]], on=["key", "setting"], how="left")
+    out["peft files"] = out["peft files"].astype("boolean")
+    out.attrs.update(df.attrs)
+    cols = [c for c in out.columns if c != "key"] + ["key"]
+    return out[cols]
 
 
 # ============================================================================ reading the table

@@ -21,7 +21,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -357,8 +357,9 @@ def table(entries: Sequence[Entry], target: Optional[float] = None) -> Any:
 
     ``target`` (a score fraction) defaults to 90 % of full fine-tuning's mean score. ``merges`` and ``mixed
     batches`` come from the method registry (``get_method(config).supports_merge`` / ``supports_mixed_batch``);
-    they are empty for full fine-tuning, which has no adapter. Time to target is the mean over the seeds
-    whose eval curve reached it (NaN if none did; ``reached`` counts them).
+    they are empty for full fine-tuning, which has no adapter. Time to target: the first evaluated step at or
+    above ``target`` times the median step time (evaluations excluded), averaged over the seeds whose curve
+    reached it (NaN if none did; ``reached`` counts them).
 
     Explained in: book/choosing_a_method.ipynb
     """
@@ -600,8 +601,8 @@ def rank_agreement(df: Any, setting: str = "default", noise: float = 3.0) -> tup
 def decision_guide(df: Any, noise: Optional[float] = None) -> Any:
     """Recommendations read off a :func:`table`: for each need, the method(s) that meet it best in the rows.
 
-    A score counts as "as good as the best" within ``noise`` points (default: twice the largest spread over
-    seeds in the table, at least 1 point). Needs: best score; fewest parameters among those as good as the
+    A score counts as "as good as the best" within ``noise`` points (default: twice the median spread over
+    seeds of the rows, at least 1 point). Needs: best score; fewest parameters among those as good as the
     best; fastest step among those as good as the best; to merge into the base weights; to serve mixed
     batches; the smallest adapter that still reaches the target. Returns a DataFrame (need, pick, why).
 
@@ -611,7 +612,7 @@ def decision_guide(df: Any, noise: Optional[float] = None) -> Any:
 
     ad = df[df.key != "full"]
     if noise is None:
-        noise = max(1.0, 2 * float(df["score % (spread)"].max()))
+        noise = max(1.0, 2 * float(df["score % (spread)"].median()))
     best = float(ad["score % (mean)"].max())
     good = ad[ad["score % (mean)"] >= best - noise]
 

@@ -128,12 +128,16 @@ def interleave(fns: dict[str, Callable[[], object]], reps: int, warmup: int, dev
 
 
 def summarise(times: dict[str, list[float]], ratios: dict[str, tuple[str, str]]) -> dict:
+    """Median time per candidate; per ratio the median and quartiles of the per-round ratios, and the ratio of
+    the two fastest times (``of_min``: on a loaded machine, the best case each candidate reached)."""
     out = {"median_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+           "min_ms": {k: min(v) * 1e3 for k, v in times.items()},
            "n": len(next(iter(times.values()))), "ratios": {}}
     for label, (a, b) in ratios.items():
         r = sorted(x / y for x, y in zip(times[a], times[b]))
         q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0], r[0], r[0]]
-        out["ratios"][label] = {"median": statistics.median(r), "q1": q[0], "q3": q[2]}
+        out["ratios"][label] = {"median": statistics.median(r), "q1": q[0], "q3": q[2],
+                                "of_min": min(times[a]) / min(times[b])}
     return out
 
 

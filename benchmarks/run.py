@@ -9,6 +9,12 @@ book's appendix page (book/benchmarks.md).
     make bench                                   # = .venv/bin/python benchmarks/run.py
     .venv/bin/python benchmarks/run.py --quick   # fewer repetitions
     .venv/bin/python benchmarks/run.py --only lora_step,serving
+    .venv/bin/python benchmarks/run.py --tiny --reps 1 --warmup 0   # every scenario runs; measures nothing
+
+Every method peftlab has is one row of ``METHODS`` (its config, built the same in either library, and which
+ways of using an adapter it has); from it come ``<method>_step`` (a training step against peft's on the same
+config and against the frozen model's forward + backward, with one profiled step of each), ``<method>_inference``
+(unmerged, merged, base model, a mixed batch) and ``<method>_io`` (save, load). ``TARGETS`` holds every target.
 
 On CUDA the models run in bfloat16 (adapters in float32, as both libraries do by default).
 

@@ -141,3 +141,21 @@ def test_gallery_configs_refuse_bad_sizes():
         G.gallery_configs(5)
     with pytest.raises(ValueError, match="positive integer"):
         G.gallery_configs(100, r=0)
+
+
+def test_every_gallery_method_trains_under_bf16_autocast():
+    """The fused training paths (LoHa, OFT, IA3, AdaLoRA) step aside under autocast, as LoRA's does: the gpu profile
+    trains in bf16 autocast, and a float32 node meeting a bf16 gradient failed there."""
+    for label, cfg in G.gallery_configs(20, target_modules=["0", "2"]).items():
+        if cfg == "full":
+            continue
+        torch.manual_seed(0)
+        model = get_peft_model(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)), cfg)
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x = torch.randn(4, 32, requires_grad=True)  # a float32 input that needs its gradient (as in an LM)
+            y = model(x)
+        y.float().pow(2).mean().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all(), label
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads), label

@@ -55,7 +55,7 @@ class Exhibit:
 
     ``delta[layer]``: W' − W₀ after ``merge_and_unload()`` (float32, (out, in), CPU); ``own[layer]``: the layer's
     own rule for the same update (:func:`own_delta`); ``structure[layer]``: the method's parts
-    (:func:`structure`). ``run``: the fine-tuning :class:`~peftlab.lab.finetune.Run` (its model dropped).
+    (:func:`structure`); ``base[layer]``: the frozen W₀ the adapter wraps (adapters only). ``run``: the fine-tuning :class:`~peftlab.lab.finetune.Run` (its model dropped).
 
     Explained in: book/delta_w_gallery.ipynb
     """
@@ -66,6 +66,7 @@ class Exhibit:
     delta: dict[str, Tensor] = field(default_factory=dict, repr=False)
     own: dict[str, Tensor] = field(default_factory=dict, repr=False)
     structure: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    base: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
 
 def gallery_configs(steps: int, r: int = 4, target_modules: Optional[Sequence[str]] = None,
@@ -215,7 +216,7 @@ def _allocated_ranks(model: nn.Module, adapter_name: str = "default") -> dict[st
     masks = AdaLoraModel._pattern_masks(pattern, adapter_name)
     out = {}
     for path, mask in masks.items():
-        out[path.removeprefix("base_model.model.").removeprefix("model.")] = int(mask.sum())
+        out[path.removeprefix("base_model.model.")] = int(mask.sum())  # the tuner's paths: the model's own
     return out
 
 
@@ -264,6 +265,7 @@ def train_gallery(
             names = list(found) if layers is None else list(layers)
             ex.delta = merged_minus_base(model, names)
             ex.own = {n: own_delta(found[n]) for n in names}
+            ex.base = {n: _out_in(found[n], found[n]._base_weight()) for n in names}
             ex.structure = {n: structure(found[n], method) for n in names}
             if method == "adalora":
                 for n, kept in _allocated_ranks(model).items():

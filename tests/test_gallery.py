@@ -75,7 +75,8 @@ def test_the_structure_each_method_promises(exhibits):
     b = oft["block_size"]
     mask = torch.block_diag(*[torch.ones(b, b)] * (oft["R"].shape[0] // b)).bool()
     assert float(oft["R"][~mask].abs().max()) == 0.0
-    W0 = _h4_base_weight()
+    W0 = by["ia3"].base[LAYER]
+    assert torch.equal(W0, _h4_base_weight())  # the frozen weight the adapters wrap is H4's pretrained one
     ia3 = by["ia3"]
     l = ia3.structure[LAYER]["l"]
     assert not ia3.structure[LAYER]["feedforward"]

@@ -131,7 +131,8 @@ def test_kron_rearrange():
     A, B = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
     R = linalg.kron_rearrange(torch.kron(A, B), (5, 2))
     assert torch.allclose(R, torch.outer(linalg.vec(A), linalg.vec(B)))
-    two = torch.kron(A, B) + torch.kron(torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))
+    C, D = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    two = torch.kron(A, B) + torch.kron(C, D)
     assert spectra.numerical_rank(linalg.kron_rearrange(two, (5, 2))) == 2
     with pytest.raises(ValueError, match="do not tile"):
         linalg.kron_rearrange(torch.kron(A, B), (4, 2))

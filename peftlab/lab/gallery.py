@@ -24,8 +24,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from peftlab import (AdaLoraConfig, BOFTConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig,
-                     get_peft_model)  # noqa: F401  (get_peft_model: the entry point the chapter names)
+from peftlab import AdaLoraConfig, BOFTConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig
 from peftlab.config import PeftConfig
 from peftlab.lab.finetune import H4_LAYERS, Run, finetune
 from peftlab.tuners.base import AdapterLayer
@@ -55,7 +54,8 @@ class Exhibit:
 
     ``delta[layer]``: W' − W₀ after ``merge_and_unload()`` (float32, (out, in), CPU); ``own[layer]``: the layer's
     own rule for the same update (:func:`own_delta`); ``structure[layer]``: the method's parts
-    (:func:`structure`); ``base[layer]``: the frozen W₀ the adapter wraps (adapters only). ``run``: the fine-tuning :class:`~peftlab.lab.finetune.Run` (its model dropped).
+    (:func:`structure`); ``base[layer]``: the frozen W₀ the adapter wraps (adapters only). ``run``: the
+    fine-tuning :class:`~peftlab.lab.finetune.Run` (its model dropped).
 
     Explained in: book/delta_w_gallery.ipynb
     """

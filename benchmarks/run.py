@@ -266,7 +266,7 @@ METHODS: dict[str, Method] = {
     "lokr": Method("LoKr training step (r = 8, α = 16 on q, k, v, o; 256 = 16·16, so both Kronecker blocks are "
                    "16 × 16 and whole), same model, batch and optimizer",
                    lambda lib, h: lib.LoKrConfig(r=8, alpha=16, target_modules=QKVO)),
-    "oft": Method("OFT training step (blocks of 32, exact Cayley map, on q, k, v, o)",
+    "oft": Method("OFT training step (blocks of 32 on q, k, v, o; peft's default five-term Cayley–Neumann series)",
                   lambda lib, h: lib.OFTConfig(oft_block_size=32, target_modules=QKVO)),
     "boft": Method("BOFT training step (blocks of 8 on q, k, v, o): one butterfly factor (what peft trains on a "
                    "CPU) against peft; peftlab's two factors against peft's one and against LoRA r = 16",

@@ -73,5 +73,5 @@ def test_page_renders_targets_methods_and_missed_profiles(tiny):
     t["met"], t["target"] = False, 0.01
     page = report.render(results)
     assert "| ia3 |" in page and "(≤ 0.01, **missed**)" in page
-    assert "### ia3_step" in page and "asks for" in page and "| `aten::mm` |" in page
+    assert "### ia3_step: where the time goes" in page and "asks for" in page and "| `aten::mm` |" in page
     assert "nan" not in page

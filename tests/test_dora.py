@@ -7,7 +7,8 @@
   passes ``gradcheck`` and equals autograd through the reference formula;
 * merge / unmerge are exact within float32 round-off, also under plain LoRA adapters merged first;
 * the file holds ``...lora_magnitude_vector`` (no ``.weight``), like peft's, and adapters move both ways;
-* mixed batches work; DoRA on an embedding or a convolution is refused at injection.
+* several active DoRA adapters act in order and merge to the same model, as in peft;
+* mixed batches work.
 """
 
 from __future__ import annotations
@@ -254,11 +255,43 @@ def test_merge_dora_after_a_merged_lora_adapter():
     torch.testing.assert_close(output(pm, x), both, atol=1e-5, rtol=0)
     layer.unmerge()
     torch.testing.assert_close(layer.get_base_layer().weight, W, atol=1e-6, rtol=0)
-    # two DoRA adapters cannot be merged on top of each other
-    pm.add_adapter("dora2", LoraConfig(target_modules=["lin0"], use_dora=True))
-    layer.merge(adapter_names=["dora"])
-    with pytest.raises(ValueError, match="one DoRA adapter at a time"):
-        layer.merge(adapter_names=["dora2"])
+
+
+def _two_dora(lib_name: str, model: str, targets: list[str]):
+    """A model with two filled DoRA adapters, both active ("default" first)."""
+    lib = LIBS[lib_name]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = lib.get_peft_model(base_model(model), lib.LoraConfig(target_modules=targets, use_dora=True))
+        pm.add_adapter("other", lib.LoraConfig(target_modules=targets, use_dora=True, r=4))
+    fill_params(pm, lambda n, p: "lora_" in n, canonical)
+    pm.base_model.set_adapter(["default", "other"])
+    return pm.eval()
+
+
+@pytest.mark.parametrize("model,targets", [("mlp", ["lin0", "lin1"]), ("gpt2", ["c_attn"]),
+                                           ("emb_conv1d", ["emb", "conv1d"]), ("conv2d", ["conv2d"])])
+def test_two_active_dora_adapters_act_in_order_and_merge_to_the_same_model(model, targets):
+    """Several active DoRA adapters act in order as in peft (each rescales the running output, its norm taken on
+    the unmerged base): the unmerged forward equals peft's, merging both gives that same model (as peft's merge
+    does), and unmerging restores the base."""
+    ours, ref = _two_dora("peftlab", model, targets), _two_dora("peft", model, targets)
+    x = example_inputs(model)
+    both = output(ours, x)
+    torch.testing.assert_close(both, output(ref, x), atol=1e-5, rtol=0)
+    weights = {n: p.detach().clone() for n, p in ours.named_parameters() if "base_layer" in n}
+    ours.merge_adapter()
+    torch.testing.assert_close(output(ours, x), both, atol=1e-5, rtol=0)
+    ours.unmerge_adapter()
+    for n, p in ours.named_parameters():
+        if n in weights:
+            torch.testing.assert_close(p, weights[n], atol=1e-5, rtol=0, msg=n)
+    torch.testing.assert_close(output(ours.merge_and_unload(), x), both, atol=1e-5, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref.merge_adapter()
+    torch.testing.assert_close(output(ref, x), both, atol=1e-5, rtol=0)
 
 
 def test_layer_numerics_match_peft():

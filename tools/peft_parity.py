@@ -447,9 +447,6 @@ MHA_BUG = ("peft 0.21.2 adds out_proj's ΔW twice on nn.MultiheadAttention (its 
            "once by hand and once more through the inner LoRA layer), so its outputs and merged weights carry 2·ΔW_out; "
            "peftlab applies ΔW once (the merged model equals the unmerged one)")
 DORA_MIXED = "peft refuses mixed batches with DoRA adapters; peftlab serves them (each row equals its adapter alone)"
-DORA_SEVERAL = ("several active DoRA adapters: peft rescales the running result (which includes the adapters before "
-                "it) and merges a second DoRA adapter onto the first; peftlab adds each adapter's change to the base "
-                "output and refuses to merge two DoRA adapters into one layer")
 GROUPED_DORA = ("DoRA on a grouped conv: peft builds ΔW by reshaping B·A from the wrong layout (a meaningless norm); "
                 "peftlab refuses it with a clear error")
 LORA_BIAS_WARNING = ("lora_bias=True: peft's save-time check mistakes the 1-D lora_B.bias for an unsharded tensor and "
@@ -466,8 +463,6 @@ MIXED_EXACT = ("mixed batches: peftlab computes each adapter's low-rank term on 
 DELIBERATE: list[tuple[str, str, str]] = [
     *[("mha/*", key, MHA_BUG) for key in ("*output*", "merge", "unmerge", "changed")],
     ("*/dora/multi", "mixed", DORA_MIXED),
-    ("*/dora/several_active", "two_active_output", DORA_SEVERAL),
-    ("*/dora/several_active", "merge_two", DORA_SEVERAL),
     ("conv2d_groups/dora/*", "*", GROUPED_DORA),
     ("*/lora-bias/*", "*warnings", LORA_BIAS_WARNING),
     ("llama/lora-bias/*", "*warnings", LORA_BIAS_NO_BASE_BIAS),

@@ -270,6 +270,28 @@ def test_grouped_conv_as_peft():
     torch.testing.assert_close(peft_parity.out(ours, x), peft_parity.out(ref.eval(), x), atol=1e-6, rtol=0)
 
 
+def test_lora_bias_on_a_layer_without_bias_refuses_to_merge_as_peft():
+    """lora_bias=True on a layer without a bias: peft's PeftWarning at creation, and merging raises RuntimeError
+    (a bias added at merge time is one the model's config does not declare); the refusal leaves every layer as it
+    was, also for layers that could have merged. With a (zero) base bias given first, it merges exactly."""
+    net = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 3, bias=False))
+    with pytest.warns(peftlab.PeftWarning, match="merging LoRA weights won't be possible"):
+        pm = peftlab.get_peft_model(seeded(lambda: net), peftlab.LoraConfig(target_modules=["0", "2"], lora_bias=True))
+    peft_parity.fill_adapter(pm, "default")
+    pm.eval()
+    before = {n: p.clone() for n, p in pm.named_parameters()}
+    x = torch.randn(4, 10)
+    y = pm(x)
+    for merge in (pm.merge_adapter, pm.merge_and_unload, lambda: pm.merge_and_unload(safe_merge=True)):
+        with pytest.raises(RuntimeError, match="base layer has no bias"):
+            merge()
+        assert all(torch.equal(p, before[n]) for n, p in pm.named_parameters())
+        assert not any(layer.merged for _, layer in pm.base_model.adapter_layers())
+    base = pm.base_model.model[2].get_base_layer()
+    base.bias = nn.Parameter(torch.zeros(3), requires_grad=False)
+    torch.testing.assert_close(pm.merge_and_unload()(x), y, atol=1e-6, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------------
 # loading: results, low_cpu_mem_usage, FSDP names, .bin
 # ---------------------------------------------------------------------------------------------------

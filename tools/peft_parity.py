@@ -451,8 +451,6 @@ GROUPED_DORA = ("DoRA on a grouped conv: peft builds ΔW by reshaping B·A from 
                 "peftlab refuses it with a clear error")
 LORA_BIAS_WARNING = ("lora_bias=True: peft's save-time check mistakes the 1-D lora_B.bias for an unsharded tensor and "
                      "warns (PeftWarning); peftlab does not")
-LORA_BIAS_NO_BASE_BIAS = ("lora_bias=True on layers without a bias (Llama): peft warns that merging will be impossible "
-                          "and merging raises RuntimeError; peftlab merges s·b_B into a new base bias")
 PISSA_RANK = ("PiSSA/OLoRA with r above min(in, out) (the MLP's 20→2 lin1 with r=4): peft builds lora_A with "
               "out_features=r but a weight of min(in, out) rows (a config that cannot reload its own tensors); "
               "peftlab refuses the rank and names the limit")
@@ -465,10 +463,6 @@ DELIBERATE: list[tuple[str, str, str]] = [
     ("*/dora/multi", "mixed", DORA_MIXED),
     ("conv2d_groups/dora/*", "*", GROUPED_DORA),
     ("*/lora-bias/*", "*warnings", LORA_BIAS_WARNING),
-    ("llama/lora-bias/*", "*warnings", LORA_BIAS_NO_BASE_BIAS),
-    ("llama/lora-bias/multi", "add_adapter", LORA_BIAS_NO_BASE_BIAS),
-    ("llama/lora-bias/merge", "merge*", LORA_BIAS_NO_BASE_BIAS),
-    ("llama/lora-bias/several_active", "merge_two", LORA_BIAS_NO_BASE_BIAS),
     ("mlp/init-pissa/multi", "*", PISSA_RANK), ("mlp/init-olora/multi", "*", PISSA_RANK),
     ("mlp/init-pissa/several_active", "*", PISSA_RANK), ("mlp/init-olora/several_active", "*", PISSA_RANK),
     ("*/multi", "mixed_exact", MIXED_EXACT),

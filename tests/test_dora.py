@@ -413,14 +413,33 @@ def test_dora_on_conv_and_embedding_matches_peft(model, targets):
     torch.testing.assert_close(output(ours, x), expected, atol=1e-5, rtol=0)
 
 
-def test_dora_on_a_grouped_conv_is_refused():
-    """peft builds a grouped conv's DoRA norm from B·A reshaped out of its layout (a meaningless number); peftlab
-    refuses it before changing the model."""
-    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="use_dora=True.*grouped Conv2d"):
-        get_peft_model(model, LoraConfig(target_modules=["0"], r=4, use_dora=True))
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+def test_dora_on_a_grouped_conv_uses_the_norm_of_the_dense_kernel():
+    """DoRA on a grouped conv: ΔW = s·B∘A connects every input channel, so the layer applies the dense kernel
+    W + ΔW (W zero outside its groups); n is that kernel's norm per output channel and the output is
+    (m/n)·((W + ΔW) ⋆ x) + b (peft reshapes B·A out of its layout instead). Fresh, it is exactly the base; merging
+    is refused as for any LoRA on a grouped conv, leaving the weights as they were."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2))
+    x = torch.randn(2, 4, 5, 5)
+    want = model(x)
+    with pytest.warns(UserWarning, match="groups > 1"):
+        pm = get_peft_model(model, LoraConfig(target_modules=["0"], r=4, use_dora=True))
+    assert torch.equal(pm(x), want)
+    fill_params(pm, lambda n, p: "lora_" in n, canonical)
+    layer = pm.base_model.model[0]
+    W, delta = dora.dense_conv_weights(layer, "default")
+    base = layer.get_base_layer()
+    torch.testing.assert_close(F.conv2d(x, W, base.bias), want, atol=1e-6, rtol=0)  # the dense W is the base
+    V = W + delta
+    torch.testing.assert_close(F.conv2d(x, V), F.conv2d(x, W) + layer.scaling["default"] * layer.lora_B["default"](
+        layer.lora_A["default"](x)), atol=1e-6, rtol=0)  # the dense ΔW is B∘A
+    c = layer.lora_magnitude_vector["default"].weight.reshape(-1) / torch.linalg.vector_norm(V, dim=(1, 2, 3))
+    expected = c.view(1, -1, 1, 1) * F.conv2d(x, V) + base.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(pm(x), expected, atol=1e-5, rtol=0)
+    before = {k: v.clone() for k, v in pm.state_dict().items()}
+    with pytest.raises(NotImplementedError, match="groups > 1"):
+        pm.merge_adapter()
+    assert all(torch.equal(v, pm.state_dict()[k]) for k, v in before.items())
 
 
 def test_dora_can_be_added_to_an_existing_embedding_adapter():

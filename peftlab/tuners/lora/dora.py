@@ -357,14 +357,51 @@ class _DoraWeightVariant:
         return _unmerge_rescaled(layer, adapter_name, weight), bias
 
 
+def dense_conv_weights(layer: Any, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, ΔW) of a LoRA conv as dense (out, in, *kernel) kernels, float32.
+
+    On a grouped conv (g groups) W holds only each group's own input channels, while ΔW = s·B∘A connects every
+    input channel (A is dense, B keeps the groups apart): output channel o of group j sums B[o, q]·A[j·r/g + q].
+    W goes into the dense layout with zeros outside its group, so ‖W + ΔW‖ is the norm of the kernel the layer
+    applies.
+    """
+    base = layer.get_base_layer()
+    W = layer._base_weight().float()  # (out, in/g, *k)
+    g = base.groups
+    if g == 1:
+        return W, layer.get_delta_weight(adapter_name).float()
+    A = layer.lora_A[adapter_name].weight.float()  # (r, in, *k)
+    B = layer.lora_B[adapter_name].weight.float()  # (out, r/g, 1, …)
+    out, per_group, r = W.shape[0], W.shape[1], A.shape[0]
+    delta = torch.bmm(B.reshape(g, out // g, r // g), A.reshape(g, r // g, -1))  # per group (out/g, in·k)
+    delta = delta.reshape(out, *A.shape[1:]) * layer.scaling[adapter_name]
+    dense = W.new_zeros(delta.shape)
+    for j in range(g):
+        rows = slice(j * out // g, (j + 1) * out // g)
+        dense[rows, j * per_group:(j + 1) * per_group] = W[rows]
+    return dense, delta
+
+
 class DoraConvVariant(_DoraWeightVariant):
     """DoRA on ``nn.Conv1d/2d/3d``: m per output channel, stored (1, out, 1, …) as in peft;
-    h = base(x) + (m/n − 1)·(W ⋆ x) + (m/n)·s·B(A(x)).
+    h = base(x) + (m/n − 1)·(W ⋆ x) + (m/n)·s·B(A(x)). On a grouped conv n is the norm of the dense kernel
+    W + ΔW (:func:`dense_conv_weights`; peft reshapes B·A out of its layout there), and merging is refused as for
+    any LoRA on a grouped conv (no grouped weight holds W + ΔW).
 
     Explained in: book/peft_differences.md
     """
 
     axis = 0
+
+    @classmethod
+    def norm(cls, layer: Any, adapter_name: str) -> torch.Tensor:
+        """‖W + ΔW‖ per output channel, (out, 1, …), float32, detached."""
+        if layer.get_base_layer().groups == 1:
+            return super().norm(layer, adapter_name)
+        with torch.no_grad():
+            W, delta = dense_conv_weights(layer, adapter_name)
+            V = W + delta
+            return torch.linalg.vector_norm(V, dim=tuple(range(1, V.dim())), keepdim=True)
 
     @staticmethod
     def m_shape(layer: Any) -> tuple[int, ...]:
@@ -382,9 +419,12 @@ class DoraConvVariant(_DoraWeightVariant):
         if result is None:
             result = layer.base_layer(x, *args, **kwargs)
         W = base.weight
-        with torch.no_grad():
-            V = W.detach() + layer.get_delta_weight(adapter_name).detach().to(W.dtype)
-            n = torch.linalg.vector_norm(V, dim=tuple(range(1, V.dim())), keepdim=True).transpose(0, 1)
+        if base.groups > 1:
+            n = cls.norm(layer, adapter_name).transpose(0, 1).to(W.dtype)
+        else:
+            with torch.no_grad():
+                V = W.detach() + layer.get_delta_weight(adapter_name).detach().to(W.dtype)
+                n = torch.linalg.vector_norm(V, dim=tuple(range(1, V.dim())), keepdim=True).transpose(0, 1)
         c = magnitude(layer, adapter_name) / n  # (1, out, 1, …)
         dropout = layer.lora_dropout[adapter_name]
         A, B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]

@@ -488,16 +488,18 @@ class Conv(LoraLayer):
         self._init_factors(adapter_name, init_lora_weights, r, lora_bias)
         self.lora_variant.pop(adapter_name, None)
         if _.get("use_dora"):
-            if base.groups > 1:
-                raise ValueError(f"use_dora=True is not supported for a grouped {type(base).__name__} (groups="
-                                 f"{base.groups}): its ΔW has no grouped form; leave it out of target_modules")
             self.lora_variant[adapter_name] = DoraConvVariant
             DoraConvVariant.init(self, adapter_name)
         self._record_adapter(adapter_name)
 
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+    def check_mergeable(self, adapter_names: Sequence[str] | None = None) -> None:
         if self.get_base_layer().groups > 1:  # ΔW connects every input channel: no grouped weight holds it
             raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")
+        super().check_mergeable(adapter_names)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        if self.get_base_layer().groups > 1:
+            self.check_mergeable()
         A = self.lora_A[adapter_name].weight  # (r, in, *kernel)
         B = self.lora_B[adapter_name].weight  # (out, r, 1, …)
         if A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16):

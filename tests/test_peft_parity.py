@@ -46,16 +46,21 @@ def quiet():
 # the table
 # ---------------------------------------------------------------------------------------------------
 def test_parity_table_quick():
-    """The representative subset of the table (one model of each kind): at least 90 % of the cases peft completes
-    behave the same in peftlab, and every other difference is a deliberate one listed in DELIBERATE."""
+    """The representative subset of the table (one model of each kind): every difference from peft is a deliberate
+    one listed in DELIBERATE, at least 85 % of the cases peft completes behave identically, and the page states
+    the count this run measures."""
     rep = peft_parity.run(quick=True)
     assert rep.counted > 300
     assert not rep.differences, "\n".join(rep.differences[:20])
     assert rep.ratio_with_deliberate == 1.0
     # identical observations, deliberate differences not excused (most of those are peft's double ΔW_out on
-    # nn.MultiheadAttention, which this subset weighs more than the whole table: 84 % here, 87.4 % there)
-    assert rep.ratio >= 0.8, rep.ratio
+    # nn.MultiheadAttention, which this subset weighs more than the whole table: 85.2 % here, 89.2 % there)
+    assert rep.ratio >= 0.85, rep.ratio
     documented = " ".join((ROOT / "book" / "peft_differences.md").read_text().split())
+    stated = re.search(r"quick subset that `tests/test_peft_parity.py` runs: identical in (\d+) of (\d+) \(([\d.]+) %\)",
+                       documented)
+    assert stated and stated.groups() == (str(rep.passed), str(rep.counted), f"{100 * rep.ratio:.1f}"), \
+        (stated and stated.groups(), rep.passed, rep.counted)
     for _, _, why in peft_parity.DELIBERATE:  # each deliberate difference is named in the docs
         assert re.split(r"[:;(]", why)[0].strip() in documented, why
 

@@ -25,9 +25,8 @@ With several active adapters, the adapters act in order (as in peft): a DoRA ada
 layer computed so far, z ↦ (m/n) ⊙ (z + s·B A x) with z the running output without the base bias, and n =
 ‖W + s·B A‖ always taken on the base W with nothing merged (its m was initialised against that W). Merging
 folds the same maps into the weight in the same order, W ↦ (m/n) ⊙ (W + s·B A), so a merged layer computes
-what the unmerged one does. Under
-dropout in training the rescaled term is W x' on the dropped input, peft's form. Mixed batches work (peft
-refuses ``adapter_names`` with DoRA).
+what the unmerged one does. Under dropout in training the rescaled term is W x' on the dropped input, peft's
+form. Mixed batches work (peft refuses ``adapter_names`` with DoRA).
 
 Explained in: book/lora_in_practice.ipynb
 """

@@ -493,13 +493,15 @@ class Conv(LoraLayer):
         self._record_adapter(adapter_name)
 
     def check_mergeable(self, adapter_names: Sequence[str] | None = None) -> None:
-        if self.get_base_layer().groups > 1:  # ΔW connects every input channel: no grouped weight holds it
-            raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")
+        self._refuse_grouped_merge()
         super().check_mergeable(adapter_names)
 
+    def _refuse_grouped_merge(self) -> None:
+        if self.get_base_layer().groups > 1:  # ΔW connects every input channel: no grouped weight holds it
+            raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        if self.get_base_layer().groups > 1:
-            self.check_mergeable()
+        self._refuse_grouped_merge()
         A = self.lora_A[adapter_name].weight  # (r, in, *kernel)
         B = self.lora_B[adapter_name].weight  # (out, r, 1, …)
         if A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16):

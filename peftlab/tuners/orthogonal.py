@@ -341,8 +341,8 @@ class OrthogonalLayer(AdapterLayer):
         if w.requires_grad or (bias is not None and bias.requires_grad):
             return None
         blocks = self.block_diagonal_blocks(adapter_name)
-        if blocks is None or not x.dtype == w.dtype == blocks.dtype:
-            return None
+        if blocks is None or not x.dtype == w.dtype == blocks.dtype or torch.is_autocast_enabled(x.device.type):
+            return None  # under autocast (bf16 on a GPU) the output, hence g, is bf16: the generic path
         s = self.out_scale(adapter_name)
         if s is None:
             return RotatedLinear.apply(x, w, bias, blocks)

@@ -303,8 +303,8 @@ class IA3Layer(AdapterLayer):
         if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
             return None
         w, l = base._parameters["weight"], self.ia3_l[name]
-        if not (x.dtype == w.dtype == l.dtype):
-            return None
+        if not (x.dtype == w.dtype == l.dtype) or torch.is_autocast_enabled(x.device.type):
+            return None  # under autocast (bf16 on a GPU) the output, hence g, is bf16: the generic path
         if self.is_feedforward[name]:
             return IA3InputScaleFunction.apply(x, w, base._parameters["bias"], l.view(-1))
         if x.device.type != "cpu":

@@ -53,7 +53,7 @@ STEP_WORK = {
     "boft": "As OFT, with blocks of 8: the batched products over the tokens then have an inner dimension of 8, at which "
             "one CPU thread runs far below its peak, and there are four times as many blocks; the exact Cayley map "
             "solves 32 small systems per layer, and the output scale s costs a pass over the (tokens, out) output in "
-            "the forward and two in the backward. peft builds the dense (in × in) rotation with permutation matrices "
+            "the forward and two in the backward. peft builds the dense ($d_\\text{in} \\times d_\\text{in}$) rotation with permutation matrices "
             "at every step.",
     "ia3": "(IA)³ adds little to the limit: a scaled copy of each adapted weight (12 of them here) and a sum over the "
            "tokens per learned vector. The target asks for less than the limit whenever peft's own step costs under "

@@ -135,6 +135,36 @@ def test_mixed_batch_equals_per_adapter_runs(shape, case: str, batched) -> None:
     torch.testing.assert_close(mixed, want)
 
 
+@pytest.mark.parametrize("shape", [(6, 12), (6, 3, 12)])
+@pytest.mark.parametrize("names", [["a", "b", "c", "b", "c", "a"], ["b", "a", "c"], ["a", "a", "b", "b", "c", "c"]])
+def test_batched_segments_equal_per_adapter_runs(shape, names, batched) -> None:
+    """Rows in runs of one adapter each (one request per adapter; beam search repeats each) read the stacks in place,
+    without the per-row gather; repeated or interleaved adapters take the gather. Both equal the per-row runs."""
+    from peftlab.tuners.routing import Routing, mixed_batch
+    model = _multi()
+    x = torch.randn(*shape)
+    segmented = Routing(names).segment_rows(shape[0], tuple(dict.fromkeys(names)))
+    assert (segmented is not None) == (names != ["a", "b", "c", "b", "c", "a"])
+    with torch.no_grad():
+        with mixed_batch(names):  # 3 names for 6 rows: each name covers two rows in turn
+            mixed = model.base_model(x)
+        want = _per_adapter(model, x, [n for n in names for _ in range(shape[0] // len(names))])
+    torch.testing.assert_close(mixed, want)
+
+
+def test_stack_cache_follows_added_and_deleted_adapters(batched) -> None:
+    model = _multi()
+    x = torch.randn(3, 12)
+    names = ["a", "b", "c"]
+    with torch.no_grad():
+        model(x, adapter_names=names)
+        model.delete_adapter("b")
+        model.add_adapter("b", peftlab.LoraConfig(r=4, lora_alpha=4, target_modules=["lin0", "lin1"]))  # as before
+        torch.testing.assert_close(model(x, adapter_names=names), _per_adapter(model, x, names))
+        model.base_model.model.lin0.set_scale("c", 3.0)
+        torch.testing.assert_close(model(x, adapter_names=names), _per_adapter(model, x, names))
+
+
 def test_batched_path_is_taken_and_falls_back(batched) -> None:
     model = _multi()
     layer = model.base_model.model.lin0

@@ -227,6 +227,7 @@ class Linear(LoraLayer):
         if use_dora and lora_bias:
             raise ValueError("lora_bias=True cannot be combined with use_dora=True; set one of them to False")
         self._check_lora_bias(lora_bias)
+        self.__dict__.pop("_lora_stacks", None)  # the batched mixed-batch stacks (see _stacked)
         self._set_hyperparameters(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
         kw = self._new_tensor_kwargs()
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **kw)  # A: r × in
@@ -239,6 +240,10 @@ class Linear(LoraLayer):
             self.lora_variant[adapter_name] = DoraLinearVariant
             DoraLinearVariant.init(self, adapter_name)
         self._record_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.__dict__.pop("_lora_stacks", None)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         A = self.lora_A[adapter_name].weight
@@ -318,8 +323,10 @@ class Linear(LoraLayer):
         """Row i through adapter ``names[i]``. By default each adapter's rows run through exactly the forward
         that adapter runs alone (so a mixed batch equals the per-adapter runs bit for bit, as in peft). With
         ``batched_mixed_batches = True`` (opt-in, on the class or a layer) the adapters' A and B are stacked
-        instead: one gather per row and two batched products for the whole batch, faster with many adapters
-        and equal to the per-adapter runs up to float rounding. That path falls back to the per-adapter loop
+        instead: two batched products for the whole batch (S-LoRA/Punica), faster with many adapters and equal to
+        the per-adapter runs up to float rounding. Rows that come in runs of one adapter each (one request per
+        adapter, or each repeated for beam search) read the stacks in place; other batches gather each row's A
+        and B first. That path falls back to the per-adapter loop
         for unequal ranks, active dropout, DoRA, lora_bias or inputs with a leading dimension other than the
         batch."""
         if not self.batched_mixed_batches:
@@ -334,6 +341,14 @@ class Linear(LoraLayer):
         At, Bt = stacks  # (k+1, in, r), (k+1, r, out) with s folded into B; slot k is zero (base rows)
         result = self.base_layer(x)
         n = x.shape[0]
+        k = len(names)
+        m = routing.segment_rows(n, names)
+        if m is not None:  # run j of m rows all through adapter j: the stacks are read in place (Punica's SGMV)
+            xa = torch.bmm(x.reshape(k, -1, x.shape[-1]).to(At.dtype), At[:k])  # A x, (k, m·L, r)
+            out3 = result.reshape(k, -1, result.shape[-1])
+            if out3.dtype == Bt.dtype:
+                return torch.baddbmm(out3, xa, Bt[:k]).view(result.shape)  # + s·B A x
+            return (out3 + torch.bmm(xa, Bt[:k]).to(out3.dtype)).view(result.shape)
         index = routing.row_index(n, x.device, names)
         xa = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(At.dtype), At.index_select(0, index))  # A x, (n, L, r)
         out3 = result.reshape(n, -1, result.shape[-1])
@@ -342,21 +357,24 @@ class Linear(LoraLayer):
         return (out3 + torch.bmm(xa, Bt.index_select(0, index)).to(out3.dtype)).view(result.shape)
 
     def _stacked(self, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(Aᵀ stacked, s·Bᵀ stacked) of ``names`` plus a zero slot, cached while the tensors are unchanged;
-        None where the batched form does not apply."""
+        """(Aᵀ stacked, s·Bᵀ stacked) of ``names`` plus a zero slot, cached while the tensors are unchanged
+        (same adapters through ``update_layer``/``delete_adapter``, same versions, same scalings); None where the
+        batched form does not apply."""
         cache = self.__dict__.setdefault("_lora_stacks", {})
+        key = cache.get("key")
+        # A hit touches only the cached tensors' version counters: walking 2k module dicts per layer per decode
+        # step costs more than the products (scattered objects, cold caches). Adapters added or deleted through
+        # update_layer/delete_adapter drop the cache; in-place updates (an optimizer step, load) bump versions.
+        if (key is not None and key[0] == names and key[4] == x.device and self.scaling == key[1]
+                and not (torch.is_grad_enabled() and key[5])
+                and key[3] == tuple(t._version for t in key[2])):
+            return cache["value"]
         # module-dict lookups without nn.Module.__getattr__: this runs once per layer per decode step
         A_mods, B_mods = self.lora_A._modules, self.lora_B._modules
         As = [A_mods[n]._parameters["weight"] for n in names]
         Bs = [B_mods[n]._parameters["weight"] for n in names]
         track = torch.is_grad_enabled() and any(t.requires_grad for t in (*As, *Bs))
         scalings = tuple(self.scaling[n] for n in names)
-        if not track and "key" in cache:
-            names0, scalings0, tensors0, versions0, device0 = cache["key"]
-            if (names0 == names and scalings0 == scalings and device0 == x.device
-                    and all(a is b for a, b in zip(tensors0, (*As, *Bs)))
-                    and versions0 == tuple(t._version for t in tensors0)):
-                return cache["value"]
         if len({self.r[n] for n in names}) != 1 or any(n in self.lora_variant or B_mods[n].bias is not None
                                                       for n in names):
             return None
@@ -367,9 +385,10 @@ class Linear(LoraLayer):
         # contiguous in the layout the products read, so the per-row gather copies whole blocks
         At = torch.stack([*As, zeros_a]).transpose(1, 2).contiguous()  # (k+1, in, r)
         Bt = torch.stack([*(B * s for s, B in zip(scalings, Bs)), zeros_b]).transpose(1, 2).contiguous()
-        if not track:  # the tensors themselves are kept, so their ids stay unique while cached
+        if not track and not At.is_meta:  # the tensors themselves are kept, so their ids stay unique while cached
             tensors = (*As, *Bs)
-            cache["key"] = (names, scalings, tensors, tuple(t._version for t in tensors), x.device)
+            cache["key"] = (names, dict(self.scaling), tensors, tuple(t._version for t in tensors), x.device,
+                            any(t.requires_grad for t in tensors))
             cache["value"] = (At.detach(), Bt.detach())
         return At, Bt
 

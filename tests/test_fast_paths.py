@@ -49,9 +49,10 @@ def _peft(r=4, targets=("lin0", "lin1"), **kw):
 # ---- the fused LoRA training node ----------------------------------------------------------------
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("base_trains", [False, True])
-def test_fused_lora_function_matches_autograd(bias: bool, base_trains: bool) -> None:
+@pytest.mark.parametrize("tokens", [(3, 5), (1, 1)])  # T·(in + out) above in·out: merged weight; below: low-rank
+def test_fused_lora_function_matches_autograd(bias: bool, base_trains: bool, tokens: tuple[int, int]) -> None:
     torch.manual_seed(0)
-    x = torch.randn(3, 5, 12, requires_grad=True)
+    x = torch.randn(*tokens, 12, requires_grad=True)
     W = torch.randn(16, 12, requires_grad=base_trains)
     b = torch.randn(16, requires_grad=base_trains) if bias else None
     A = torch.randn(4, 12, requires_grad=True)
@@ -59,6 +60,8 @@ def test_fused_lora_function_matches_autograd(bias: bool, base_trains: bool) -> 
     s = 0.7
     plain = F.linear(x, W, b) + s * F.linear(F.linear(x, A), B)
     fused = LoraLinearFunction.apply(x, W, b, A, B, s)
+    assert fused.grad_fn._forward_cls is LoraLinearFunction  # the node itself, not a fallback
+    assert fused.grad_fn.merged == (tokens == (3, 5))  # the backward node is the ctx of the forward
     torch.testing.assert_close(fused, plain)
     g = torch.randn_like(plain)
     inputs = [t for t in (x, W, b, A, B) if t is not None and t.requires_grad]

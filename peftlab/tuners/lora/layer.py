@@ -156,9 +156,16 @@ class LoraLinearFunction(torch.autograd.Function):
     """h = x Wᵀ + b + s·(x Aᵀ) Bᵀ as one autograd node; x (..., in), W (out, in), A (r, in), B (out, r).
 
     Backward, with g = ∂L/∂h and u = s·g B (T, r):
-    ∂x = g W + u A,  ∂A = uᵀ x,  ∂B = s·gᵀ (x Aᵀ),  (∂W = gᵀ x, ∂b = Σ_t g only when the base trains).
+    ∂x = g W + u A = g (W + s·B A),  ∂A = uᵀ x,  ∂B = s·gᵀ (x Aᵀ),  (∂W = gᵀ x, ∂b = Σ_t g only when the base trains).
     One node instead of the ~7 that linear/linear/addmm/reshape record: at the lab's scale the per-node
     overhead of autograd costs more than the rank-r products themselves.
+
+    When the batch has more tokens T than in·out/(in + out) (training, in float32), the forward computes
+    h = x (W + s·B A)ᵀ + b and the backward ∂x = g (W + s·B A): forming W + s·B A costs r·in·out
+    multiply-adds, while adding s·B A x to the (T, out) output and u A to the (T, in) gradient costs
+    r·T·(in + out) and a read and write of both full-size results (memory-bound, the larger part at the
+    lab's scale). The merged weight is formed again in the backward rather than kept (no extra memory).
+    In half precision the low-rank form is kept: W + s·B A rounded to 8 mantissa bits would lose the update.
 
     Explained in: book/lora.ipynb
     """
@@ -167,13 +174,19 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                 B: torch.Tensor, s: float) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        # The rank-r products are computed as (r, T) = A xᵀ, never (T, r) = x Aᵀ: with r ≪ in, out the
-        # BLAS kernels are 2-4x faster in this orientation (CPU, one thread; measured in benchmarks/).
-        xaT = torch.mm(A, x2.t())  # (A x)ᵀ, (r, T)
-        out = F.linear(x2, weight, bias)  # W x + b, (T, out)
-        out.addmm_(xaT.t(), B.t(), alpha=s)  # + s·B A x
+        n_out, n_in = weight.shape
+        merged = x2.shape[0] * (n_in + n_out) > n_in * n_out and weight.dtype in (torch.float32, torch.float64)
+        if merged:
+            out = F.linear(x2, torch.addmm(weight, B, A, alpha=s), bias)  # x (W + s·B A)ᵀ + b, (T, out)
+            xaT = None
+        else:
+            # The rank-r products are computed as (r, T) = A xᵀ, never (T, r) = x Aᵀ: with r ≪ in, out the
+            # BLAS kernels are 2-4x faster in this orientation (CPU, one thread; measured in benchmarks/).
+            xaT = torch.mm(A, x2.t())  # (A x)ᵀ, (r, T)
+            out = F.linear(x2, weight, bias)  # W x + b, (T, out)
+            out.addmm_(xaT.t(), B.t(), alpha=s)  # + s·B A x
         ctx.save_for_backward(x2, weight, A, B, xaT)
-        ctx.s, ctx.x_shape, ctx.has_bias = s, x.shape, bias is not None
+        ctx.s, ctx.x_shape, ctx.has_bias, ctx.merged = s, x.shape, bias is not None, merged
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -183,13 +196,17 @@ class LoraLinearFunction(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1])
         need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         grad_x = grad_w = grad_b = grad_A = grad_B = None
-        if need_x or need_A:
+        if need_x and ctx.merged:
+            grad_x = torch.mm(g2, torch.addmm(weight, B, A, alpha=s)).view(ctx.x_shape)  # g (W + s·B A)
+        if need_A or (need_x and not ctx.merged):
             uT = torch.mm(B.t(), g2.t()).mul_(s)  # uᵀ = s·Bᵀ gᵀ, (r, T)
             if need_A:
                 grad_A = torch.mm(uT, x2)  # (r, in)
-            if need_x:
+            if need_x and not ctx.merged:
                 grad_x = torch.mm(g2, weight).addmm_(uT.t(), A).view(ctx.x_shape)
         if need_B:
+            if xaT is None:
+                xaT = torch.mm(A, x2.t())  # (A x)ᵀ, (r, T)
             grad_B = torch.mm(xaT, g2).t().mul_(s)  # s·gᵀ (x Aᵀ), (out, r)
         if need_w:
             grad_w = torch.mm(g2.t(), x2)

@@ -84,8 +84,10 @@ notebooks:
 	    --reruns 1 --only-rerun "Kernel died|DeadKernel|[Tt]imeout|timed out" \
 	    --junitxml=$(REPORTS)/notebooks.xml
 
+# --all: every page is written again; sphinxcontrib-bibtex numbers its citation links across pages, and
+# an incremental build leaves unchanged pages (book/bibliography.md) with stale labels and entries.
 html:
-	$(VENV)/bin/jupyter-book build $(EXEC) --path-output . $(STRICT)
+	$(VENV)/bin/jupyter-book build $(EXEC) --path-output . --all $(STRICT)
 
 # ---------------------------------------------------------------- tests
 test: setup

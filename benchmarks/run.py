@@ -9,6 +9,12 @@ book's appendix page (book/benchmarks.md).
     make bench                                   # = .venv/bin/python benchmarks/run.py
     .venv/bin/python benchmarks/run.py --quick   # fewer repetitions
     .venv/bin/python benchmarks/run.py --only lora_step,serving
+    .venv/bin/python benchmarks/run.py --tiny --reps 1 --warmup 0   # every scenario runs; measures nothing
+
+Every method peftlab has is one row of ``METHODS`` (its config, built the same in either library, and which
+ways of using an adapter it has); from it come ``<method>_step`` (a training step against peft's on the same
+config and against the frozen model's forward + backward, with one profiled step of each), ``<method>_inference``
+(unmerged, merged, base model, a mixed batch) and ``<method>_io`` (save, load). ``TARGETS`` holds every target.
 
 On CUDA the models run in bfloat16 (adapters in float32, as both libraries do by default).
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import os
@@ -31,7 +38,9 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
@@ -43,6 +52,9 @@ RESULTS = ROOT / "results"
 VOCAB = 51  # the lab's vocabulary size
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_LINEAR = [*QKVO, "gate_proj", "up_proj", "down_proj"]
+#: ``--tiny``: every model at most hidden 64, every sequence at most 16 tokens. It checks that every
+#: scenario runs (tests/test_benchmarks.py) and measures nothing worth reading.
+TINY = False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -51,6 +63,8 @@ ALL_LINEAR = [*QKVO, "gate_proj", "up_proj", "down_proj"]
 def llama(hidden: int, layers: int, device: str, dtype: torch.dtype, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if TINY:
+        hidden = min(hidden, 64)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
@@ -120,20 +134,32 @@ def interleave(fns: dict[str, Callable[[], object]], reps: int, warmup: int, dev
 
 
 def summarise(times: dict[str, list[float]], ratios: dict[str, tuple[str, str]]) -> dict:
+    """Median time per candidate; per ratio the median and quartiles of the per-round ratios, and the ratio of
+    the two fastest times (``of_min``: on a loaded machine, the best case each candidate reached)."""
     out = {"median_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+           "min_ms": {k: min(v) * 1e3 for k, v in times.items()},
            "n": len(next(iter(times.values()))), "ratios": {}}
     for label, (a, b) in ratios.items():
         r = sorted(x / y for x, y in zip(times[a], times[b]))
         q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0], r[0], r[0]]
-        out["ratios"][label] = {"median": statistics.median(r), "q1": q[0], "q3": q[2]}
+        out["ratios"][label] = {"median": statistics.median(r), "q1": q[0], "q3": q[2],
+                                "of_min": min(times[a]) / min(times[b])}
     return out
 
 
-def train_step(model, opt, batch: dict) -> Callable[[], None]:
+def train_step(model, opt, batch: dict, after_step: Callable[[Any, int], None] | None = None,
+               ) -> Callable[[], None]:
+    """Forward, backward, AdamW; ``after_step(model, step)`` (AdaLoRA's allocation) runs before the gradients
+    are cleared."""
+    steps = [0]
+
     def run() -> None:
         loss = model(**batch).loss
         loss.backward()
         opt.step()
+        if after_step is not None:
+            steps[0] += 1
+            after_step(model, steps[0])
         opt.zero_grad(set_to_none=True)
     return run
 
@@ -143,115 +169,13 @@ def optimiser(model):
 
 
 def tokens(batch: int, seq: int, device: str, seed: int = 0) -> torch.Tensor:
+    seq = min(seq, 16) if TINY else seq
     return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 # ---------------------------------------------------------------------------------------------------
 # scenarios
 # ---------------------------------------------------------------------------------------------------
-def s_lora_step(a, dev, dt, dora: bool = False) -> dict:
-    x = tokens(8, 128, dev)
-    batch = {"input_ids": x, "labels": x}
-    fns = {}
-    for lib in ("peftlab", "peft"):
-        m = adapted(lib, llama(256, 4, dev, dt), QKVO, dora=dora)
-        fns[lib] = train_step(m, optimiser(m), batch)
-    f = floor_model(llama(256, 4, dev, dt))
-    fns["limit"] = train_step(f, optimiser(f), batch)
-    t = interleave(fns, a.reps, a.warmup, dev)
-    return summarise(t, {"peftlab/peft": ("peftlab", "peft"), "peftlab/limit": ("peftlab", "limit"),
-                         "peft/limit": ("peft", "limit"), "limit/peft": ("limit", "peft")})
-
-
-def s_dora_step(a, dev, dt) -> dict:
-    return s_lora_step(a, dev, dt, dora=True)
-
-
-def s_lycoris_step(a, dev, dt, method: str, **kwargs) -> dict:
-    """One training step with a LoHa or LoKr adapter (r=8, α=16) on q, k, v, o: peftlab against peft."""
-    x = tokens(8, 128, dev)
-    batch = {"input_ids": x, "labels": x}
-    fns = {}
-    for lib in ("peftlab", "peft"):
-        lib_mod = lib_of(lib)
-        cfg = getattr(lib_mod, f"{method}Config")(r=8, alpha=16, target_modules=QKVO, **kwargs)
-        m = lib_mod.get_peft_model(llama(256, 4, dev, dt), cfg).train()
-        fns[lib] = train_step(m, optimiser(m), batch)
-    f = floor_model(llama(256, 4, dev, dt))
-    fns["limit"] = train_step(f, optimiser(f), batch)
-    t = interleave(fns, a.reps, a.warmup, dev)
-    return summarise(t, {"peftlab/peft": ("peftlab", "peft"), "peftlab/limit": ("peftlab", "limit"),
-                         "peft/limit": ("peft", "limit")})
-
-
-def s_loha_step(a, dev, dt) -> dict:
-    return s_lycoris_step(a, dev, dt, "LoHa")
-
-
-def s_lokr_step(a, dev, dt) -> dict:
-    return s_lycoris_step(a, dev, dt, "LoKr")
-
-
-def s_adalora_step(a, dev, dt) -> dict:
-    """One AdaLoRA training step (init_r=12 → target_r=8 on q, k, v, o): forward with the orthogonality
-    penalty, backward, optimizer step, then ``update_and_allocate`` (scores + a mask every step, deltaT=1,
-    inside the budget phase): peftlab against peft."""
-    x = tokens(8, 128, dev)
-    batch = {"input_ids": x, "labels": x}
-    fns = {}
-    for lib in ("peftlab", "peft"):
-        lib_mod = lib_of(lib)
-        cfg = lib_mod.AdaLoraConfig(init_r=12, target_r=8, lora_alpha=32, tinit=0, tfinal=0, total_step=10**6,
-                                    target_modules=QKVO)
-        m = lib_mod.get_peft_model(llama(256, 4, dev, dt), cfg).train()
-        opt, counter = optimiser(m), [0]
-
-        def run(m=m, opt=opt, counter=counter) -> None:
-            m(**batch).loss.backward()
-            opt.step()
-            m.base_model.update_and_allocate(counter[0] + 1)
-            opt.zero_grad(set_to_none=True)
-            counter[0] += 1
-        fns[lib] = run
-    t = interleave(fns, a.reps, a.warmup, dev)
-    return summarise(t, {"peftlab/peft": ("peftlab", "peft")})
-def s_orthogonal_step(a, dev, dt, method: str, extra: dict | None = None) -> dict:
-    """One training step with an OFT (block 32) or BOFT (block 8) adapter on q, k, v, o: peftlab against peft."""
-    x = tokens(8, 128, dev)
-    batch = {"input_ids": x, "labels": x}
-    kw = {"OFT": dict(oft_block_size=32), "BOFT": dict(boft_block_size=8, boft_n_butterfly_factor=1)}[method]
-    fns = {}
-    for lib in ("peftlab", "peft"):
-        lib_mod = lib_of(lib)
-        cfg = getattr(lib_mod, f"{method}Config")(target_modules=QKVO, **kw)
-        m = lib_mod.get_peft_model(llama(256, 4, dev, dt), cfg).train()
-        fns[lib] = train_step(m, optimiser(m), batch)
-    for label, (lib, cfg) in (extra or {}).items():
-        m = lib_of(lib).get_peft_model(llama(256, 4, dev, dt), cfg).train()
-        fns[label] = train_step(m, optimiser(m), batch)
-    f = floor_model(llama(256, 4, dev, dt))
-    fns["limit"] = train_step(f, optimiser(f), batch)
-    t = interleave(fns, a.reps, a.warmup, dev)
-    ratios = {"peftlab/peft": ("peftlab", "peft"), "peftlab/limit": ("peftlab", "limit"),
-              "peft/limit": ("peft", "limit")}
-    if extra:
-        ratios.update({"peftlab 2 factors/lora": ("boft2", "lora"), "peftlab 2 factors/peft": ("boft2", "peft")})
-    return summarise(t, ratios)
-
-
-def s_oft_step(a, dev, dt) -> dict:
-    return s_orthogonal_step(a, dev, dt, "OFT")
-
-
-def s_boft_step(a, dev, dt) -> dict:
-    """BOFT with one factor (what peft trains on a CPU) against peft; two factors against LoRA r=16."""
-    import peftlab
-    extra = {"boft2": ("peftlab", peftlab.BOFTConfig(target_modules=QKVO, boft_block_size=8,
-                                                     boft_n_butterfly_factor=2)),
-             "lora": ("peftlab", peftlab.LoraConfig(r=16, lora_alpha=32, target_modules=QKVO))}
-    return s_orthogonal_step(a, dev, dt, "BOFT", extra)
-
-
 def adaption_prompted(lib_name: str, model, adapter_len: int = 10, adapter_layers: int = 4):
     lib = lib_of(lib_name)
     cfg = lib.AdaptionPromptConfig(adapter_len=adapter_len, adapter_layers=adapter_layers, task_type="CAUSAL_LM")
@@ -266,20 +190,223 @@ def open_gates(model, value: float = 0.1) -> None:
                 p.fill_(value)
 
 
-def s_adaption_prompt_step(a, dev, dt) -> dict:
-    """One training step with LLaMA-Adapter (10 prompt vectors in all 4 blocks): peftlab against peft."""
+def perturb(model, std: float = 0.02, seed: int = 1) -> None:
+    """A trained adapter: every trainable tensor moved by N(0, std²) noise (so no adapter is the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g).to(p) * std)
+
+
+@functools.cache
+def xlora_experts(n_experts: int = 3) -> dict[str, str]:
+    """``n_experts`` trained-looking LoRA experts (r = 16 on q, k, v, o) saved once, named "0", "1", … as peft's
+    X-LoRA needs them."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-xlora-"))
+    experts = {}
+    for i in range(n_experts):
+        m = adapted("peftlab", llama(256, 4, "cpu", torch.float32), QKVO, trainable=False)
+        randomise_B(m, seed=10 + i)
+        m.save_pretrained(folder / str(i))
+        experts[str(i)] = str(folder / str(i))
+    return experts
+
+
+def xlora_config(lib, hidden: int):
+    return lib.XLoraConfig(task_type="CAUSAL_LM", hidden_size=hidden, adapters=xlora_experts(), xlora_depth=2,
+                           xlora_size=64, xlora_dropout_p=0.0)
+
+
+def allocate(model, step: int) -> None:
+    """AdaLoRA's rank allocation after the optimizer step, before the gradients are cleared."""
+    model.base_model.update_and_allocate(step)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method on the benchmark model (Llama hidden 256, 4 layers, batch 8 × seq 128): the same config built
+    in either library, and which of the ways to use an adapter it has."""
+
+    about: str  #: what the method's training step runs (the appendix page prints it)
+    config: Callable[[Any, int], Any]  #: (library module, hidden size) → the method's config
+    after_step: Callable[[Any, int], None] | None = None  #: (model, step) after optimizer.step (AdaLoRA)
+    trained: Callable[[Any], None] = perturb  #: make a fresh adapter look trained (inference, files)
+    trained_in_step: bool = False  #: apply ``trained`` before timing the training step too
+    merges: bool = True  #: merge_adapter exists (W' = f(W, adapter))
+    mixed: bool = True  #: peftlab serves mixed batches (adapter_names=[...]) with it
+    files: bool = True  #: a ``<method>_io`` scenario (save_pretrained, load_adapter)
+    uses: bool = True  #: a ``<method>_inference`` scenario (else another scenario covers inference)
+    no_cache: bool = False  #: the base model runs with use_cache=False (X-LoRA)
+    #: more step candidates, label → (library, config(library module, hidden)); and ratios over them
+    extra: dict[str, tuple[str, Callable[[Any, int], Any]]] = field(default_factory=dict)
+    extra_ratios: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def model(self, lib: str, dev: str, dt: torch.dtype, seed: int = 0):
+        return self.build(lib, self.config, dev, dt, seed)
+
+    def build(self, lib: str, config: Callable[[Any, int], Any], dev: str, dt: torch.dtype, seed: int = 0):
+        base = llama(256, 4, dev, dt, seed)
+        if self.no_cache:
+            base.config.use_cache = False
+        lib_mod = lib_of(lib)
+        torch.manual_seed(seed)
+        return lib_mod.get_peft_model(base, config(lib_mod, base.config.hidden_size))
+
+
+METHODS: dict[str, Method] = {
+    "lora": Method("LoRA training step (forward, backward, AdamW): Llama hidden 256, 4 layers, batch 8 × seq 128, "
+                   "r = 16 on q, k, v, o. *limit*: the same model frozen, forward + backward to the activations only",
+                   lambda lib, h: lib.LoraConfig(r=16, lora_alpha=32, target_modules=QKVO), uses=False, files=False),
+    "dora": Method("DoRA training step, same model and targets",
+                   lambda lib, h: lib.LoraConfig(r=16, lora_alpha=32, target_modules=QKVO, use_dora=True)),
+    "loha": Method("LoHa training step (r = 8, α = 16 on q, k, v, o), same model, batch and optimizer: peftlab's "
+                   "op(x; W₀ + ΔW) in one autograd node against peft's W₀x + ΔWx",
+                   lambda lib, h: lib.LoHaConfig(r=8, alpha=16, target_modules=QKVO)),
+    "lokr": Method("LoKr training step (r = 8, α = 16 on q, k, v, o; 256 = 16·16, so both Kronecker blocks are "
+                   "16 × 16 and whole), same model, batch and optimizer",
+                   lambda lib, h: lib.LoKrConfig(r=8, alpha=16, target_modules=QKVO)),
+    "oft": Method("OFT training step (blocks of 32 on q, k, v, o; peft's default five-term Cayley–Neumann series)",
+                  lambda lib, h: lib.OFTConfig(oft_block_size=32, target_modules=QKVO)),
+    "boft": Method("BOFT training step (blocks of 8 on q, k, v, o): one butterfly factor (what peft trains on a "
+                   "CPU) against peft; peftlab's two factors against peft's one and against LoRA r = 16",
+                   lambda lib, h: lib.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=1, target_modules=QKVO),
+                   extra={"boft2": ("peftlab", lambda lib, h: lib.BOFTConfig(boft_block_size=8, target_modules=QKVO,
+                                                                              boft_n_butterfly_factor=2)),
+                          "lora": ("peftlab", lambda lib, h: lib.LoraConfig(r=16, lora_alpha=32,
+                                                                             target_modules=QKVO))},
+                   extra_ratios={"peftlab 2 factors/lora": ("boft2", "lora"),
+                                 "peftlab 2 factors/peft": ("boft2", "peft")}),
+    "ia3": Method("(IA)³ training step at peft's Llama default (k_proj, v_proj scaled at the output, down_proj at "
+                  "the input)", lambda lib, h: lib.IA3Config(task_type="CAUSAL_LM")),
+    "adalora": Method("AdaLoRA training step (init_r = 12 → target_r = 8 on q, k, v, o): forward with the "
+                      "orthogonality penalty, backward, AdamW, then `update_and_allocate` (scores and a mask every "
+                      "step: deltaT = 1, inside the budget phase)",
+                      lambda lib, h: lib.AdaLoraConfig(init_r=12, target_r=8, lora_alpha=32, tinit=0, tfinal=0,
+                                                       total_step=10**6, target_modules=QKVO),
+                      after_step=allocate),
+    "adaption_prompt": Method("LLaMA-Adapter training step (10 prompt vectors in all 4 blocks, gates at 0.1)",
+                              lambda lib, h: lib.AdaptionPromptConfig(adapter_len=10, adapter_layers=4,
+                                                                      task_type="CAUSAL_LM"),
+                              trained=open_gates, trained_in_step=True, merges=False, mixed=False),
+    "xlora": Method("X-LoRA training step: the gate (depth 2, width 64) over three frozen LoRA experts (r = 16 on "
+                    "q, k, v, o); each step runs the scaling pass and the real pass. *limit*: one frozen pass",
+                    xlora_config, merges=False, mixed=False, files=False, uses=False, no_cache=True),
+}
+
+#: every training-step scenario reports these
+STEP_RATIOS = {"peftlab/peft": ("peftlab", "peft"), "peftlab/limit": ("peftlab", "limit"),
+               "peft/limit": ("peft", "limit"), "limit/peft": ("limit", "peft")}
+
+
+def where_time_goes(fn: Callable[[], object], device: str, top: int = 8) -> list[dict]:
+    """One run of ``fn`` under torch.profiler: the ``top`` operators by self time (ms, share of the total)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    events = prof.key_averages()
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in events) or 1.0
+    rows = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]
+    return [{"op": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total}
+            for e in rows]
+
+
+def s_step(a, dev, dt, method: str) -> dict:
+    """One training step of ``method`` (forward, backward, AdamW, the method's own after-step work) in peftlab
+    and in peft on the same config, against the frozen model's forward + backward (the physical limit)."""
+    spec = METHODS[method]
     x = tokens(8, 128, dev)
     batch = {"input_ids": x, "labels": x}
     fns = {}
     for lib in ("peftlab", "peft"):
-        m = adaption_prompted(lib, llama(256, 4, dev, dt)).train()
-        open_gates(m)
-        fns[lib] = train_step(m, optimiser(m), batch)
+        m = spec.model(lib, dev, dt).train()
+        if spec.trained_in_step:
+            spec.trained(m)
+        fns[lib] = train_step(m, optimiser(m), batch, spec.after_step)
+    for label, (lib, config) in spec.extra.items():
+        m = spec.build(lib, config, dev, dt).train()
+        fns[label] = train_step(m, optimiser(m), batch, spec.after_step)
     f = floor_model(llama(256, 4, dev, dt))
     fns["limit"] = train_step(f, optimiser(f), batch)
     t = interleave(fns, a.reps, a.warmup, dev)
-    return summarise(t, {"peftlab/peft": ("peftlab", "peft"), "peftlab/limit": ("peftlab", "limit"),
-                         "peft/limit": ("peft", "limit")})
+    out = summarise(t, {**STEP_RATIOS, **spec.extra_ratios})
+    out["about"] = spec.about
+    if a.profile:
+        out["profile"] = {lib: where_time_goes(fns[lib], dev) for lib in ("peftlab", "peft", "limit")}
+    return out
+
+
+def s_use(a, dev, dt, method: str, n_adapters: int = 4) -> dict:
+    """Inference with a trained adapter of ``method`` (inference mode, batch 8 × seq 128): unmerged in peftlab and
+    peft, merged, the base model alone, and a mixed batch (each row its own of 4 adapters) in peftlab."""
+    spec = METHODS[method]
+    x = tokens(8, 128, dev)
+    models = {}
+    for lib in ("peftlab", "peft"):
+        models[lib] = spec.model(lib, dev, dt).eval()
+        spec.trained(models[lib])
+    if spec.merges:
+        models["peftlab_merged"] = spec.model("peftlab", dev, dt).eval()
+        spec.trained(models["peftlab_merged"])
+        models["peftlab_merged"].merge_adapter()
+    models["base"] = llama(256, 4, dev, dt).eval()
+    fns = {k: forward(m, x) for k, m in models.items()}
+    ratios = {"peftlab/peft (unmerged)": ("peftlab", "peft"), "peftlab unmerged/base": ("peftlab", "base")}
+    if spec.merges:
+        ratios["peftlab merged/base"] = ("peftlab_merged", "base")
+    if spec.mixed:
+        lib_mod = lib_of("peftlab")
+        mixed = spec.model("peftlab", dev, dt)
+        names = ["default"] + [f"a{i}" for i in range(1, n_adapters)]
+        for n in names[1:]:
+            mixed.add_adapter(n, spec.config(lib_mod, mixed.base_model.model.config.hidden_size))
+        mixed.eval()
+        for i, n in enumerate(names):
+            mixed.set_adapter(n)
+            perturb(mixed, seed=1 + i)
+        fns["peftlab_mixed"] = forward(mixed, x, adapter_names=[names[i % n_adapters] for i in range(x.shape[0])])
+        ratios["peftlab mixed/unmerged"] = ("peftlab_mixed", "peftlab")
+    out = summarise(interleave(fns, a.reps, a.warmup, dev), ratios)
+    out["about"] = (f"{method}: forward pass with a trained adapter (inference mode, batch 8 × seq 128), unmerged "
+                    "in peftlab and peft" + (", merged" if spec.merges else "") + ", the base model alone"
+                    + (f", and a mixed batch whose rows use {n_adapters} different adapters (`adapter_names=`; "
+                       "peft serves mixed batches for LoRA only)" if spec.mixed else ""))
+    return out
+
+
+def s_files(a, dev, dt, method: str) -> dict:
+    """``save_pretrained`` and ``load_adapter`` of one trained ``method`` adapter: peftlab against peft."""
+    spec = METHODS[method]
+    fns, after, tmp = {}, {}, tempfile.mkdtemp(prefix="peftlab-bench-")
+    for lib in ("peftlab", "peft"):
+        pm = spec.model(lib, dev, dt).eval()
+        spec.trained(pm)
+
+        def save(pm=pm, lib=lib):
+            pm.save_pretrained(os.path.join(tmp, lib))
+
+        def load(pm=pm, lib=lib):
+            pm.load_adapter(os.path.join(tmp, lib), adapter_name="loaded")
+
+        save()
+        fns[f"{lib}_save"] = save
+        fns[f"{lib}_load"], after[f"{lib}_load"] = load, (lambda pm=pm: pm.delete_adapter("loaded"))
+    out = summarise(interleave(fns, a.reps, a.warmup, dev, after),
+                    {"save peftlab/peft": ("peftlab_save", "peft_save"),
+                     "load peftlab/peft": ("peftlab_load", "peft_load")})
+    out["about"] = f"{method}: `save_pretrained` and `load_adapter` of one trained adapter (safetensors)"
+    return out
+
+
+def forward(model, x: torch.Tensor, **kw) -> Callable[[], None]:
+    def run() -> None:
+        with torch.inference_mode():
+            model(input_ids=x, **kw)
+    return run
 
 
 def s_adaption_prompt_decode(a, dev, dt, batch: int = 16, prompt: int = 64) -> dict:
@@ -295,23 +422,6 @@ def s_adaption_prompt_decode(a, dev, dt, batch: int = 16, prompt: int = 64) -> d
     t = interleave(fns, a.reps * 2, a.warmup, dev, after)
     return summarise(t, {"peftlab/peft": ("peftlab", "peft"), "peftlab/base": ("peftlab", "base"),
                          "peft/base": ("peft", "base")})
-
-
-def s_ia3_step(a, dev, dt) -> dict:
-    """One training step with (IA)³ at peft's Llama default (k_proj, v_proj scaled at the output, down_proj at
-    the input): peftlab against peft and the frozen model's forward + backward."""
-    x = tokens(8, 128, dev)
-    batch = {"input_ids": x, "labels": x}
-    fns = {}
-    for lib in ("peftlab", "peft"):
-        lib_mod = lib_of(lib)
-        m = lib_mod.get_peft_model(llama(256, 4, dev, dt), lib_mod.IA3Config(task_type="CAUSAL_LM")).train()
-        fns[lib] = train_step(m, optimiser(m), batch)
-    f = floor_model(llama(256, 4, dev, dt))
-    fns["limit"] = train_step(f, optimiser(f), batch)
-    t = interleave(fns, a.reps, a.warmup, dev)
-    return summarise(t, {"peftlab/peft": ("peftlab", "peft"), "peftlab/limit": ("peftlab", "limit"),
-                         "peft/limit": ("peft", "limit")})
 
 
 def s_inference(a, dev, dt) -> dict:
@@ -344,23 +454,15 @@ def s_inference(a, dev, dt) -> dict:
                          "peftlab unmerged/base": ("peftlab", "base")})
 
 
-def s_xlora(a, dev, dt, n_experts: int = 3) -> dict:
-    """An X-LoRA forward (scaling pass + real pass mixing ``n_experts`` LoRA experts per token) against one
+def s_xlora(a, dev, dt) -> dict:
+    """An X-LoRA forward (scaling pass + real pass mixing three LoRA experts per token) against one
     plain LoRA forward, and against peft's X-LoRA on the same experts and gate weights."""
     x = tokens(8, 128, dev)
-    folder = Path(tempfile.mkdtemp(prefix="bench-xlora-"))
-    experts = {}
-    for i in range(n_experts):
-        m = adapted("peftlab", llama(256, 4, "cpu", torch.float32), QKVO, trainable=False)
-        randomise_B(m, seed=10 + i)
-        m.save_pretrained(folder / str(i))
-        experts[str(i)] = str(folder / str(i))  # peft's X-LoRA needs the names "0", "1", ...
     models = {}
     for lib in ("peftlab", "peft"):
         base = llama(256, 4, dev, dt)
         base.config.use_cache = False
-        cfg = lib_of(lib).XLoraConfig(task_type="CAUSAL_LM", hidden_size=256, adapters=experts, xlora_depth=2,
-                                      xlora_size=64, xlora_dropout_p=0.0)
+        cfg = xlora_config(lib_of(lib), base.config.hidden_size)
         torch.manual_seed(0)
         models[lib] = lib_of(lib).get_peft_model(base, cfg).eval()
     models["peft"].load_state_dict({k: v for k, v in models["peftlab"].state_dict().items() if "xlora" in k},
@@ -516,20 +618,25 @@ def s_memory(a, dev, dt) -> dict:
     for kind in ("peftlab", "peft", "full_ft"):
         # a fixed mmap threshold makes glibc return every freed tensor to the OS, so RSS follows live tensors
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        proc = subprocess.run([sys.executable, __file__, "--memory-child", kind, "--device", dev],
+        proc = subprocess.run([sys.executable, __file__, "--memory-child", kind, "--device", dev]
+                              + (["--tiny"] if TINY else []),
                               capture_output=True, text=True, check=True, env=env)
         out[kind] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_over_model_MiB"]
     return {"peak_MiB": out, "ratios": {"peftlab/peft": {"median": out["peftlab"] / out["peft"]},
                                         "peftlab/full_ft": {"median": out["peftlab"] / out["full_ft"]}}}
 
 
-SCENARIOS = {
-    "lora_step": s_lora_step, "dora_step": s_dora_step, "inference": s_inference, "serving": s_serving,
-    "merging": s_merging, "memory": s_memory, "lab_scale": s_lab_scale, "loha_step": s_loha_step,
-    "lokr_step": s_lokr_step, "oft_step": s_oft_step, "boft_step": s_boft_step, "ia3_step": s_ia3_step,
-    "adalora_step": s_adalora_step, "adaption_prompt_step": s_adaption_prompt_step,
-    "adaption_prompt_decode": s_adaption_prompt_decode, "xlora": s_xlora,
+SCENARIOS: dict[str, Callable] = {
+    "lora_step": functools.partial(s_step, method="lora"), "dora_step": functools.partial(s_step, method="dora"),
+    "inference": s_inference, "serving": s_serving, "merging": s_merging, "memory": s_memory,
+    "lab_scale": s_lab_scale, "adaption_prompt_decode": s_adaption_prompt_decode, "xlora": s_xlora,
 }
+for _name, _spec in METHODS.items():  # every method: its training step, its inference, its files
+    SCENARIOS[f"{_name}_step"] = functools.partial(s_step, method=_name)
+    if _spec.uses:
+        SCENARIOS[f"{_name}_inference"] = functools.partial(s_use, method=_name)
+    if _spec.files:
+        SCENARIOS[f"{_name}_io"] = functools.partial(s_files, method=_name)
 
 # (scenario, ratio, target: ratio must be ≤ this)
 TARGETS = [
@@ -598,18 +705,39 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma-separated scenarios: " + ",".join(SCENARIOS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(RESULTS / "latest.json"))
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="skip the profiled step of each training-step scenario (where the time goes)")
+    p.add_argument("--tiny", action="store_true", help="tiny models: checks that the scenarios run, measures nothing")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
+    global TINY
+    TINY = a.tiny
     if a.memory_child:
         return memory_child(a.memory_child, a.device)
     if a.quick:
         a.reps, a.warmup = 5, 1
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     warnings.filterwarnings("ignore")
+    chosen = [s for s in a.only.split(",") if s] or list(SCENARIOS)
+    unknown = [s for s in chosen if s not in SCENARIOS]
+    if unknown:
+        p.error(f"unknown scenario(s) {unknown}; known: {', '.join(SCENARIOS)}")
+    results = measure(chosen, a)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    plot(results, out.with_suffix(".png"))
+    for t in results["targets"]:
+        print(f"  {'ok ' if t['met'] else 'MISS'} {t['scenario']}: {t['ratio']} = {t['value']:.3f} (≤ {t['target']})")
+    print(f"wrote {out} ({results['wall_s']:.0f} s)")
+
+
+def measure(chosen: list[str], a: argparse.Namespace) -> dict:
+    """Run the ``chosen`` scenarios with ``a.reps``, ``a.warmup``, ``a.device`` and ``a.profile``; the results
+    with the targets they meet or miss."""
     dev = a.device
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
     results = {"machine": machine(dev), "dtype": str(dt).replace("torch.", ""), "reps": a.reps, "scenarios": {}}
-    chosen = [s for s in a.only.split(",") if s] or list(SCENARIOS)
     t0 = time.perf_counter()
     for name in chosen:
         t = time.perf_counter()
@@ -623,13 +751,7 @@ def main() -> None:
         {"scenario": s, "ratio": r, "target": tgt, "value": results["scenarios"][s]["ratios"][r]["median"],
          "met": results["scenarios"][s]["ratios"][r]["median"] <= tgt}
         for s, r, tgt in TARGETS if s in results["scenarios"]]
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    plot(results, out.with_suffix(".png"))
-    for t in results["targets"]:
-        print(f"  {'ok ' if t['met'] else 'MISS'} {t['scenario']}: {t['ratio']} = {t['value']:.3f} (≤ {t['target']})")
-    print(f"wrote {out} ({results['wall_s']:.0f} s)")
+    return results
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 * Hadamard product   (A ⊙ B)[i, j]      = A[i, j] · B[i, j]               (哈达玛积)
 * Kronecker product  (A ⊗ B)[i·p+k, j·q+l] = A[i, j] · B[k, l]            (克罗内克积)
 
-plus ``vec`` (向量化: stack the columns) and its inverse ``unvec``. Each function is
+plus ``vec`` (向量化: stack the columns) and its inverse ``unvec``, and ``kron_rearrange`` (Van Loan and
+Pitsianis' rearrangement, which turns a Kronecker product into a rank-1 matrix). Each function is
 written so that the code reads like its formula (broadcasting over the index grid); the
 tests check them against ``torch.matmul``, ``*`` and ``torch.kron``. Adapters use the
 torch ops; this module is for reading and for checking identities.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["hadamard", "kron", "matmul", "unvec", "vec"]
+__all__ = ["hadamard", "kron", "kron_rearrange", "matmul", "unvec", "vec"]
 
 
 def _check_matrix(name: str, X: Tensor) -> None:
@@ -108,3 +109,25 @@ def unvec(v: Tensor, rows: int) -> Tensor:
             f"rows must be a positive divisor of {v.numel()}"
         )
     return v.reshape(v.numel() // rows, rows).T
+
+
+def kron_rearrange(M: Tensor, block: tuple[int, int]) -> Tensor:
+    """Van Loan–Pitsianis rearrangement: one row per p × q block of M, so that R(A ⊗ B) = vec(A) vec(B)ᵀ.
+
+    Row i + j·m (column-major over the m × n grid of blocks) is vec(M_ij)ᵀ of block (i, j). M = A ⊗ B exactly
+    when R(M) has rank 1, and a sum of k Kronecker products has rearrangement rank ≤ k, which is how a picture
+    of a weight update tells a Kronecker structure (LoKr) from any other.
+
+    Explained in: book/delta_w_gallery.ipynb
+    """
+    _check_matrix("M", M)
+    p, q = block
+    rows, cols = M.shape
+    if p <= 0 or q <= 0 or rows % p or cols % q:
+        raise ValueError(f"kron_rearrange: blocks of {p} × {q} do not tile a {rows} × {cols} matrix; "
+                         f"choose p dividing {rows} and q dividing {cols}")
+    m, n = rows // p, cols // q
+    # T[i, k, j, l] = M[i·p + k, j·q + l]; block (i, j) is T[i, :, j, :]
+    T = M.reshape(m, p, n, q)
+    # row i + j·m holds vec(block (i, j)) = its columns stacked: index l·p + k
+    return T.permute(2, 0, 3, 1).reshape(m * n, p * q)

@@ -275,6 +275,115 @@ def _is_matrix_or_vector(x: Any) -> bool:
     return hasattr(x, "shape") or (isinstance(x, (list, tuple)) and len(x) > 0 and isinstance(x[0], (list, tuple)))
 
 
+# ----------------------------------------------------------------------------- the ΔW gallery
+
+
+def _delta_spectrum(ax: Axes, delta: ArrayLike, reference: Optional[ArrayLike], floor: float) -> None:
+    series = {"this update": delta}
+    if reference is not None:
+        series["full FT"] = reference
+    spectrum(series, ax=ax, normalise=True, marker="")
+    lines = ax.get_lines()
+    if reference is not None and len(lines) > 1:
+        lines[1].set(color="grey", linestyle="--", linewidth=1)
+        ax.legend()
+    ax.set_xscale("log")  # a low rank shows as a cliff near the left edge
+    ax.set_ylim(floor, 2.0)
+
+
+def delta_gallery(
+    deltas: Mapping[str, ArrayLike],
+    *,
+    reference: Optional[ArrayLike] = None,
+    zoom: Optional[int] = 48,
+    ncols: int = 5,
+    size: float = 2.4,
+    floor: float = 1e-8,
+    suptitle: Optional[str] = None,
+) -> Figure:
+    """Weight updates side by side: one column per method, ΔW as a heatmap above its spectrum σ_k / σ_1.
+
+    ``deltas``: label → ΔW (out × in), laid out ``ncols`` methods per row (each method a heatmap over its
+    spectrum, so 2·ceil(n / ncols) rows of axes). The heatmaps show the top-left ``zoom`` × ``zoom`` corner
+    (None: the whole matrix), each on its own symmetric colour scale (its max |ΔW| in the title); the spectra
+    are normalised, on log axes clipped at ``floor``, with ``reference`` (e.g. full fine-tuning's W − W₀)
+    dashed grey in every panel. Returns the figure; unused cells of the last row are hidden.
+
+    Explained in: book/delta_w_gallery.ipynb
+    """
+    if not isinstance(deltas, Mapping) or not deltas:
+        raise ValueError("delta_gallery needs a non-empty dict label -> ΔW")
+    if not isinstance(ncols, int) or ncols < 1:
+        raise ValueError(f"ncols={ncols!r}: a positive number of methods per row")
+    n = len(deltas)
+    cols = min(n, ncols)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(size * cols + 0.4, 2 * rows * size * 0.95 + 0.4),
+                             squeeze=False)
+    for k, (label, delta) in enumerate(deltas.items()):
+        X = _to_numpy(delta)
+        if X.ndim != 2:
+            raise ValueError(f"delta_gallery: ΔW of {label!r} has shape {X.shape}; it needs a matrix (out × in)")
+        row, col = 2 * (k // cols), k % cols
+        shown = X if zoom is None else X[:zoom, :zoom]
+        heatmap(shown, ax=axes[row][col], colorbar=False, xlabel="input j", ylabel="output i" if col == 0 else "",
+                title=f"{label}\nmax |ΔW| {np.abs(X).max():.1e}")
+        spec_ax = axes[row + 1][col]
+        _delta_spectrum(spec_ax, X, reference, floor)
+        if col:
+            spec_ax.set_ylabel("")
+        if reference is None or k:
+            legend = spec_ax.get_legend()
+            if legend is not None:
+                legend.remove()
+    for k in range(n, rows * cols):
+        axes[2 * (k // cols)][k % cols].set_visible(False)
+        axes[2 * (k // cols) + 1][k % cols].set_visible(False)
+    if suptitle:
+        fig.suptitle(suptitle)
+    return fig
+
+
+def delta_panel(
+    delta: ArrayLike,
+    *,
+    title: str = "ΔW",
+    reference: Optional[ArrayLike] = None,
+    part: Optional[tuple[str, Any, str]] = None,
+    zoom: Optional[int] = None,
+    size: float = 3.2,
+    floor: float = 1e-8,
+) -> Figure:
+    """One update in detail: its heatmap, its normalised spectrum (``reference`` dashed), and the part it is
+    built from, ``part = (kind, data, title)``: ``"matrix"`` (a heatmap), ``"spectrum"`` (singular values of a
+    matrix), ``"vectors"`` (named 1-D series against their index) or ``"none"``/None (no third panel).
+
+    Explained in: book/delta_w_gallery.ipynb
+    """
+    X = _to_numpy(delta)
+    kind = "none" if part is None else part[0]
+    if kind not in ("matrix", "spectrum", "vectors", "none"):
+        raise ValueError(f"part kind {kind!r}; valid kinds: 'matrix', 'spectrum', 'vectors', 'none'")
+    n = 2 if kind == "none" else 3
+    fig, axes = plt.subplots(1, n, figsize=(size * n + 0.6, size), squeeze=False)
+    shown = X if zoom is None else X[:zoom, :zoom]
+    heatmap(shown, ax=axes[0][0], title=title, xlabel="input j", ylabel="output i", colorbar_label="ΔW")
+    _delta_spectrum(axes[0][1], X, reference, floor)
+    axes[0][1].set_title("spectrum of ΔW")
+    if kind != "none":
+        assert part is not None
+        ax, data, sub = axes[0][2], part[1], part[2]
+        if kind == "matrix":
+            heatmap(data, ax=ax, title=sub, xlabel="input j", ylabel="input i", colorbar_label="value")
+        elif kind == "spectrum":
+            spectrum(data, ax=ax, normalise=True, marker="o")
+            ax.set_ylim(floor, 2.0)
+            ax.set_title(sub)
+        else:
+            curves(data, ax=ax, xlabel="index", ylabel="value", title=sub)
+    return fig
+
+
 # ----------------------------------------------------------------------------- curves
 
 
@@ -500,6 +609,63 @@ def _fmt_count(v: float) -> str:
     if v == int(v):
         return f"{int(v):,}"
     return f"{v:.3g}"
+
+
+# ----------------------------------------------------------------------------- Pareto plots
+
+
+def pareto_front(costs: Sequence[float], scores: Sequence[float]) -> list[int]:
+    """Indices of the points no other point beats: none has a cost as low and a score as high, one strictly.
+
+    Explained in: book/choosing_a_method.ipynb
+    """
+    if len(costs) != len(scores):
+        raise ValueError(f"pareto_front needs as many costs as scores, got {len(costs)} and {len(scores)}")
+    pts = list(zip(map(float, costs), map(float, scores)))
+    return [i for i, (c, s) in enumerate(pts)
+            if not any(c2 <= c and s2 >= s and (c2 < c or s2 > s) for j, (c2, s2) in enumerate(pts) if j != i)]
+
+
+def pareto(
+    points: Mapping[str, tuple[float, float]],
+    ax: Optional[Axes] = None,
+    xlabel: str = "trainable parameters",
+    ylabel: str = "score (%)",
+    *,
+    logx: bool = True,
+    title: Optional[str] = None,
+    spread: Optional[Mapping[str, float]] = None,
+) -> Axes:
+    """Named points (cost, score), each labelled, with the Pareto front (lower cost, higher score) joined.
+
+    ``spread[name]`` draws a vertical error bar (e.g. the standard deviation over seeds). Points on the front
+    are filled, the others hollow.
+
+    Explained in: book/choosing_a_method.ipynb
+    """
+    if not isinstance(points, Mapping) or not points:
+        raise ValueError("pareto needs a non-empty dict name -> (cost, score)")
+    ax = _new_ax(ax, figsize=(6.0, 4.0))
+    names = list(points)
+    xs = np.array([float(points[n][0]) for n in names])
+    ys = np.array([float(points[n][1]) for n in names])
+    front = set(pareto_front(xs, ys))
+    for k, n in enumerate(names):
+        color = COLORS[k % len(COLORS)]
+        err = None if spread is None else float(spread.get(n, 0.0))
+        ax.errorbar(xs[k], ys[k], yerr=err, fmt="o", color=color, mfc=color if k in front else "white",
+                    capsize=2, markersize=6)
+        ax.annotate(n, (xs[k], ys[k]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    order = sorted(front, key=lambda i: xs[i])
+    ax.step(xs[order], ys[order], where="post", color="#444444", linewidth=1, alpha=0.6, label="Pareto front")
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="lower right")
+    return ax
 
 
 # ----------------------------------------------------------------------------- method diagrams

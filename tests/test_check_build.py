@@ -85,3 +85,34 @@ def test_cjk_render_check_sees_missing_fonts(tmp_path: Path, monkeypatch: pytest
     has_cjk = check_build.subprocess.run(["fc-list", ":lang=zh"], capture_output=True, text=True).stdout.strip()
     if has_cjk:
         assert check_build.check_cjk_render(tmp_path, browser) == []
+
+
+def test_raw_cite_role_in_prose_is_caught(tmp_path: Path) -> None:
+    leaked = CLEAN.replace("1,024 parameters", "1,024 parameters ({cite}`hu2021lora`)")
+    problems = _page(tmp_path, leaked)
+    assert len(problems) == 1 and "citation left as raw text" in problems[0]
+
+
+def _bib_site(tmp_path: Path, n_entries: int, link: str = "https://arxiv.org/abs/2106.09685",
+              cite_href: str = "bibliography.html#id1") -> Path:
+    html = tmp_path / "html"
+    (html / "book").mkdir(parents=True)
+    entries = "".join(f'<div class="citation" id="id{i}" role="doc-biblioentry">\n<span class="label">[X{i}]</span>'
+                      f'<p>A. Author. A title. <a class="reference external" href="{link}">arXiv</a>.</p>\n</div>\n'
+                      for i in range(1, n_entries + 1))
+    (html / check_build.BIB_PAGE).write_text(f"<html><body>{entries}</body></html>", encoding="utf-8")
+    (html / "book" / "lora.html").write_text(f'<p>LoRA <a class="reference internal" href="{cite_href}">X1</a></p>',
+                                             encoding="utf-8")
+    return html
+
+
+def test_bibliography_page_lists_every_entry_and_citations_land(tmp_path: Path) -> None:
+    n_bib = len(check_build.re.findall(r"^@\w+\{", (ROOT / "book" / "references.bib").read_text(), flags=check_build.re.M))
+    assert n_bib > 0
+    assert check_build.check_bibliography(_bib_site(tmp_path / "ok", n_bib)) == []
+    short = check_build.check_bibliography(_bib_site(tmp_path / "short", n_bib - 1))
+    assert len(short) == 1 and f"lists {n_bib - 1} entries" in short[0]
+    unlinked = check_build.check_bibliography(_bib_site(tmp_path / "nolink", n_bib, link="https://example.org"))
+    assert len(unlinked) == 1 and "link to no paper" in unlinked[0]
+    stale = check_build.check_bibliography(_bib_site(tmp_path / "stale", n_bib, cite_href=f"bibliography.html#id{n_bib + 1}"))
+    assert len(stale) == 1 and "lands on no entry" in stale[0]

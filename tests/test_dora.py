@@ -7,7 +7,8 @@
   passes ``gradcheck`` and equals autograd through the reference formula;
 * merge / unmerge are exact within float32 round-off, also under plain LoRA adapters merged first;
 * the file holds ``...lora_magnitude_vector`` (no ``.weight``), like peft's, and adapters move both ways;
-* mixed batches work; DoRA on an embedding or a convolution is refused at injection.
+* several active DoRA adapters act in order and merge to the same model, as in peft;
+* mixed batches work.
 """
 
 from __future__ import annotations
@@ -254,11 +255,43 @@ def test_merge_dora_after_a_merged_lora_adapter():
     torch.testing.assert_close(output(pm, x), both, atol=1e-5, rtol=0)
     layer.unmerge()
     torch.testing.assert_close(layer.get_base_layer().weight, W, atol=1e-6, rtol=0)
-    # two DoRA adapters cannot be merged on top of each other
-    pm.add_adapter("dora2", LoraConfig(target_modules=["lin0"], use_dora=True))
-    layer.merge(adapter_names=["dora"])
-    with pytest.raises(ValueError, match="one DoRA adapter at a time"):
-        layer.merge(adapter_names=["dora2"])
+
+
+def _two_dora(lib_name: str, model: str, targets: list[str]):
+    """A model with two filled DoRA adapters, both active ("default" first)."""
+    lib = LIBS[lib_name]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = lib.get_peft_model(base_model(model), lib.LoraConfig(target_modules=targets, use_dora=True))
+        pm.add_adapter("other", lib.LoraConfig(target_modules=targets, use_dora=True, r=4))
+    fill_params(pm, lambda n, p: "lora_" in n, canonical)
+    pm.base_model.set_adapter(["default", "other"])
+    return pm.eval()
+
+
+@pytest.mark.parametrize("model,targets", [("mlp", ["lin0", "lin1"]), ("gpt2", ["c_attn"]),
+                                           ("emb_conv1d", ["emb", "conv1d"]), ("conv2d", ["conv2d"])])
+def test_two_active_dora_adapters_act_in_order_and_merge_to_the_same_model(model, targets):
+    """Several active DoRA adapters act in order as in peft (each rescales the running output, its norm taken on
+    the unmerged base): the unmerged forward equals peft's, merging both gives that same model (as peft's merge
+    does), and unmerging restores the base."""
+    ours, ref = _two_dora("peftlab", model, targets), _two_dora("peft", model, targets)
+    x = example_inputs(model)
+    both = output(ours, x)
+    torch.testing.assert_close(both, output(ref, x), atol=1e-5, rtol=0)
+    weights = {n: p.detach().clone() for n, p in ours.named_parameters() if "base_layer" in n}
+    ours.merge_adapter()
+    torch.testing.assert_close(output(ours, x), both, atol=1e-5, rtol=0)
+    ours.unmerge_adapter()
+    for n, p in ours.named_parameters():
+        if n in weights:
+            torch.testing.assert_close(p, weights[n], atol=1e-5, rtol=0, msg=n)
+    torch.testing.assert_close(output(ours.merge_and_unload(), x), both, atol=1e-5, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref.merge_adapter()
+    torch.testing.assert_close(output(ref, x), both, atol=1e-5, rtol=0)
 
 
 def test_layer_numerics_match_peft():
@@ -380,14 +413,33 @@ def test_dora_on_conv_and_embedding_matches_peft(model, targets):
     torch.testing.assert_close(output(ours, x), expected, atol=1e-5, rtol=0)
 
 
-def test_dora_on_a_grouped_conv_is_refused():
-    """peft builds a grouped conv's DoRA norm from B·A reshaped out of its layout (a meaningless number); peftlab
-    refuses it before changing the model."""
-    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="use_dora=True.*grouped Conv2d"):
-        get_peft_model(model, LoraConfig(target_modules=["0"], r=4, use_dora=True))
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+def test_dora_on_a_grouped_conv_uses_the_norm_of_the_dense_kernel():
+    """DoRA on a grouped conv: ΔW = s·B∘A connects every input channel, so the layer applies the dense kernel
+    W + ΔW (W zero outside its groups); n is that kernel's norm per output channel and the output is
+    (m/n)·((W + ΔW) ⋆ x) + b (peft reshapes B·A out of its layout instead). Fresh, it is exactly the base; merging
+    is refused as for any LoRA on a grouped conv, leaving the weights as they were."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2))
+    x = torch.randn(2, 4, 5, 5)
+    want = model(x)
+    with pytest.warns(UserWarning, match="groups > 1"):
+        pm = get_peft_model(model, LoraConfig(target_modules=["0"], r=4, use_dora=True))
+    assert torch.equal(pm(x), want)
+    fill_params(pm, lambda n, p: "lora_" in n, canonical)
+    layer = pm.base_model.model[0]
+    W, delta = dora.dense_conv_weights(layer, "default")
+    base = layer.get_base_layer()
+    torch.testing.assert_close(F.conv2d(x, W, base.bias), want, atol=1e-6, rtol=0)  # the dense W is the base
+    V = W + delta
+    torch.testing.assert_close(F.conv2d(x, V), F.conv2d(x, W) + layer.scaling["default"] * layer.lora_B["default"](
+        layer.lora_A["default"](x)), atol=1e-6, rtol=0)  # the dense ΔW is B∘A
+    c = layer.lora_magnitude_vector["default"].weight.reshape(-1) / torch.linalg.vector_norm(V, dim=(1, 2, 3))
+    expected = c.view(1, -1, 1, 1) * F.conv2d(x, V) + base.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(pm(x), expected, atol=1e-5, rtol=0)
+    before = {k: v.clone() for k, v in pm.state_dict().items()}
+    with pytest.raises(NotImplementedError, match="groups > 1"):
+        pm.merge_adapter()
+    assert all(torch.equal(v, pm.state_dict()[k]) for k, v in before.items())
 
 
 def test_dora_can_be_added_to_an_existing_embedding_adapter():

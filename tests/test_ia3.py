@@ -487,3 +487,18 @@ def test_scaled_activations_diagram_marks_the_scaled_boxes():
     assert texts.count("⊙ l") == 2 and {"q", "k", "attn", "down"} <= set(texts)
     marks = {round(t.get_position()[0], 2) for t in ax.texts if t.get_text() == "⊙ l"}
     assert marks == {round(1.0 + 0.1, 2), round(2 * 1.35 - 0.1, 2)}  # after k's box, before down's box
+
+
+@pytest.mark.parametrize("feedforward", [[], ["0"]])
+def test_ia3_trains_under_bf16_autocast(feedforward):
+    # the fused functions' backward receives a bf16 gradient while the weight and l stay float32
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 8)),
+                           IA3Config(target_modules=["0"], feedforward_modules=feedforward))
+    x = torch.randn(5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x).float().pow(2).sum()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert x.grad is not None and x.grad.dtype == x.dtype

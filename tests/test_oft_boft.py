@@ -410,3 +410,15 @@ def test_huge_counts_are_refused_at_once_by_name():
         get_peft_model(base_model("mlp"), BOFTConfig(target_modules=["lin1"], boft_block_size=4,
                                                      boft_n_butterfly_factor=2**40))
     assert time.perf_counter() - start < 5
+
+
+def test_oft_trains_under_bf16_autocast():
+    # the fused rotation's backward receives a bf16 gradient while its saved weight and blocks are float32
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 8)), OFTConfig(oft_block_size=4, target_modules=["0"]))
+    x = torch.randn(5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x).float().pow(2).sum()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

@@ -46,16 +46,21 @@ def quiet():
 # the table
 # ---------------------------------------------------------------------------------------------------
 def test_parity_table_quick():
-    """The representative subset of the table (one model of each kind): at least 90 % of the cases peft completes
-    behave the same in peftlab, and every other difference is a deliberate one listed in DELIBERATE."""
+    """The representative subset of the table (one model of each kind): every difference from peft is a deliberate
+    one listed in DELIBERATE, at least 85 % of the cases peft completes behave identically, and the page states
+    the count this run measures."""
     rep = peft_parity.run(quick=True)
     assert rep.counted > 300
     assert not rep.differences, "\n".join(rep.differences[:20])
     assert rep.ratio_with_deliberate == 1.0
     # identical observations, deliberate differences not excused (most of those are peft's double ΔW_out on
-    # nn.MultiheadAttention, which this subset weighs more than the whole table: 84 % here, 87.4 % there)
-    assert rep.ratio >= 0.8, rep.ratio
+    # nn.MultiheadAttention, which this subset weighs more than the whole table: 85.2 % here, 89.2 % there)
+    assert rep.ratio >= 0.85, rep.ratio
     documented = " ".join((ROOT / "book" / "peft_differences.md").read_text().split())
+    stated = re.search(r"quick subset that `tests/test_peft_parity.py` runs: identical in (\d+) of (\d+) \(([\d.]+) %\)",
+                       documented)
+    assert stated and stated.groups() == (str(rep.passed), str(rep.counted), f"{100 * rep.ratio:.1f}"), \
+        (stated and stated.groups(), rep.passed, rep.counted)
     for _, _, why in peft_parity.DELIBERATE:  # each deliberate difference is named in the docs
         assert re.split(r"[:;(]", why)[0].strip() in documented, why
 
@@ -268,6 +273,28 @@ def test_grouped_conv_as_peft():
         peft_parity.fill_adapter(m, "default")
     x = torch.randn(3, 36)
     torch.testing.assert_close(peft_parity.out(ours, x), peft_parity.out(ref.eval(), x), atol=1e-6, rtol=0)
+
+
+def test_lora_bias_on_a_layer_without_bias_refuses_to_merge_as_peft():
+    """lora_bias=True on a layer without a bias: peft's PeftWarning at creation, and merging raises RuntimeError
+    (a bias added at merge time is one the model's config does not declare); the refusal leaves every layer as it
+    was, also for layers that could have merged. With a (zero) base bias given first, it merges exactly."""
+    net = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 3, bias=False))
+    with pytest.warns(peftlab.PeftWarning, match="merging LoRA weights won't be possible"):
+        pm = peftlab.get_peft_model(seeded(lambda: net), peftlab.LoraConfig(target_modules=["0", "2"], lora_bias=True))
+    peft_parity.fill_adapter(pm, "default")
+    pm.eval()
+    before = {n: p.clone() for n, p in pm.named_parameters()}
+    x = torch.randn(4, 10)
+    y = pm(x)
+    for merge in (pm.merge_adapter, pm.merge_and_unload, lambda: pm.merge_and_unload(safe_merge=True)):
+        with pytest.raises(RuntimeError, match="base layer has no bias"):
+            merge()
+        assert all(torch.equal(p, before[n]) for n, p in pm.named_parameters())
+        assert not any(layer.merged for _, layer in pm.base_model.adapter_layers())
+    base = pm.base_model.model[2].get_base_layer()
+    base.bias = nn.Parameter(torch.zeros(3), requires_grad=False)
+    torch.testing.assert_close(pm.merge_and_unload()(x), y, atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------

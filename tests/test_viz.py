@@ -139,3 +139,22 @@ def test_method_diagram_takes_a_new_spec_and_rejects_unknown_names():
         viz.method_diagram("vera")
     with pytest.raises(ValueError, match="main path"):
         viz.method_diagram(viz.MethodDiagram("empty", main=()))
+
+
+def test_pareto_front_keeps_undominated_points():
+    # (cost, score): b beats a (cheaper, better); c costs more but scores best; d is dominated by b
+    assert viz.pareto_front([10, 5, 20, 6], [80, 85, 90, 84]) == [1, 2]
+    assert viz.pareto_front([1, 1], [2, 2]) == [0, 1]  # ties dominate neither
+    with pytest.raises(ValueError):
+        viz.pareto_front([1], [1, 2])
+
+
+def test_pareto_plot_marks_front_and_labels():
+    ax = viz.pareto({"LoRA": (100, 90.0), "IA3": (10, 50.0), "full": (1000, 89.0)}, spread={"LoRA": 1.0},
+                    xlabel="trainable parameters", ylabel="accuracy (%)")
+    assert ax.get_xscale() == "log" and ax.get_ylabel() == "accuracy (%)"
+    assert sorted(t.get_text() for t in ax.texts) == ["IA3", "LoRA", "full"]
+    front = [line for line in ax.lines if line.get_label() == "Pareto front"][0]
+    assert list(front.get_xdata()) == [10.0, 100.0]  # "full" is dominated by LoRA
+    with pytest.raises(ValueError):
+        viz.pareto({})

@@ -20,6 +20,9 @@ Checks, each failing with the page and what was found:
    must contain MathJax output (``mjx-container``) and live widgets (``widget-...`` views); and
    Chinese text, in the site's font stack, must render differently from unassigned code points
    (identical screenshots mean every CJK glyph is an empty box: no CJK font reached).
+6. The bibliography: ``book/bibliography.html`` lists one entry per entry of the bib files that
+   ``_config.yml`` names (``bibtex_bibfiles``), each with a link to the paper (arXiv or DOI); every
+   citation link on any page lands on an entry of that page; no ``{cite}`` role is left as raw text.
 
 Usage: ``python tools/check_build.py [--html _build/html] [--render auto|yes|no]``.
 """
@@ -55,6 +58,10 @@ WARNING = re.compile(r"\b[A-Z]\w*Warning: ")
 # Python prints a missing float as "nan"; the word NaN in a sentence about NaN values is prose, not a leak.
 NAN = re.compile(r"(?<![\w.\-])nan(?![\w])")
 CJK = re.compile(r"[\u4e00-\u9fff]")
+BIB_PAGE = "book/bibliography.html"
+RAW_CITE = re.compile(r"\{cite(?::\w+)?\}`")
+BIB_ENTRY = re.compile(r'<div class="citation" id="([^"]+)" role="doc-biblioentry">(.*?)</div>', re.S)
+PAPER_LINK = re.compile(r'href="https://(arxiv\.org/abs/|doi\.org/)')
 CJK_FAMILIES = ("Noto Sans CJK", "Noto Sans SC", "Source Han Sans", "PingFang", "Microsoft YaHei", "WenQuanYi",
                 "Hiragino Sans GB")
 
@@ -117,9 +124,43 @@ def check_reader_view(page: Path, rel: str) -> list[str]:
         problems.append(f"{rel}: a warning leaks into a cell output: {output[m.start():m.start() + 120]!r}")
     if reader.stderr:
         problems.append(f"{rel}: {reader.stderr} cell output(s) on stderr (warnings, progress bars)")
+    m = RAW_CITE.search(prose)
+    if m:
+        problems.append(f"{rel}: a citation left as raw text: {prose[max(0, m.start() - 60):m.end() + 40]!r} "
+                        "(a {cite} role inside a glued string or a code cell is not rendered; cite in markdown)")
     for m in NAN.finditer(prose):
         problems.append(f"{rel}: 'nan' in the prose: {prose[max(0, m.start() - 80):m.end() + 20]!r} "
                         "(glue a sentence that says the number does not exist in this profile)")
+    return problems
+
+
+def check_bibliography(html: Path) -> list[str]:
+    """Check 6: the bibliography page lists every bib entry with a link to the paper, and every citation
+    link in the book lands on one of its entries."""
+    cfg = yaml.safe_load((ROOT / "_config.yml").read_text())
+    bibfiles = cfg.get("bibtex_bibfiles") or []
+    if not bibfiles:
+        return ["_config.yml names no bibtex_bibfiles (the book's bibliography, book/references.bib)"]
+    n_bib = sum(len(re.findall(r"^\s*@(?!comment|string|preamble)\w+\s*\{", (ROOT / f).read_text(encoding="utf-8"),
+                               flags=re.M | re.I)) for f in bibfiles)
+    page = html / BIB_PAGE
+    if not page.is_file():
+        return [f"{BIB_PAGE} missing (the Bibliography page in _toc.yml)"]
+    entries = dict(BIB_ENTRY.findall(page.read_text(encoding="utf-8", errors="replace")))
+    problems = []
+    if len(entries) != n_bib:
+        problems.append(f"{BIB_PAGE} lists {len(entries)} entries, the bib files {bibfiles} hold {n_bib} "
+                        "(an entry no page cites is left out: cite it or drop it)")
+    bare = [i for i, body in entries.items() if not PAPER_LINK.search(body)]
+    if bare:
+        problems.append(f"{BIB_PAGE}: entries {bare} link to no paper (give each an eprint or a doi)")
+    for other in sorted(html.rglob("*.html")):
+        rel = other.relative_to(html).as_posix()
+        for href in re.findall(r'<a class="reference internal" href="([^"]*#[^"]+)"',
+                               other.read_text(encoding="utf-8", errors="replace")):
+            target, _, frag = href.partition("#")
+            if (other.parent / target).resolve() == page.resolve() and frag.startswith("id") and frag not in entries:
+                problems.append(f"{rel}: citation link {href!r} lands on no entry of {BIB_PAGE}")
     return problems
 
 
@@ -275,6 +316,7 @@ def check_static(html: Path) -> tuple[list[str], list[Path]]:
             to_render.append(page)
         problems += check_reader_view(page, rel)
     problems += check_font_stack(html)
+    problems += check_bibliography(html)
 
     slug, branch = _repo_slug()
     for page_rel, nb in _notebook_pages().items():
@@ -354,7 +396,7 @@ def main() -> None:
         sys.exit(1)
     n = len(list(args.html.rglob("*.html")))
     print(f"check_build: {n} pages OK (offline assets, local MathJax and widgets, Colab links, no raw tables, "
-          "warnings or nan on a page)")
+          "warnings or nan on a page, a bibliography that lists every entry)")
 
 
 if __name__ == "__main__":

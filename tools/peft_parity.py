@@ -447,15 +447,11 @@ MHA_BUG = ("peft 0.21.2 adds out_proj's ΔW twice on nn.MultiheadAttention (its 
            "once by hand and once more through the inner LoRA layer), so its outputs and merged weights carry 2·ΔW_out; "
            "peftlab applies ΔW once (the merged model equals the unmerged one)")
 DORA_MIXED = "peft refuses mixed batches with DoRA adapters; peftlab serves them (each row equals its adapter alone)"
-DORA_SEVERAL = ("several active DoRA adapters: peft rescales the running result (which includes the adapters before "
-                "it) and merges a second DoRA adapter onto the first; peftlab adds each adapter's change to the base "
-                "output and refuses to merge two DoRA adapters into one layer")
-GROUPED_DORA = ("DoRA on a grouped conv: peft builds ΔW by reshaping B·A from the wrong layout (a meaningless norm); "
-                "peftlab refuses it with a clear error")
+GROUPED_DORA = ("DoRA on a grouped conv: peft builds the norm ‖W + ΔW‖ from B·A reshaped out of its layout (not the "
+                "kernel the layer applies); peftlab takes the norm of the dense kernel W + ΔW, so a trained magnitude "
+                "gives other outputs")
 LORA_BIAS_WARNING = ("lora_bias=True: peft's save-time check mistakes the 1-D lora_B.bias for an unsharded tensor and "
                      "warns (PeftWarning); peftlab does not")
-LORA_BIAS_NO_BASE_BIAS = ("lora_bias=True on layers without a bias (Llama): peft warns that merging will be impossible "
-                          "and merging raises RuntimeError; peftlab merges s·b_B into a new base bias")
 PISSA_RANK = ("PiSSA/OLoRA with r above min(in, out) (the MLP's 20→2 lin1 with r=4): peft builds lora_A with "
               "out_features=r but a weight of min(in, out) rows (a config that cannot reload its own tensors); "
               "peftlab refuses the rank and names the limit")
@@ -466,14 +462,8 @@ MIXED_EXACT = ("mixed batches: peftlab computes each adapter's low-rank term on 
 DELIBERATE: list[tuple[str, str, str]] = [
     *[("mha/*", key, MHA_BUG) for key in ("*output*", "merge", "unmerge", "changed")],
     ("*/dora/multi", "mixed", DORA_MIXED),
-    ("*/dora/several_active", "two_active_output", DORA_SEVERAL),
-    ("*/dora/several_active", "merge_two", DORA_SEVERAL),
-    ("conv2d_groups/dora/*", "*", GROUPED_DORA),
+    ("conv2d_groups/dora/*", "*output*", GROUPED_DORA),
     ("*/lora-bias/*", "*warnings", LORA_BIAS_WARNING),
-    ("llama/lora-bias/*", "*warnings", LORA_BIAS_NO_BASE_BIAS),
-    ("llama/lora-bias/multi", "add_adapter", LORA_BIAS_NO_BASE_BIAS),
-    ("llama/lora-bias/merge", "merge*", LORA_BIAS_NO_BASE_BIAS),
-    ("llama/lora-bias/several_active", "merge_two", LORA_BIAS_NO_BASE_BIAS),
     ("mlp/init-pissa/multi", "*", PISSA_RANK), ("mlp/init-olora/multi", "*", PISSA_RANK),
     ("mlp/init-pissa/several_active", "*", PISSA_RANK), ("mlp/init-olora/several_active", "*", PISSA_RANK),
     ("*/multi", "mixed_exact", MIXED_EXACT),

@@ -2,8 +2,10 @@
 
 Experiment helpers are grouped by concept: :mod:`~peftlab.lab.finetune` (one fine-tuning entry point for
 every method, and the runs built on it), :mod:`~peftlab.lab.spectra` (how low-rank a weight update is),
-:mod:`~peftlab.lab.merging_experiments` (TIES, DARE and adapter merging on the lab's harnesses) and
-:mod:`~peftlab.lab.timing` (interleaved latency).
+:mod:`~peftlab.lab.merging_experiments` (TIES, DARE and adapter merging on the lab's harnesses),
+:mod:`~peftlab.lab.gallery` (the update every method learns for the same layer), :mod:`~peftlab.lab.compare`
+(every method on one task at a matched budget: one table, a decision guide) and :mod:`~peftlab.lab.timing`
+(interleaved latency).
 
 Submodules are imported on demand (``from peftlab.lab import profile``) so that a chapter
 that needs only the profile does not pay for transformers or datasets.
@@ -12,4 +14,4 @@ Explained in: book/lab.ipynb
 """
 
 __all__ = ["profile", "train", "models", "lm", "tasks", "digits", "finetune", "spectra", "merging_experiments",
-           "timing"]
+           "gallery", "timing", "compare"]

@@ -343,6 +343,10 @@ class AdapterLayer(nn.Module):
                     base.bias.data = new_b
             self.merged_adapters.append(name)
 
+    def check_mergeable(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Raise if this layer cannot merge ``adapter_names`` at all (a method hook; the model calls it on every
+        layer before merging any, so a refusal leaves the model as it was). Default: every adapter merges."""
+
     def check_merge(self, adapter_names: Sequence[str] | None = None) -> None:
         """Raise if merging ``adapter_names`` would put NaN or inf into the base weights; changes nothing."""
         names = self.active_adapters if adapter_names is None else list(adapter_names)
@@ -928,8 +932,9 @@ class BaseTuner(nn.Module):
         for n in adapter_names or ():
             if n not in self.peft_config:
                 raise ValueError(f"no adapter named {n!r}; adapters: {sorted(self.peft_config)}")
-        if safe_merge:  # check every layer before changing any, so a refusal leaves all weights as they were
-            for _, layer in self.adapter_layers():
+        for _, layer in self.adapter_layers():  # check every layer before changing any, so a refusal leaves
+            layer.check_mergeable(adapter_names)  # all weights as they were
+            if safe_merge:
                 layer.check_merge(adapter_names)
         if any(_is_quantized(layer.get_base_layer()) for _, layer in self.adapter_layers()):
             warnings.warn(
@@ -957,8 +962,9 @@ class BaseTuner(nn.Module):
                     quantized[id(layer)] = base
                     layer._replace_base_layer(base.dequantize_module())
         if merge:  # merge everything first, so a safe_merge failure leaves the model as it was
-            if safe_merge:
-                for _, layer in layers:
+            for _, layer in layers:
+                layer.check_mergeable(adapter_names)
+                if safe_merge:
                     layer.check_merge(adapter_names)
             done: list[AdapterLayer] = []
             try:

@@ -115,8 +115,8 @@ class LoHaLayer(LycorisLayer):
             return None
         w = base._parameters["weight"]
         factors = [getattr(self, n)[adapter_name] for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")]
-        if not x.dtype == w.dtype == factors[0].dtype:
-            return None
+        if not x.dtype == w.dtype == factors[0].dtype or torch.is_autocast_enabled(x.device.type):
+            return None  # under autocast (bf16 on a GPU) the output, hence g, is bf16: the generic path
         return LoHaLinearFunction.apply(x, w, base._parameters["bias"], *factors, self.scaling[adapter_name])
 
     def make_delta(self, adapter_name: str) -> torch.Tensor:

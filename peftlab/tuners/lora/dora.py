@@ -21,9 +21,12 @@ elementwise products peft builds on the activations.
 The variant plugs into :class:`~peftlab.tuners.lora.layer.Linear` through its ``lora_variant`` hook: the
 layer asks it for the forward, the merged/unmerged weights and its own tensor container.
 
-With several active adapters, a DoRA adapter adds (m/n − 1)·W x + (m/n)·s·B A x, with W x the *base*
-output (peft uses the running result, which includes the adapters before it). Mixed batches work (peft
-refuses ``adapter_names`` with DoRA).
+With several active adapters, the adapters act in order (as in peft): a DoRA adapter rescales what the
+layer computed so far, z ↦ (m/n) ⊙ (z + s·B A x) with z the running output without the base bias, and n =
+‖W + s·B A‖ always taken on the base W with nothing merged (its m was initialised against that W). Merging
+folds the same maps into the weight in the same order, W ↦ (m/n) ⊙ (W + s·B A), so a merged layer computes
+what the unmerged one does. Under dropout in training the rescaled term is W x' on the dropped input, peft's
+form. Mixed batches work (peft refuses ``adapter_names`` with DoRA).
 
 Explained in: book/lora_in_practice.ipynb
 """
@@ -185,11 +188,44 @@ class DoraLinearFunction(torch.autograd.Function):
         return grad_x, None, grad_b, grad_A, grad_B, grad_m, None, None
 
 
-def _merged_norms(layer: Any) -> dict[str, torch.Tensor]:
-    """n = ‖W + ΔW‖ of each merged DoRA adapter, recorded at merge for the exact unmerge."""
-    if "_dora_merged_norms" not in layer.__dict__:
-        layer.__dict__["_dora_merged_norms"] = {}
-    return layer.__dict__["_dora_merged_norms"]
+def _merged_scales(layer: Any) -> dict[str, torch.Tensor]:
+    """c = m/‖W + ΔW‖ of each merged DoRA adapter (shaped to broadcast against the stored weight), recorded at
+    merge for the exact unmerge (kept apart from ``_base_cache``, which the merge itself clears)."""
+    if "_dora_merged_scales" not in layer.__dict__:
+        layer.__dict__["_dora_merged_scales"] = {}
+    return layer.__dict__["_dora_merged_scales"]
+
+
+def unmerged_base(layer: Any, weight: torch.Tensor) -> torch.Tensor:
+    """W: the stored base weight with every merged adapter taken out again, last merged first (float32).
+
+    Merges compose in order (W ↦ W + ΔW for LoRA, W ↦ c ⊙ (W + ΔW) for DoRA), so they are undone in reverse.
+    """
+    W = weight.float()
+    for name in reversed(layer.merged_adapters):
+        delta = layer.get_delta_weight(name).float()
+        if name in layer.lora_variant:
+            W = W / _merged_scales(layer)[name] - delta
+        else:
+            W = W - delta
+    return W
+
+
+def _merge_rescaled(layer: Any, adapter_name: str, weight: torch.Tensor, c_of) -> torch.Tensor:
+    """W' = c ⊙ (W_cur + ΔW), c = m/‖W + ΔW‖ on the unmerged base W (``c_of(W + ΔW)``), recorded for unmerge."""
+    delta = layer.get_delta_weight(adapter_name).float()  # s·B A, stored layout
+    c = c_of(unmerged_base(layer, weight) + delta)
+    _merged_scales(layer)[adapter_name] = c
+    return (c * (weight.float() + delta)).to(weight.dtype)
+
+
+def _unmerge_rescaled(layer: Any, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+    """W_cur = W'/c − ΔW with the c recorded at merge (merges are undone last first, so W' is this merge's)."""
+    c = _merged_scales(layer).pop(adapter_name, None)
+    if c is None:
+        raise ValueError(f"DoRA adapter {adapter_name!r} has no scale recorded from its merge (was the base weight "
+                         "replaced since?), so it cannot be unmerged exactly")
+    return (weight.float() / c - layer.get_delta_weight(adapter_name).float()).to(weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,62 +276,38 @@ class DoraLinearVariant:
             out = DoraLinearFunction.apply(xc, W, b, A, B, m, n, s)
             out_dtype = x.dtype if x.is_floating_point() else A.dtype
             return out.view(*shape[:-1], out.shape[-1]).to(out_dtype)
-        # peft's form, which keeps dropout consistent: h = result + (m/n − 1)·W x' + (m/n)·s·B A x', x' = dropout(x)
+        # peft's form: h = result + (m/n − 1)·z + (m/n)·s·B A x', with z the running result without the base bias
+        # (the adapters before this one included), or W x' on the dropped input x' = dropout(x) under dropout
         if result is None:
             result = layer.base_layer(x, *args, **kwargs)
         xd = dropout(x).to(A.dtype)
-        base = F.linear(xd, _oriented(weight, layer.fan_in_fan_out).to(A.dtype))  # W x'
+        if uses_dropout:
+            base = F.linear(xd, _oriented(weight, layer.fan_in_fan_out).to(A.dtype))  # W x'
+        else:
+            base = (result - bias if bias is not None else result).to(A.dtype)  # z
         c = m / n
         lora = F.linear(F.linear(xd, A), B)  # B A x'
         return result + ((c - 1) * base + (c * s) * lora).to(result.dtype)
 
     # ---- merging ----------------------------------------------------------------------------------
     @staticmethod
-    def _others(layer: Any, adapter_name: str) -> torch.Tensor | int:
-        """Σ ΔW of the other adapters merged into this layer (plain LoRA only)."""
-        others: torch.Tensor | int = 0
-        for name in layer.merged_adapters:
-            if name == adapter_name:
-                continue
-            if name in layer.lora_variant:
-                raise ValueError(
-                    f"cannot merge DoRA adapter {adapter_name!r} on top of DoRA adapter {name!r} in the same layer; "
-                    "merge one DoRA adapter at a time (unmerge_adapter() in between)"
-                )
-            others = others + layer.get_delta_weight(name).float()
-        return others
-
-    @staticmethod
     def merged_weights(layer: Any, adapter_name: str, weight: torch.Tensor,
                        bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W' = W_cur − W + (m/n)·(W + ΔW), n = ‖W + ΔW‖ of the unmerged base W (= (m/n)(W + ΔW) alone).
+        """W' = (m/n) ⊙ (W_cur + ΔW), n = ‖W + ΔW‖ per output feature of the unmerged base W: the adapters merged
+        before it are rescaled with the base, as the forward rescales their outputs."""
+        m = magnitude(layer, adapter_name).detach().float()
 
-        n is kept for :meth:`unmerged_weights`, which divides by m/n again.
-        """
-        others = DoraLinearVariant._others(layer, adapter_name)
-        current = weight.float()
-        W = current - others  # the base without merged adapters
-        delta = layer.get_delta_weight(adapter_name).float()  # s·B A, stored layout
-        n = torch.linalg.norm(_oriented(W + delta, layer.fan_in_fan_out), dim=1)
-        _merged_norms(layer)[adapter_name] = n  # kept apart from _base_cache, which the merge itself clears
-        c = magnitude(layer, adapter_name).detach().float() / n
-        c = c.view(1, -1) if layer.fan_in_fan_out else c.view(-1, 1)
-        return ((current - W) + c * (W + delta)).to(weight.dtype), bias
+        def c_of(V: torch.Tensor) -> torch.Tensor:
+            c = m / torch.linalg.norm(_oriented(V, layer.fan_in_fan_out), dim=1)
+            return c.view(1, -1) if layer.fan_in_fan_out else c.view(-1, 1)
+
+        return _merge_rescaled(layer, adapter_name, weight, c_of), bias
 
     @staticmethod
     def unmerged_weights(layer: Any, adapter_name: str, weight: torch.Tensor,
                          bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W = W'/(m/n) − ΔW with the n cached at merge (plus the other merged adapters, kept)."""
-        n = _merged_norms(layer).pop(adapter_name, None)
-        if n is None:
-            raise ValueError(f"DoRA adapter {adapter_name!r} has no norm recorded from its merge (was the base weight "
-                             "replaced since?), so it cannot be unmerged exactly")
-        others = DoraLinearVariant._others(layer, adapter_name)
-        c = magnitude(layer, adapter_name).detach().float() / n
-        c = c.view(1, -1) if layer.fan_in_fan_out else c.view(-1, 1)
-        delta = layer.get_delta_weight(adapter_name).float()
-        W = (weight.float() - others) / c - delta
-        return (W + others).to(weight.dtype), bias
+        """W_cur = W'/(m/n) − ΔW with the m/n recorded at merge."""
+        return _unmerge_rescaled(layer, adapter_name, weight), bias
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -344,38 +356,66 @@ class _DoraWeightVariant:
         _add_magnitude(layer, adapter_name, m)
 
     @classmethod
-    def scale(cls, layer: Any, adapter_name: str) -> torch.Tensor:
-        """c = m/n shaped like the weight's ``axis`` (for merging)."""
-        n = cls.norm(layer, adapter_name)
-        return magnitude(layer, adapter_name).detach().float().reshape(n.shape) / n
-
-    @classmethod
     def merged_weights(cls, layer: Any, adapter_name: str, weight: torch.Tensor, bias: torch.Tensor | None):
-        """W' = (m/n)·(W + ΔW), with n kept for the exact unmerge."""
-        if len(layer.merged_adapters):
-            raise ValueError(f"cannot merge DoRA adapter {adapter_name!r} on top of another merged adapter in the same "
-                             "layer; merge one adapter at a time (unmerge_adapter() in between)")
-        c = cls.scale(layer, adapter_name)
-        _merged_norms(layer)[adapter_name] = c
-        return (c * (weight.float() + layer.get_delta_weight(adapter_name).float())).to(weight.dtype), bias
+        """W' = (m/n) ⊙ (W_cur + ΔW), n = ‖W + ΔW‖ of the unmerged base W, kept for the exact unmerge."""
+        m = magnitude(layer, adapter_name).detach().float()
+
+        def c_of(V: torch.Tensor) -> torch.Tensor:
+            n = torch.linalg.vector_norm(V, dim=tuple(d for d in range(V.dim()) if d != cls.axis), keepdim=True)
+            return m.reshape(n.shape) / n
+
+        return _merge_rescaled(layer, adapter_name, weight, c_of), bias
 
     @classmethod
     def unmerged_weights(cls, layer: Any, adapter_name: str, weight: torch.Tensor, bias: torch.Tensor | None):
-        c = _merged_norms(layer).pop(adapter_name, None)
-        if c is None:
-            raise ValueError(f"DoRA adapter {adapter_name!r} has no scale recorded from its merge, so it cannot be "
-                             "unmerged exactly")
-        return (weight.float() / c - layer.get_delta_weight(adapter_name).float()).to(weight.dtype), bias
+        return _unmerge_rescaled(layer, adapter_name, weight), bias
+
+
+def dense_conv_weights(layer: Any, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, ΔW) of a LoRA conv as dense (out, in, *kernel) kernels, float32.
+
+    On a grouped conv (g groups) W holds only each group's own input channels, while ΔW = s·B∘A connects every
+    input channel (A is dense, B keeps the groups apart): output channel o of group j sums B[o, q]·A[j·r/g + q].
+    W goes into the dense layout with zeros outside its group, so ‖W + ΔW‖ is the norm of the kernel the layer
+    applies.
+    """
+    base = layer.get_base_layer()
+    W = layer._base_weight().float()  # (out, in/g, *k)
+    g = base.groups
+    if g == 1:
+        return W, layer.get_delta_weight(adapter_name).float()
+    A = layer.lora_A[adapter_name].weight.float()  # (r, in, *k)
+    B = layer.lora_B[adapter_name].weight.float()  # (out, r/g, 1, …)
+    out, per_group, r = W.shape[0], W.shape[1], A.shape[0]
+    delta = torch.bmm(B.reshape(g, out // g, r // g), A.reshape(g, r // g, -1))  # per group (out/g, in·k)
+    delta = delta.reshape(out, *A.shape[1:]) * layer.scaling[adapter_name]
+    dense = W.new_zeros(delta.shape)
+    for j in range(g):
+        rows = slice(j * out // g, (j + 1) * out // g)
+        dense[rows, j * per_group:(j + 1) * per_group] = W[rows]
+    return dense, delta
 
 
 class DoraConvVariant(_DoraWeightVariant):
     """DoRA on ``nn.Conv1d/2d/3d``: m per output channel, stored (1, out, 1, …) as in peft;
-    h = base(x) + (m/n − 1)·(W ⋆ x) + (m/n)·s·B(A(x)).
+    h = base(x) + (m/n − 1)·(W ⋆ x) + (m/n)·s·B(A(x)). On a grouped conv n is the norm of the dense kernel
+    W + ΔW (:func:`dense_conv_weights`; peft reshapes B·A out of its layout there), and merging is refused as for
+    any LoRA on a grouped conv (no grouped weight holds W + ΔW).
 
     Explained in: book/peft_differences.md
     """
 
     axis = 0
+
+    @classmethod
+    def norm(cls, layer: Any, adapter_name: str) -> torch.Tensor:
+        """‖W + ΔW‖ per output channel, (out, 1, …), float32, detached."""
+        if layer.get_base_layer().groups == 1:
+            return super().norm(layer, adapter_name)
+        with torch.no_grad():
+            W, delta = dense_conv_weights(layer, adapter_name)
+            V = W + delta
+            return torch.linalg.vector_norm(V, dim=tuple(range(1, V.dim())), keepdim=True)
 
     @staticmethod
     def m_shape(layer: Any) -> tuple[int, ...]:
@@ -393,9 +433,12 @@ class DoraConvVariant(_DoraWeightVariant):
         if result is None:
             result = layer.base_layer(x, *args, **kwargs)
         W = base.weight
-        with torch.no_grad():
-            V = W.detach() + layer.get_delta_weight(adapter_name).detach().to(W.dtype)
-            n = torch.linalg.vector_norm(V, dim=tuple(range(1, V.dim())), keepdim=True).transpose(0, 1)
+        if base.groups > 1:
+            n = cls.norm(layer, adapter_name).transpose(0, 1).to(W.dtype)
+        else:
+            with torch.no_grad():
+                V = W.detach() + layer.get_delta_weight(adapter_name).detach().to(W.dtype)
+                n = torch.linalg.vector_norm(V, dim=tuple(range(1, V.dim())), keepdim=True).transpose(0, 1)
         c = magnitude(layer, adapter_name) / n  # (1, out, 1, …)
         dropout = layer.lora_dropout[adapter_name]
         A, B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]

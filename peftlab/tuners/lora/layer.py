@@ -66,10 +66,24 @@ class LoraLayer(AdapterLayer):
                 nn.init.zeros_(self.lora_B[adapter_name].bias)
 
     def _check_lora_bias(self, lora_bias: bool) -> None:
-        """peft's warning when ``lora_bias=True`` meets a layer without a bias (merging then adds one)."""
+        """peft's warning when ``lora_bias=True`` meets a layer without a bias (merging is then refused)."""
         if lora_bias and not isinstance(self.bias, torch.Tensor):
             warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {type(self.get_base_layer()).__name__} "
-                          "has no bias; merging adds s·b_B to the layer as a new bias.", PeftWarning, stacklevel=4)
+                          "has no bias. This means that merging LoRA weights won't be possible.", PeftWarning,
+                          stacklevel=4)
+
+    def check_mergeable(self, adapter_names: Sequence[str] | None = None) -> None:
+        """A ``lora_bias`` adapter merges s·b_B into the base bias, so it needs a base layer with a bias (as in peft):
+        a bias added at merge time is one the model's config does not declare, and transformers drops it when the
+        merged model is saved and loaded again."""
+        names = self.active_adapters if adapter_names is None else adapter_names
+        for name in names:
+            if name not in self.merged_adapters and self._lora_bias(name) is not None and self.bias is None:
+                raise RuntimeError(
+                    f"Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias "
+                    f"({type(self.get_base_layer()).__name__}, adapter {name!r}). Keep the adapter unmerged, or give "
+                    "those base layers a zero bias before merging."
+                )
 
     def set_scale(self, adapter_name: str, scale: float) -> None:
         """scaling = scale · α/r: weight one adapter at run time (diffusers' ``set_adapters``)."""
@@ -126,8 +140,9 @@ class LoraLayer(AdapterLayer):
         weight, bias = super().merged_weights(adapter_name, weight, bias)
         b = self._lora_bias(adapter_name)
         if b is not None:  # lora_bias: the base bias absorbs s · b_B
-            base_bias = bias if bias is not None else torch.zeros_like(b)
-            bias = (base_bias.float() + b.float() * self.scaling[adapter_name]).to(base_bias.dtype)
+            if bias is None:
+                self.check_mergeable([adapter_name])
+            bias = (bias.float() + b.float() * self.scaling[adapter_name]).to(bias.dtype)
         return weight, bias
 
     def unmerged_weights(self, adapter_name, weight, bias):
@@ -509,16 +524,20 @@ class Conv(LoraLayer):
         self._init_factors(adapter_name, init_lora_weights, r, lora_bias)
         self.lora_variant.pop(adapter_name, None)
         if _.get("use_dora"):
-            if base.groups > 1:
-                raise ValueError(f"use_dora=True is not supported for a grouped {type(base).__name__} (groups="
-                                 f"{base.groups}): its ΔW has no grouped form; leave it out of target_modules")
             self.lora_variant[adapter_name] = DoraConvVariant
             DoraConvVariant.init(self, adapter_name)
         self._record_adapter(adapter_name)
 
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+    def check_mergeable(self, adapter_names: Sequence[str] | None = None) -> None:
+        self._refuse_grouped_merge()
+        super().check_mergeable(adapter_names)
+
+    def _refuse_grouped_merge(self) -> None:
         if self.get_base_layer().groups > 1:  # ΔW connects every input channel: no grouped weight holds it
             raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        self._refuse_grouped_merge()
         A = self.lora_A[adapter_name].weight  # (r, in, *kernel)
         B = self.lora_B[adapter_name].weight  # (out, r, 1, …)
         if A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16):
@@ -631,6 +650,9 @@ class MultiheadAttention(LoraLayer):
 
     def merged_weights(self, adapter_name, weight, bias):
         return (weight.float() + self.get_delta_weight(adapter_name).float()).to(weight.dtype), bias
+
+    def check_mergeable(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Merging touches in_proj_weight only (out_proj's LoRA layer checks its own bias)."""
 
     def adapter_forward(self, query: torch.Tensor, adapters: Sequence[str], *args: Any, **kwargs: Any):
         base = self.get_base_layer()

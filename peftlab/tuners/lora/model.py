@@ -69,11 +69,6 @@ class LoraModel(BaseTuner):
                 raise ValueError("MultiheadAttention does not support DoRA (yet), please set use_dora to False")
         init = config.init_lora_weights
         if not isinstance(target, LINEAR):
-            if config.use_dora and isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and target.groups > 1:
-                raise ValueError(
-                    f"use_dora=True: target module {key!r} is a grouped {type(target).__name__} (groups={target.groups}),"
-                    " whose ΔW has no grouped form; leave it out of target_modules (or add it to exclude_modules)"
-                )
             if lora_init.reads_base_weight(init):
                 raise ValueError(
                     f"init_lora_weights={init!r}: target module {key!r} is a {type(target).__name__}, but this "

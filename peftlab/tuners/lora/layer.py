@@ -374,19 +374,19 @@ class Linear(LoraLayer):
         result = self.base_layer(x)
         n = x.shape[0]
         k = len(names)
-        m = routing.segment_rows(n, names)
-        if m is not None:  # run j of m rows all through adapter j: the stacks are read in place (Punica's SGMV)
-            xa = torch.bmm(x.reshape(k, -1, x.shape[-1]).to(At.dtype), At[:k])  # A x, (k, m·L, r)
-            out3 = result.reshape(k, -1, result.shape[-1])
-            if out3.dtype == Bt.dtype:
-                return torch.baddbmm(out3, xa, Bt[:k]).view(result.shape)  # + s·B A x
-            return (out3 + torch.bmm(xa, Bt[:k]).to(out3.dtype)).view(result.shape)
-        index = routing.row_index(n, x.device, names)
-        xa = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(At.dtype), At.index_select(0, index))  # A x, (n, L, r)
-        out3 = result.reshape(n, -1, result.shape[-1])
-        if out3.dtype == Bt.dtype:
-            return torch.baddbmm(out3, xa, Bt.index_select(0, index)).view(result.shape)  # + s·B A x
-        return (out3 + torch.bmm(xa, Bt.index_select(0, index)).to(out3.dtype)).view(result.shape)
+        if routing.segment_rows(n, names) is not None:
+            # rows in runs of one adapter each: the stacks are read in place (Punica's SGMV), run j = adapter j
+            rows, At, Bt = k, At[:k], Bt[:k]
+        else:  # each row's A and B gathered (BGMV)
+            index = routing.row_index(n, x.device, names)
+            rows, At, Bt = n, At.index_select(0, index), Bt.index_select(0, index)
+        xa = torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(At.dtype), At)  # A x, (rows, ·, r)
+        out3 = result.reshape(rows, -1, result.shape[-1])
+        if out3.dtype != Bt.dtype:
+            return (out3 + torch.bmm(xa, Bt).to(out3.dtype)).view(result.shape)
+        if not torch.is_grad_enabled():  # serving: add into the fresh base output in place
+            return out3.baddbmm_(xa, Bt).view(result.shape)  # + s·B A x
+        return torch.baddbmm(out3, xa, Bt).view(result.shape)
 
     def _stacked(self, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(Aᵀ stacked, s·Bᵀ stacked) of ``names`` plus a zero slot, cached while the tensors are unchanged

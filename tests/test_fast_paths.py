@@ -49,9 +49,10 @@ def _peft(r=4, targets=("lin0", "lin1"), **kw):
 # ---- the fused LoRA training node ----------------------------------------------------------------
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("base_trains", [False, True])
-def test_fused_lora_function_matches_autograd(bias: bool, base_trains: bool) -> None:
+@pytest.mark.parametrize("tokens", [(3, 5), (1, 1)])  # T·(in + out) above in·out: merged weight; below: low-rank
+def test_fused_lora_function_matches_autograd(bias: bool, base_trains: bool, tokens: tuple[int, int]) -> None:
     torch.manual_seed(0)
-    x = torch.randn(3, 5, 12, requires_grad=True)
+    x = torch.randn(*tokens, 12, requires_grad=True)
     W = torch.randn(16, 12, requires_grad=base_trains)
     b = torch.randn(16, requires_grad=base_trains) if bias else None
     A = torch.randn(4, 12, requires_grad=True)
@@ -59,6 +60,8 @@ def test_fused_lora_function_matches_autograd(bias: bool, base_trains: bool) -> 
     s = 0.7
     plain = F.linear(x, W, b) + s * F.linear(F.linear(x, A), B)
     fused = LoraLinearFunction.apply(x, W, b, A, B, s)
+    assert fused.grad_fn._forward_cls is LoraLinearFunction  # the node itself, not a fallback
+    assert fused.grad_fn.merged == (tokens == (3, 5))  # the backward node is the ctx of the forward
     torch.testing.assert_close(fused, plain)
     g = torch.randn_like(plain)
     inputs = [t for t in (x, W, b, A, B) if t is not None and t.requires_grad]
@@ -133,6 +136,36 @@ def test_mixed_batch_equals_per_adapter_runs(shape, case: str, batched) -> None:
         mixed = model(x, adapter_names=names)
         want = _per_adapter(model, x, names)
     torch.testing.assert_close(mixed, want)
+
+
+@pytest.mark.parametrize("shape", [(6, 12), (6, 3, 12)])
+@pytest.mark.parametrize("names", [["a", "b", "c", "b", "c", "a"], ["b", "a", "c"], ["a", "a", "b", "b", "c", "c"]])
+def test_batched_segments_equal_per_adapter_runs(shape, names, batched) -> None:
+    """Rows in runs of one adapter each (one request per adapter; beam search repeats each) read the stacks in place,
+    without the per-row gather; repeated or interleaved adapters take the gather. Both equal the per-row runs."""
+    from peftlab.tuners.routing import Routing, mixed_batch
+    model = _multi()
+    x = torch.randn(*shape)
+    segmented = Routing(names).segment_rows(shape[0], tuple(dict.fromkeys(names)))
+    assert (segmented is not None) == (names != ["a", "b", "c", "b", "c", "a"])
+    with torch.no_grad():
+        with mixed_batch(names):  # 3 names for 6 rows: each name covers two rows in turn
+            mixed = model.base_model(x)
+        want = _per_adapter(model, x, [n for n in names for _ in range(shape[0] // len(names))])
+    torch.testing.assert_close(mixed, want)
+
+
+def test_stack_cache_follows_added_and_deleted_adapters(batched) -> None:
+    model = _multi()
+    x = torch.randn(3, 12)
+    names = ["a", "b", "c"]
+    with torch.no_grad():
+        model(x, adapter_names=names)
+        model.delete_adapter("b")
+        model.add_adapter("b", peftlab.LoraConfig(r=4, lora_alpha=4, target_modules=["lin0", "lin1"]))  # as before
+        torch.testing.assert_close(model(x, adapter_names=names), _per_adapter(model, x, names))
+        model.base_model.model.lin0.set_scale("c", 3.0)
+        torch.testing.assert_close(model(x, adapter_names=names), _per_adapter(model, x, names))
 
 
 def test_batched_path_is_taken_and_falls_back(batched) -> None:

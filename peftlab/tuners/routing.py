@@ -23,6 +23,7 @@ class Routing:
         self.adapter_names = list(adapter_names)
         self._groups: dict[tuple[int, torch.device], dict[str, torch.Tensor]] = {}
         self._index: dict[tuple, torch.Tensor] = {}
+        self._segments: dict[tuple, int | None] = {}
         self._stacked_names: tuple[str, ...] | None = None
 
     def groups(self, n_rows: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -61,6 +62,19 @@ class Routing:
                 index[rows] = pos.get(name, len(names))
             self._index[key] = index.to(device)
         return self._index[key]
+
+    def segment_rows(self, n_rows: int, names: tuple[str, ...]) -> int | None:
+        """m when the rows come in ``len(names)`` runs of m rows, run j all through ``names[j]`` (one request per
+        adapter, or each repeated for beam search): a batched product then reads the stacked adapters in place,
+        without a per-row gather. None otherwise (``__base__`` rows, repeated or missing adapters)."""
+        key = (n_rows, names)
+        if key not in self._segments:
+            k, per_row = len(names), self.adapter_names
+            m = n_rows // k if k and n_rows % k == 0 else 0
+            if m and n_rows != len(per_row) and n_rows % len(per_row) == 0:  # each name repeated, as in groups()
+                per_row = [n for n in per_row for _ in range(n_rows // len(per_row))]
+            self._segments[key] = m if m and list(per_row) == [n for n in names for _ in range(m)] else None
+        return self._segments[key]
 
 
 _ROUTING: contextvars.ContextVar[Routing | None] = contextvars.ContextVar("peftlab_routing", default=None)

@@ -118,7 +118,9 @@ class DoraLinearFunction(torch.autograd.Function):
 
     Backward, with c = m/n, z = x Wᵀ + s·x Aᵀ Bᵀ and g = ∂L/∂h:
     ∂m = Σ_t g ⊙ z / n,  ∂B = s·(gᵀ (x Aᵀ)) ⊙ c,  ∂A = s·((g ⊙ c) B)ᵀ x,  ∂x = g (c ⊙ W) + s·((g ⊙ c) B) A,
-    where c is folded into the (out, ·) weights instead of the (T, out) activations.
+    where c is folded into the (out, ·) weights instead of the (T, out) activations. With more tokens than
+    in·out/(in + out) (float32), z = x (W + s·B A)ᵀ and ∂x = g (c ⊙ (W + s·B A)) from the merged weight, formed in
+    the forward and again in the backward (see :class:`~peftlab.tuners.lora.layer.LoraLinearFunction`).
 
     Explained in: book/lora_in_practice.ipynb
     """
@@ -131,19 +133,28 @@ class DoraLinearFunction(torch.autograd.Function):
             # would mix dtypes: compute in the inputs' dtype (the adapter's, set by the caller)
             with torch.autocast(x.device.type, enabled=False):
                 return DoraLinearFunction.forward(ctx, x, weight, bias, A, B, m, n, s)
-        # rank-r products as (r, T) = A xᵀ: with r ≪ in, out the BLAS kernels run faster in this orientation
-        xaT = torch.mm(A, x.t())  # (A x)ᵀ, (r, T)
-        # The base output exactly as the base layer computes it, plus (m/n − 1)·W x + (m/n)·s·B A x (peft's form):
-        # a fresh adapter (B = 0, m = n, so m/n = 1 exactly) then returns the base output bit for bit.
-        base = F.linear(x, weight, bias)  # W x + b, (T, out)
-        wx = base - bias if bias is not None else base  # W x
-        lora = torch.mm(xaT.t(), B.t())  # B A x, (T, out)
         c = m / n  # m/‖W + s·B A‖, (out,)
-        out = torch.addcmul(base, wx, c - 1).addcmul_(lora, c * s)
-        z = torch.add(wx, lora, alpha=s)  # z = W x + s·B A x, for ∂m
+        n_out, n_in = weight.shape
+        # many tokens (training, float32): one product with W + s·B A, as in LoraLinearFunction
+        merged = x.shape[0] * (n_in + n_out) > n_in * n_out and weight.dtype in (torch.float32, torch.float64)
+        if merged:
+            z = F.linear(x, torch.addmm(weight, B, A, alpha=s))  # z = (W + s·B A) x, (T, out)
+            out = torch.addcmul(bias, z, c) if bias is not None else z * c
+            xaT = None
+        else:
+            # rank-r products as (r, T) = A xᵀ: with r ≪ in, out the BLAS kernels run faster in this orientation
+            xaT = torch.mm(A, x.t())  # (A x)ᵀ, (r, T)
+            # The base output as the base layer computes it, plus (m/n − 1)·W x + (m/n)·s·B A x (peft's form):
+            # a fresh adapter (B = 0, m = n, so m/n = 1 exactly) then returns the base output bit for bit.
+            base = F.linear(x, weight, bias)  # W x + b, (T, out)
+            wx = base - bias if bias is not None else base  # W x
+            lora = torch.mm(xaT.t(), B.t())  # B A x, (T, out)
+            out = torch.addcmul(base, wx, c - 1).addcmul_(lora, c * s)
+            z = torch.add(wx, lora, alpha=s)  # z = W x + s·B A x, for ∂m
         ctx.save_for_backward(x, weight, A, B, m, n, xaT, z)
         ctx.s = s
         ctx.has_bias = bias is not None
+        ctx.merged = merged
         return out
 
     @staticmethod
@@ -159,14 +170,18 @@ class DoraLinearFunction(torch.autograd.Function):
         grad_x = grad_b = grad_A = grad_B = grad_m = None
         if need_m:
             grad_m = torch.linalg.vecdot(g, z, dim=0) / n  # Σ_t g ⊙ z / n
-        if need_x or need_A:
+        if need_x and ctx.merged:
+            grad_x = torch.mm(g, torch.addmm(weight, B, A, alpha=s).mul_(c[:, None]))  # g (c ⊙ (W + s·B A))
+        if need_A or (need_x and not ctx.merged):
             g_xaT = torch.mm((B * (c * s)[:, None]).t(), g.t())  # (∂L/∂(A x))ᵀ = s·Bᵀ (g ⊙ c)ᵀ, (r, T)
             if need_A:
                 grad_A = torch.mm(g_xaT, x)
-            if need_x:
+            if need_x and not ctx.merged:
                 grad_x = g @ (weight * c[:, None])  # g (c ⊙ W)
                 grad_x.addmm_(g_xaT.t(), A)
         if need_B:
+            if xaT is None:
+                xaT = torch.mm(A, x.t())  # (A x)ᵀ, (r, T)
             grad_B = torch.mm(xaT, g).t() * (c[:, None] * s)
         if need_b and ctx.has_bias:
             grad_b = g.sum(dim=0)

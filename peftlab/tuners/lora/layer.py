@@ -171,9 +171,16 @@ class LoraLinearFunction(torch.autograd.Function):
     """h = x Wᵀ + b + s·(x Aᵀ) Bᵀ as one autograd node; x (..., in), W (out, in), A (r, in), B (out, r).
 
     Backward, with g = ∂L/∂h and u = s·g B (T, r):
-    ∂x = g W + u A,  ∂A = uᵀ x,  ∂B = s·gᵀ (x Aᵀ),  (∂W = gᵀ x, ∂b = Σ_t g only when the base trains).
+    ∂x = g W + u A = g (W + s·B A),  ∂A = uᵀ x,  ∂B = s·gᵀ (x Aᵀ),  (∂W = gᵀ x, ∂b = Σ_t g only when the base trains).
     One node instead of the ~7 that linear/linear/addmm/reshape record: at the lab's scale the per-node
     overhead of autograd costs more than the rank-r products themselves.
+
+    When the batch has more tokens T than in·out/(in + out) (training, in float32), the forward computes
+    h = x (W + s·B A)ᵀ + b and the backward ∂x = g (W + s·B A): forming W + s·B A costs r·in·out
+    multiply-adds, while adding s·B A x to the (T, out) output and u A to the (T, in) gradient costs
+    r·T·(in + out) and a read and write of both full-size results (memory-bound, the larger part at the
+    lab's scale). The merged weight is formed again in the backward rather than kept (no extra memory).
+    In half precision the low-rank form is kept: W + s·B A rounded to 8 mantissa bits would lose the update.
 
     Explained in: book/lora.ipynb
     """
@@ -182,13 +189,19 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                 B: torch.Tensor, s: float) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        # The rank-r products are computed as (r, T) = A xᵀ, never (T, r) = x Aᵀ: with r ≪ in, out the
-        # BLAS kernels are 2-4x faster in this orientation (CPU, one thread; measured in benchmarks/).
-        xaT = torch.mm(A, x2.t())  # (A x)ᵀ, (r, T)
-        out = F.linear(x2, weight, bias)  # W x + b, (T, out)
-        out.addmm_(xaT.t(), B.t(), alpha=s)  # + s·B A x
+        n_out, n_in = weight.shape
+        merged = x2.shape[0] * (n_in + n_out) > n_in * n_out and weight.dtype in (torch.float32, torch.float64)
+        if merged:
+            out = F.linear(x2, torch.addmm(weight, B, A, alpha=s), bias)  # x (W + s·B A)ᵀ + b, (T, out)
+            xaT = None
+        else:
+            # The rank-r products are computed as (r, T) = A xᵀ, never (T, r) = x Aᵀ: with r ≪ in, out the
+            # BLAS kernels are 2-4x faster in this orientation (CPU, one thread; measured in benchmarks/).
+            xaT = torch.mm(A, x2.t())  # (A x)ᵀ, (r, T)
+            out = F.linear(x2, weight, bias)  # W x + b, (T, out)
+            out.addmm_(xaT.t(), B.t(), alpha=s)  # + s·B A x
         ctx.save_for_backward(x2, weight, A, B, xaT)
-        ctx.s, ctx.x_shape, ctx.has_bias = s, x.shape, bias is not None
+        ctx.s, ctx.x_shape, ctx.has_bias, ctx.merged = s, x.shape, bias is not None, merged
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -198,13 +211,17 @@ class LoraLinearFunction(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1])
         need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         grad_x = grad_w = grad_b = grad_A = grad_B = None
-        if need_x or need_A:
+        if need_x and ctx.merged:
+            grad_x = torch.mm(g2, torch.addmm(weight, B, A, alpha=s)).view(ctx.x_shape)  # g (W + s·B A)
+        if need_A or (need_x and not ctx.merged):
             uT = torch.mm(B.t(), g2.t()).mul_(s)  # uᵀ = s·Bᵀ gᵀ, (r, T)
             if need_A:
                 grad_A = torch.mm(uT, x2)  # (r, in)
-            if need_x:
+            if need_x and not ctx.merged:
                 grad_x = torch.mm(g2, weight).addmm_(uT.t(), A).view(ctx.x_shape)
         if need_B:
+            if xaT is None:
+                xaT = torch.mm(A, x2.t())  # (A x)ᵀ, (r, T)
             grad_B = torch.mm(xaT, g2).t().mul_(s)  # s·gᵀ (x Aᵀ), (out, r)
         if need_w:
             grad_w = torch.mm(g2.t(), x2)
@@ -242,6 +259,7 @@ class Linear(LoraLayer):
         if use_dora and lora_bias:
             raise ValueError("lora_bias=True cannot be combined with use_dora=True; set one of them to False")
         self._check_lora_bias(lora_bias)
+        self.__dict__.pop("_lora_stacks", None)  # the batched mixed-batch stacks (see _stacked)
         self._set_hyperparameters(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
         kw = self._new_tensor_kwargs()
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **kw)  # A: r × in
@@ -254,6 +272,10 @@ class Linear(LoraLayer):
             self.lora_variant[adapter_name] = DoraLinearVariant
             DoraLinearVariant.init(self, adapter_name)
         self._record_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.__dict__.pop("_lora_stacks", None)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         A = self.lora_A[adapter_name].weight
@@ -333,8 +355,10 @@ class Linear(LoraLayer):
         """Row i through adapter ``names[i]``. By default each adapter's rows run through exactly the forward
         that adapter runs alone (so a mixed batch equals the per-adapter runs bit for bit, as in peft). With
         ``batched_mixed_batches = True`` (opt-in, on the class or a layer) the adapters' A and B are stacked
-        instead: one gather per row and two batched products for the whole batch, faster with many adapters
-        and equal to the per-adapter runs up to float rounding. That path falls back to the per-adapter loop
+        instead: two batched products for the whole batch (S-LoRA/Punica), faster with many adapters and equal to
+        the per-adapter runs up to float rounding. Rows that come in runs of one adapter each (one request per
+        adapter, or each repeated for beam search) read the stacks in place; other batches gather each row's A
+        and B first. That path falls back to the per-adapter loop
         for unequal ranks, active dropout, DoRA, lora_bias or inputs with a leading dimension other than the
         batch."""
         if not self.batched_mixed_batches:
@@ -349,29 +373,40 @@ class Linear(LoraLayer):
         At, Bt = stacks  # (k+1, in, r), (k+1, r, out) with s folded into B; slot k is zero (base rows)
         result = self.base_layer(x)
         n = x.shape[0]
-        index = routing.row_index(n, x.device, names)
-        xa = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(At.dtype), At.index_select(0, index))  # A x, (n, L, r)
-        out3 = result.reshape(n, -1, result.shape[-1])
-        if out3.dtype == Bt.dtype:
-            return torch.baddbmm(out3, xa, Bt.index_select(0, index)).view(result.shape)  # + s·B A x
-        return (out3 + torch.bmm(xa, Bt.index_select(0, index)).to(out3.dtype)).view(result.shape)
+        k = len(names)
+        if routing.segment_rows(n, names) is not None:
+            # rows in runs of one adapter each: the stacks are read in place (Punica's SGMV), run j = adapter j
+            rows, At, Bt = k, At[:k], Bt[:k]
+        else:  # each row's A and B gathered (BGMV)
+            index = routing.row_index(n, x.device, names)
+            rows, At, Bt = n, At.index_select(0, index), Bt.index_select(0, index)
+        xa = torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(At.dtype), At)  # A x, (rows, ·, r)
+        out3 = result.reshape(rows, -1, result.shape[-1])
+        if out3.dtype != Bt.dtype:
+            return (out3 + torch.bmm(xa, Bt).to(out3.dtype)).view(result.shape)
+        if not torch.is_grad_enabled():  # serving: add into the fresh base output in place
+            return out3.baddbmm_(xa, Bt).view(result.shape)  # + s·B A x
+        return torch.baddbmm(out3, xa, Bt).view(result.shape)
 
     def _stacked(self, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(Aᵀ stacked, s·Bᵀ stacked) of ``names`` plus a zero slot, cached while the tensors are unchanged;
-        None where the batched form does not apply."""
+        """(Aᵀ stacked, s·Bᵀ stacked) of ``names`` plus a zero slot, cached while the tensors are unchanged
+        (same adapters through ``update_layer``/``delete_adapter``, same versions, same scalings); None where the
+        batched form does not apply."""
         cache = self.__dict__.setdefault("_lora_stacks", {})
+        key = cache.get("key")
+        # A hit touches only the cached tensors' version counters: walking 2k module dicts per layer per decode
+        # step costs more than the products (scattered objects, cold caches). Adapters added or deleted through
+        # update_layer/delete_adapter drop the cache; in-place updates (an optimizer step, load) bump versions.
+        if (key is not None and key[0] == names and key[4] == x.device and self.scaling == key[1]
+                and not (torch.is_grad_enabled() and key[5])
+                and key[3] == tuple(t._version for t in key[2])):
+            return cache["value"]
         # module-dict lookups without nn.Module.__getattr__: this runs once per layer per decode step
         A_mods, B_mods = self.lora_A._modules, self.lora_B._modules
         As = [A_mods[n]._parameters["weight"] for n in names]
         Bs = [B_mods[n]._parameters["weight"] for n in names]
         track = torch.is_grad_enabled() and any(t.requires_grad for t in (*As, *Bs))
         scalings = tuple(self.scaling[n] for n in names)
-        if not track and "key" in cache:
-            names0, scalings0, tensors0, versions0, device0 = cache["key"]
-            if (names0 == names and scalings0 == scalings and device0 == x.device
-                    and all(a is b for a, b in zip(tensors0, (*As, *Bs)))
-                    and versions0 == tuple(t._version for t in tensors0)):
-                return cache["value"]
         if len({self.r[n] for n in names}) != 1 or any(n in self.lora_variant or B_mods[n].bias is not None
                                                       for n in names):
             return None
@@ -382,9 +417,10 @@ class Linear(LoraLayer):
         # contiguous in the layout the products read, so the per-row gather copies whole blocks
         At = torch.stack([*As, zeros_a]).transpose(1, 2).contiguous()  # (k+1, in, r)
         Bt = torch.stack([*(B * s for s, B in zip(scalings, Bs)), zeros_b]).transpose(1, 2).contiguous()
-        if not track:  # the tensors themselves are kept, so their ids stay unique while cached
+        if not track and not At.is_meta:  # the tensors themselves are kept, so their ids stay unique while cached
             tensors = (*As, *Bs)
-            cache["key"] = (names, scalings, tensors, tuple(t._version for t in tensors), x.device)
+            cache["key"] = (names, dict(self.scaling), tensors, tuple(t._version for t in tensors), x.device,
+                            any(t.requires_grad for t in tensors))
             cache["value"] = (At.detach(), Bt.detach())
         return At, Bt
 

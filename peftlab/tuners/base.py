@@ -124,6 +124,13 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
+def fusable(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether a method's fused training node may run: ``x`` and every tensor share one dtype and autocast is
+    off. Under autocast (bf16 on a GPU) the output, hence its gradient, is bf16 while the saved weights stay
+    float32, so the layers take their generic path there (autograd handles the mixed dtypes)."""
+    return all(t.dtype == x.dtype for t in tensors) and not torch.is_autocast_enabled(x.device.type)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Adapter layers
 # ---------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.tuners.base import AdapterLayer, BaseTuner
+from peftlab.tuners.base import AdapterLayer, BaseTuner, fusable
 from peftlab.tuners.lycoris import DEFAULT_TARGET_MODULES  # peft gives OFT and BOFT LoRA's map too
 
 #: the layer types peft 0.21.2 wraps with OFT and BOFT (here: Linear and Conv2d; no embeddings)
@@ -217,16 +217,14 @@ class RotatedLinear(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor):
         x, weight, blocks = ctx.saved_tensors
         r, b, _ = blocks.shape
-        # under autocast g arrives in bf16 while the saved tensors stay float32: compute in the weight's
-        # dtype and hand each gradient back in its input's dtype
-        g2 = g.reshape(-1, g.shape[-1]).to(weight.dtype)
+        g2 = g.reshape(-1, g.shape[-1])
         t = g2.shape[0]
         gr = torch.mm(g2, weight).view(t, r, b).transpose(0, 1)  # ∂L/∂(xR), (r, tokens, b)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.bmm(gr, blocks.transpose(1, 2)).transpose(0, 1).reshape(x.shape).to(x.dtype)
-        xb = x.reshape(t, r, b).transpose(0, 1).to(gr.dtype)  # (r, tokens, b)
-        grad_blocks = torch.bmm(xb.transpose(1, 2), gr).to(blocks.dtype)  # Σ_tokens x_iᵀ G_i, (r, b, b)
+            grad_x = torch.bmm(gr, blocks.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
+        xb = x.reshape(t, r, b).transpose(0, 1)  # (r, tokens, b)
+        grad_blocks = torch.bmm(xb.transpose(1, 2), gr)  # Σ_tokens x_iᵀ G_i, (r, b, b)
         return grad_x, None, None, grad_blocks
 
 
@@ -341,8 +339,8 @@ class OrthogonalLayer(AdapterLayer):
         if w.requires_grad or (bias is not None and bias.requires_grad):
             return None
         blocks = self.block_diagonal_blocks(adapter_name)
-        if blocks is None or not x.dtype == w.dtype == blocks.dtype or torch.is_autocast_enabled(x.device.type):
-            return None  # under autocast (bf16 on a GPU) the output, hence g, is bf16: the generic path
+        if blocks is None or not fusable(x, w, blocks):
+            return None
         s = self.out_scale(adapter_name)
         if s is None:
             return RotatedLinear.apply(x, w, bias, blocks)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftlab.tuners.base import AdapterLayer
+from peftlab.tuners.base import AdapterLayer, fusable
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D, nn.Conv2d)
 EPS = 1e-5  # peft divides by ranknum + 1e-5
@@ -180,8 +180,8 @@ class AdaLoraLayer(AdapterLayer):
         if not isinstance(self.lora_dropout[name], nn.Identity):
             return None
         w, q = base._parameters["weight"], self.lora_A[name]
-        if not x.dtype == w.dtype == q.dtype or torch.is_autocast_enabled(x.device.type):
-            return None  # under autocast (bf16 on a GPU) the output, hence g, is bf16: the generic path
+        if not fusable(x, w, q):
+            return None
         return SVDLinearFunction.apply(x, w, base._parameters["bias"], q, self.lora_E[name], self.lora_B[name],
                                        self.factor(name))
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftlab.tuners.base import BASE_ADAPTER, AdapterLayer
+from peftlab.tuners.base import BASE_ADAPTER, AdapterLayer, fusable
 from peftlab.tuners.routing import Routing
 
 #: the layer types peft 0.21.2 scales with (IA)³
@@ -32,11 +32,6 @@ SUPPORTED_LAYERS = (nn.Linear, Conv1D, nn.Conv2d, nn.Conv3d)
 
 #: below this |l| the fused output-scaling backward does not divide by l (W·l may leave float32's normal range)
 _DIVIDE_FLOOR = 1e-18
-
-
-def _as(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    """A gradient in its input's dtype (autograd requires it)."""
-    return grad if grad is None else grad.to(like.dtype)
 
 
 class IA3InputScaleFunction(torch.autograd.Function):
@@ -63,8 +58,7 @@ class IA3InputScaleFunction(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor):
         x, weight, l, scaled = ctx.saved_tensors
         need_x, need_w, need_b, need_l = ctx.needs_input_grad
-        dtype = scaled.dtype  # under autocast g (and x) may be bf16 while the weight is float32: one dtype
-        g2, x2 = g.reshape(-1, g.shape[-1]).to(dtype), x.reshape(-1, x.shape[-1]).to(dtype)
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
         grad_x = grad_l = None
         if need_l and x.device.type == "cpu":
             gx = g2 @ scaled  # ∂L/∂x, (tokens, in)
@@ -82,7 +76,7 @@ class IA3InputScaleFunction(torch.autograd.Function):
             grad_x = (g2 @ scaled).view(x.shape)
         grad_w = g2.t() @ (x2 * l) if need_w else None
         grad_b = g2.sum(0) if need_b and ctx.has_bias else None
-        return _as(grad_x, x), _as(grad_w, weight), grad_b, _as(grad_l, l)
+        return grad_x, grad_w, grad_b, grad_l
 
 
 class IA3OutputScaleFunction(torch.autograd.Function):
@@ -107,9 +101,7 @@ class IA3OutputScaleFunction(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor):
         x, weight, bias, l, scaled, out = ctx.saved_tensors
         need_x, need_w, need_b, need_l = ctx.needs_input_grad
-        dtype = scaled.dtype  # under autocast g, x and h may be bf16 while the weight is float32: one dtype
-        g2, x2 = g.reshape(-1, g.shape[-1]).to(dtype), x.reshape(-1, x.shape[-1]).to(dtype)
-        out = out.to(dtype)
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
         grad_l = None
         if need_l:
             tiny = l.abs() < _DIVIDE_FLOOR
@@ -121,7 +113,7 @@ class IA3OutputScaleFunction(torch.autograd.Function):
         grad_w = (g2 * l).t() @ x2 if need_w else None
         grad_b = (g2 * l).sum(0) if need_b and bias is not None else None
         grad_x = (g2 @ scaled).view(x.shape) if need_x else None
-        return _as(grad_x, x), _as(grad_w, weight), grad_b, _as(grad_l, l)
+        return grad_x, grad_w, grad_b, grad_l
 
 
 class IA3Layer(AdapterLayer):
@@ -303,8 +295,8 @@ class IA3Layer(AdapterLayer):
         if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
             return None
         w, l = base._parameters["weight"], self.ia3_l[name]
-        if not (x.dtype == w.dtype == l.dtype) or torch.is_autocast_enabled(x.device.type):
-            return None  # under autocast (bf16 on a GPU) the output, hence g, is bf16: the generic path
+        if not fusable(x, w, l):
+            return None
         if self.is_feedforward[name]:
             return IA3InputScaleFunction.apply(x, w, base._parameters["bias"], l.view(-1))
         if x.device.type != "cpu":

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftlab.tuners.base import fusable
 from peftlab.tuners.lycoris import LycorisLayer, cp_weight, kaiming_
 
 
@@ -115,8 +116,8 @@ class LoHaLayer(LycorisLayer):
             return None
         w = base._parameters["weight"]
         factors = [getattr(self, n)[adapter_name] for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")]
-        if not x.dtype == w.dtype == factors[0].dtype or torch.is_autocast_enabled(x.device.type):
-            return None  # under autocast (bf16 on a GPU) the output, hence g, is bf16: the generic path
+        if not fusable(x, w, factors[0]):
+            return None
         return LoHaLinearFunction.apply(x, w, base._parameters["bias"], *factors, self.scaling[adapter_name])
 
     def make_delta(self, adapter_name: str) -> torch.Tensor:

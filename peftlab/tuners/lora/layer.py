@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.tuners.base import AdapterLayer
+from peftlab.tuners.base import AdapterLayer, fusable
 from peftlab.tuners.lora import init as lora_init
 from peftlab.tuners.lora.dora import DoraConvVariant, DoraEmbeddingVariant, DoraLinearVariant
 from peftlab.utils.warning import PeftWarning
@@ -310,7 +310,7 @@ class Linear(LoraLayer):
         B = mods["lora_B"]._modules[name]._parameters
         A = mods["lora_A"]._modules[name]._parameters["weight"]
         W = base._parameters["weight"]
-        if B["bias"] is not None or not (x.dtype == A.dtype == W.dtype) or torch.is_autocast_enabled(x.device.type):
+        if B["bias"] is not None or not fusable(x, A, W):
             return None
         return W, base._parameters["bias"], A, B["weight"]
 

@@ -14,6 +14,7 @@ Explained in: book/bibliography.md
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -23,6 +24,9 @@ import yaml
 from pybtex.database import parse_file
 
 ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("prepare_exec", ROOT / "tools" / "prepare_exec.py")
+prepare_exec = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(prepare_exec)
 BIB = ROOT / "book" / "references.bib"
 BIB_PAGE = "book/bibliography"
 CITE = re.compile(r"\{cite(?::\w+)?\}`([^`]*)`")
@@ -57,21 +61,7 @@ LORA_SWITCH_PAPERS = {"pissa": "meng2024pissa", "olora": "buyukakyuz2024olora", 
 
 def _toc_pages() -> list[str]:
     """Every page of the book, as ``book/<name>`` without suffix, in _toc.yml order."""
-    pages: list[str] = []
-
-    def walk(node: object) -> None:
-        if isinstance(node, dict):
-            for key in ("root", "file"):
-                if isinstance(node.get(key), str):
-                    pages.append(re.sub(r"\.(ipynb|md)$", "", node[key]))
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(yaml.safe_load((ROOT / "_toc.yml").read_text()))
-    return pages
+    return prepare_exec.toc_entries(ROOT)
 
 
 def _prose(page: str) -> str:

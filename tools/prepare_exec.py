@@ -21,6 +21,7 @@ Usage: ``python tools/prepare_exec.py [DEST]`` (default ``.cache/book-exec``).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -30,20 +31,18 @@ COPIED = ("_config.yml", "_toc.yml", "book")
 SKIPPED = {"_build", ".git", ".venv"}
 
 
-def toc_notebooks(root: Path = ROOT) -> set[Path]:
-    """The notebooks that ``_toc.yml`` lists (absolute paths)."""
+def toc_entries(root: Path = ROOT) -> list[str]:
+    """Every page ``_toc.yml`` lists (its root and each ``file``), in order, without a suffix: ``book/lora``."""
     import yaml
 
-    found: set[Path] = set()
+    entries: list[str] = []
 
     def walk(node: object) -> None:
         if isinstance(node, dict):
             for key in ("root", "file"):
                 entry = node.get(key)
                 if isinstance(entry, str):
-                    stem = entry[: -len(".ipynb")] if entry.endswith(".ipynb") else entry
-                    if (root / f"{stem}.ipynb").is_file():
-                        found.add((root / f"{stem}.ipynb").resolve())
+                    entries.append(re.sub(r"\.(ipynb|md)$", "", entry))
             for value in node.values():
                 walk(value)
         elif isinstance(node, list):
@@ -51,7 +50,12 @@ def toc_notebooks(root: Path = ROOT) -> set[Path]:
                 walk(value)
 
     walk(yaml.safe_load((root / "_toc.yml").read_text()))
-    return found
+    return entries
+
+
+def toc_notebooks(root: Path = ROOT) -> set[Path]:
+    """The notebooks that ``_toc.yml`` lists (absolute paths)."""
+    return {(root / f"{e}.ipynb").resolve() for e in toc_entries(root) if (root / f"{e}.ipynb").is_file()}
 
 
 def prepare(dest: Path) -> Path:

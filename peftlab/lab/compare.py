@@ -33,6 +33,8 @@ from peftlab import (AdaLoraConfig, AdaptionPromptConfig, BOFTConfig, IA3Config,
 from peftlab.config import PeftConfig
 from peftlab.lab import finetune as ft
 from peftlab.registry import get_method
+from peftlab.tuners.matching import _matches
+from peftlab.tuners.orthogonal import divisors
 from peftlab.tuners.routing import BASE_ADAPTER
 
 __all__ = [
@@ -106,13 +108,8 @@ def _is_lm(task: str) -> bool:
     return ft._parse_task(task).kind == "lm"
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def _in_features(base: nn.Module, targets: Sequence[str]) -> list[int]:
-    return [m.in_features for n, m in base.named_modules()
-            if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)]
+    return [m.in_features for n, m in base.named_modules() if isinstance(m, nn.Linear) and _matches(targets, n)]
 
 
 def _targets(task: str) -> list[str]:
@@ -155,7 +152,7 @@ def method_config(method: str, task: str, knob: Optional[Mapping[str, Any]] = No
         size = k.get("oft_block_size", OFTConfig().oft_block_size)
         if not k and base is not None:  # a default block that does not divide every layer: the largest that does
             ins = _in_features(base, T)
-            size = max(d for d in _divisors(math.gcd(*ins)) if d <= size) if ins else size
+            size = max(d for d in divisors(math.gcd(*ins)) if d <= size) if ins else size
         return OFTConfig(target_modules=T, oft_block_size=size, **tt)
     if method == "boft":
         return BOFTConfig(target_modules=T, **k, **tt)
@@ -191,7 +188,7 @@ def knobs(method: str, base: nn.Module, task: str) -> list[dict[str, Any]]:
     if method == "lokr":
         return [{"r": r, "decompose_factor": f} for r in ranks for f in (-1, 2, 4, 8, 16)]
     ins = _in_features(base, _targets(task))
-    common = _divisors(math.gcd(*ins)) if ins else []
+    common = divisors(math.gcd(*ins)) if ins else []
     if method == "oft":
         return [{"oft_block_size": b} for b in common if b >= 2]
     if method == "boft":

@@ -4,7 +4,6 @@ code reads, files, and the deliberate differences (each pinned here, named in bo
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 import re
@@ -15,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import quiet
 from torch import nn
 
 import peftlab
@@ -33,13 +33,6 @@ def seeded(build, *args, **kwargs) -> nn.Module:
     """A tiny model built under seed 0 (the same weights every time)."""
     torch.manual_seed(0)
     return build(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 # ---------------------------------------------------------------------------------------------------

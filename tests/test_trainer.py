@@ -85,6 +85,16 @@ def test_checkpoint_holds_the_adapter_and_optimizer_not_the_model(tmp_path: Path
         assert torch.equal(final[k], v)
 
 
+def test_plain_transformers_trainer_cannot_checkpoint_a_tied_peftlab_model(tmp_path: Path) -> None:
+    """Why peftlab.Trainer exists (book/quickstart.ipynb, book/distributed.ipynb say so): transformers.Trainer sees
+    a plain nn.Module and writes its whole state dict, which safetensors refuses when the embeddings are tied."""
+    model = lora()
+    trainer = transformers.Trainer(model=model, args=args(tmp_path, max_steps=2, save_steps=2), train_dataset=dataset())
+    with pytest.raises(RuntimeError, match="share memory"):
+        trainer.train()
+    assert not (tmp_path / "checkpoint-2" / "adapter_model.safetensors").exists()
+
+
 @pytest.mark.peer
 def test_peft_loads_a_peftlab_trainer_checkpoint(tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")

@@ -19,7 +19,7 @@ import torch
 from conftest import base_model, fill_method_tensors, output
 from torch import nn
 
-from peftlab import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peftlab import AutoPeftModel, AutoPeftModelForCausalLM, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peftlab.config import TargetingConfig
 from peftlab.registry import MethodSpec, get_method, known_methods, register_method, unregister_method
 from peftlab.tuners.base import AdapterLayer, BaseTuner
@@ -253,6 +253,9 @@ def test_unknown_peft_type_lists_the_known_methods(tmp_path, peft_type):
     with pytest.raises(ValueError, match="known methods"):
         PeftModel.from_pretrained(model, tmp_path)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for auto in (AutoPeftModel, AutoPeftModelForCausalLM):  # the Auto classes read the registry before any base model
+        with pytest.raises(ValueError, match="known methods"):
+            auto.from_pretrained(tmp_path)
 
 
 def test_a_config_without_peft_type_is_refused(tmp_path):

@@ -11,7 +11,7 @@ local folder instead, built by :func:`simulated_repo`:
   random weights (seeded by the repository id), and a byte-level BPE tokenizer trained on a few strings
   (:func:`sim_tokenizer`): any text encodes;
 * an adapter repository: its shipped ``adapter_config.json`` and random adapter weights that fit the
-  simulated base model, in the format the repository holds (``adapter_model.bin`` for the notes' OPT adapter, see
+  simulated base model, in the format the repository holds (``adapter_model.bin`` for ``ybelkada/opt-350m-lora``, see
   :data:`PICKLED_ADAPTERS`; safetensors otherwise).
 
 Every call of a GPU section (``from_pretrained``, ``generate``, ``get_peft_model``, training) runs as on
@@ -212,7 +212,7 @@ def _build_adapter_repo(repo_id: str, src: Path, dest: Path) -> None:
     state = {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy(src / "adapter_config.json", dest / "adapter_config.json")
-    if repo_id in PICKLED_ADAPTERS:  # what the notes' repository holds: a pickle, read weights_only
+    if repo_id in PICKLED_ADAPTERS:  # what the repository holds: a pickle, read weights_only
         torch.save(state, dest / "adapter_model.bin")
     else:
         from safetensors.torch import save_file

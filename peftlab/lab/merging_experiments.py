@@ -319,8 +319,8 @@ def train_task_adapters(load: ModelLoader, task_names: Sequence[str], folder: Un
 
 
 def load_adapters(load: ModelLoader, folders: Mapping[str, Union[str, os.PathLike]]) -> tuple[PeftModel, Any]:
-    """A fresh base model with every adapter folder loaded under its name (the first one active), as the notes
-    do with ``PeftModel.from_pretrained`` and ``load_adapter``.
+    """A fresh base model with every adapter folder loaded under its name (the first one active), as PEFT's
+    model-merging guide does with ``PeftModel.from_pretrained`` and ``load_adapter``.
 
     Explained in: book/merging_adapters.ipynb
     """

@@ -6,7 +6,8 @@ has the same tensors and count line; with every prompt and gate filled with valu
 name both give the same logits and the same greedy generations; peftlab's files load in peft and peft's in
 peftlab with the same outputs; the files hold the same tensors and config; training steps move the same
 tensors; several adapters travel both ways. Where peft is wrong (a second o_proj bias, which breaks its
-zero-init; head_dim other than hidden/heads) a test pins the difference.
+zero-init; head_dim other than hidden/heads; GPT-2's read without c_proj, a family peftlab refuses) a test pins
+the difference.
 """
 
 from __future__ import annotations
@@ -260,3 +261,25 @@ def test_unsupported_family_is_refused_by_both():
         with pytest.raises(ValueError, match="(?i)unsupported model type|Llama-family"):
             LIBS[lib].get_peft_model(tiny_model("opt"), LIBS[lib].AdaptionPromptConfig(
                 adapter_len=2, adapter_layers=1, task_type="CAUSAL_LM"))
+
+
+def test_divergence_gpt2_accepted_by_peft_refused_by_peftlab():
+    """peft 0.21.2 also wraps GPT-2's attention, but adds the prompt's read to the attention output without the
+    output projection c_proj (the paper's t = Linear_o(S_g V) passes it through W_o): with c_proj's weight set
+    to zero, peft's output still moves with the gate. peftlab adapts Llama-family attention only and refuses
+    GPT-2, naming the families it takes and LoRA as the alternative."""
+    from peftlab.lab.models import tiny_model
+
+    model = tiny_model("gpt2").eval()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.zero_()  # W_o = 0 and no bias: a read that goes through c_proj adds nothing
+            block.attn.c_proj.bias.zero_()
+    ref_out = logits(model, IDS_IN % model.config.vocab_size)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.AdaptionPromptConfig(adapter_len=2, adapter_layers=1,
+                                                                            task_type="CAUSAL_LM")).eval()
+    fill(pm)
+    assert not torch.allclose(logits(pm, IDS_IN % model.config.vocab_size), ref_out, atol=1e-3)
+    with pytest.raises(ValueError, match=r"Llama-family models \(llama, mistral\), not model_type='gpt2'.*LoRA"):
+        peftlab.get_peft_model(copy.deepcopy(model), peftlab.AdaptionPromptConfig(adapter_len=2, adapter_layers=1,
+                                                                                 task_type="CAUSAL_LM"))

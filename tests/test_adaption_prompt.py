@@ -338,3 +338,22 @@ def test_no_module_named_like_the_target_but_elsewhere_is_wrapped():
     model.model.layers[0].my_self_attn = nn.Identity()
     wrapped = adapted_layers(get_peft_model(model, config(adapter_layers=2)))
     assert sorted(wrapped) == [f"base_model.model.model.layers.{i}.self_attn" for i in (0, 1)]
+
+
+def test_the_forward_leaves_no_hooks_on_the_projections():
+    """The read is added through hooks on q_proj and o_proj that live for one call only, also when it fails."""
+    model = get_peft_model(llama(attention_bias=True), config(adapter_layers=2))
+    fill(model, gate=0.5)
+    projections = [m for layer in adapted_layers(model).values() for m in (layer.base_layer.q_proj,
+                                                                           layer.base_layer.o_proj)]
+    output(model, example_inputs("llama"))
+    assert all(not p._forward_hooks and not p._forward_pre_hooks for p in projections)
+    (_, top), = list(adapted_layers(model).items())[-1:]
+    with pytest.raises(RuntimeError):  # hidden states of the wrong width fail inside the module
+        top(hidden_states=torch.randn(1, 3, 31), position_embeddings=(torch.ones(1, 3, 8), torch.zeros(1, 3, 8)))
+    assert all(not p._forward_hooks and not p._forward_pre_hooks for p in projections)
+    with model.disable_adapter():  # the plain module again: the base model's output, bias included once
+        plain = output(model, example_inputs("llama"))
+    for layer in adapted_layers(model).values():
+        layer.adaption_gate["default"].data.zero_()
+    torch.testing.assert_close(output(model, example_inputs("llama")), plain, atol=0, rtol=0)

@@ -71,6 +71,27 @@ def run(model, ids=IDS):
     return out, model.get_latest_scalings()
 
 
+def test_config_has_peft_s_fields_defaults_and_file_keys():
+    """XLoraConfig: peft 0.21.2's X-LoRA fields, in its order, with its defaults; the same keys on disk; a missing
+    hidden_size becomes 4096 and missing adapters {} with a warning, in both."""
+    import dataclasses
+
+    def own_fields(cls, base):
+        shared = {f.name for f in dataclasses.fields(base)}
+        return [(f.name, f.default) for f in dataclasses.fields(cls) if f.name not in shared]
+
+    ours, theirs = own_fields(peftlab.XLoraConfig, peftlab.PeftConfig), own_fields(peft.XLoraConfig, peft.PeftConfig)
+    assert ours == theirs and len(ours) == 13
+    kw = {"hidden_size": HIDDEN, "adapters": {"0": "x"}}
+    assert set(peftlab.XLoraConfig(**kw).to_dict()) == set(peft.XLoraConfig(**kw).to_dict())
+    for lib in (peftlab, peft):
+        with pytest.warns(UserWarning, match="4096"):
+            cfg = lib.XLoraConfig(adapters={})
+        assert cfg.hidden_size == 4096
+        with pytest.warns(UserWarning):
+            assert lib.XLoraConfig(hidden_size=HIDDEN).adapters == {}
+
+
 OPTIONS = [
     {},
     {"xlora_depth": 2, "xlora_size": 8, "layerwise_scalings": True},

@@ -272,6 +272,9 @@ def test_errors(experts, tmp_path):
     untouched = base_model("llama")
     with pytest.raises(ValueError, match="use_dora=True"):
         get_peft_model(untouched, XLoraConfig(hidden_size=HIDDEN, adapters=dora))
+    saving = make_experts(str(tmp_path / "m"), n=1, modules_to_save=["lm_head"])
+    with pytest.raises(ValueError, match=r"trains whole modules \(\['lm_head'\]\)"):
+        get_peft_model(untouched, XLoraConfig(hidden_size=HIDDEN, adapters=saving))
     loha = get_peft_model(base_model("llama"), peftlab.LoHaConfig(target_modules=["q_proj"]))
     loha.save_pretrained(tmp_path / "loha")
     with pytest.raises(ValueError, match="LOHA adapter; X-LoRA's experts are LoRA"):

@@ -186,6 +186,25 @@ def test_peft_needs_experts_named_by_index(expert_dirs):
     assert run(ours)[1].shape[-1] == 2
 
 
+def test_peft_refuses_a_model_with_use_cache_and_warns_on_top_k_below_one(expert_dirs):
+    """peft refuses a base model whose config has use_cache=True; peftlab turns the cache off for each forward
+    (the gate must see the whole sequence). peft only warns on top_k_lora=0; peftlab refuses it."""
+    cached = base_model("llama")
+    assert cached.config.use_cache
+    cfg = {"task_type": "CAUSAL_LM", "hidden_size": HIDDEN, "adapters": dict(expert_dirs["peft"])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="use_cache"):
+            peft.get_peft_model(cached, peft.XLoraConfig(**cfg))
+        torch.manual_seed(0)  # the gate's initialisation, as build() seeds it
+        ours = peftlab.get_peft_model(base_model("llama"), peftlab.XLoraConfig(**cfg)).eval()
+    torch.testing.assert_close(run(ours)[0], run(build(peftlab, expert_dirs["peft"]))[0])
+    with pytest.warns(UserWarning, match="at least 1"):
+        peft.XLoraConfig(**cfg, top_k_lora=0)
+    with pytest.raises(ValueError, match="top_k_lora=0"):
+        peftlab.XLoraConfig(**cfg, top_k_lora=0)
+
+
 def test_peft_sorts_the_expert_names_when_it_saves(tmp_path):
     """peft writes adapter_config.json with sorted keys, the experts' names included, so a peft X-LoRA whose
     expert names do not sort in their order reloads them in another order than its gate was trained with;

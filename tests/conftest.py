@@ -68,6 +68,12 @@ def load_tiny(tmp_path, monkeypatch):
     return lambda: lm.load_lab_model("smoke", config=config, progress=False)
 
 
+@pytest.fixture(scope="module")
+def pair_cache() -> dict:
+    """A test module's cache of built (peft, peftlab) model pairs (see ``tests/interop.py``)."""
+    return {}
+
+
 @pytest.fixture
 def adapter_dir(tmp_path):
     """An empty folder for one test's adapter files."""

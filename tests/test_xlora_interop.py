@@ -13,16 +13,14 @@
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 import torch
-from conftest import base_model
+from conftest import base_model, quiet
+from interop import DIRECTIONS, peft
 from safetensors.torch import load_file
 
 import peftlab
-
-peft = pytest.importorskip("peft", reason="peft (the oracle) is not installed")
 
 pytestmark = pytest.mark.peer
 
@@ -56,8 +54,7 @@ def expert_dirs(tmp_path_factory):
 def build(lib, adapters, **kw):
     torch.manual_seed(0)
     cfg = lib.XLoraConfig(task_type="CAUSAL_LM", hidden_size=HIDDEN, adapters=dict(adapters), **kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet():
         return lib.get_peft_model(base(), cfg).eval()
 
 
@@ -81,7 +78,7 @@ OPTIONS = [
 
 @pytest.mark.parametrize("kw", OPTIONS, ids=["default", "mlp_layerwise", "top1", "pass_value"])
 @pytest.mark.parametrize("experts_from", ["peft", "peftlab"])
-@pytest.mark.parametrize("direction", ["peft->peftlab", "peftlab->peft"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_same_gate_weights_same_outputs(expert_dirs, kw, experts_from, direction):
     adapters = expert_dirs[experts_from]
     ours, theirs = build(peftlab, adapters, **kw), build(peft, adapters, **kw)

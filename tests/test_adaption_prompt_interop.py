@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_llama
 from interop import DIRECTIONS, LIBS, assert_same_tensors, count_line, peft, read_files
 
 import peftlab
@@ -27,19 +28,7 @@ ATOL = 1e-5  # peftlab: sdpa over the prompt; peft: matmul + softmax; float32 ro
 
 
 def base(family: str = "llama", kv_heads: int = 2, layers: int = 3, **extra: Any):
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
-
-    cls, cfg_cls = (LlamaForCausalLM, LlamaConfig) if family == "llama" else (MistralForCausalLM, MistralConfig)
-    torch.manual_seed(0)
-    cfg = cfg_cls(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, **extra)
-    model = cls(cfg).eval()
-    with torch.no_grad():  # transformers initialises biases to zero: make them visible
-        for n, p in model.named_parameters():
-            if n.endswith("bias"):
-                p.normal_(0, 0.1)
-    return model
+    return tiny_llama(family, kv_heads, layers, **extra)
 
 
 # (case name, model kwargs, config kwargs)

@@ -13,10 +13,11 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
-from conftest import base_model, quiet
+from conftest import base_model
 from interop import DIRECTIONS, peft
 from safetensors.torch import load_file
 
@@ -54,7 +55,8 @@ def expert_dirs(tmp_path_factory):
 def build(lib, adapters, **kw):
     torch.manual_seed(0)
     cfg = lib.XLoraConfig(task_type="CAUSAL_LM", hidden_size=HIDDEN, adapters=dict(adapters), **kw)
-    with quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         return lib.get_peft_model(base(), cfg).eval()
 
 

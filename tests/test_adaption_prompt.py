@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import base_model, fill_, output
+from conftest import base_model, fill_, output, tiny_llama
 from torch import nn
 
 from peftlab import AdaptionPromptConfig, LoraConfig, get_peft_model
@@ -42,19 +42,7 @@ def fill(model, adapter: str = "default", gate: float | None = None) -> None:
 
 
 def llama(kv_heads: int = 2, attention_bias: bool = False, layers: int = 2, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-                      attention_bias=attention_bias)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # transformers initialises biases to zero: make them visible
-        for n, p in model.named_parameters():
-            if n.endswith("bias"):
-                p.normal_(0, 0.1)
-    return model
+    return tiny_llama(kv_heads=kv_heads, layers=layers, seed=seed, attention_bias=attention_bias)
 
 
 def adapted_layers(model) -> dict[str, AdaptedAttention]:

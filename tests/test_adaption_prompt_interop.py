@@ -12,41 +12,24 @@ the difference.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import json
 import zlib
 from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import tiny_llama
+from interop import DIRECTIONS, LIBS, assert_same_tensors, count_line, peft, read_files
 
 import peftlab
 
-peft = pytest.importorskip("peft", reason="peft (the oracle) is not installed")
-
 pytestmark = pytest.mark.peer
 
-LIBS = {"peft": peft, "peftlab": peftlab}
 ATOL = 1e-5  # peftlab: sdpa over the prompt; peft: matmul + softmax; float32 rounding differs
 
 
 def base(family: str = "llama", kv_heads: int = 2, layers: int = 3, **extra: Any):
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
-
-    cls, cfg_cls = (LlamaForCausalLM, LlamaConfig) if family == "llama" else (MistralForCausalLM, MistralConfig)
-    torch.manual_seed(0)
-    cfg = cfg_cls(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, **extra)
-    model = cls(cfg).eval()
-    with torch.no_grad():  # transformers initialises biases to zero: make them visible
-        for n, p in model.named_parameters():
-            if n.endswith("bias"):
-                p.normal_(0, 0.1)
-    return model
+    return tiny_llama(family, kv_heads, layers, **extra)
 
 
 # (case name, model kwargs, config kwargs)
@@ -97,13 +80,6 @@ def build(lib: str, case, fill_it: bool = True, seed: int = 7):
     return pm.eval()
 
 
-def count_line(pm) -> str:
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        pm.print_trainable_parameters()
-    return buf.getvalue()
-
-
 def logits(pm, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return pm(input_ids=ids).logits
@@ -116,10 +92,7 @@ IDS_IN = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_fresh_adapter_is_the_same(case):
     ref, ours = build("peft", case, fill_it=False), build("peftlab", case, fill_it=False)
-    ref_p, our_p = adapter_params(ref), adapter_params(ours)
-    assert {k: tuple(v.shape) for k, v in our_p.items()} == {k: tuple(v.shape) for k, v in ref_p.items()}
-    for k in ref_p:
-        assert torch.equal(our_p[k], ref_p[k]), k  # same draws of N(0, 1) prompts, same zero gates
+    assert_same_tensors(adapter_params(ours), adapter_params(ref))  # same draws of N(0, 1) prompts, same zero gates
     assert count_line(ours) == count_line(ref)
     torch.testing.assert_close(logits(ours, IDS_IN), logits(ref, IDS_IN), atol=0, rtol=0)
 
@@ -138,7 +111,7 @@ def test_same_outputs_and_generations(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-@pytest.mark.parametrize("direction", ["peftlab->peft", "peft->peftlab"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_files_load_in_the_other_library(case, direction, tmp_path):
     writer, reader = direction.split("->")
     src = build(writer, case)
@@ -155,18 +128,12 @@ def test_same_files(case, tmp_path):
     ref, ours = build("peft", case), build("peftlab", case)
     ref.save_pretrained(tmp_path / "peft")
     ours.save_pretrained(tmp_path / "peftlab")
-    files = {}
-    for lib in LIBS:
-        folder = tmp_path / lib
-        files[lib] = (load_file(str(folder / "adapter_model.safetensors")),
-                      json.loads((folder / "adapter_config.json").read_text()))
-    (t_ref, c_ref), (t_ours, c_ours) = files["peft"], files["peftlab"]
+    (t_ref, c_ref), (t_ours, c_ours) = read_files(tmp_path / "peft"), read_files(tmp_path / "peftlab")
     assert c_ours == c_ref
     assert sorted(t_ours) == sorted(t_ref)
     n_layers = case[2]["adapter_layers"]
     assert len(t_ours) == 2 * n_layers and all(k.startswith("base_model.model.model.layers.") for k in t_ours)
-    for k in t_ref:
-        assert t_ours[k].dtype == t_ref[k].dtype and torch.equal(t_ours[k], t_ref[k]), k
+    assert_same_tensors(t_ours, t_ref, dtype=True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -188,7 +155,7 @@ def test_training_steps_match(case):
     assert any("gate" in k and v.abs().item() > 0 for k, v in moved["peftlab"].items())
 
 
-@pytest.mark.parametrize("direction", ["peftlab->peft", "peft->peftlab"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_several_adapters_both_ways(direction, tmp_path):
     writer, reader = direction.split("->")
     case = CASES[1]

@@ -18,11 +18,10 @@ import warnings
 import pytest
 import torch
 from conftest import base_model
+from interop import DIRECTIONS, peft
 from safetensors.torch import load_file
 
 import peftlab
-
-peft = pytest.importorskip("peft", reason="peft (the oracle) is not installed")
 
 pytestmark = pytest.mark.peer
 
@@ -102,7 +101,7 @@ OPTIONS = [
 
 @pytest.mark.parametrize("kw", OPTIONS, ids=["default", "mlp_layerwise", "top1", "pass_value"])
 @pytest.mark.parametrize("experts_from", ["peft", "peftlab"])
-@pytest.mark.parametrize("direction", ["peft->peftlab", "peftlab->peft"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_same_gate_weights_same_outputs(expert_dirs, kw, experts_from, direction):
     adapters = expert_dirs[experts_from]
     ours, theirs = build(peftlab, adapters, **kw), build(peft, adapters, **kw)

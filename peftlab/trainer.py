@@ -14,6 +14,11 @@ arguments and changes three steps only:
   seen, so the run continues with the losses of an uninterrupted one;
 * ``load_best_model_at_end``: the best checkpoint's adapter tensors are copied back the same way.
 
+Under ``Trainer``'s own ``fsdp`` option (GPUs only) ``save_model`` writes the adapter from the state dict FSDP
+gathers, but copying an adapter-only checkpoint back into the sharded model is not implemented: resuming or
+reloading the best model from one is refused with a clear error rather than silently keeping the current
+adapter (what ``transformers.Trainer`` would do).
+
 It also adds :class:`peftlab.PeftlabCallback`, so a method's per-step work (AdaLoRA's rank allocation after
 every optimizer step) cannot be forgotten.
 
@@ -174,15 +179,32 @@ class Trainer(transformers.Trainer):
     # ---- resuming -------------------------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         peft_model = self.peftlab_model(model)
+        if peft_model is not None and self.is_fsdp_enabled:
+            _refuse_adapter_only_checkpoint_under_fsdp(resume_from_checkpoint, "resume_from_checkpoint")
         if peft_model is None or self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_adapters_from_checkpoint(peft_model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         peft_model = self.peftlab_model()
+        if peft_model is not None and self.is_fsdp_enabled:
+            _refuse_adapter_only_checkpoint_under_fsdp(self.state.best_model_checkpoint, "load_best_model_at_end")
         if peft_model is None or self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return super()._load_best_model()
         load_adapters_from_checkpoint(peft_model, self.state.best_model_checkpoint)
+
+
+def _refuse_adapter_only_checkpoint_under_fsdp(folder: str | os.PathLike, what: str) -> None:
+    """transformers' FSDP loader reads FSDP's own model files (``pytorch_model_fsdp*``) and, finding only an
+    adapter, would log a warning and go on with the adapter the model has: refuse that instead."""
+    has_fsdp_state = os.path.isdir(folder) and any("pytorch_model_fsdp" in f for f in os.listdir(folder))
+    if has_adapter_files(folder) and not has_fsdp_state:
+        raise NotImplementedError(
+            f"{what}: {folder} holds an adapter only, and peftlab.Trainer cannot yet copy it into a model sharded by "
+            "Trainer's fsdp option (transformers would keep the current adapter and only log a warning). Resume "
+            "without fsdp (DDP: the checkpoint loads there), or from a checkpoint that holds FSDP's own model state "
+            "(fsdp_config state_dict_type='SHARDED_STATE_DICT')"
+        )
 
 
 __all__ = ["Trainer", "load_adapters_from_checkpoint", "adapter_folders", "has_adapter_files", "adapter_state_from",

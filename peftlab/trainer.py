@@ -15,9 +15,8 @@ arguments and changes three steps only:
 * ``load_best_model_at_end``: the best checkpoint's adapter tensors are copied back the same way.
 
 Under ``Trainer``'s own ``fsdp`` option (GPUs only) ``save_model`` writes the adapter from the state dict FSDP
-gathers, but copying an adapter-only checkpoint back into the sharded model is not implemented: resuming or
-reloading the best model from one is refused with a clear error rather than silently keeping the current
-adapter (what ``transformers.Trainer`` would do).
+gathers, and resuming copies it back into the sharded model: each FSDP2 parameter takes its own shards of the
+saved tensors (``transformers.Trainer`` would keep the current adapter and only log a warning).
 
 It also adds :class:`peftlab.PeftlabCallback`, so a method's per-step work (AdaLoRA's rank allocation after
 every optimizer step) cannot be forgotten.
@@ -179,32 +178,26 @@ class Trainer(transformers.Trainer):
     # ---- resuming -------------------------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         peft_model = self.peftlab_model(model)
-        if peft_model is not None and self.is_fsdp_enabled:
-            _refuse_adapter_only_checkpoint_under_fsdp(resume_from_checkpoint, "resume_from_checkpoint")
-        if peft_model is None or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+        if peft_model is None or self._engine_loads(resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_adapters_from_checkpoint(peft_model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         peft_model = self.peftlab_model()
-        if peft_model is not None and self.is_fsdp_enabled:
-            _refuse_adapter_only_checkpoint_under_fsdp(self.state.best_model_checkpoint, "load_best_model_at_end")
-        if peft_model is None or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+        if peft_model is None or self._engine_loads(self.state.best_model_checkpoint):
             return super()._load_best_model()
         load_adapters_from_checkpoint(peft_model, self.state.best_model_checkpoint)
 
-
-def _refuse_adapter_only_checkpoint_under_fsdp(folder: str | os.PathLike, what: str) -> None:
-    """transformers' FSDP loader reads FSDP's own model files (``pytorch_model_fsdp*``) and, finding only an
-    adapter, would log a warning and go on with the adapter the model has: refuse that instead."""
-    has_fsdp_state = os.path.isdir(folder) and any("pytorch_model_fsdp" in f for f in os.listdir(folder))
-    if has_adapter_files(folder) and not has_fsdp_state:
-        raise NotImplementedError(
-            f"{what}: {folder} holds an adapter only, and peftlab.Trainer cannot yet copy it into a model sharded by "
-            "Trainer's fsdp option (transformers would keep the current adapter and only log a warning). Resume "
-            "without fsdp (DDP: the checkpoint loads there), or from a checkpoint that holds FSDP's own model state "
-            "(fsdp_config state_dict_type='SHARDED_STATE_DICT')"
-        )
+    def _engine_loads(self, folder: str | os.PathLike) -> bool:
+        """Whether transformers' own loader restores this checkpoint: DeepSpeed's (its engine saved the module
+        state) and FSDP's when FSDP wrote its model files (``pytorch_model_fsdp*``). An adapter-only checkpoint
+        under FSDP is copied in by peftlab: transformers' FSDP path would keep the current adapter, logging only
+        a warning. FSDP2's parameters (``DTensor``) each take their shards of the saved tensors."""
+        if self.is_deepspeed_enabled:
+            return True
+        if not self.is_fsdp_enabled:
+            return False
+        return os.path.isdir(folder) and any("pytorch_model_fsdp" in f for f in os.listdir(folder))
 
 
 __all__ = ["Trainer", "load_adapters_from_checkpoint", "adapter_folders", "has_adapter_files", "adapter_state_from",

@@ -78,6 +78,7 @@ def check_fsdp_shards_the_frozen_base(runs) -> None:
     for rec in multi["fsdp"]:
         f = rec["fsdp"]
         assert not f["base_requires_grad"] and f["base_local_numel"] * 2 == f["base_numel"]
+        assert f["reloaded_equal"]  # the saved folder copied into a fresh sharded model, as resuming does
 
 
 def check_only_rank_0_writes_the_adapter_folder_and_it_reloads(runs, recipe: str) -> None:

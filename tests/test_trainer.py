@@ -179,21 +179,30 @@ def test_resume_from_a_folder_without_adapter_is_a_clear_error(tmp_path: Path) -
         trainer.train(resume_from_checkpoint=str(tmp_path / "empty"))
 
 
-def test_adapter_only_checkpoints_are_refused_under_trainers_fsdp_option(tmp_path: Path) -> None:
-    """Trainer's fsdp option runs on GPUs only; there transformers' loader would keep the current adapter and log a
-    warning. The refusal is checked here by switching the trainer's FSDP flag on after construction."""
+def test_adapter_only_checkpoints_load_under_trainers_fsdp_option(tmp_path: Path) -> None:
+    """Trainer's fsdp option runs on GPUs only; there transformers' own loader would keep the current adapter and
+    log a warning. With the trainer's FSDP flag switched on here, peftlab still copies the adapter in (the copy
+    into FSDP2-sharded parameters is checked by tests/test_distributed.py); FSDP's own model files go to
+    transformers."""
     from peftlab import Trainer
 
     model = lora()
     trainer = Trainer(model=model, args=args(tmp_path / "run", max_steps=2, save_steps=2), train_dataset=dataset())
     trainer.train()
-    ckpt = str(tmp_path / "run" / "checkpoint-2")
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    trained = adapter(model)
     trainer.is_fsdp_enabled = True
-    with pytest.raises(NotImplementedError, match="resume_from_checkpoint: .* holds an adapter only.*fsdp"):
-        trainer._load_from_checkpoint(ckpt)
-    trainer.state.best_model_checkpoint = ckpt
-    with pytest.raises(NotImplementedError, match="load_best_model_at_end: .* holds an adapter only"):
-        trainer._load_best_model()
+    for load in (lambda: trainer._load_from_checkpoint(str(ckpt)), trainer._load_best_model):
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_()
+        trainer.state.best_model_checkpoint = str(ckpt)
+        load()
+        for k, v in trained.items():
+            assert torch.equal(adapter(model)[k], v), k
+    (ckpt / "pytorch_model_fsdp.bin").touch()  # FSDP's own model state: transformers' loader, not peftlab's
+    assert trainer._engine_loads(str(ckpt)) and not trainer._engine_loads(str(tmp_path))
 
 
 def test_a_model_without_peftlab_adapters_goes_through_transformers_unchanged(tmp_path: Path) -> None:

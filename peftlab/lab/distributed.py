@@ -15,7 +15,8 @@ Recipes (all train a LoRA adapter on the lab LM's architecture):
 * ``nf4``: the same loop on a base quantised to NF4 by :mod:`peftlab.quantization` (QLoRA); the 4-bit
   weights are buffers, so DDP neither all-reduces them nor (``broadcast_buffers=False``) broadcasts them;
 * ``fsdp``: torch's FSDP2 (``fully_shard`` on every decoder layer and the whole model): the frozen base and
-  the adapter are sharded across the processes, only the adapter trains, and rank 0 writes the adapter;
+  the adapter are sharded across the processes, only the adapter trains, rank 0 writes the adapter, and the
+  folder is copied back into a fresh sharded model as ``peftlab.Trainer`` resumes;
 * ``trainer_fsdp`` (GPUs only, ``Setup(device="cuda")``): :class:`peftlab.Trainer` with transformers' own
   ``fsdp=True`` (FSDP2, one unit per decoder layer); ``save_model`` writes the adapter from the state dict
   FSDP gathers. With ``use_cpu=True`` transformers trains with DDP instead, so this one is not run on CPUs::
@@ -263,15 +264,12 @@ def _accelerate(setup: Setup, out: Path, world: int, quantize: bool = False) -> 
 
 def _fsdp(setup: Setup, out: Path, world: int) -> dict[str, Any]:
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    model = build_model(setup).to(setup.device)
+    from peftlab.trainer import load_adapters_from_checkpoint
+
+    model = _sharded(build_model(setup).to(setup.device), world)
     layers = model.get_base_model().model.layers
-    if world > 1:
-        for layer in layers:  # one all-gather per decoder layer; the embeddings and head in the root unit
-            fully_shard(layer)
-        fully_shard(model)
     base_weight = layers[0].self_attn.q_proj.base_layer.weight
     sharded = {"base_local_numel": int(base_weight.to_local().numel() if isinstance(base_weight, DTensor)
                                        else base_weight.numel()),
@@ -297,7 +295,25 @@ def _fsdp(setup: Setup, out: Path, world: int) -> dict[str, Any]:
     adapter = full_adapter(model)  # every rank gathers the shards ...
     if rank == 0:  # ... one writes
         save_full_adapter(model, adapter, out / "adapter")
+    if world > 1:
+        dist.barrier()  # the folder is whole before any process reads it
+    # resuming: the folder copied into a fresh sharded model (each process takes its shards of the saved tensors)
+    fresh = _sharded(build_model(setup).to(setup.device), world)
+    load_adapters_from_checkpoint(fresh, out / "adapter")
+    reloaded = full_adapter(fresh)
+    sharded["reloaded_equal"] = all(torch.equal(reloaded[k], v) for k, v in adapter.items())
     return {"losses": losses, "reducer": None, "wrote": int(rank == 0), "adapter": adapter, "fsdp": sharded}
+
+
+def _sharded(model: Any, world: int) -> Any:
+    """FSDP2 over ``world`` processes: one unit per decoder layer, the embeddings and head in the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    if world > 1:
+        for layer in model.get_base_model().model.layers:  # one all-gather per decoder layer
+            fully_shard(layer)
+        fully_shard(model)
+    return model
 
 
 def run_recipe(recipe: str, setup: Setup, out: str | os.PathLike, world: int = 1) -> dict[str, Any]:

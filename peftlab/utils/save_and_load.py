@@ -291,10 +291,22 @@ def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor
             if t.is_meta:  # created with low_cpu_mem_usage=True: put the loaded tensor in its place
                 _assign(model, mem_of.get(k, k), sd[k], t)
             else:
-                t.copy_(sd[k].to(device=t.device, dtype=t.dtype))
+                _copy_into(t, sd[k])
     loaded = {mem_of.get(k, k) for k in by_disk}
     missing_keys = [k for k in model.state_dict() if _unfsdp(k) not in loaded and k not in loaded]
     return IncompatibleKeys(missing_keys=missing_keys, unexpected_keys=[])
+
+
+def _copy_into(t: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a whole saved tensor into a parameter; a parameter sharded by FSDP2 (a ``DTensor``) takes its own
+    shards of it (every process holds the same whole tensor, so each cuts its part locally, no communication)."""
+    value = value.to(device=t.device, dtype=t.dtype)
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if isinstance(t, DTensor):
+            value = distribute_tensor(value, t.device_mesh, t.placements, src_data_rank=None)
+    t.copy_(value)
 
 
 def _assign(model: nn.Module, key: str, value: torch.Tensor, old: torch.Tensor) -> None:

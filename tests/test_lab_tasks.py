@@ -90,6 +90,15 @@ def test_collator_pads(tok):
     assert xb["input_ids"].shape[0] == 4
 
 
+def test_tokenising_and_mixing_show_no_progress_bars(tok, capfd):
+    from datasets.utils.logging import is_progress_bar_enabled
+
+    assert is_progress_bar_enabled()
+    tasks.make_mixture(["sort", "shift"], 50, seed=0, tokenizer=tok)
+    assert capfd.readouterr().err == ""  # no bar for the map nor for flattening the shuffled indices
+    assert is_progress_bar_enabled()  # and datasets' own setting is left as it was
+
+
 class Oracle(nn.Module):
     """A hand-made 'perfect model': reads the prompt ids and puts all mass on the right next token."""
 

@@ -11,9 +11,10 @@ Explained in: book/lab.ipynb
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -153,7 +154,22 @@ def make_mixture(names: Iterable[str], n_per_task: int, seed: int = 0, tokenizer
     from datasets import concatenate_datasets
 
     parts = [make_task(name, n_per_task, seed, tokenizer, **kw) for name in names]
-    return concatenate_datasets(parts).shuffle(seed=seed).flatten_indices()
+    with _no_progress_bars():
+        return concatenate_datasets(parts).shuffle(seed=seed).flatten_indices()
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """datasets' progress bars off inside the block (a bar per tiny map or flatten is noise in a chapter)."""
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
+    shown = is_progress_bar_enabled()
+    disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            enable_progress_bar()
 
 
 def _prefix(tokenizer: Any) -> list[int]:
@@ -183,15 +199,8 @@ def tokenize(dataset: Any, tokenizer: Any) -> Any:
         enc = [encode_example(tokenizer, p, a) for p, a in zip(batch["prompt"], batch["answer"])]
         return {k: [e[k] for e in enc] for k in ("input_ids", "attention_mask", "labels")}
 
-    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
-
-    shown = is_progress_bar_enabled()
-    disable_progress_bar()  # a bar per tiny map is noise in a chapter
-    try:
+    with _no_progress_bars():
         return dataset.map(fn, batched=True, load_from_cache_file=False)
-    finally:
-        if shown:
-            enable_progress_bar()
 
 
 def pad(

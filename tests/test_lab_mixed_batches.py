@@ -35,7 +35,7 @@ def test_each_row_gets_its_own_adapter_and_the_order_is_kept() -> None:
         model.set_adapter("a")
         torch.testing.assert_close(out, torch.stack(expected), rtol=0, atol=1e-6)
         assert not torch.allclose(expected[0], expected[1]) and not torch.allclose(expected[1], expected[2])
-        torch.testing.assert_close(out, model(x, adapter_names=names), rtol=0, atol=1e-5)  # what it is the reference for
+        torch.testing.assert_close(out, model(x, adapter_names=names), rtol=0, atol=1e-5)  # what it checks
     assert model.active_adapter == "a"  # restored
 
 

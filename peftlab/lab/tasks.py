@@ -290,15 +290,29 @@ def greedy_generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                 pad_token_id=pad_id, eos_token_id=eos_id,
             )
-            new = gen[:, ids.shape[1]:]
+            outputs += decode_new_tokens(tokenizer, gen, ids.shape[1])
         else:
-            new = _argmax_loop(model, ids, mask, max_new_tokens, eos_id)
-        for row in new.tolist():
-            if eos_id in row:
-                row = row[: row.index(eos_id)]
-            outputs.append(_normalise(tokenizer.decode(row, skip_special_tokens=True)))
+            outputs += decode_new_tokens(tokenizer, _argmax_loop(model, ids, mask, max_new_tokens, eos_id), 0)
     model.train(was_training)
     return outputs
+
+
+def decode_new_tokens(tokenizer: Any, output_ids: torch.Tensor, prompt_length: int) -> list[str]:
+    """The text ``generate`` added to each row: the tokens after the first ``prompt_length`` (the padded prompt),
+    cut at the first end-of-sequence token, decoded without special tokens, whitespace normalised.
+
+    Explained in: book/integrations.ipynb
+    """
+    if output_ids.dim() != 2:
+        raise ValueError(f"decode_new_tokens expects token ids of shape (batch, length), as generate returns; "
+                         f"got shape {tuple(output_ids.shape)}")
+    eos_id = tokenizer.eos_token_id
+    texts = []
+    for row in output_ids[:, prompt_length:].tolist():
+        if eos_id in row:
+            row = row[: row.index(eos_id)]
+        texts.append(_normalise(tokenizer.decode(row, skip_special_tokens=True)))
+    return texts
 
 
 def _argmax_loop(model: Any, ids: torch.Tensor, mask: torch.Tensor, steps: int, eos_id: int) -> torch.Tensor:

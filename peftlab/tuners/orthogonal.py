@@ -51,6 +51,13 @@ def _triu(b: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return rows.to(device), cols.to(device)
 
 
+@functools.lru_cache(maxsize=64)
+def _triu_flat(b: int, device: str) -> torch.Tensor:
+    """The strict upper triangle's positions in a flattened b×b matrix (row-major), on ``device``."""
+    rows, cols = torch.triu_indices(b, b, 1)
+    return (rows * b + cols).to(device)
+
+
 def skew_from_packed(vec: torch.Tensor, b: int) -> torch.Tensor:
     """(n, b(b−1)/2) upper-triangle entries → n skew-symmetric (b, b) matrices Q = U − Uᵀ (OFT's storage).
 
@@ -222,8 +229,9 @@ class SkewRotation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, p: torch.Tensor, b: int, packed: bool, terms: int | None) -> torch.Tensor:
-        if packed:
-            q = skew_from_packed(p, b)
+        if packed:  # as skew_from_packed, with one flat index (a column copy instead of a scatter)
+            upper = p.new_zeros(p.shape[0], b * b).index_copy_(1, _triu_flat(b, str(p.device)), p).view(-1, b, b)
+            q = upper - upper.mT
         else:
             q = skew_from_square(p)
         eye = torch.eye(b, device=p.device, dtype=p.dtype)
@@ -236,9 +244,10 @@ class SkewRotation(torch.autograd.Function):
         if len(c) == 1:
             ctx.save_for_backward()
             return eye.expand_as(q).clone()
-        steps = [torch.add(eye, q, alpha=c[-1]) if c[-2] == 1 else torch.add(eye * c[-2], q, alpha=c[-1])]
+        eye2 = eye * 2
+        steps = [torch.add(eye if c[-2] == 1 else eye2, q, alpha=c[-1])]
         for cj in reversed(c[:-2]):  # P_j = Q P_(j+1) + c_j I
-            steps.append(torch.baddbmm(eye * cj if cj != 1 else eye, q, steps[-1]))
+            steps.append(torch.baddbmm(eye2 if cj == 2 else eye, q, steps[-1]))
         ctx.save_for_backward(q, *steps[:-1])  # Q, P_(k−1), …, P_1
         return steps[-1]
 
@@ -260,8 +269,7 @@ class SkewRotation(torch.autograd.Function):
             gq = g * c[-1] if gq is None else gq.add_(g, alpha=c[-1])  # P_(k−1) = c_k Q + c_(k−1) I
         skew = gq - gq.mT
         if ctx.packed:
-            rows, cols = _triu(ctx.b, str(grad.device))
-            return skew[:, rows, cols], None, None, None
+            return skew.view(-1, ctx.b * ctx.b).index_select(1, _triu_flat(ctx.b, str(grad.device))), None, None, None
         return skew.mul_(0.5), None, None, None
 
 

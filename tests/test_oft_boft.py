@@ -195,10 +195,12 @@ def test_merge_unmerge_exact_even_for_large_rotations(config):
     torch.testing.assert_close(layer.get_base_layer().weight, w0, atol=1e-6, rtol=0)
 
 
-def test_fused_training_path_equals_autograd():
-    """RotatedLinear (weight rotated once, hand-written backward) gives autograd's outputs and gradients."""
+@pytest.mark.parametrize("neumann", [True, False], ids=["series", "exact"])
+def test_fused_training_path_equals_autograd(neumann):
+    """RotatedLinear (weight rotated once, hand-written backward) gives autograd's outputs and gradients; with
+    the exact map its backward takes G from ∂x (R orthogonal), with the series the general one."""
     torch.manual_seed(0)
-    pm = filled(OFTConfig(target_modules=["lin0", "lin1"], oft_block_size=5))
+    pm = filled(OFTConfig(target_modules=["lin0", "lin1"], oft_block_size=5, use_cayley_neumann=neumann))
     x = example_inputs("mlp").requires_grad_(True)
     grads = {}
     for fused in (True, False):
@@ -239,10 +241,12 @@ def test_skew_rotation_node_equals_the_reference_maps(packed, terms):
 
 @pytest.mark.parametrize("r,b", [(4, 8), (6, 3), (3, 5), (2, 16), (5, 2)])
 @pytest.mark.parametrize("scaled", [False, True], ids=["no-scale", "scale"])
-def test_rotated_linear_node_gradients(r, b, scaled):
+@pytest.mark.parametrize("orthogonal", [False, True], ids=["any-R", "orthogonal-R"])
+def test_rotated_linear_node_gradients(r, b, scaled, orthogonal):
     """RotatedLinear against autograd through x R, the frozen layer and s, for block widths that run grouped
     (b < 16: blocks joined into wider ones, k > 1, or all of them when no divisor of r reaches 16) and
-    ungrouped; float64, so the hand-written backward must match to rounding."""
+    ungrouped, with the general backward and the one for orthogonal R (G = ∂x R); float64, so the
+    hand-written backward must match to rounding."""
     g = torch.Generator().manual_seed(r * 100 + b)
     n, out = r * b, 7
     x = torch.randn(2, 3, n, generator=g, dtype=torch.float64, requires_grad=True)
@@ -254,7 +258,7 @@ def test_rotated_linear_node_gradients(r, b, scaled):
     for fused in (True, False):
         blocks = cayley(skew_from_square(a))
         if fused:
-            y = RotatedLinear.apply(x, w, bias, blocks, s if scaled else None)
+            y = RotatedLinear.apply(x, w, bias, blocks, s if scaled else None, orthogonal)
         else:
             y = nn.functional.linear(x @ block_diagonal(blocks), w) * (s if scaled else 1) + bias
         y.pow(2).sum().backward()
@@ -266,15 +270,17 @@ def test_rotated_linear_node_gradients(r, b, scaled):
     k = block_group(r, b)
     assert r % k == 0 and (k == 1) == (b >= 16) and (k * b >= 16 or k == r)
     if scaled:
-        assert torch.autograd.gradcheck(lambda x, a, s: RotatedLinear.apply(x, w, bias, cayley(skew_from_square(a)), s),
-                                        (x, a, s))
+        assert torch.autograd.gradcheck(
+            lambda x, a, s: RotatedLinear.apply(x, w, bias, cayley(skew_from_square(a)), s, orthogonal), (x, a, s))
 
 
-def test_fused_boft_path_equals_autograd():
-    """BOFT with one factor trains through RotatedLinear with its scale s inside the node: the generic path's
-    outputs and gradients (x, boft_R, boft_s) to float32 rounding, grouped blocks included (b = 2)."""
+@pytest.mark.parametrize("scale", [1.0, 10.0], ids=["small-Q", "large-Q"])
+def test_fused_boft_path_equals_autograd(scale):
+    """BOFT with one factor trains through RotatedLinear with its scale s inside the node (and the orthogonal
+    backward, G = ∂x R): the generic path's outputs and gradients (x, boft_R, boft_s) to float32 rounding,
+    grouped blocks included (b = 2), for small rotations and for ‖Q‖ ≈ 1."""
     torch.manual_seed(0)
-    pm = filled(BOFTConfig(target_modules=["lin0", "lin1"], boft_block_size=2))  # eval: no dropout draws
+    pm = filled(BOFTConfig(target_modules=["lin0", "lin1"], boft_block_size=2), scale=scale)  # eval: no dropout
     x = example_inputs("mlp").requires_grad_(True)
     layers = (pm.base_model.model.lin0, pm.base_model.model.lin1)
     assert any(block_group(l.boft_block_num["default"], 2) > 1 for l in layers)

@@ -312,8 +312,10 @@ class RotatedLinear(torch.autograd.Function):
 
     Forward rotates the weight (out·in·b) rather than every token. Backward, with g = ∂L/∂h and
     G = g (s ⊙ W) (∂L/∂(xR), the product a frozen layer computes anyway): ∂x = G Rᵀ and ∂R_i = x_iᵀ G_i, block
-    by block, and ∂s = Σ_tokens g ⊙ (x (W Rᵀ)ᵀ). Blocks narrower than :data:`MIN_BLOCK_WIDTH` run those two
-    token products in groups (:func:`block_group`): more flops, less time. ∂x is written in place into its
+    by block, and ∂s = Σ_tokens g ⊙ (x (W Rᵀ)ᵀ). When R is orthogonal (``orthogonal``: the exact Cayley map),
+    G = ∂x R, so one token product goes: ∂x = g (s ⊙ W Rᵀ) (the product the frozen layer computes anyway, with
+    the rotated weight) and ∂R_i = (x_iᵀ ∂x_i) R_i. Blocks narrower than :data:`MIN_BLOCK_WIDTH` run the token
+    products in groups (:func:`block_group`): more flops, less time. ∂x is written straight into its
     (tokens, in) layout.
 
     Explained in: book/oft_boft.ipynb
@@ -321,41 +323,52 @@ class RotatedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                blocks: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+                blocks: torch.Tensor, scale: torch.Tensor | None = None, orthogonal: bool = False) -> torch.Tensor:
         out, n = weight.shape
         r, b, _ = blocks.shape
         # (W Rᵀ)ᵀ = R Wᵀ block by block: (r, b, b) @ (r, b, out), contiguous as (in, out)
         w_rot_t = torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
+        ctx.orthogonal = orthogonal
+        kept = w_rot_t if orthogonal else weight
         if scale is None:
-            ctx.save_for_backward(x, weight, blocks)
+            ctx.save_for_backward(x, kept, blocks)
             return F.linear(x, w_rot_t.T, bias)
         unscaled = F.linear(x, w_rot_t.T)
-        ctx.save_for_backward(x, weight, blocks, scale, unscaled)
+        ctx.save_for_backward(x, kept, blocks, scale, unscaled)
         return torch.addcmul(bias, unscaled, scale) if bias is not None else unscaled * scale
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
-        x, weight, blocks, *rest = ctx.saved_tensors
+        x, kept, blocks, *rest = ctx.saved_tensors
         r, b, _ = blocks.shape
         g2 = g.reshape(-1, g.shape[-1])
         t = g2.shape[0]
-        w = weight if not rest else weight * rest[0].view(-1, 1)
-        gr = torch.mm(g2, w)  # ∂L/∂(xR), (tokens, in)
         k = block_group(r, b)
-        wide, rk, bk = widen_blocks(blocks, k), r // k, b * k
-        grad_x = grad_scale = None
-        if ctx.needs_input_grad[0]:  # ∂x_i = G_i R_iᵀ, written straight into (tokens, in)
-            grad_x = torch.empty_like(gr)
-            torch.bmm(gr.view(t, rk, bk).transpose(0, 1), wide.transpose(1, 2),
-                      out=grad_x.view(t, rk, bk).transpose(0, 1))
-            grad_x = grad_x.view(x.shape)
-        # Σ_tokens x_iᵀ G_i, (r/k, kb, kb); with groups, the b×b blocks on the diagonal
+        rk, bk = r // k, b * k
+        grad_scale = None
+        if ctx.orthogonal:  # kept = (W Rᵀ)ᵀ: ∂x = g (s ⊙ W Rᵀ), then G_i = ∂x_i R_i
+            w_rot_t = kept if not rest else kept * rest[0]
+            gx = torch.mm(g2, w_rot_t.T)
+            grad_x = gx.view(x.shape) if ctx.needs_input_grad[0] else None
+            gr = gx
+        else:
+            w = kept if not rest else kept * rest[0].view(-1, 1)
+            gr = torch.mm(g2, w)  # ∂L/∂(xR), (tokens, in)
+            grad_x = None
+            if ctx.needs_input_grad[0]:  # ∂x_i = G_i R_iᵀ, written straight into (tokens, in)
+                grad_x = torch.empty_like(gr)
+                torch.bmm(gr.view(t, rk, bk).transpose(0, 1), widen_blocks(blocks, k).transpose(1, 2),
+                          out=grad_x.view(t, rk, bk).transpose(0, 1))
+                grad_x = grad_x.view(x.shape)
+        # Σ_tokens x_iᵀ gr_i, (r/k, kb, kb); with groups, the b×b blocks on the diagonal
         grad_wide = torch.bmm(x.reshape(t, rk, bk).permute(1, 2, 0), gr.view(t, rk, bk).transpose(0, 1))
         grad_blocks = grad_wide if k == 1 else (
             grad_wide.view(rk, k, b, k, b).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(r, b, b))
+        if ctx.orthogonal:
+            grad_blocks = torch.bmm(grad_blocks, blocks)  # x_iᵀ ∂x_i R_i = x_iᵀ G_i
         if rest and ctx.needs_input_grad[4]:
             grad_scale = (g2 * rest[1].reshape(t, -1)).sum(0)
-        return grad_x, None, None, grad_blocks, grad_scale
+        return grad_x, None, None, grad_blocks, grad_scale, None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -474,7 +487,8 @@ class OrthogonalLayer(AdapterLayer):
         s = self.out_scale(adapter_name)
         if s is not None and s.dtype != x.dtype:
             return None
-        return RotatedLinear.apply(x, w, bias, blocks, s)  # (W Rᵀ x)·s + b
+        # (W Rᵀ x)·s + b; an exactly orthogonal R spares a token product in the backward
+        return RotatedLinear.apply(x, w, bias, blocks, s, self.exactly_orthogonal(adapter_name))
 
     def _conv_forward(self, x: torch.Tensor, adapters: Sequence[str], args: tuple, kwargs: dict) -> torch.Tensor:
         """A convolution with the rotated filters s ⊙ (W Rᵀ): one convolution, equal to the merged layer."""

@@ -292,12 +292,18 @@ MIN_BLOCK_WIDTH = 16
 
 def block_group(r: int, b: int) -> int:
     """How many consecutive b×b blocks (of r) :class:`RotatedLinear`'s token products treat as one wider block:
-    the fewest, dividing r, whose width reaches :data:`MIN_BLOCK_WIDTH` (1 when b already does)."""
+    the fewest, dividing r, whose width reaches :data:`MIN_BLOCK_WIDTH` (1 when b already does).
+
+    Explained in: book/oft_boft.ipynb
+    """
     return next((g for g in divisors(r) if g * b >= MIN_BLOCK_WIDTH), r)
 
 
 def widen_blocks(blocks: torch.Tensor, g: int) -> torch.Tensor:
-    """(r, b, b) → (r/g, g·b, g·b): each group of g consecutive blocks as one block-diagonal block."""
+    """(r, b, b) → (r/g, g·b, g·b): each group of g consecutive blocks as one block-diagonal block.
+
+    Explained in: book/oft_boft.ipynb
+    """
     r, b, _ = blocks.shape
     if g == 1:
         return blocks

@@ -510,14 +510,14 @@ def s_serving(a, dev, dt, n_adapters: int = 16, prompt: int = 64) -> dict:
 
 def decoder(model, x_prompt, x_step, kw):
     with torch.inference_mode():
-        cache = model(input_ids=x_prompt, use_cache=True, **kw).past_key_values
+        cache = model(input_ids=x_prompt, use_cache=True, **kw).cache
     length = x_prompt.shape[1]
     pos = torch.full((x_step.shape[0], 1), length, device=x_step.device)
     mask = torch.ones(x_step.shape[0], length + 1, dtype=torch.long, device=x_step.device)
 
     def run():
         with torch.inference_mode():
-            model(input_ids=x_step, past_key_values=cache, position_ids=pos, attention_mask=mask, use_cache=True,
+            model(input_ids=x_step, cache=cache, position_ids=pos, attention_mask=mask, use_cache=True,
                   **kw)
 
     return run, lambda: cache.crop(-1)  # drop the decoded token: every step sees the same prompt cache

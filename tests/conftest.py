@@ -49,6 +49,24 @@ def make_base():
     return base_model
 
 
+def tiny_llama(family: str = "llama", kv_heads: int = 2, layers: int = 2, seed: int = 0, **extra):
+    """A tiny Llama or Mistral causal LM (hidden 32, 4 query heads, ``kv_heads`` key/value heads) built under
+    ``seed``, with its biases (zero in transformers) made visible; ``extra`` goes to the config."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    cls, cfg_cls = (LlamaForCausalLM, LlamaConfig) if family == "llama" else (MistralForCausalLM, MistralConfig)
+    torch.manual_seed(seed)
+    cfg = cfg_cls(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, **extra)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # transformers initialises biases to zero: make them visible
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
 def tiny_lm_config():
     """The tiny lab language model's config (hidden 16, four pretraining steps)."""
     from peftlab.lab import lm
@@ -66,6 +84,12 @@ def load_tiny(tmp_path, monkeypatch):
     monkeypatch.setenv(lm.ENV_CACHE, str(tmp_path / "cache"))
     monkeypatch.delenv(lm.ENV_MODEL, raising=False)
     return lambda: lm.load_lab_model("smoke", config=config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pair_cache() -> dict:
+    """A test module's cache of built (peft, peftlab) model pairs (see ``tests/interop.py``)."""
+    return {}
 
 
 @pytest.fixture

@@ -15,25 +15,21 @@ r₀ as a plain number); peft crashes on a loss from a loaded (inference-mode) A
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 from typing import Any
 
 import pytest
 import torch
 from conftest import base_model, output, quiet
+from interop import DIRECTIONS, LIBS, Interop, assert_same_tensors, count_line, peft, read_files
 from safetensors.torch import load_file
 
 import peftlab
 from peftlab.lab.models import example_inputs
 
-peft = pytest.importorskip("peft", reason="peft (the oracle) is not installed")
-
 pytestmark = pytest.mark.peer
 
-LIBS = {"peft": peft, "peftlab": peftlab}
-ATOL = 1e-5
+H = Interop("AdaLora", prefixes=("lora_",), atol=1e-5)
+ATOL = H.atol
 
 # (case name, tiny model, config kwargs); every case runs its full schedule in a few steps
 CASES: list[tuple[str, str, dict[str, Any]]] = [
@@ -53,15 +49,9 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
 IDS = [c[0] for c in CASES]
 
 
-def build(lib: str, model: str, kwargs: dict[str, Any], seed: int = 7):
-    base = base_model(model)
-    torch.manual_seed(seed)
-    return LIBS[lib].get_peft_model(base, LIBS[lib].AdaLoraConfig(**kwargs))
-
-
-def adapter_params(pm) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in pm.named_parameters() if any(s.startswith(("lora_", "modules_to_save"))
-                                                          for s in n.split("."))}
+def build(lib: str, model: str, kwargs: dict[str, Any]):
+    """A fresh adapter (no fills: AdaLoRA's own initialisation, drawn under one seed)."""
+    return H.build(lib, ("-", model, kwargs), fill=False)
 
 
 def loss_of(pm, model: str) -> torch.Tensor:
@@ -92,18 +82,6 @@ def inference_inputs(model: str):
     return x
 
 
-def count_line(pm) -> str:
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        pm.print_trainable_parameters()
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def trained_pairs():
-    return {}
-
-
 def trained_pair(cache, case):
     name, model, kwargs = case
     if name not in cache:
@@ -120,10 +98,8 @@ def trained_pair(cache, case):
 def test_fresh_adapter_is_the_same(case):
     name, model, kwargs = case
     ref, ours = build("peft", model, kwargs), build("peftlab", model, kwargs)
-    ref_p, our_p = adapter_params(ref), adapter_params(ours)
-    assert {k: tuple(v.shape) for k, v in our_p.items()} == {k: tuple(v.shape) for k, v in ref_p.items()}
-    for k in ref_p:
-        assert torch.equal(our_p[k], ref_p[k]), k
+    ref_p, our_p = H.adapter_params(ref), H.adapter_params(ours)
+    assert_same_tensors(our_p, ref_p)
     # the same trainable count; peft's "all params" also counts a frozen ranknum tensor per layer
     (t_ref, all_ref), (t_ours, all_ours) = ref.get_nb_trainable_parameters(), ours.get_nb_trainable_parameters()
     n_layers = sum(1 for n in ref_p if n.split(".")[-2] == "lora_E")
@@ -132,29 +108,29 @@ def test_fresh_adapter_is_the_same(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_same_training_gives_the_same_rank_pattern(case, trained_pairs):
+def test_same_training_gives_the_same_rank_pattern(case, pair_cache):
     """Same start, same batches, allocation after every step: the same pattern (final budget included) and
     the same tensors."""
     name, model, kwargs = case
-    ref, ours = trained_pair(trained_pairs, case)
+    ref, ours = trained_pair(pair_cache, case)
     pattern_ref, pattern_ours = ref.peft_config["default"].rank_pattern, ours.peft_config["default"].rank_pattern
     assert pattern_ours == pattern_ref
     n_layers = len(pattern_ours)
     assert sum(map(sum, pattern_ours.values())) == kwargs["target_r"] * n_layers
     if n_layers > 2:
         assert len({sum(v) for v in pattern_ours.values()}) > 1  # the budget moved between modules
-    ref_p, our_p = adapter_params(ref), adapter_params(ours)
+    ref_p, our_p = H.adapter_params(ref), H.adapter_params(ours)
     for k in ref_p:
         torch.testing.assert_close(our_p[k], ref_p[k], atol=1e-4, rtol=1e-3, msg=k)
     torch.testing.assert_close(output(ours, inference_inputs(model)), output(ref, inference_inputs(model)),
                                atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("direction", ["peftlab->peft", "peft->peftlab"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_files_load_in_the_other_library(case, direction, trained_pairs, tmp_path):
+def test_files_load_in_the_other_library(case, direction, pair_cache, tmp_path):
     name, model, kwargs = case
-    ref, ours = trained_pair(trained_pairs, case)
+    ref, ours = trained_pair(pair_cache, case)
     src, dst_lib = (ours, "peft") if direction == "peftlab->peft" else (ref, "peftlab")
     src.save_pretrained(tmp_path / "src")
     with quiet():
@@ -164,11 +140,8 @@ def test_files_load_in_the_other_library(case, direction, trained_pairs, tmp_pat
     # the same files, whoever writes them
     other = ref if src is ours else ours
     other.save_pretrained(tmp_path / "other")
-    t_src, t_other = load_file(str(tmp_path / "src/adapter_model.safetensors")), \
-        load_file(str(tmp_path / "other/adapter_model.safetensors"))
+    (t_src, c_src), (t_other, c_other) = read_files(tmp_path / "src"), read_files(tmp_path / "other")
     assert {k: tuple(v.shape) for k, v in t_src.items()} == {k: tuple(v.shape) for k, v in t_other.items()}
-    c_src = json.loads((tmp_path / "src/adapter_config.json").read_text())
-    c_other = json.loads((tmp_path / "other/adapter_config.json").read_text())
     assert set(c_src) == set(c_other)
     assert c_src["rank_pattern"] == c_other["rank_pattern"]
     assert all(not k.endswith(".default") for k in c_src["rank_pattern"])

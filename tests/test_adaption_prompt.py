@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import base_model, fill_, output
+from conftest import base_model, fill_, output, tiny_llama
 from torch import nn
 
 from peftlab import AdaptionPromptConfig, LoraConfig, get_peft_model
@@ -42,19 +42,7 @@ def fill(model, adapter: str = "default", gate: float | None = None) -> None:
 
 
 def llama(kv_heads: int = 2, attention_bias: bool = False, layers: int = 2, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-                      attention_bias=attention_bias)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # transformers initialises biases to zero: make them visible
-        for n, p in model.named_parameters():
-            if n.endswith("bias"):
-                p.normal_(0, 0.1)
-    return model
+    return tiny_llama(kv_heads=kv_heads, layers=layers, seed=seed, attention_bias=attention_bias)
 
 
 def adapted_layers(model) -> dict[str, AdaptedAttention]:
@@ -97,16 +85,24 @@ def paper_attention(attn: AdaptedAttention, x: torch.Tensor, cos: torch.Tensor, 
 @pytest.mark.parametrize("attention_bias", [False, True], ids=["no-bias", "bias"])
 def test_adapted_attention_is_the_papers_equation(kv_heads, attention_bias):
     model = get_peft_model(llama(kv_heads, attention_bias), config(adapter_layers=1))
-    fill(model)
+    fill(model, gate=0.8)  # a gate of the size training reaches: the prompt's read is large, so is any error in it
     (_, attn), = adapted_layers(model).items()
-    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    # inputs ×10: with the tiny model's 0.02-sized projections the scores over the prompt are then far from
+    # uniform, so a wrong rotation, head grouping or scale changes the read
+    x = 10 * torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
     pos = torch.arange(5)[None].expand(2, -1)
     cos, sin = model.base_model.model.model.rotary_emb(x, pos)
     with torch.no_grad():
         ours, _ = attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=None)
         expected = paper_attention(attn, x, cos, sin, "default")
+        plain = attn.base_layer(hidden_states=x, position_embeddings=(cos, sin), attention_mask=None)[0]
     # sdpa's causal masking of the base attention with attention_mask=None: is_causal inside the module
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    # the gated read alone (the block's own attention subtracted) to 0.1 % of its size: a read without the
+    # rotation, or with the scores scaled by 0.9, misses by 0.3–6 %
+    read = expected - plain
+    assert read.abs().max() > 5e-3
+    torch.testing.assert_close(ours - plain, read, atol=1e-3 * float(read.abs().max()), rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -330,3 +326,22 @@ def test_no_module_named_like_the_target_but_elsewhere_is_wrapped():
     model.model.layers[0].my_self_attn = nn.Identity()
     wrapped = adapted_layers(get_peft_model(model, config(adapter_layers=2)))
     assert sorted(wrapped) == [f"base_model.model.model.layers.{i}.self_attn" for i in (0, 1)]
+
+
+def test_the_forward_leaves_no_hooks_on_the_projections():
+    """The read is added through hooks on q_proj and o_proj that live for one call only, also when it fails."""
+    model = get_peft_model(llama(attention_bias=True), config(adapter_layers=2))
+    fill(model, gate=0.5)
+    projections = [m for layer in adapted_layers(model).values() for m in (layer.base_layer.q_proj,
+                                                                           layer.base_layer.o_proj)]
+    output(model, example_inputs("llama"))
+    assert all(not p._forward_hooks and not p._forward_pre_hooks for p in projections)
+    (_, top), = list(adapted_layers(model).items())[-1:]
+    with pytest.raises(RuntimeError):  # hidden states of the wrong width fail inside the module
+        top(hidden_states=torch.randn(1, 3, 31), position_embeddings=(torch.ones(1, 3, 8), torch.zeros(1, 3, 8)))
+    assert all(not p._forward_hooks and not p._forward_pre_hooks for p in projections)
+    with model.disable_adapter():  # the plain module again: the base model's output, bias included once
+        plain = output(model, example_inputs("llama"))
+    for layer in adapted_layers(model).values():
+        layer.adaption_gate["default"].data.zero_()
+    torch.testing.assert_close(output(model, example_inputs("llama")), plain, atol=0, rtol=0)

@@ -6,46 +6,30 @@ has the same tensors and count line; with every prompt and gate filled with valu
 name both give the same logits and the same greedy generations; peftlab's files load in peft and peft's in
 peftlab with the same outputs; the files hold the same tensors and config; training steps move the same
 tensors; several adapters travel both ways. Where peft is wrong (a second o_proj bias, which breaks its
-zero-init; head_dim other than hidden/heads) a test pins the difference.
+zero-init; head_dim other than hidden/heads; GPT-2's read without c_proj, a family peftlab refuses) a test pins
+the difference.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import json
 import zlib
 from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import tiny_llama
+from interop import DIRECTIONS, LIBS, assert_same_tensors, count_line, peft, read_files
 
 import peftlab
 
-peft = pytest.importorskip("peft", reason="peft (the oracle) is not installed")
-
 pytestmark = pytest.mark.peer
 
-LIBS = {"peft": peft, "peftlab": peftlab}
 ATOL = 1e-5  # peftlab: sdpa over the prompt; peft: matmul + softmax; float32 rounding differs
 
 
 def base(family: str = "llama", kv_heads: int = 2, layers: int = 3, **extra: Any):
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
-
-    cls, cfg_cls = (LlamaForCausalLM, LlamaConfig) if family == "llama" else (MistralForCausalLM, MistralConfig)
-    torch.manual_seed(0)
-    cfg = cfg_cls(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, **extra)
-    model = cls(cfg).eval()
-    with torch.no_grad():  # transformers initialises biases to zero: make them visible
-        for n, p in model.named_parameters():
-            if n.endswith("bias"):
-                p.normal_(0, 0.1)
-    return model
+    return tiny_llama(family, kv_heads, layers, **extra)
 
 
 # (case name, model kwargs, config kwargs)
@@ -96,13 +80,6 @@ def build(lib: str, case, fill_it: bool = True, seed: int = 7):
     return pm.eval()
 
 
-def count_line(pm) -> str:
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        pm.print_trainable_parameters()
-    return buf.getvalue()
-
-
 def logits(pm, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return pm(input_ids=ids).logits
@@ -115,10 +92,7 @@ IDS_IN = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_fresh_adapter_is_the_same(case):
     ref, ours = build("peft", case, fill_it=False), build("peftlab", case, fill_it=False)
-    ref_p, our_p = adapter_params(ref), adapter_params(ours)
-    assert {k: tuple(v.shape) for k, v in our_p.items()} == {k: tuple(v.shape) for k, v in ref_p.items()}
-    for k in ref_p:
-        assert torch.equal(our_p[k], ref_p[k]), k  # same draws of N(0, 1) prompts, same zero gates
+    assert_same_tensors(adapter_params(ours), adapter_params(ref))  # same draws of N(0, 1) prompts, same zero gates
     assert count_line(ours) == count_line(ref)
     torch.testing.assert_close(logits(ours, IDS_IN), logits(ref, IDS_IN), atol=0, rtol=0)
 
@@ -137,7 +111,7 @@ def test_same_outputs_and_generations(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-@pytest.mark.parametrize("direction", ["peftlab->peft", "peft->peftlab"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_files_load_in_the_other_library(case, direction, tmp_path):
     writer, reader = direction.split("->")
     src = build(writer, case)
@@ -154,18 +128,12 @@ def test_same_files(case, tmp_path):
     ref, ours = build("peft", case), build("peftlab", case)
     ref.save_pretrained(tmp_path / "peft")
     ours.save_pretrained(tmp_path / "peftlab")
-    files = {}
-    for lib in LIBS:
-        folder = tmp_path / lib
-        files[lib] = (load_file(str(folder / "adapter_model.safetensors")),
-                      json.loads((folder / "adapter_config.json").read_text()))
-    (t_ref, c_ref), (t_ours, c_ours) = files["peft"], files["peftlab"]
+    (t_ref, c_ref), (t_ours, c_ours) = read_files(tmp_path / "peft"), read_files(tmp_path / "peftlab")
     assert c_ours == c_ref
     assert sorted(t_ours) == sorted(t_ref)
     n_layers = case[2]["adapter_layers"]
     assert len(t_ours) == 2 * n_layers and all(k.startswith("base_model.model.model.layers.") for k in t_ours)
-    for k in t_ref:
-        assert t_ours[k].dtype == t_ref[k].dtype and torch.equal(t_ours[k], t_ref[k]), k
+    assert_same_tensors(t_ours, t_ref, dtype=True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -187,7 +155,7 @@ def test_training_steps_match(case):
     assert any("gate" in k and v.abs().item() > 0 for k, v in moved["peftlab"].items())
 
 
-@pytest.mark.parametrize("direction", ["peftlab->peft", "peft->peftlab"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_several_adapters_both_ways(direction, tmp_path):
     writer, reader = direction.split("->")
     case = CASES[1]
@@ -260,3 +228,25 @@ def test_unsupported_family_is_refused_by_both():
         with pytest.raises(ValueError, match="(?i)unsupported model type|Llama-family"):
             LIBS[lib].get_peft_model(tiny_model("opt"), LIBS[lib].AdaptionPromptConfig(
                 adapter_len=2, adapter_layers=1, task_type="CAUSAL_LM"))
+
+
+def test_divergence_gpt2_accepted_by_peft_refused_by_peftlab():
+    """peft 0.21.2 also wraps GPT-2's attention, but adds the prompt's read to the attention output without the
+    output projection c_proj (the paper's t = Linear_o(S_g V) passes it through W_o): with c_proj's weight set
+    to zero, peft's output still moves with the gate. peftlab adapts Llama-family attention only and refuses
+    GPT-2, naming the families it takes and LoRA as the alternative."""
+    from peftlab.lab.models import tiny_model
+
+    model = tiny_model("gpt2").eval()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.zero_()  # W_o = 0 and no bias: a read that goes through c_proj adds nothing
+            block.attn.c_proj.bias.zero_()
+    ref_out = logits(model, IDS_IN % model.config.vocab_size)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.AdaptionPromptConfig(adapter_len=2, adapter_layers=1,
+                                                                            task_type="CAUSAL_LM")).eval()
+    fill(pm)
+    assert not torch.allclose(logits(pm, IDS_IN % model.config.vocab_size), ref_out, atol=1e-3)
+    with pytest.raises(ValueError, match=r"Llama-family models \(llama, mistral\), not model_type='gpt2'.*LoRA"):
+        peftlab.get_peft_model(copy.deepcopy(model), peftlab.AdaptionPromptConfig(adapter_len=2, adapter_layers=1,
+                                                                                 task_type="CAUSAL_LM"))

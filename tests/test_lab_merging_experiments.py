@@ -119,6 +119,27 @@ def test_h4_full_and_lora_deltas():
     assert 0.0 <= lora.accuracy() <= 1.0
 
 
+def test_dare_measures_on_a_known_delta():
+    torch.manual_seed(0)
+    u, v = torch.randn(300, 1), torch.randn(1, 200)
+    W = 3 * torch.eye(300, 200)                        # ‖W‖₂ = 3, ‖W‖_F = 3·√200
+    delta = {"l.weight": 0.01 * u @ v, "l.bias": torch.ones(300)}
+    td = mx.TaskDelta("rot90", 300, {"l.weight": W, "l.bias": torch.zeros(300)}, delta, {})
+    m = mx.dare_measures(td, p=0.9)
+    assert list(m) == ["l.weight"]                    # matrices only
+    row, d = m["l.weight"], delta["l.weight"]
+    assert row["stable rank"] == pytest.approx(1.0, rel=1e-4)                 # rank one
+    assert row["σ₁(δ) / σ₁(W)"] == pytest.approx(float(d.norm()) / 3, rel=1e-4)
+    assert row["‖δ‖_F / ‖W‖_F"] == pytest.approx(float(d.norm()) / (3 * 200 ** 0.5), rel=1e-5)
+    assert row["mean |δ_ij|"] == pytest.approx(float(d.abs().mean()))
+    assert row["‖noise‖²_F / ‖δ‖²_F"] == pytest.approx(9.0, rel=0.15)           # p / (1 − p) in expectation
+    assert 0 < row["‖noise‖₂ / ‖W‖₂ at p=0.9"] < 3.5 * row["σ₁(δ) / σ₁(W)"]    # ‖n‖₂ ≤ ‖n‖_F ≈ 3‖δ‖_F = 3σ₁(δ)
+    assert mx.dare_measures(td, p=0.5)["l.weight"]["‖noise‖²_F / ‖δ‖²_F"] == pytest.approx(1.0, rel=0.15)
+    assert mx.dare_measures(td) == m                  # seeded
+    with pytest.raises(ValueError, match="drop rate p=1"):
+        mx.dare_measures(td, p=1.0)
+
+
 # ------------------------------------------------------------------------------------------ lab-LM adapters
 
 

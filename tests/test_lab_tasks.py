@@ -90,6 +90,15 @@ def test_collator_pads(tok):
     assert xb["input_ids"].shape[0] == 4
 
 
+def test_tokenising_and_mixing_show_no_progress_bars(tok, capfd):
+    from datasets.utils.logging import is_progress_bar_enabled
+
+    assert is_progress_bar_enabled()
+    tasks.make_mixture(["sort", "shift"], 50, seed=0, tokenizer=tok)
+    assert capfd.readouterr().err == ""  # no bar for the map nor for flattening the shuffled indices
+    assert is_progress_bar_enabled()  # and datasets' own setting is left as it was
+
+
 class Oracle(nn.Module):
     """A hand-made 'perfect model': reads the prompt ids and puts all mass on the right next token."""
 
@@ -133,3 +142,16 @@ def test_exact_match_with_generate(tok):
     a, preds = tasks.exact_match(model, tok, ds, batch_size=4, return_predictions=True)
     b = tasks.exact_match(model, tok, ds, batch_size=10)
     assert a == b and 0.0 <= a <= 1.0 and len(preds) == 10  # batching and padding do not change answers
+
+
+def test_decode_new_tokens_cuts_the_prompt_and_stops_at_eos(tok):
+    prompt = tasks.pad([tasks.encode_example(tok, "sort 3 1 ="), tasks.encode_example(tok, "copy 2 =")],
+                       tok.pad_token_id, side="left")["input_ids"]
+    width = prompt.shape[1]
+    new = [tok.convert_tokens_to_ids(list("13")) + [tok.eos_token_id] + tok.convert_tokens_to_ids(["7"]),
+           tok.convert_tokens_to_ids(list("2222"))]  # row 0 ends with eos and junk after it; row 1 has no eos
+    out = torch.cat([prompt, torch.tensor(new)], dim=1)
+    assert tasks.decode_new_tokens(tok, out, width) == ["1 3", "2 2 2 2"]
+    assert tasks.decode_new_tokens(tok, out, width + 2) == ["", "2 2"]
+    with pytest.raises(ValueError, match="shape \\(batch, length\\)"):
+        tasks.decode_new_tokens(tok, out[0], width)

@@ -1,45 +1,34 @@
-"""peftlab against peft (the oracle), in both directions.
+"""peftlab's LoRA against peft (the oracle), in both directions.
 
-For each configuration the same tiny model is built twice under the same seed, once per library; every
-trainable tensor is filled with deterministic values seeded by its name (the names are the same in both
-libraries), so both adapters are identical and non-trivial. Then:
-
-* same model, same config: the same adapted modules, trainable names, outputs and printed count line;
-* layer by layer: the same ΔW, merged weights, merged/unmerged/disabled outputs;
-* peftlab saves -> peft loads (no warnings) -> same outputs; peft saves -> peftlab loads -> same outputs;
-* the files: the same safetensors keys and tensors, the same ``adapter_config.json`` keys and values;
-* several adapters (a non-default one in a sub-folder) move both ways, with mixed batches.
+The shared harness (``tests/interop.py``) runs every case: the same modules, trainable tensors, outputs and
+count line; layer by layer the same ΔW, merged weights, merged/unmerged/disabled outputs and unloaded model;
+peftlab saves -> peft loads (no warnings) and the reverse, with the same outputs; the same files (tensors,
+``adapter_config.json``); loading for training trains the same tensors. This file adds LoRA's own checks:
+the printed line of a fresh adapter, ``inject_adapter_in_model``, several adapters with mixed batches (in
+``generate`` too), deleting adapters, whole embedding matrices in the file.
 
 Known divergences (peftlab deliberately differs) have their own tests at the end.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
-import warnings
 from typing import Any
 
 import pytest
 import torch
 from conftest import base_model, fill_trainable, output, quiet
-from safetensors.torch import load_file
+from interop import DIRECTIONS, LIBS, Interop, peft, read_files, run_each, trainable_names, tuner_layers
 from torch import nn
 
 import peftlab
-from peftlab.lab.models import example_inputs
-
-peft = pytest.importorskip("peft", reason="peft (the oracle) is not installed")
-from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
-
-from peftlab.tuners.base import AdapterLayer  # noqa: E402
 
 pytestmark = pytest.mark.peer
 
-LIBS = {"peft": peft, "peftlab": peftlab}
-ATOL = 1e-6
+H = Interop("Lora", prefixes=("lora_",), atol=1e-6, weight_atol=1e-7, delta_tol=(1e-7, 0.0), merged_atol=1e-5,
+            init_key="init_lora_weights", file_markers={"Lora": "lora_A"})
+ATOL = H.atol
 
 # (case name, tiny model, LoraConfig kwargs)
 CASES: list[tuple[str, str, dict[str, Any]]] = [
@@ -84,96 +73,18 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
 IDS = [c[0] for c in CASES]
 
 
-# ---------------------------------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def no_warnings():
-    """Fail on any warning other than the known FutureWarning/DeprecationWarning noise."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
-    real = [w for w in caught if not issubclass(w.category, (FutureWarning, DeprecationWarning))]
-    assert not real, [f"{w.category.__name__}: {w.message}" for w in real]
+globals().update(H.case_tests(CASES, "test_same_config_same_model", "test_layer_numerics",
+                              "test_peftlab_saves_peft_loads", "test_peft_saves_peftlab_loads", "test_same_files",
+                              "test_loading_for_training_trains_the_same_tensors"))
 
 
-
-
-
-
-def build(lib_name: str, model: str, kwargs: dict[str, Any], adapter_name: str = "default"):
-    lib = LIBS[lib_name]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fan_in_fan_out corrections warn in both libraries
-        pm = lib.get_peft_model(base_model(model), lib.LoraConfig(**kwargs), adapter_name=adapter_name)
-    fill_trainable(pm, adapter_name)
-    return pm.eval()
-
-
-def inputs(model: str, batch: int = 2):
-    return example_inputs(model, batch=batch)
-
-
-def adapted_names(pm) -> set[str]:
-    return {n for n, m in pm.get_base_model().named_modules() if isinstance(m, (BaseTunerLayer, AdapterLayer))}
-
-
-def trainable_names(pm) -> set[str]:
-    return {n for n, p in pm.named_parameters() if p.requires_grad}
-
-
-def count_line(pm) -> str:
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        pm.print_trainable_parameters()
-    return buf.getvalue()
-
-
-def read_files(folder) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = load_file(str(folder / "adapter_model.safetensors"))
-    config = json.loads((folder / "adapter_config.json").read_text())
-    return tensors, config
+def build(lib: str, model: str, kwargs: dict[str, Any]):
+    return H.build(lib, ("-", model, kwargs))
 
 
 def embedding_copies(keys) -> list[str]:
     """Keys of whole base embedding matrices, which peft adds when embed_tokens/lm_head are targets."""
     return [k for k in keys if re.search(r"(embed_tokens|lm_head)\.base_layer\.weight$", k)]
-
-
-def as_comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """peft writes sets (target_modules, modules_to_save, ...) in arbitrary order: compare lists as sets."""
-    return {k: (sorted(map(str, v)) if isinstance(v, list) and k != "layers_to_transform" else v)
-            for k, v in config.items()}
-
-
-@pytest.fixture(scope="module")
-def pair_cache():
-    return {}
-
-
-def pair(cache, case):
-    """(peft model, peftlab model) for a case, built once per module (tests must not change them)."""
-    name, model, kwargs = case
-    if name not in cache:
-        cache[name] = (build("peft", model, kwargs), build("peftlab", model, kwargs))
-    return cache[name]
-
-
-# ---------------------------------------------------------------------------------------------------
-# same model, same config
-# ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_same_config_same_model(case, pair_cache):
-    name, model, kwargs = case
-    ref, ours = pair(pair_cache, case)
-    assert type(ours).__name__ == type(ref).__name__
-    assert adapted_names(ours) == adapted_names(ref)
-    assert trainable_names(ours) == trainable_names(ref)
-    assert ours.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
-    assert count_line(ours) == count_line(ref)
-    assert set(ours.state_dict()) == set(ref.state_dict())
-    x = inputs(model)
-    torch.testing.assert_close(output(ours, x), output(ref, x), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -182,152 +93,11 @@ def test_print_trainable_parameters_fresh(case, capsys):
     name, model, kwargs = case
     lines = []
     for lib in LIBS.values():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet():
             lib.get_peft_model(base_model(model), lib.LoraConfig(**kwargs)).print_trainable_parameters()
         lines.append(capsys.readouterr().out)
     assert lines[0] == lines[1]
     assert lines[0].startswith("trainable params: ") and " || all params: " in lines[0]
-
-
-# ---------------------------------------------------------------------------------------------------
-# layer-level numerics
-# ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_layer_numerics(case):
-    name, model, kwargs = case
-    ref, ours = build("peft", model, kwargs), build("peftlab", model, kwargs)
-    x = inputs(model)
-    unmerged = output(ref, x)
-    ref_layers = {n: m for n, m in ref.get_base_model().named_modules() if isinstance(m, BaseTunerLayer)}
-    our_layers = {n: m for n, m in ours.get_base_model().named_modules() if isinstance(m, AdapterLayer)}
-    assert ref_layers.keys() == our_layers.keys()
-    for key, layer in our_layers.items():
-        ref_layer = ref_layers[key]
-        assert layer.scaling["default"] == pytest.approx(ref_layer.scaling["default"], rel=1e-12), key
-        assert layer.r["default"] == ref_layer.r["default"], key
-        with torch.no_grad():
-            torch.testing.assert_close(layer.get_delta_weight("default"), ref_layer.get_delta_weight("default"),
-                                       atol=1e-7, rtol=0, msg=key)
-    # merged weights and outputs
-    with quiet():
-        ref.merge_adapter()
-    ours.merge_adapter()
-    for key, layer in our_layers.items():
-        ref_base = ref_layers[key].get_base_layer()
-        torch.testing.assert_close(layer.get_base_layer().weight, ref_base.weight, atol=1e-7, rtol=0, msg=key)
-        if getattr(ref_base, "bias", None) is not None:
-            torch.testing.assert_close(layer.get_base_layer().bias, ref_base.bias, atol=1e-7, rtol=0, msg=key)
-    torch.testing.assert_close(output(ours, x), output(ref, x), atol=ATOL, rtol=0)
-    torch.testing.assert_close(output(ours, x), unmerged, atol=1e-5, rtol=0)
-    with quiet():
-        ref.unmerge_adapter()
-    ours.unmerge_adapter()
-    for key, layer in our_layers.items():
-        torch.testing.assert_close(layer.get_base_layer().weight, ref_layers[key].get_base_layer().weight,
-                                   atol=1e-7, rtol=0, msg=key)
-    with quiet():
-        with ref.disable_adapter():
-            ref_disabled = output(ref, x)
-        with ours.disable_adapter():
-            our_disabled = output(ours, x)
-    torch.testing.assert_close(our_disabled, ref_disabled, atol=0, rtol=0)
-    # merge_and_unload: same plain model
-    with quiet():
-        ref_plain, our_plain = ref.merge_and_unload(), ours.merge_and_unload()
-    assert {n: type(m) for n, m in our_plain.named_modules()} == {n: type(m) for n, m in ref_plain.named_modules()}
-    ref_sd, our_sd = ref_plain.state_dict(), our_plain.state_dict()
-    assert our_sd.keys() == ref_sd.keys()
-    for k in ref_sd:
-        torch.testing.assert_close(our_sd[k], ref_sd[k], atol=1e-7, rtol=0, msg=k)
-
-
-# ---------------------------------------------------------------------------------------------------
-# checkpoints in both directions
-# ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_peftlab_saves_peft_loads(case, pair_cache, tmp_path):
-    name, model, kwargs = case
-    ref, ours = pair(pair_cache, case)
-    ours.save_pretrained(tmp_path)
-    with no_warnings():  # no unknown config keys, no missing or unexpected adapter keys
-        loaded = peft.PeftModel.from_pretrained(base_model(model), tmp_path)
-    assert type(loaded).__name__ == type(ours).__name__
-    x = inputs(model)
-    torch.testing.assert_close(output(loaded, x), output(ours, x), atol=ATOL, rtol=0)
-    ref_params = dict(loaded.named_parameters())
-    for n, p in ours.named_parameters():
-        if p.requires_grad:  # every trained tensor arrived
-            torch.testing.assert_close(ref_params[n], p, atol=0, rtol=0, msg=n)
-
-
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_peft_saves_peftlab_loads(case, pair_cache, tmp_path):
-    name, model, kwargs = case
-    ref, ours = pair(pair_cache, case)
-    with quiet():
-        ref.save_pretrained(tmp_path)
-    with no_warnings():
-        loaded = peftlab.PeftModel.from_pretrained(base_model(model), tmp_path)
-    assert type(loaded).__name__ == type(ref).__name__
-    x = inputs(model)
-    torch.testing.assert_close(output(loaded, x), output(ref, x), atol=ATOL, rtol=0)
-    our_params = dict(loaded.named_parameters())
-    for n, p in ref.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(our_params[n], p, atol=0, rtol=0, msg=n)
-    # and peftlab's reload of peft's file saves the same file again
-    again = tmp_path / "again"
-    loaded.save_pretrained(again)
-    first, second = read_files(tmp_path)[0], read_files(again)[0]
-    assert first.keys() == second.keys()  # whole embedding matrices included, as peft writes them
-    assert all(torch.equal(first[k], second[k]) for k in first)
-
-
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_same_files(case, pair_cache, tmp_path):
-    name, model, kwargs = case
-    ref, ours = pair(pair_cache, case)
-    with quiet():
-        ref.save_pretrained(tmp_path / "peft")
-    with quiet():  # save_embedding_layers="auto" warns when an embedding is a target, as in peft
-        ours.save_pretrained(tmp_path / "peftlab")
-    ref_files = sorted(p.name for p in (tmp_path / "peft").iterdir())
-    our_files = sorted(p.name for p in (tmp_path / "peftlab").iterdir())
-    assert our_files == ref_files  # the model card README.md included
-    ref_tensors, ref_config = read_files(tmp_path / "peft")
-    our_tensors, our_config = read_files(tmp_path / "peftlab")
-    assert our_tensors.keys() == ref_tensors.keys()
-    for k in ref_tensors:
-        assert our_tensors[k].dtype == ref_tensors[k].dtype, k
-        assert torch.equal(our_tensors[k], ref_tensors[k]), k
-    assert our_config.keys() == ref_config.keys()
-    assert as_comparable(our_config) == as_comparable(ref_config)
-    # each library reads the other's config without complaint, to the same values
-    with no_warnings():
-        ref_read = peft.PeftConfig.from_pretrained(str(tmp_path / "peftlab"))
-        our_read = peftlab.PeftConfig.from_pretrained(tmp_path / "peft")
-    assert type(ref_read).__name__ == type(our_read).__name__ == "LoraConfig"
-    assert as_comparable(json.loads(json.dumps(our_read.to_dict()))) == as_comparable(
-        {k: v for k, v in our_config.items()})
-
-
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_loading_for_training_trains_the_same_tensors(case, pair_cache, tmp_path):
-    """``is_trainable=True``: the same tensors train in both libraries, and the count lines agree."""
-    name, model, kwargs = case
-    ref, ours = pair(pair_cache, case)
-    ours.save_pretrained(tmp_path)
-    with quiet():
-        ref_loaded = peft.PeftModel.from_pretrained(base_model(model), tmp_path, is_trainable=True)
-    our_loaded = peftlab.PeftModel.from_pretrained(base_model(model), tmp_path, is_trainable=True)
-    assert trainable_names(our_loaded) == trainable_names(ref_loaded) == trainable_names(ours)
-    assert count_line(our_loaded) == count_line(ref_loaded)
-    frozen = peftlab.PeftModel.from_pretrained(base_model(model), tmp_path)  # for inference: nothing trains
-    assert not trainable_names(frozen)
-    if kwargs.get("bias", "none") == "none":  # see test_divergence_inference_load_freezes_biases
-        with quiet():
-            assert not trainable_names(peft.PeftModel.from_pretrained(base_model(model), tmp_path))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[1] in ("mlp", "llama", "gpt2")],
@@ -343,7 +113,7 @@ def test_inject_adapter_in_model(case):
             injected[lib_name] = lib.inject_adapter_in_model(lib.LoraConfig(**kwargs), base_model(model))
     ref, ours = injected["peft"], injected["peftlab"]
     assert set(ours.state_dict()) == set(ref.state_dict())
-    assert adapted_names_plain(ours) == adapted_names_plain(ref)
+    assert tuner_layers(ours).keys() == tuner_layers(ref).keys()
     for m in (ref, ours):
         fill_trainable(m)
     with quiet():
@@ -352,100 +122,39 @@ def test_inject_adapter_in_model(case):
         our_sd = peftlab.get_peft_model_state_dict(ours)  # the injected model holds its configs, as in peft
     assert our_sd.keys() == ref_sd.keys()
     assert not any(k.startswith("base_model.model.") for k in our_sd)
-    x = inputs(model)
+    x = H.inputs(model)
     torch.testing.assert_close(output(ours.eval(), x), output(ref.eval(), x), atol=ATOL, rtol=0)
-
-
-def adapted_names_plain(model) -> set[str]:
-    return {n for n, m in model.named_modules() if isinstance(m, (BaseTunerLayer, AdapterLayer))}
 
 
 # ---------------------------------------------------------------------------------------------------
 # several adapters, a non-default one in a sub-folder
 # ---------------------------------------------------------------------------------------------------
-MULTI = ("llama", dict(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
-         dict(target_modules=["v_proj", "o_proj", "up_proj"], r=4, lora_alpha=16, task_type="CAUSAL_LM"),
-         dict(target_modules=r".*layers\.1\.mlp\.(gate|down)_proj", r=2, use_rslora=True, task_type="CAUSAL_LM"))
-MULTI_MLP = ("mlp", dict(target_modules=["lin0"], modules_to_save=["lin1"]),
-             dict(target_modules=["lin0"], r=3, lora_alpha=6, modules_to_save=["lin1"]), dict(target_modules=["lin0"], modules_to_save=["lin1"], r=2))
-
-
-def build_multi(lib_name: str, spec):
-    model, first, second, third = spec
-    pm = build(lib_name, model, first)
-    lib = LIBS[lib_name]
-    for adapter, kwargs in (("second", second), ("third", third)):
-        pm.add_adapter(adapter, lib.LoraConfig(**kwargs))
-        fill_trainable(pm, adapter)
-    return pm.eval()
-
-
-def run_each(pm, x) -> dict[str, torch.Tensor]:
-    outs = {}
-    for adapter in ("default", "second", "third"):
-        pm.set_adapter(adapter)
-        outs[adapter] = output(pm, x)
-    pm.set_adapter("default")
-    return outs
+MULTI = ("llama", "llama", [
+    dict(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    dict(target_modules=["v_proj", "o_proj", "up_proj"], r=4, lora_alpha=16, task_type="CAUSAL_LM"),
+    dict(target_modules=r".*layers\.1\.mlp\.(gate|down)_proj", r=2, use_rslora=True, task_type="CAUSAL_LM")])
+MULTI_MLP = ("mlp-modules-to-save", "mlp", [
+    dict(target_modules=["lin0"], modules_to_save=["lin1"]),
+    dict(target_modules=["lin0"], r=3, lora_alpha=6, modules_to_save=["lin1"]),
+    dict(target_modules=["lin0"], modules_to_save=["lin1"], r=2)])
 
 
 @pytest.mark.parametrize("spec", [MULTI, MULTI_MLP], ids=["llama", "mlp-modules-to-save"])
-@pytest.mark.parametrize("direction", ["peftlab->peft", "peft->peftlab"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_several_adapters_both_ways(spec, direction, tmp_path):
-    src, dst = direction.split("->")
-    saver = build_multi(src, spec)
-    model = spec[0]
-    x = inputs(model, batch=4)
-    expected = run_each(saver, x)
-    with quiet():
-        saver.save_pretrained(tmp_path)
-    assert (tmp_path / "adapter_config.json").is_file()
-    for sub in ("second", "third"):
-        assert (tmp_path / sub / "adapter_model.safetensors").is_file()
-    lib = LIBS[dst]
-    with no_warnings():
-        loaded = lib.PeftModel.from_pretrained(base_model(model), tmp_path)
-        loaded.load_adapter(tmp_path / "second", adapter_name="second")
-        loaded.load_adapter(str(tmp_path), adapter_name="third", subfolder="third")
-    got = run_each(loaded, x)
-    for adapter in expected:
-        torch.testing.assert_close(got[adapter], expected[adapter], atol=ATOL, rtol=0, msg=adapter)
-    names = ["third", "__base__", "default", "second"]
-    with quiet():
-        mixed_src = output(saver, x, adapter_names=names)
-    mixed_dst = output(loaded, x, adapter_names=names)
-    torch.testing.assert_close(mixed_dst, mixed_src, atol=ATOL, rtol=0)
-    for row, adapter in enumerate(names):
-        if adapter != "__base__":
-            torch.testing.assert_close(mixed_dst[row], expected[adapter][row], atol=ATOL, rtol=0)
+    """Mixed batches (``adapter_names``) too, in both libraries."""
+    H.check_several_adapters_both_ways(spec, direction, tmp_path, mixed="both")
 
 
 @pytest.mark.parametrize("spec", [MULTI, MULTI_MLP], ids=["llama", "mlp-modules-to-save"])
 def test_several_adapters_same_folders(spec, tmp_path):
-    ref, ours = build_multi("peft", spec), build_multi("peftlab", spec)
-    with quiet():
-        ref.save_pretrained(tmp_path / "peft")
-        ref.save_pretrained(tmp_path / "peft-sel", selected_adapters=["second"])
-    ours.save_pretrained(tmp_path / "peftlab")
-    ours.save_pretrained(tmp_path / "peftlab-sel", selected_adapters=["second"])
-
-    def tree(root):
-        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name != "README.md")
-
-    assert tree(tmp_path / "peftlab") == tree(tmp_path / "peft")
-    assert tree(tmp_path / "peftlab-sel") == tree(tmp_path / "peft-sel")
-    for sub in ("", "second", "third"):
-        ref_t, ref_c = read_files(tmp_path / "peft" / sub)
-        our_t, our_c = read_files(tmp_path / "peftlab" / sub)
-        assert our_t.keys() == ref_t.keys()
-        assert all(torch.equal(our_t[k], ref_t[k]) for k in ref_t)
-        assert as_comparable(our_c) == as_comparable(ref_c)
+    H.check_several_adapters_same_folders(spec, tmp_path)
 
 
 def test_adapter_names_in_generate_match_peft():
     """Mixed batches through ``generate``: greedy tokens per row equal peft's."""
-    ref, ours = build_multi("peft", MULTI), build_multi("peftlab", MULTI)
-    x = inputs("llama", batch=3)
+    ref, ours = H.build_multi("peft", MULTI), H.build_multi("peftlab", MULTI)
+    x = H.inputs("llama", batch=3)
     kwargs = dict(input_ids=x["input_ids"], attention_mask=x["attention_mask"], max_new_tokens=4,
                   do_sample=False, pad_token_id=0)
     names = ["second", "__base__", "default"]
@@ -496,8 +205,8 @@ def test_divergence_conv_lora_keeps_dilation():
 def test_deleting_the_active_adapter_as_peft():
     """Deleting the active adapter activates the first remaining one by name, with peft's warning; deleting the
     last one leaves no active adapter and the base model's outputs."""
-    models = {lib: build_multi(lib, MULTI_MLP) for lib in LIBS}
-    x = inputs("mlp")
+    models = {lib: H.build_multi(lib, MULTI_MLP) for lib in LIBS}
+    x = H.inputs("mlp")
     for lib, pm in models.items():
         with pytest.warns(UserWarning, match="was active which is now deleted"):
             pm.delete_adapter("default")
@@ -534,7 +243,7 @@ def test_embedding_matrices_saved_as_peft(tmp_path):
     from safetensors.torch import save_file
     save_file(tensors, str(changed / "adapter_model.safetensors"), metadata={"format": "pt"})
     (changed / "adapter_config.json").write_text((tmp_path / "peft" / "adapter_config.json").read_text())
-    x = inputs("llama")
+    x = H.inputs("llama")
     with quiet():
         ref_loaded = peft.PeftModel.from_pretrained(base_model("llama"), changed)
     our_loaded = peftlab.PeftModel.from_pretrained(base_model("llama"), changed)
@@ -554,28 +263,19 @@ def test_divergence_mixed_batch_with_modules_to_save_of_one_adapter():
         pm.add_adapter("second", LIBS[lib_name].LoraConfig(**second))
         fill_trainable(pm, "second")
         models[lib_name] = pm.eval()
-    x = inputs("mlp", batch=3)
+    x = H.inputs("mlp", batch=3)
     names = ["default", "second", "__base__"]
-    ref_alone = run_each_of(models["peft"], x, ["default", "second"])
+    ref_alone = run_each(models["peft"], x, ["default", "second"])
     models["peft"].set_adapter("default")
     with pytest.raises(KeyError, match="second"), quiet():
         output(models["peft"], x, adapter_names=names)
     ours = models["peftlab"]
     mixed = output(ours, x, adapter_names=names)
-    alone = run_each_of(ours, x, ["default", "second"])
+    alone = run_each(ours, x, ["default", "second"])
     torch.testing.assert_close(mixed[0], alone["default"][0], atol=ATOL, rtol=0)
     torch.testing.assert_close(mixed[1], alone["second"][1], atol=ATOL, rtol=0)
     for adapter in alone:  # run one adapter at a time, the two libraries agree
         torch.testing.assert_close(alone[adapter], ref_alone[adapter], atol=ATOL, rtol=0)
-
-
-def run_each_of(pm, x, adapters) -> dict[str, torch.Tensor]:
-    outs = {}
-    with quiet():
-        for adapter in adapters:
-            pm.set_adapter(adapter)
-            outs[adapter] = output(pm, x)
-    return outs
 
 
 def test_divergence_inference_load_freezes_biases(tmp_path):

@@ -1,9 +1,10 @@
 """OFT and BOFT against peft (the oracle), in both directions, and the places where peftlab differs on purpose.
 
-For each configuration the same tiny model is built in both libraries under one seed; a fresh random adapter
-(``init_weights=False``) comes out tensor for tensor the same, then every adapter tensor is filled with values
-seeded by its name. Both must give the same outputs, trainable tensors and count line, the same merged
-weights, and each library's files must load in the other with the same outputs and the same config keys.
+The shared harness (``tests/interop.py``) runs every case: under one seed a fresh random adapter
+(``init_weights=False``) comes out tensor for tensor the same, and the default one is the identity; filled
+with values seeded by their names, both give the same outputs, trainable tensors and count line, the same
+merged and unmerged weights, disabled outputs and unloaded model; each library's files load in the other with
+the same outputs, and both write the same files (tensors and config).
 
 Pinned differences (peft 0.21.2 on a CPU):
 
@@ -20,29 +21,26 @@ Pinned differences (peft 0.21.2 on a CPU):
 
 from __future__ import annotations
 
-import json
-import warnings
 from typing import Any
 
 import pytest
 import torch
-from conftest import base_model, fill_trainable, output, quiet
+from conftest import base_model, output, quiet
+from interop import LIBS, Interop, peft
 from safetensors.torch import load_file
 from torch import nn
 
 import peftlab
-from peftlab.lab.models import example_inputs
-
-peft = pytest.importorskip("peft", reason="peft (the oracle) is not installed")
-from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
-
-from peftlab.tuners.base import AdapterLayer  # noqa: E402
 
 pytestmark = pytest.mark.peer
 
-LIBS = {"peft": peft, "peftlab": peftlab}
-ATOL = 1e-5
-PREFIXES = ("oft_", "boft_")
+# Unmerging rotates W back by Rᵀ: W₀ (and the disabled outputs after a merge and an unmerge) comes back only to
+# float rounding, differently in each library. peft on a CPU warns when it builds or loads BOFT (no CUDA
+# extension: one butterfly factor, see test_boft_two_factors_peft_cpu_fallback_and_reference).
+H = Interop("OFT", prefixes=("oft_", "boft_"), atol=1e-5, weight_atol=1e-6, unmerge_atol=1e-5, disabled_atol=1e-5,
+            identity_atol=1e-6, file_markers={"OFT": "oft_R", "BOFT": "boft_R"},
+            known_warnings=("Failed to load the CUDA extension", "Setting boft_n_butterfly_factor to 1"))
+ATOL = H.atol
 
 # (case name, method, tiny model, config kwargs)
 CASES: list[tuple[str, str, str, dict[str, Any]]] = [
@@ -65,104 +63,28 @@ CASES: list[tuple[str, str, str, dict[str, Any]]] = [
 IDS = [c[0] for c in CASES]
 
 
-def build(lib_name: str, method: str, model: str, kwargs: dict[str, Any], fill: bool = True, seed: int = 7,
-          base: nn.Module | None = None):
-    base = base_model(model) if base is None else base
-    torch.manual_seed(seed)
-    with quiet():
-        pm = LIBS[lib_name].get_peft_model(base, getattr(LIBS[lib_name], f"{method}Config")(**kwargs))
-    if fill:
-        fill_trainable(pm, prefixes=PREFIXES)
-    return pm.eval()
-
-
-def layers(pm) -> dict[str, nn.Module]:
-    return {n: m for n, m in pm.get_base_model().named_modules() if isinstance(m, (BaseTunerLayer, AdapterLayer))}
-
-
-def count_line(pm) -> str:
-    import contextlib
-    import io
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        pm.print_trainable_parameters()
-    return buf.getvalue()
-
-
-def load(lib_name: str, model: str, folder) -> nn.Module:
-    with quiet():
-        return LIBS[lib_name].PeftModel.from_pretrained(base_model(model), folder).eval()
-
-
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_fresh_random_adapter_is_the_same(case):
     """``init_weights=False``: the same draws in the same order; and the default init is the identity in both."""
-    name, method, model, kwargs = case
-    kw = {**kwargs, "init_weights": False}
-    ref, ours = build("peft", method, model, kw, fill=False), build("peftlab", method, model, kw, fill=False)
-    ref_p = {n: p for n, p in ref.named_parameters() if p.requires_grad}
-    our_p = {n: p for n, p in ours.named_parameters() if p.requires_grad}
-    assert our_p.keys() == ref_p.keys()
-    for k in ref_p:
-        assert torch.equal(our_p[k], ref_p[k]), k
-    x = example_inputs(model)
-    torch.testing.assert_close(output(ours, x), output(ref, x), atol=ATOL, rtol=0)
-    fresh = build("peftlab", method, model, kwargs, fill=False)
-    torch.testing.assert_close(output(fresh, x), output(base_model(model), x), atol=1e-6, rtol=0)
+    H.check_fresh(case, init_weights=False)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_same_model_outputs_and_merge(case):
-    name, method, model, kwargs = case
-    ref, ours = build("peft", method, model, kwargs), build("peftlab", method, model, kwargs)
-    assert layers(ours).keys() == layers(ref).keys()
-    assert {n for n, p in ours.named_parameters() if p.requires_grad} == \
-        {n for n, p in ref.named_parameters() if p.requires_grad}
-    assert count_line(ours) == count_line(ref)
-    x = example_inputs(model)
-    unmerged = output(ours, x)
-    assert not torch.allclose(unmerged, output(base_model(model), x), atol=1e-5)
-    torch.testing.assert_close(unmerged, output(ref, x), atol=ATOL, rtol=0)
-    with quiet():
-        ref.merge_adapter()
-    ours.merge_adapter()
-    ref_layers = layers(ref)
-    for key, layer in layers(ours).items():
-        torch.testing.assert_close(layer.get_base_layer().weight, ref_layers[key].get_base_layer().weight,
-                                   atol=1e-6, rtol=0, msg=key)
-    torch.testing.assert_close(output(ours, x), unmerged, atol=ATOL, rtol=0)
-    with quiet():
-        ref.unmerge_adapter()
-    ours.unmerge_adapter()
-    for key, layer in layers(ours).items():
-        torch.testing.assert_close(layer.get_base_layer().weight, ref_layers[key].get_base_layer().weight,
-                                   atol=1e-5, rtol=0, msg=key)
+def test_same_model_outputs_and_merge(case, pair_cache):
+    ref, ours = H.pair(pair_cache, case)
+    H.check_same_model(case, ref, ours)
+    x = H.inputs(case[2])
+    assert not torch.allclose(output(ours, x), output(base_model(case[2]), x), atol=1e-5)
+    H.check_merge_cycle(case, delta=False)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_files_travel_both_ways(case, tmp_path):
-    name, method, model, kwargs = case
-    x = example_inputs(model)
-    for src, dst in (("peftlab", "peft"), ("peft", "peftlab")):
-        folder = tmp_path / f"{src}-to-{dst}"
-        made = build(src, method, model, kwargs)
-        expected = output(made, x)
-        with quiet():
-            made.save_pretrained(folder)
-        loaded = load(dst, model, folder)
-        assert type(loaded.base_model).__name__ == f"{method}Model"
-        torch.testing.assert_close(output(loaded, x), expected, atol=ATOL, rtol=0, msg=f"{src} → {dst}")
-    ours_t, ours_cfg = load_file(str(tmp_path / "peftlab-to-peft" / "adapter_model.safetensors")), \
-        json.loads((tmp_path / "peftlab-to-peft" / "adapter_config.json").read_text())
-    ref_t, ref_cfg = load_file(str(tmp_path / "peft-to-peftlab" / "adapter_model.safetensors")), \
-        json.loads((tmp_path / "peft-to-peftlab" / "adapter_config.json").read_text())
-    assert {k: v.shape for k, v in ours_t.items()} == {k: v.shape for k, v in ref_t.items()}
-    for k in ref_t:
-        assert torch.equal(ours_t[k], ref_t[k]), k
-    assert set(ours_cfg) == set(ref_cfg)
-    for k in ("r", "oft_block_size", "boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "bias",
-              "use_cayley_neumann", "num_cayley_neumann_terms", "coft", "eps", "block_share", "peft_type"):
-        assert ours_cfg.get(k) == ref_cfg.get(k), k
+def test_files_travel_both_ways(case, pair_cache, tmp_path):
+    ref, ours = H.pair(pair_cache, case)
+    for src, dst in ((ours, "peft"), (ref, "peftlab")):
+        loaded = H.check_loads_in_other(case, src, dst, tmp_path / dst, resave=dst == "peftlab")
+        assert type(loaded.base_model).__name__ == f"{case[1]}Model"
+    H.check_same_files(case, ref, ours, tmp_path / "files")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,7 +103,7 @@ def test_boft_two_factors_peft_cpu_fallback_and_reference(tmp_path):
     assert ref.peft_config["default"].boft_n_butterfly_factor == 2  # the config still says 2 ...
     ref_layer = ref.base_model.model.model.layers[0].self_attn.q_proj
     assert ref_layer.boft_R["default"].shape == (1, 8, 4, 4)  # ... but one factor trains
-    ours = build("peftlab", "BOFT", "llama", kwargs)
+    ours = H.build("peftlab", ("-", "BOFT", "llama", kwargs))
     layer = ours.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.boft_R["default"].shape == (2, 8, 4, 4)
     # the reference: R = P_1 B_1 P_1ᵀ · P_0 B_0 P_0ᵀ from peft's helpers, applied as peft's forward does
@@ -206,8 +128,8 @@ def test_boft_two_factors_peft_cpu_fallback_and_reference(tmp_path):
         "base_model.model.model.layers.0.self_attn.q_proj.boft_R"].shape == (2, 8, 4, 4)
     with quiet(), pytest.raises(RuntimeError, match="size mismatch"):
         peft.PeftModel.from_pretrained(base_model("llama"), tmp_path)
-    again = load("peftlab", "llama", tmp_path)
-    x = example_inputs("llama")
+    again = H.load("peftlab", "llama", tmp_path).eval()
+    x = H.inputs("llama")
     torch.testing.assert_close(output(again, x), output(ours, x), atol=0, rtol=0)
 
 
@@ -228,12 +150,13 @@ def test_oft_padded_conv_peft_quirk(tmp_path):
     x = torch.randn(2, 2, 5, 5, generator=torch.Generator().manual_seed(0))
     kwargs = dict(target_modules=["conv"], oft_block_size=6)
     base_out = PaddedConv()(x).detach()
-    fresh_ref = build("peft", "OFT", "-", kwargs, fill=False, base=PaddedConv())
+    case = ("padded-conv", "OFT", "-", kwargs)
+    fresh_ref = H.build("peft", case, fill=False, base=PaddedConv())
     assert not torch.allclose(output(fresh_ref, x), base_out, atol=1e-3)
-    fresh = build("peftlab", "OFT", "-", kwargs, fill=False, base=PaddedConv())
+    fresh = H.build("peftlab", case, fill=False, base=PaddedConv())
     torch.testing.assert_close(output(fresh, x), base_out, atol=1e-6, rtol=0)
-    ref = build("peft", "OFT", "-", kwargs, base=PaddedConv())
-    ours = build("peftlab", "OFT", "-", kwargs, base=PaddedConv())
+    ref = H.build("peft", case, base=PaddedConv())
+    ours = H.build("peftlab", case, base=PaddedConv())
     ours_out = output(ours, x)
     with quiet():
         ref.merge_adapter()
@@ -242,9 +165,9 @@ def test_oft_padded_conv_peft_quirk(tmp_path):
 
 def test_oft_module_dropout_peft_never_applies_it():
     kwargs = dict(target_modules=["lin1"], oft_block_size=2, module_dropout=0.5)
-    x = example_inputs("mlp")
+    x = H.inputs("mlp")
     for lib, differs in (("peft", False), ("peftlab", True)):
-        pm = build(lib, "OFT", "mlp", kwargs)
+        pm = H.build(lib, ("-", "OFT", "mlp", kwargs))
         pm.base_model.model.drop.p = 0.0  # the MLP's own dropout off: only the adapter's counts
         evaluated = output(pm, x)
         pm.train()
@@ -266,14 +189,14 @@ def test_two_active_oft_adapters_compose_as_merging_does():
     """peft rotates x by the first active adapter, then the second, but merges them the other way round, so its
     merged output differs from its unmerged one; peftlab composes them as merging does. One active adapter at a
     time (the case files are about) is the same in both."""
-    x = example_inputs("mlp")
+    x = H.inputs("mlp")
     kwargs = dict(target_modules=["lin0"], oft_block_size=5)
     results = {}
     for lib in ("peft", "peftlab"):
-        pm = build(lib, "OFT", "mlp", kwargs)
+        pm = H.build(lib, ("-", "OFT", "mlp", kwargs))
         with quiet():
             pm.add_adapter("other", getattr(LIBS[lib], "OFTConfig")(**kwargs))
-        fill_trainable(pm, "other", prefixes=PREFIXES)
+        H.fill(pm, "other")
         pm.base_model.set_adapter(["default", "other"])
         unmerged = output(pm, x)
         with quiet():

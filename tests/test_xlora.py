@@ -142,6 +142,23 @@ def test_global_weight_zero_is_the_base_and_disable_adapter_too(experts):
     assert not torch.allclose(logits(m), base)
 
 
+def test_the_gate_reads_the_base_model_s_last_hidden_state_without_gradients(experts):
+    """The scaling pass is the plain base model (scaling_pass_value=0), the gate maps its last hidden state to the
+    scalings, and the pass runs without gradients even when the experts train and take part in it."""
+    m = xlora(experts)
+    logits(m)
+    with torch.no_grad():
+        h = base_model("llama")(input_ids=IDS, output_hidden_states=True).hidden_states[-1]
+        torch.testing.assert_close(m.get_latest_scalings(), m.base_model.internal_xlora_classifier(h))
+    m = xlora(experts, use_trainable_adapters=True, scaling_pass_value=0.5).train()
+    seen = []
+    hook = m.base_model.internal_xlora_classifier.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    m(input_ids=IDS).logits.sum().backward()
+    hook.remove()
+    assert len(seen) == 1 and not seen[0].requires_grad
+    assert not torch.allclose(seen[0], h)  # the experts did take part in this scaling pass
+
+
 def test_scaling_pass_value_changes_the_gate_input(experts):
     m = xlora(experts)
     logits(m)
@@ -255,6 +272,9 @@ def test_errors(experts, tmp_path):
     untouched = base_model("llama")
     with pytest.raises(ValueError, match="use_dora=True"):
         get_peft_model(untouched, XLoraConfig(hidden_size=HIDDEN, adapters=dora))
+    saving = make_experts(str(tmp_path / "m"), n=1, modules_to_save=["lm_head"])
+    with pytest.raises(ValueError, match=r"trains whole modules \(\['lm_head'\]\)"):
+        get_peft_model(untouched, XLoraConfig(hidden_size=HIDDEN, adapters=saving))
     loha = get_peft_model(base_model("llama"), peftlab.LoHaConfig(target_modules=["q_proj"]))
     loha.save_pretrained(tmp_path / "loha")
     with pytest.raises(ValueError, match="LOHA adapter; X-LoRA's experts are LoRA"):
@@ -267,8 +287,12 @@ def test_errors(experts, tmp_path):
         other = get_peft_model(base_model("gpt2"), LoraConfig(target_modules=["c_attn"]))
     other.save_pretrained(tmp_path / "gpt2")
     plain = base_model("llama")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expert 'g' \(.*gpt2\) does not fit this model: target_modules=\['c_attn'\] "
+                                         "matched no module"):
         get_peft_model(plain, XLoraConfig(hidden_size=HIDDEN, adapters={**experts, "g": str(tmp_path / "gpt2")}))
+    assert not any("lora" in n for n, _ in plain.named_modules())
+    with pytest.raises(ValueError, match=r"expert 'g' .* does not fit this model"):  # as the first expert too
+        get_peft_model(plain, XLoraConfig(hidden_size=HIDDEN, adapters={"g": str(tmp_path / "gpt2"), **experts}))
     assert not any("lora" in n for n, _ in plain.named_modules())
 
 

@@ -18,11 +18,10 @@ import warnings
 import pytest
 import torch
 from conftest import base_model
+from interop import DIRECTIONS, peft
 from safetensors.torch import load_file
 
 import peftlab
-
-peft = pytest.importorskip("peft", reason="peft (the oracle) is not installed")
 
 pytestmark = pytest.mark.peer
 
@@ -71,6 +70,27 @@ def run(model, ids=IDS):
     return out, model.get_latest_scalings()
 
 
+def test_config_has_peft_s_fields_defaults_and_file_keys():
+    """XLoraConfig: peft 0.21.2's X-LoRA fields, in its order, with its defaults; the same keys on disk; a missing
+    hidden_size becomes 4096 and missing adapters {} with a warning, in both."""
+    import dataclasses
+
+    def own_fields(cls, base):
+        shared = {f.name for f in dataclasses.fields(base)}
+        return [(f.name, f.default) for f in dataclasses.fields(cls) if f.name not in shared]
+
+    ours, theirs = own_fields(peftlab.XLoraConfig, peftlab.PeftConfig), own_fields(peft.XLoraConfig, peft.PeftConfig)
+    assert ours == theirs and len(ours) == 13
+    kw = {"hidden_size": HIDDEN, "adapters": {"0": "x"}}
+    assert set(peftlab.XLoraConfig(**kw).to_dict()) == set(peft.XLoraConfig(**kw).to_dict())
+    for lib in (peftlab, peft):
+        with pytest.warns(UserWarning, match="4096"):
+            cfg = lib.XLoraConfig(adapters={})
+        assert cfg.hidden_size == 4096
+        with pytest.warns(UserWarning):
+            assert lib.XLoraConfig(hidden_size=HIDDEN).adapters == {}
+
+
 OPTIONS = [
     {},
     {"xlora_depth": 2, "xlora_size": 8, "layerwise_scalings": True},
@@ -81,7 +101,7 @@ OPTIONS = [
 
 @pytest.mark.parametrize("kw", OPTIONS, ids=["default", "mlp_layerwise", "top1", "pass_value"])
 @pytest.mark.parametrize("experts_from", ["peft", "peftlab"])
-@pytest.mark.parametrize("direction", ["peft->peftlab", "peftlab->peft"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_same_gate_weights_same_outputs(expert_dirs, kw, experts_from, direction):
     adapters = expert_dirs[experts_from]
     ours, theirs = build(peftlab, adapters, **kw), build(peft, adapters, **kw)
@@ -163,6 +183,25 @@ def test_peft_needs_experts_named_by_index(expert_dirs):
         run(theirs)
     ours = build(peftlab, named)  # peftlab keeps the names and numbers the experts inside
     assert run(ours)[1].shape[-1] == 2
+
+
+def test_peft_refuses_a_model_with_use_cache_and_warns_on_top_k_below_one(expert_dirs):
+    """peft refuses a base model whose config has use_cache=True; peftlab turns the cache off for each forward
+    (the gate must see the whole sequence). peft only warns on top_k_lora=0; peftlab refuses it."""
+    cached = base_model("llama")
+    assert cached.config.use_cache
+    cfg = {"task_type": "CAUSAL_LM", "hidden_size": HIDDEN, "adapters": dict(expert_dirs["peft"])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="use_cache"):
+            peft.get_peft_model(cached, peft.XLoraConfig(**cfg))
+        torch.manual_seed(0)  # the gate's initialisation, as build() seeds it
+        ours = peftlab.get_peft_model(base_model("llama"), peftlab.XLoraConfig(**cfg)).eval()
+    torch.testing.assert_close(run(ours)[0], run(build(peftlab, expert_dirs["peft"]))[0])
+    with pytest.warns(UserWarning, match="at least 1"):
+        peft.XLoraConfig(**cfg, top_k_lora=0)
+    with pytest.raises(ValueError, match="top_k_lora=0"):
+        peftlab.XLoraConfig(**cfg, top_k_lora=0)
 
 
 def test_peft_sorts_the_expert_names_when_it_saves(tmp_path):

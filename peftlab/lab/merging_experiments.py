@@ -5,7 +5,8 @@
 * the digits merging testbed H4: every merge method with λ (and the density) chosen on the
   validation split and reported on the test split (:func:`pick_lambda`, :func:`compare_on_testbed`);
 * DARE's drop-rate curves on a full fine-tuning delta and on a LoRA delta of the same task
-  (:func:`h4_full_delta`, :func:`h4_lora_delta`, :func:`drop_rate_curve`);
+  (:func:`h4_full_delta`, :func:`h4_lora_delta`, :func:`drop_rate_curve`), and what makes one delta fragile
+  (:func:`dare_measures`);
 * task adapters on the lab LM, saved as adapter folders, loaded side by side, merged with every
   combination type and scored per task (:func:`train_task_adapters`, :func:`load_adapters`,
   :func:`task_scores`, :func:`merge_grid`).
@@ -37,6 +38,7 @@ __all__ = [
     "TaskDelta",
     "TiesSteps",
     "compare_on_testbed",
+    "dare_measures",
     "drop_rate_curve",
     "h4_full_delta",
     "h4_lora_delta",
@@ -285,6 +287,37 @@ def drop_rate_curve(delta: Mapping[str, Tensor], evaluate: Callable[[dict[str, T
                                     for k, v in delta.items()}))
         out[p] = scores
     return out
+
+
+def dare_measures(td: TaskDelta, p: float = 0.9, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Why DARE at drop rate ``p`` hurts one delta more than another: for every matrix δ of ``td.delta`` (with W its
+    pretrained weight), its size and spread, and the noise one DARE mask adds, n = DARE_p(δ) − δ.
+
+    Per layer: ‖δ‖_F/‖W‖_F, mean |δ_ij|, the stable rank ‖δ‖²_F/σ₁(δ)², σ₁(δ)/σ₁(W), the spectral norm of the noise
+    ‖n‖₂/‖W‖₂, and ‖n‖²_F/‖δ‖²_F (which DARE's variance puts at p/(1 − p) in expectation). The mask comes from a
+    generator seeded with ``seed``.
+
+    Explained in: book/dare.ipynb
+    """
+    if not 0 < p < 1:
+        raise ValueError(f"drop rate p={p} must be in (0, 1): the fraction of delta entries DARE drops")
+    two = lambda M: float(torch.linalg.matrix_norm(M, 2))  # spectral norm σ₁  # noqa: E731
+    rows = {}
+    for layer, d in td.delta.items():
+        if d.dim() != 2:
+            continue  # biases: no spectrum
+        W = td.theta_pre[layer]
+        s = torch.linalg.svdvals(d)
+        noise = random_pruning(d, 1 - p, rescale=True, generator=torch.Generator().manual_seed(seed)) - d
+        rows[layer] = {
+            "‖δ‖_F / ‖W‖_F": float(d.norm() / W.norm()),
+            "mean |δ_ij|": float(d.abs().mean()),
+            "stable rank": float(s.square().sum() / s[0] ** 2),
+            "σ₁(δ) / σ₁(W)": float(s[0]) / two(W),
+            f"‖noise‖₂ / ‖W‖₂ at p={p}": two(noise) / two(W),
+            "‖noise‖²_F / ‖δ‖²_F": float(noise.square().sum() / d.square().sum()),
+        }
+    return rows
 
 
 # ============================================================================ task adapters on the lab LM

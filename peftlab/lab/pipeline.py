@@ -13,7 +13,8 @@ It is pretrained on scikit-learn's digits (train split, pixels in [−1, 1]) and
 cache next to the digits models (:func:`peftlab.lab.cache.cached_module`). :func:`train_style_lora`
 trains a LoRA that draws every digit in a style (:data:`STYLES`: inverted, flipped, bold). The pipeline gets diffusers' LoRA calls from
 :class:`~peftlab.integrations.diffusers.LoraLoaderMixin`, its models transformers' ``add_adapter`` & co.
-from :class:`~peftlab.integrations.transformers.PeftAdapterMixin`.
+from :class:`~peftlab.integrations.transformers.PeftAdapterMixin`. :func:`digit_accuracy` and :func:`ink_fraction`
+read what a pipeline drew; :func:`blend` and :func:`show_blend` draw two styles mixed at weights (1 − w, w).
 
 Explained in: book/integrations.ipynb
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -401,3 +402,52 @@ def classify(images: Tensor, classifier: Optional[nn.Module] = None) -> Tensor:
     classifier.eval()
     with torch.no_grad():
         return classifier(images.reshape(-1, 64).float().cpu()).argmax(-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading the images: is the digit right, how much ink, a blend of two styles
+# ---------------------------------------------------------------------------------------------------
+def digit_accuracy(images: Tensor, labels: Tensor, classifier: Optional[nn.Module] = None) -> float:
+    """How often the lab's digits classifier (:func:`classify`) reads ``labels`` (the digits the prompts asked for)
+    in (N, 8, 8) ``images``.
+
+    Explained in: book/integrations.ipynb
+    """
+    labels = torch.as_tensor(labels).reshape(-1).cpu()
+    if images.reshape(-1, 64).shape[0] != labels.numel():
+        raise ValueError(f"digit_accuracy got {images.reshape(-1, 64).shape[0]} images but {labels.numel()} labels; "
+                         "give one label per image (the digit its prompt asked for)")
+    return (classify(images, classifier) == labels).float().mean().item()
+
+
+def ink_fraction(images: Tensor) -> float:
+    """Fraction of pixels with ink: value > 0 (ink is +1, paper −1).
+
+    Explained in: book/integrations.ipynb
+    """
+    return (images > 0).float().mean().item()
+
+
+def blend(pipe: DigitDiffusionPipeline, first: str, second: str, w: float, seed: int = 0) -> Tensor:
+    """One image per digit 0…9, (10, 8, 8), drawn with the LoRAs ``first`` and ``second`` at weights (1 − w, w):
+    ``pipe.set_adapters([first, second], [1 − w, w])`` (left active), the same starting noise for a given ``seed``.
+
+    Explained in: book/integrations.ipynb
+    """
+    pipe.set_adapters([first, second], [1 - w, w])
+    prompts = [prompt_for(d) for d in range(len(NUMBER_WORDS))]
+    return pipe(prompts, generator=torch.Generator().manual_seed(seed)).images
+
+
+def show_blend(pipe: DigitDiffusionPipeline, first: str = "flipped", second: str = "bold", w: float = 0.5,
+               seed: int = 0) -> Any:
+    """Draw :func:`blend` as one row of digits with :func:`peftlab.viz.image_grid`; returns the figure. For sliders:
+    ``ipywidgets.interactive(lambda first, second, w, seed: show_blend(pipe, first, second, w, seed), first=..., ...)``.
+
+    Explained in: book/integrations.ipynb
+    """
+    from peftlab import viz  # matplotlib only when drawing
+
+    images = blend(pipe, first, second, w, seed)
+    return viz.image_grid(images, col_labels=[str(d) for d in range(len(NUMBER_WORDS))],
+                          title=f"{1 - w:.2f} × {first} + {w:.2f} × {second}")

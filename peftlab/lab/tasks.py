@@ -11,9 +11,10 @@ Explained in: book/lab.ipynb
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -153,7 +154,22 @@ def make_mixture(names: Iterable[str], n_per_task: int, seed: int = 0, tokenizer
     from datasets import concatenate_datasets
 
     parts = [make_task(name, n_per_task, seed, tokenizer, **kw) for name in names]
-    return concatenate_datasets(parts).shuffle(seed=seed).flatten_indices()
+    with _no_progress_bars():
+        return concatenate_datasets(parts).shuffle(seed=seed).flatten_indices()
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """datasets' progress bars off inside the block (a bar per tiny map or flatten is noise in a chapter)."""
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
+    shown = is_progress_bar_enabled()
+    disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            enable_progress_bar()
 
 
 def _prefix(tokenizer: Any) -> list[int]:
@@ -183,15 +199,8 @@ def tokenize(dataset: Any, tokenizer: Any) -> Any:
         enc = [encode_example(tokenizer, p, a) for p, a in zip(batch["prompt"], batch["answer"])]
         return {k: [e[k] for e in enc] for k in ("input_ids", "attention_mask", "labels")}
 
-    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
-
-    shown = is_progress_bar_enabled()
-    disable_progress_bar()  # a bar per tiny map is noise in a chapter
-    try:
+    with _no_progress_bars():
         return dataset.map(fn, batched=True, load_from_cache_file=False)
-    finally:
-        if shown:
-            enable_progress_bar()
 
 
 def pad(
@@ -281,15 +290,29 @@ def greedy_generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                 pad_token_id=pad_id, eos_token_id=eos_id,
             )
-            new = gen[:, ids.shape[1]:]
+            outputs += decode_new_tokens(tokenizer, gen, ids.shape[1])
         else:
-            new = _argmax_loop(model, ids, mask, max_new_tokens, eos_id)
-        for row in new.tolist():
-            if eos_id in row:
-                row = row[: row.index(eos_id)]
-            outputs.append(_normalise(tokenizer.decode(row, skip_special_tokens=True)))
+            outputs += decode_new_tokens(tokenizer, _argmax_loop(model, ids, mask, max_new_tokens, eos_id), 0)
     model.train(was_training)
     return outputs
+
+
+def decode_new_tokens(tokenizer: Any, output_ids: torch.Tensor, prompt_length: int) -> list[str]:
+    """The text ``generate`` added to each row: the tokens after the first ``prompt_length`` (the padded prompt),
+    cut at the first end-of-sequence token, decoded without special tokens, whitespace normalised.
+
+    Explained in: book/integrations.ipynb
+    """
+    if output_ids.dim() != 2:
+        raise ValueError(f"decode_new_tokens expects token ids of shape (batch, length), as generate returns; "
+                         f"got shape {tuple(output_ids.shape)}")
+    eos_id = tokenizer.eos_token_id
+    texts = []
+    for row in output_ids[:, prompt_length:].tolist():
+        if eos_id in row:
+            row = row[: row.index(eos_id)]
+        texts.append(_normalise(tokenizer.decode(row, skip_special_tokens=True)))
+    return texts
 
 
 def _argmax_loop(model: Any, ids: torch.Tensor, mask: torch.Tensor, steps: int, eos_id: int) -> torch.Tensor:

@@ -3,13 +3,15 @@
 For the queries Q of one layer (rotary position applied, as the layer's own attention does) and a learnable
 prompt P (adapter_len × hidden), projected by the layer's frozen key and value projections:
 
-    t = Attn(Q, K, V)  +  g · softmax(Q K_Pᵀ / √d) V_P · W_oᵀ,      K_P = P W_kᵀ,  V_P = P W_vᵀ
+    t = Linear_o( Attn(Q, K, V)  +  g · softmax(Q K_Pᵀ / √d) V_P ),      K_P = P W_kᵀ,  V_P = P W_vᵀ
 
 The first term is the unchanged attention over the sequence (its own softmax, mask, KV cache); the second is
 attention over the prompt alone, with a softmax of its own, scaled by the gate ``g`` that starts at zero, so
-a fresh adapter changes nothing. The prompt has no position (no rotary on K_P) and needs no mask: every
-token may read all of it. Grouped-query attention (fewer key/value heads than query heads) shares each
-prompt key/value head among its group of query heads, as the layer does with its own keys.
+a fresh adapter changes nothing. The gated read is added to the input of the module's own ``o_proj`` (a
+forward pre-hook during the call): one W_o product serves both terms, and o_proj's bias is added once. The
+prompt has no position (no rotary on K_P) and needs no mask: every token may read all of it. Grouped-query
+attention (fewer key/value heads than query heads) shares each prompt key/value head among its group of
+query heads, as the layer does with its own keys.
 
 Tensors (peft's names): ``adaption_prompt`` (1, adapter_len, hidden), N(0, 1) as in the official code;
 ``adaption_gate`` (1,), zero.
@@ -23,7 +25,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftlab.tuners.base import AdapterLayer
@@ -120,7 +121,8 @@ class AdaptedAttention(AdapterLayer):
         return q * cos + rotate_half(q) * sin
 
     def adapter_forward(self, x: torch.Tensor, adapters: Sequence[str], *args: Any, **kwargs: Any) -> Any:
-        """The module's output plus Σ_a g_a · softmax(Q K_Pᵀ/√d) V_P W_oᵀ (no second o_proj bias).
+        """The module's own attention with Σ_a g_a · softmax(Q K_Pᵀ/√d) V_P added to the input of ``o_proj``:
+        t = Linear_o(Attn + gated reads), one W_o product for both and o_proj's bias once (the paper's form).
 
         Explained in: book/llama_adapter.ipynb
         """
@@ -129,29 +131,24 @@ class AdaptedAttention(AdapterLayer):
             raise ValueError(f"{type(self.get_base_layer()).__name__} was called without position_embeddings; "
                              "LLaMA-Adapter needs the rotary (cos, sin) that transformers' decoder layers pass: "
                              "call the whole model, or pass position_embeddings=(cos, sin)")
-        # the module does not return its queries: keep its q_proj(x) on the way instead of computing it twice
-        seen: list[torch.Tensor] = []
-        handle = self.get_base_layer().q_proj.register_forward_hook(lambda mod, inp, out: seen.append(out))
+        attn = self.get_base_layer()
+        seen: list[torch.Tensor] = []  # the module's own q_proj(x): its queries, without computing W_q x twice
+
+        def add_reads(module: nn.Module, inputs: tuple) -> tuple:  # o_proj's input: (batch, seq, heads · d)
+            q = self.queries(x, position_embeddings, seen[0] if len(seen) == 1 else None)
+            mixed = inputs[0]
+            for name in adapters:
+                gated = self.adaption_gate[name].to(q.dtype) * self.prompt_attention(q, name)  # S_gᴷ V_P
+                mixed = mixed + gated.transpose(1, 2).reshape(mixed.shape).to(mixed.dtype)
+            return (mixed, *inputs[1:])
+
+        handles = [attn.q_proj.register_forward_hook(lambda mod, inp, out: seen.append(out)),
+                   attn.o_proj.register_forward_pre_hook(add_reads)]
         try:
-            result = self.base_layer(x, *args, **kwargs)
+            return self.base_layer(x, *args, **kwargs)
         finally:
-            handle.remove()
-        out, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, None)
-        q = self.queries(x, position_embeddings, seen[0] if len(seen) == 1 else None)
-        mixed = None
-        for name in adapters:
-            gated = self.adaption_gate[name].to(q.dtype) * self.prompt_attention(q, name)  # S_gᴷ V_P
-            mixed = gated if mixed is None else mixed + gated
-        b, _, s, _ = q.shape
-        mixed = mixed.transpose(1, 2).reshape(b, s, -1)
-        o_proj = self.get_base_layer().o_proj
-        mixed = mixed.to(o_proj.weight.dtype)
-        if type(o_proj) is nn.Linear:  # W_o only: Linear_o(S V) adds o_proj's bias once, and `out` holds it
-            delta = F.linear(mixed, o_proj.weight)
-        else:
-            delta = o_proj(mixed) - (o_proj.bias if getattr(o_proj, "bias", None) is not None else 0)
-        out = out + delta.to(out.dtype)
-        return (out, *rest) if rest is not None else out
+            for handle in handles:
+                handle.remove()
 
     def extra_repr(self) -> str:
         return f"adapter_len={self.adapter_len}, " + super().extra_repr()

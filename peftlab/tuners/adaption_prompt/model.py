@@ -10,7 +10,9 @@ from typing import Any
 from peftlab.tuners.adaption_prompt.layer import AdaptedAttention
 from peftlab.tuners.base import BaseTuner, device_memory_bytes
 
-#: model_type → the attention module in each decoder block (peft 0.21.2 supports these Llama-family types)
+#: model_type → the attention module in each decoder block: peft 0.21.2's Llama-family types. peft also takes
+#: "gpt2", but adds the prompt's read without GPT-2's output projection c_proj (not the paper's Linear_o);
+#: peftlab refuses GPT-2 (tests/test_adaption_prompt_interop.py pins the difference)
 SUPPORTED_MODEL_TYPES: dict[str, str] = {"llama": "self_attn", "mistral": "self_attn"}
 
 

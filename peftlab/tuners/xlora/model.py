@@ -142,10 +142,16 @@ class XLoraModel(BaseTuner):
         folders, configs = self._read_experts(config)
         lora = get_method("LORA")
         self._hooks: list[Any] = []
-        self.lora_model = lora.tuner_class(model, {"0": configs[0]}, "0")
+        try:
+            self.lora_model = lora.tuner_class(model, {"0": configs[0]}, "0")
+        except ValueError as exc:
+            raise ValueError(f"expert {names[0]!r} ({folders[0]}) does not fit this model: {exc}") from None
         try:
             for i, cfg in enumerate(configs[1:], start=1):
-                self.lora_model.inject_adapter(str(i), cfg)
+                try:
+                    self.lora_model.inject_adapter(str(i), cfg)
+                except ValueError as exc:
+                    raise ValueError(f"expert {names[i]!r} ({folders[i]}) does not fit this model: {exc}") from None
             layers = [layer for _, layer in self.lora_model.adapter_layers()]
             for key, layer in self.lora_model.adapter_layers():
                 if isinstance(layer.get_base_layer(), (nn.Conv1d, nn.Conv2d, nn.Conv3d)):

@@ -335,30 +335,33 @@ class RotatedLinear(torch.autograd.Function):
         # (W Rᵀ)ᵀ = R Wᵀ block by block: (r, b, b) @ (r, b, out), contiguous as (in, out)
         w_rot_t = torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
         ctx.orthogonal = orthogonal
-        kept = w_rot_t if orthogonal else weight
         if scale is None:
-            ctx.save_for_backward(x, kept, blocks)
+            ctx.save_for_backward(x, weight, blocks)
             return F.linear(x, w_rot_t.T, bias)
         unscaled = F.linear(x, w_rot_t.T)
-        ctx.save_for_backward(x, kept, blocks, scale, unscaled)
+        ctx.save_for_backward(x, weight, blocks, scale, unscaled)
         return torch.addcmul(bias, unscaled, scale) if bias is not None else unscaled * scale
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
-        x, kept, blocks, *rest = ctx.saved_tensors
+        x, weight, blocks, *rest = ctx.saved_tensors
         r, b, _ = blocks.shape
         g2 = g.reshape(-1, g.shape[-1])
-        t = g2.shape[0]
+        t, (out, n) = g2.shape[0], weight.shape
         k = block_group(r, b)
         rk, bk = r // k, b * k
         grad_scale = None
-        if ctx.orthogonal:  # kept = (W Rᵀ)ᵀ: ∂x = g (s ⊙ W Rᵀ), then G_i = ∂x_i R_i
-            w_rot_t = kept if not rest else kept * rest[0]
+        if ctx.orthogonal:  # ∂x = g (s ⊙ W Rᵀ), then G_i = ∂x_i R_i
+            # (W Rᵀ)ᵀ again (out·in·b, small next to the token products) rather than kept from the forward:
+            # no weight-sized tensor per layer waits for the backward
+            w_rot_t = torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
+            if rest:
+                w_rot_t = w_rot_t * rest[0]
             gx = torch.mm(g2, w_rot_t.T)
             grad_x = gx.view(x.shape) if ctx.needs_input_grad[0] else None
             gr = gx
         else:
-            w = kept if not rest else kept * rest[0].view(-1, 1)
+            w = weight if not rest else weight * rest[0].view(-1, 1)
             gr = torch.mm(g2, w)  # ∂L/∂(xR), (tokens, in)
             grad_x = None
             if ctx.needs_input_grad[0]:  # ∂x_i = G_i R_iᵀ, written straight into (tokens, in)

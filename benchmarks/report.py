@@ -61,10 +61,10 @@ STEP_WORK = {
             "than 16-wide ones, zeros included), and since the exact Cayley map gives an orthogonal R, the backward "
             "takes G = ∂x R: ∂x is the frozen layer's own product with the rotated, scaled weight, and only "
             "∂R_i = (x_iᵀ ∂x_i) R_i runs over the tokens. The output scale s sits in the same autograd node "
-            "(folded into the weight in the backward: no extra pass over the (tokens, out) output there). The 32 "
-            "small inverses per layer (R = 2(I + Q)⁻¹ − I) and the per-layer fixed cost remain, as for OFT. peft "
-            "builds the dense ($d_\\text{in} \\times d_\\text{in}$) rotation with permutation matrices at every step and "
-            "lets autograd record it.",
+            "(one fused pass over the (tokens, out) output forward and one, for ∂s, backward, where autograd made "
+            "two each; ∂x takes s from the weight). The 32 small inverses per layer (R = 2(I + Q)⁻¹ − I) and the "
+            "per-layer fixed cost remain, as for OFT. peft builds the dense ($d_\\text{in} \\times d_\\text{in}$) "
+            "rotation with permutation matrices at every step and lets autograd record it.",
     "ia3": "(IA)³ adds little to the limit: a scaled copy of each adapted weight (12 of them here) and a sum over the "
            "tokens per learned vector. The target asks for less than the limit whenever peft's own step costs under "
            "1/0.97 ≈ 1.03× the limit.",

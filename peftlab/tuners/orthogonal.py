@@ -202,7 +202,8 @@ def multiplicative_dropout(blocks: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def neumann_coefficients(terms: int) -> list[int]:
-    """The series' coefficients c_0, …, c_k of :func:`cayley_neumann`: [1], [1, 2], or [1, 2, …, 2, 1], k = max(terms − 1, 3).
+    """The coefficients c_0, …, c_k of :func:`cayley_neumann`'s series: [1], [1, 2], or [1, 2, …, 2, 1] with
+    k = max(terms − 1, 3).
 
     Explained in: book/oft_boft.ipynb
     """

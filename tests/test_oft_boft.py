@@ -19,8 +19,9 @@ from peftlab import BOFTConfig, OFTConfig, get_peft_model
 from peftlab.lab.models import example_inputs
 from peftlab.tuners.boft.layer import BOFTLayer
 from peftlab.tuners.oft.layer import OFTLayer
-from peftlab.tuners.orthogonal import (block_diagonal, butterfly_perm, butterfly_rotate, cayley, cayley_neumann,
-                                       skew_from_packed, skew_from_square)
+from peftlab.tuners.orthogonal import (RotatedLinear, SkewRotation, block_diagonal, block_group, butterfly_perm,
+                                       butterfly_rotate, cayley, cayley_neumann, rotation_blocks, skew_from_packed,
+                                       skew_from_square)
 
 PREFIXES = ("oft_", "boft_")
 
@@ -194,10 +195,12 @@ def test_merge_unmerge_exact_even_for_large_rotations(config):
     torch.testing.assert_close(layer.get_base_layer().weight, w0, atol=1e-6, rtol=0)
 
 
-def test_fused_training_path_equals_autograd():
-    """RotatedLinear (weight rotated once, hand-written backward) gives autograd's outputs and gradients."""
+@pytest.mark.parametrize("neumann", [True, False], ids=["series", "exact"])
+def test_fused_training_path_equals_autograd(neumann):
+    """RotatedLinear (weight rotated once, hand-written backward) gives autograd's outputs and gradients; with
+    the exact map its backward takes G from ∂x (R orthogonal), with the series the general one."""
     torch.manual_seed(0)
-    pm = filled(OFTConfig(target_modules=["lin0", "lin1"], oft_block_size=5))
+    pm = filled(OFTConfig(target_modules=["lin0", "lin1"], oft_block_size=5, use_cayley_neumann=neumann))
     x = example_inputs("mlp").requires_grad_(True)
     grads = {}
     for fused in (True, False):
@@ -215,6 +218,89 @@ def test_fused_training_path_equals_autograd():
     torch.testing.assert_close(grads[True][1], grads[False][1], atol=1e-6, rtol=0)
     for a, b in zip(grads[True][2], grads[False][2]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["oft-packed", "boft-square"])
+@pytest.mark.parametrize("terms", [None, 1, 2, 3, 4, 5, 7], ids=lambda t: "exact" if t is None else f"{t}-terms")
+def test_skew_rotation_node_equals_the_reference_maps(packed, terms):
+    """SkewRotation (one node, hand-written backward) gives the reference functions' R and, in float64,
+    gradcheck's gradients, for the exact map and every series length; one shared block too."""
+    g = torch.Generator().manual_seed(0 if terms is None else terms)
+    b = 5
+    for n in (3, 1):
+        shape = (n, b * (b - 1) // 2) if packed else (n, b, b)
+        p = (torch.randn(shape, generator=g, dtype=torch.float64) * 0.4).requires_grad_(True)
+        q = skew_from_packed(p, b) if packed else skew_from_square(p)
+        ref = cayley(q) if terms is None else cayley_neumann(q, terms)
+        torch.testing.assert_close(SkewRotation.apply(p, b, packed, terms), ref, atol=1e-12, rtol=0)
+        torch.testing.assert_close(rotation_blocks(p, b, packed, terms), ref, atol=1e-12, rtol=0)
+        assert torch.autograd.gradcheck(lambda p: SkewRotation.apply(p, b, packed, terms), (p,))
+        with torch.no_grad():  # inference: the reference functions themselves
+            assert torch.equal(rotation_blocks(p, b, packed, terms), ref)
+
+
+@pytest.mark.parametrize("r,b", [(4, 8), (6, 3), (3, 5), (2, 16), (5, 2)])
+@pytest.mark.parametrize("scaled", [False, True], ids=["no-scale", "scale"])
+@pytest.mark.parametrize("orthogonal", [False, True], ids=["any-R", "orthogonal-R"])
+def test_rotated_linear_node_gradients(r, b, scaled, orthogonal):
+    """RotatedLinear against autograd through x R, the frozen layer and s, for block widths that run grouped
+    (b < 16: blocks joined into wider ones, k > 1, or all of them when no divisor of r reaches 16) and
+    ungrouped, with the general backward and the one for orthogonal R (G = ∂x R); float64, so the
+    hand-written backward must match to rounding."""
+    g = torch.Generator().manual_seed(r * 100 + b)
+    n, out = r * b, 7
+    x = torch.randn(2, 3, n, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(out, n, generator=g, dtype=torch.float64)
+    bias = torch.randn(out, generator=g, dtype=torch.float64)
+    a = (torch.randn(r, b, b, generator=g, dtype=torch.float64) * 0.3).requires_grad_(True)
+    s = (1 + 0.1 * torch.randn(out, generator=g, dtype=torch.float64)).requires_grad_(scaled)
+    grads = {}
+    for fused in (True, False):
+        blocks = cayley(skew_from_square(a))
+        if fused:
+            y = RotatedLinear.apply(x, w, bias, blocks, s if scaled else None, orthogonal)
+        else:
+            y = nn.functional.linear(x @ block_diagonal(blocks), w) * (s if scaled else 1) + bias
+        y.pow(2).sum().backward()
+        grads[fused] = (y.detach(), x.grad, a.grad, s.grad if scaled else None)
+        x.grad = a.grad = s.grad = None
+    for got, want in zip(grads[True], grads[False]):
+        if want is not None:
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    k = block_group(r, b)
+    assert r % k == 0 and (k == 1) == (b >= 16) and (k * b >= 16 or k == r)
+    if scaled:
+        assert torch.autograd.gradcheck(
+            lambda x, a, s: RotatedLinear.apply(x, w, bias, cayley(skew_from_square(a)), s, orthogonal), (x, a, s))
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0], ids=["small-Q", "large-Q"])
+def test_fused_boft_path_equals_autograd(scale):
+    """BOFT with one factor trains through RotatedLinear with its scale s inside the node (and the orthogonal
+    backward, G = ∂x R): the generic path's outputs and gradients (x, boft_R, boft_s) to float32 rounding,
+    grouped blocks included (b = 2), for small rotations and for ‖Q‖ ≈ 1."""
+    torch.manual_seed(0)
+    pm = filled(BOFTConfig(target_modules=["lin0", "lin1"], boft_block_size=2), scale=scale)  # eval: no dropout
+    x = example_inputs("mlp").requires_grad_(True)
+    layers = (pm.base_model.model.lin0, pm.base_model.model.lin1)
+    assert any(block_group(l.boft_block_num["default"], 2) > 1 for l in layers)
+    grads = {}
+    for fused in (True, False):
+        for p in pm.parameters():
+            p.grad = None
+        x.grad = None
+        if not fused:
+            for layer in layers:
+                layer.fused_forward = lambda *a, **k: None
+        out = pm(x)
+        out.pow(2).sum().backward()
+        grads[fused] = (out.detach(), x.grad.clone(),
+                        {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(grads[True][0], grads[False][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(grads[True][1], grads[False][1], atol=1e-6, rtol=0)
+    assert any("boft_s" in n for n in grads[True][2])
+    for n, g in grads[True][2].items():
+        torch.testing.assert_close(g, grads[False][2][n], atol=1e-6, rtol=1e-5, msg=n)
 
 
 class BigConv(nn.Module):

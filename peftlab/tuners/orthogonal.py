@@ -51,6 +51,13 @@ def _triu(b: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return rows.to(device), cols.to(device)
 
 
+@functools.lru_cache(maxsize=64)
+def _triu_flat(b: int, device: str) -> torch.Tensor:
+    """The strict upper triangle's positions in a flattened b×b matrix (row-major), on ``device``."""
+    rows, cols = torch.triu_indices(b, b, 1)
+    return (rows * b + cols).to(device)
+
+
 def skew_from_packed(vec: torch.Tensor, b: int) -> torch.Tensor:
     """(n, b(b−1)/2) upper-triangle entries → n skew-symmetric (b, b) matrices Q = U − Uᵀ (OFT's storage).
 
@@ -194,38 +201,184 @@ def multiplicative_dropout(blocks: torch.Tensor, p: float) -> torch.Tensor:
     return torch.where(drop.to(blocks.device).view(n, 1, 1), eye, blocks)
 
 
-class RotatedLinear(torch.autograd.Function):
-    """h = x (W Rᵀ)ᵀ + b for block-diagonal R (r, b, b) and a frozen W (out, r·b), as one autograd node.
+def neumann_coefficients(terms: int) -> list[int]:
+    """The coefficients c_0, …, c_k of :func:`cayley_neumann`'s series: [1], [1, 2], or [1, 2, …, 2, 1] with
+    k = max(terms − 1, 3).
 
-    Forward rotates the weight (out·in·b) rather than every token; backward, with g = ∂L/∂h and G = g W
-    (∂L/∂(xR), the product a frozen layer computes anyway): ∂x = G Rᵀ and ∂R_i = x_iᵀ G_i, block by block.
+    Explained in: book/oft_boft.ipynb
+    """
+    if terms <= 1:
+        return [1]
+    if terms == 2:
+        return [1, 2]
+    return [1] + [2] * (max(terms - 1, 3) - 1) + [1]
+
+
+class SkewRotation(torch.autograd.Function):
+    """The blocks R_i from their free numbers in one autograd node (what training runs; equal to rounding to
+    ``cayley(skew_from_packed(p, b))``, ``cayley_neumann(…, terms)`` and ``cayley(skew_from_square(a))``).
+
+    ``packed``: p is (n, b(b−1)/2), Q = U − Uᵀ (OFT); else p is (n, b, b), Q = ½(A − Aᵀ) (BOFT). ``terms``: None
+    for the exact map, written R = 2(I + Q)⁻¹ − I (= (I − Q)(I + Q)⁻¹), whose backward is
+    ∂Q = −2 (I + Q)⁻ᵀ ∂R (I + Q)⁻ᵀ; else the series p(Q) = Σ c_j Q^j by Horner's rule, P_k = c_k I,
+    P_j = Q P_(j+1) + c_j I, R = P_0, whose backward walks the same steps back: ∂Q += ∂P_j P_(j+1)ᵀ,
+    ∂P_(j+1) = Qᵀ ∂P_j. Autograd records some twenty small operations for the same; each costs more in
+    bookkeeping than in arithmetic at these sizes.
+
+    Explained in: book/oft_boft.ipynb
+    """
+
+    @staticmethod
+    def forward(ctx: Any, p: torch.Tensor, b: int, packed: bool, terms: int | None) -> torch.Tensor:
+        if packed:  # as skew_from_packed, with one flat index (a column copy instead of a scatter)
+            upper = p.new_zeros(p.shape[0], b * b).index_copy_(1, _triu_flat(b, str(p.device)), p).view(-1, b, b)
+            q = upper - upper.mT
+        else:
+            q = skew_from_square(p)
+        eye = torch.eye(b, device=p.device, dtype=p.dtype)
+        ctx.b, ctx.packed, ctx.terms, ctx.shape = b, packed, terms, p.shape
+        if terms is None:
+            inv = torch.linalg.inv_ex(eye + q)[0]
+            ctx.save_for_backward(inv)
+            return 2 * inv - eye
+        c = neumann_coefficients(terms)
+        if len(c) == 1:
+            ctx.save_for_backward()
+            return eye.expand_as(q).clone()
+        eye2 = eye * 2
+        steps = [torch.add(eye if c[-2] == 1 else eye2, q, alpha=c[-1])]
+        for cj in reversed(c[:-2]):  # P_j = Q P_(j+1) + c_j I
+            steps.append(torch.baddbmm(eye2 if cj == 2 else eye, q, steps[-1]))
+        ctx.save_for_backward(q, *steps[:-1])  # Q, P_(k−1), …, P_1
+        return steps[-1]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        if ctx.terms is None:
+            inv_t = ctx.saved_tensors[0].mT
+            gq = torch.bmm(torch.bmm(inv_t, grad), inv_t).mul_(-2)
+        else:
+            c = neumann_coefficients(ctx.terms)
+            if len(c) == 1:  # R = I
+                return grad.new_zeros(ctx.shape), None, None, None
+            q, *steps = ctx.saved_tensors  # steps: P_(k−1), …, P_1
+            gq = None
+            g = grad
+            for nxt in reversed(steps):  # P_j = Q P_(j+1) + c_j I, from j = 0 up
+                gq = torch.bmm(g, nxt.mT) if gq is None else torch.baddbmm(gq, g, nxt.mT)
+                g = torch.bmm(q.mT, g)
+            gq = g * c[-1] if gq is None else gq.add_(g, alpha=c[-1])  # P_(k−1) = c_k Q + c_(k−1) I
+        skew = gq - gq.mT
+        if ctx.packed:
+            return skew.view(-1, ctx.b * ctx.b).index_select(1, _triu_flat(ctx.b, str(grad.device))), None, None, None
+        return skew.mul_(0.5), None, None, None
+
+
+def rotation_blocks(p: torch.Tensor, b: int, packed: bool, terms: int | None) -> torch.Tensor:
+    """R_i from their free numbers (see :class:`SkewRotation`): one autograd node when ``p`` trains (outside
+    autocast, which would cast its products; there autograd records the reference functions).
+
+    Explained in: book/oft_boft.ipynb
+    """
+    if torch.is_grad_enabled() and p.requires_grad and fusable(p):
+        return SkewRotation.apply(p, b, packed, terms)
+    q = skew_from_packed(p, b) if packed else skew_from_square(p)
+    return cayley(q) if terms is None else cayley_neumann(q, terms)
+
+
+#: the narrowest blocks the CPU's batched products run near their speed at (one thread: width 16 runs 3× faster
+#: than width 8 per useful flop, despite the zeros); narrower blocks are grouped up to this width
+MIN_BLOCK_WIDTH = 16
+
+
+def block_group(r: int, b: int) -> int:
+    """How many consecutive b×b blocks (of r) :class:`RotatedLinear`'s token products treat as one wider block:
+    the fewest, dividing r, whose width reaches :data:`MIN_BLOCK_WIDTH` (1 when b already does).
+
+    Explained in: book/oft_boft.ipynb
+    """
+    return next((g for g in divisors(r) if g * b >= MIN_BLOCK_WIDTH), r)
+
+
+def widen_blocks(blocks: torch.Tensor, g: int) -> torch.Tensor:
+    """(r, b, b) → (r/g, g·b, g·b): each group of g consecutive blocks as one block-diagonal block.
+
+    Explained in: book/oft_boft.ipynb
+    """
+    r, b, _ = blocks.shape
+    if g == 1:
+        return blocks
+    wide = blocks.new_zeros(r // g, g, b, g, b)
+    wide.diagonal(dim1=1, dim2=3).copy_(blocks.view(r // g, g, b, b).permute(0, 2, 3, 1))
+    return wide.view(r // g, g * b, g * b)
+
+
+class RotatedLinear(torch.autograd.Function):
+    """h = s ⊙ (x (W Rᵀ)ᵀ) + b for block-diagonal R (r, b, b), a frozen W (out, r·b) and an optional per-output
+    scale s (BOFT), as one autograd node.
+
+    Forward rotates the weight (out·in·b) rather than every token. Backward, with g = ∂L/∂h and
+    G = g (s ⊙ W) (∂L/∂(xR), the product a frozen layer computes anyway): ∂x = G Rᵀ and ∂R_i = x_iᵀ G_i, block
+    by block, and ∂s = Σ_tokens g ⊙ (x (W Rᵀ)ᵀ). When R is orthogonal (``orthogonal``: the exact Cayley map),
+    G = ∂x R, so one token product goes: ∂x = g (s ⊙ W Rᵀ) (the product the frozen layer computes anyway, with
+    the rotated weight) and ∂R_i = (x_iᵀ ∂x_i) R_i. Blocks narrower than :data:`MIN_BLOCK_WIDTH` run the token
+    products in groups (:func:`block_group`): more flops, less time. ∂x is written straight into its
+    (tokens, in) layout.
 
     Explained in: book/oft_boft.ipynb
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                blocks: torch.Tensor) -> torch.Tensor:
+                blocks: torch.Tensor, scale: torch.Tensor | None = None, orthogonal: bool = False) -> torch.Tensor:
         out, n = weight.shape
         r, b, _ = blocks.shape
-        # W Rᵀ block by block: (r, out, b) @ (r, b, b)
-        w_rot = torch.bmm(weight.view(out, r, b).transpose(0, 1), blocks.transpose(1, 2))
-        ctx.save_for_backward(x, weight, blocks)
-        return F.linear(x, w_rot.transpose(0, 1).reshape(out, n), bias)
+        # (W Rᵀ)ᵀ = R Wᵀ block by block: (r, b, b) @ (r, b, out), contiguous as (in, out)
+        w_rot_t = torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
+        ctx.orthogonal = orthogonal
+        if scale is None:
+            ctx.save_for_backward(x, weight, blocks)
+            return F.linear(x, w_rot_t.T, bias)
+        unscaled = F.linear(x, w_rot_t.T)
+        ctx.save_for_backward(x, weight, blocks, scale, unscaled)
+        return torch.addcmul(bias, unscaled, scale) if bias is not None else unscaled * scale
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
-        x, weight, blocks = ctx.saved_tensors
+        x, weight, blocks, *rest = ctx.saved_tensors
         r, b, _ = blocks.shape
         g2 = g.reshape(-1, g.shape[-1])
-        t = g2.shape[0]
-        gr = torch.mm(g2, weight).view(t, r, b).transpose(0, 1)  # ∂L/∂(xR), (r, tokens, b)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.bmm(gr, blocks.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
-        xb = x.reshape(t, r, b).transpose(0, 1)  # (r, tokens, b)
-        grad_blocks = torch.bmm(xb.transpose(1, 2), gr)  # Σ_tokens x_iᵀ G_i, (r, b, b)
-        return grad_x, None, None, grad_blocks
+        t, (out, n) = g2.shape[0], weight.shape
+        k = block_group(r, b)
+        rk, bk = r // k, b * k
+        grad_scale = None
+        if ctx.orthogonal:  # ∂x = g (s ⊙ W Rᵀ), then G_i = ∂x_i R_i
+            # (W Rᵀ)ᵀ again (out·in·b, small next to the token products) rather than kept from the forward:
+            # no weight-sized tensor per layer waits for the backward
+            w_rot_t = torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
+            if rest:
+                w_rot_t = w_rot_t * rest[0]
+            gx = torch.mm(g2, w_rot_t.T)
+            grad_x = gx.view(x.shape) if ctx.needs_input_grad[0] else None
+            gr = gx
+        else:
+            w = weight if not rest else weight * rest[0].view(-1, 1)
+            gr = torch.mm(g2, w)  # ∂L/∂(xR), (tokens, in)
+            grad_x = None
+            if ctx.needs_input_grad[0]:  # ∂x_i = G_i R_iᵀ, written straight into (tokens, in)
+                grad_x = torch.empty_like(gr)
+                torch.bmm(gr.view(t, rk, bk).transpose(0, 1), widen_blocks(blocks, k).transpose(1, 2),
+                          out=grad_x.view(t, rk, bk).transpose(0, 1))
+                grad_x = grad_x.view(x.shape)
+        # Σ_tokens x_iᵀ gr_i, (r/k, kb, kb); with groups, the b×b blocks on the diagonal
+        grad_wide = torch.bmm(x.reshape(t, rk, bk).permute(1, 2, 0), gr.view(t, rk, bk).transpose(0, 1))
+        grad_blocks = grad_wide if k == 1 else (
+            grad_wide.view(rk, k, b, k, b).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(r, b, b))
+        if ctx.orthogonal:
+            grad_blocks = torch.bmm(grad_blocks, blocks)  # x_iᵀ ∂x_i R_i = x_iᵀ G_i
+        if rest and ctx.needs_input_grad[4]:
+            grad_scale = (g2 * rest[1].reshape(t, -1)).sum(0)
+        return grad_x, None, None, grad_blocks, grad_scale, None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -342,10 +495,10 @@ class OrthogonalLayer(AdapterLayer):
         if blocks is None or not fusable(x, w, blocks):
             return None
         s = self.out_scale(adapter_name)
-        if s is None:
-            return RotatedLinear.apply(x, w, bias, blocks)
-        out = RotatedLinear.apply(x, w, None, blocks) * s  # (W Rᵀ x)·s + b
-        return out + bias if bias is not None else out
+        if s is not None and s.dtype != x.dtype:
+            return None
+        # (W Rᵀ x)·s + b; an exactly orthogonal R spares a token product in the backward
+        return RotatedLinear.apply(x, w, bias, blocks, s, self.exactly_orthogonal(adapter_name))
 
     def _conv_forward(self, x: torch.Tensor, adapters: Sequence[str], args: tuple, kwargs: dict) -> torch.Tensor:
         """A convolution with the rotated filters s ⊙ (W Rᵀ): one convolution, equal to the merged layer."""

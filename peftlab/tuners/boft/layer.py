@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab.tuners.orthogonal import OrthogonalLayer, butterfly_rotate, cayley, multiplicative_dropout, skew_from_square
+from peftlab.tuners.orthogonal import OrthogonalLayer, butterfly_rotate, multiplicative_dropout, rotation_blocks
 
 
 class BOFTLayer(OrthogonalLayer):
@@ -70,7 +70,7 @@ class BOFTLayer(OrthogonalLayer):
         """
         a = self.boft_R[adapter_name]
         m, nb, b, _ = a.shape
-        blocks = cayley(skew_from_square(a.reshape(m * nb, b, b))).view(m, nb, b, b)
+        blocks = rotation_blocks(a.reshape(m * nb, b, b), b, packed=False, terms=None).view(m, nb, b, b)
         p = self.boft_dropout[adapter_name]
         if training and p > 0:  # one random factor loses int(p·blocks) blocks to I
             i = int(torch.randint(0, m, (1,)))

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab.tuners.orthogonal import (OrthogonalLayer, block_diagonal, cayley, cayley_neumann,
-                                       multiplicative_dropout, rotate_blocks, skew_from_packed)
+from peftlab.tuners.orthogonal import (OrthogonalLayer, block_diagonal, multiplicative_dropout, rotate_blocks,
+                                       rotation_blocks, skew_from_packed)
 
 
 class OFTRotation(nn.Module):
@@ -84,8 +84,7 @@ class OFTLayer(OrthogonalLayer):
         b = self.oft_block_size[adapter_name]
         if opts["coft"]:
             self._project(weight, b, opts["eps"])
-        q = skew_from_packed(weight, b)
-        rot = cayley_neumann(q, opts["terms"]) if opts["neumann"] else cayley(q)
+        rot = rotation_blocks(weight, b, packed=True, terms=opts["terms"] if opts["neumann"] else None)
         if training and opts["dropout"] > 0:
             rot = multiplicative_dropout(rot, opts["dropout"])
         return rot

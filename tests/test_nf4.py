@@ -288,6 +288,19 @@ def test_merge_and_unload_dequantises_only_layers_that_merge():
     assert isinstance(attn.k_proj, Linear4bit)  # carried only "other", which was not merged: stays 4-bit
 
 
+def test_a_refused_merge_and_unload_leaves_the_4bit_bases_alone():
+    # lora_bias on bias-less layers cannot merge (the merged bias would be dropped); the refusal comes before any
+    # base is dequantised, so the model is exactly as it was
+    model = trained_4bit(lora_bias=True)
+    x = example_inputs("llama")
+    before = output(model, x)
+    with pytest.raises(RuntimeError, match="lora_bias"):
+        model.merge_and_unload()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.get_base_layer(), Linear4bit) and not layer.merged
+    torch.testing.assert_close(output(model, x), before, atol=0, rtol=0)
+
+
 def test_merge_adapter_on_a_4bit_base_warns_and_requantises():
     x = example_inputs("llama")
     model = trained_4bit()

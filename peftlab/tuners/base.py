@@ -960,7 +960,9 @@ class BaseTuner(nn.Module):
                 adapter_names: Sequence[str] | None = None, requantize: bool = False) -> nn.Module:
         layers = list(self.adapter_layers())
         quantized: dict[int, nn.Module] = {}  # id(layer) -> its quantised base, merged into a dense copy
-        if merge:
+        if merge:  # merge everything first, so a refusal or a safe_merge failure leaves the model as it was
+            for _, layer in layers:  # needs no weights: refused before any base is dequantised
+                layer.check_mergeable(adapter_names)
             for _, layer in layers:
                 base = layer.get_base_layer()
                 wanted = layer.active_adapters if adapter_names is None else adapter_names
@@ -968,13 +970,11 @@ class BaseTuner(nn.Module):
                 if _is_quantized(base) and merging and not layer.merged:
                     quantized[id(layer)] = base
                     layer._replace_base_layer(base.dequantize_module())
-        if merge:  # merge everything first, so a safe_merge failure leaves the model as it was
-            for _, layer in layers:
-                layer.check_mergeable(adapter_names)
-                if safe_merge:
-                    layer.check_merge(adapter_names)
             done: list[AdapterLayer] = []
             try:
+                if safe_merge:
+                    for _, layer in layers:
+                        layer.check_merge(adapter_names)
                 for _, layer in layers:
                     layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
                     done.append(layer)

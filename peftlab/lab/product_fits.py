@@ -9,11 +9,14 @@ Explained in: book/products.ipynb, book/loha_lokr.ipynb
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from peftlab.lab import spectra
 
 __all__ = ["METHODS", "Fit", "best_rank_error", "fit", "fit_layer", "n_parameters"]
 
@@ -95,8 +98,7 @@ def fit(target: Tensor, method: str, r: int, steps: int, seed: int = 0, lr: floa
         curve.append(loss.item())
     with torch.no_grad():
         W = delta()
-        s = torch.linalg.svdvals(W)
-        return Fit(float(rel_err(W)), int((s > 1e-3 * s[0]).sum()), curve)
+        return Fit(float(rel_err(W)), spectra.numerical_rank(W, rel_tol=1e-3), curve)
 
 
 def fit_layer(layer: nn.Module, target: Tensor, steps: int, lr: float = 1e-2,
@@ -122,8 +124,8 @@ def fit_layer(layer: nn.Module, target: Tensor, steps: int, lr: float = 1e-2,
         opt.step()
     with torch.no_grad():
         delta = layer.get_delta_weight(adapter_name)
-        s = torch.linalg.svdvals(delta)
-        return {"error": float((delta - target).norm() / target.norm()), "rank": int((s > 1e-3 * s[0]).sum()),
+        return {"error": float((delta - target).norm() / target.norm()),
+                "rank": spectra.numerical_rank(delta, rel_tol=1e-3),
                 "parameters": len(torch.cat([p.flatten() for p in params]))}
 
 
@@ -132,5 +134,4 @@ def best_rank_error(target: Tensor, k: int) -> float:
 
     Explained in: book/loha_lokr.ipynb
     """
-    s = torch.linalg.svdvals(target)
-    return float(s[k:].norm() / s.norm())
+    return math.sqrt(max(0.0, 1.0 - spectra.energy_fraction(target, k)))

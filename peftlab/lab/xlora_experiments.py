@@ -35,7 +35,7 @@ def answer_scalings(model: Any, tokenizer: Any, dataset: Any) -> Tensor:
 
     Explained in: book/xlora.ipynb
     """
-    batch = tasks.Collator(tokenizer)([{k: dataset[i][k] for k in _COLUMNS} for i in range(len(dataset))])
+    batch = tasks.Collator(tokenizer)(list(dataset.select_columns(list(_COLUMNS))))
     device = next(model.parameters()).device
     with torch.no_grad():
         model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
@@ -119,8 +119,8 @@ def timing_batch(tokenizer: Any, tests: Mapping[str, Any], per_task: int) -> dic
 
     Explained in: book/xlora.ipynb
     """
-    rows = [{k: ds[i][k] for k in ("input_ids", "attention_mask")} for ds in tests.values()
-            for i in range(min(per_task, len(ds)))]
+    rows = [row for ds in tests.values()
+            for row in ds.select(range(min(per_task, len(ds)))).select_columns(["input_ids", "attention_mask"])]
     return tasks.Collator(tokenizer)(rows)
 
 

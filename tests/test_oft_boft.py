@@ -274,6 +274,37 @@ def test_rotated_linear_node_gradients(r, b, scaled, orthogonal):
             lambda x, a, s: RotatedLinear.apply(x, w, bias, cayley(skew_from_square(a)), s, orthogonal), (x, a, s))
 
 
+@pytest.mark.parametrize("size", [0.0, 0.01, 1.0], ids=["R=I", "near-orthogonal", "far-from-orthogonal"])
+def test_rotated_linear_with_a_truncated_series(size):
+    """With a truncated Cayley–Neumann R (not orthogonal) RotatedLinear's backward inverts R by Newton–Schulz when
+    R is near orthogonal (one token product) and runs the two token products when it is not; either way it
+    gives autograd's gradients to float64 rounding."""
+    import peftlab.tuners.orthogonal as orth
+
+    g = torch.Generator().manual_seed(3)
+    r, b, out = 4, 16, 9
+    x = torch.randn(2, 5, r * b, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(out, r * b, generator=g, dtype=torch.float64)
+    p = (torch.randn(r, b * (b - 1) // 2, generator=g, dtype=torch.float64) * size).requires_grad_(True)
+    blocks = cayley_neumann(skew_from_packed(p, b), 5)
+    inverse = orth.near_orthogonal_inverse(blocks.detach())
+    assert (inverse is None) == (size == 1.0)  # ‖Q‖ ≈ 5 there: the series is nowhere near orthogonal
+    if inverse is not None:
+        torch.testing.assert_close(torch.bmm(blocks.detach(), inverse), torch.eye(b, dtype=torch.float64).expand(r, b, b),
+                                   atol=1e-13, rtol=0)
+    grads = {}
+    for fused in (True, False):
+        blocks = cayley_neumann(skew_from_packed(p, b), 5)
+        y = RotatedLinear.apply(x, w, None, blocks, None, False) if fused else (
+            nn.functional.linear(x @ block_diagonal(blocks), w))
+        y.pow(2).sum().backward()
+        grads[fused] = (y.detach(), x.grad, p.grad)
+        x.grad = p.grad = None
+    for got, want in zip(grads[True], grads[False]):
+        torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-10)
+    assert orth.near_orthogonal_inverse(torch.eye(b, device="meta").expand(r, b, b)) is None  # not on a CPU: no read-back
+
+
 @pytest.mark.parametrize("scale", [1.0, 10.0], ids=["small-Q", "large-Q"])
 def test_fused_boft_path_equals_autograd(scale):
     """BOFT with one factor trains through RotatedLinear with its scale s inside the node (and the orthogonal

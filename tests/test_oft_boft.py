@@ -242,14 +242,16 @@ def test_skew_rotation_node_equals_the_reference_maps(packed, terms):
 @pytest.mark.parametrize("r,b", [(4, 8), (6, 3), (3, 5), (2, 16), (5, 2)])
 @pytest.mark.parametrize("scaled", [False, True], ids=["no-scale", "scale"])
 @pytest.mark.parametrize("orthogonal", [False, True], ids=["any-R", "orthogonal-R"])
-def test_rotated_linear_node_gradients(r, b, scaled, orthogonal):
+@pytest.mark.parametrize("seq", [3, 5], ids=["weight-formed-again", "weight-kept"])
+def test_rotated_linear_node_gradients(r, b, scaled, orthogonal, seq):
     """RotatedLinear against autograd through x R, the frozen layer and s, for block widths that run grouped
     (b < 16: blocks joined into wider ones, k > 1, or all of them when no divisor of r reaches 16) and
-    ungrouped, with the general backward and the one for orthogonal R (G = ∂x R); float64, so the
-    hand-written backward must match to rounding."""
+    ungrouped, with the general backward and the one for orthogonal R (G = ∂x R), with the rotated weight kept
+    for the backward (2·5 tokens ≥ 7 outputs) and formed again (2·3 < 7); float64, so the hand-written backward
+    must match to rounding."""
     g = torch.Generator().manual_seed(r * 100 + b)
     n, out = r * b, 7
-    x = torch.randn(2, 3, n, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, seq, n, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(out, n, generator=g, dtype=torch.float64)
     bias = torch.randn(out, generator=g, dtype=torch.float64)
     a = (torch.randn(r, b, b, generator=g, dtype=torch.float64) * 0.3).requires_grad_(True)

@@ -352,7 +352,8 @@ class RotatedLinear(torch.autograd.Function):
     Cayley map) R⁻ᵀ = R; a truncated Cayley–Neumann series is inverted block by block, when it is near enough
     to orthogonal (‖RᵀR − I‖_F ≤ ½, so κ(R) ≤ √3) for the inverse to lose nothing, else the two products run.
     Blocks narrower than :data:`MIN_BLOCK_WIDTH` run the token products in groups (:func:`block_group`): more
-    flops, less time. ∂x is written straight into its (tokens, in) layout.
+    flops, less time. ∂x is written straight into its (tokens, in) layout. The rotated weight waits for the
+    backward when it is no larger than the input the node keeps anyway; else the backward forms it again.
 
     Explained in: book/oft_boft.ipynb
     """
@@ -365,16 +366,21 @@ class RotatedLinear(torch.autograd.Function):
         # (W Rᵀ)ᵀ = R Wᵀ block by block: (r, b, b) @ (r, b, out), contiguous as (in, out)
         w_rot_t = torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
         ctx.orthogonal = orthogonal
+        # the backward's ∂x uses (W Rᵀ)ᵀ again: kept when it is no larger than the input the node keeps anyway
+        # (many tokens), formed again otherwise (few tokens: a weight-sized tensor per layer would outweigh them)
+        ctx.kept = x.numel() >= w_rot_t.numel()
+        kept = (w_rot_t,) if ctx.kept else ()
         if scale is None:
-            ctx.save_for_backward(x, weight, blocks)
+            ctx.save_for_backward(x, weight, blocks, *kept)
             return F.linear(x, w_rot_t.T, bias)
         unscaled = F.linear(x, w_rot_t.T)
-        ctx.save_for_backward(x, weight, blocks, scale, unscaled)
+        ctx.save_for_backward(x, weight, blocks, *kept, scale, unscaled)
         return torch.addcmul(bias, unscaled, scale) if bias is not None else unscaled * scale
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
         x, weight, blocks, *rest = ctx.saved_tensors
+        kept = rest.pop(0) if ctx.kept else None
         r, b, _ = blocks.shape
         g2 = g.reshape(-1, g.shape[-1])
         t, (out, n) = g2.shape[0], weight.shape
@@ -383,9 +389,7 @@ class RotatedLinear(torch.autograd.Function):
         grad_scale = None
         post = blocks if ctx.orthogonal else near_orthogonal_inverse(blocks)  # R⁻¹, None: two products
         if post is not None:  # ∂x = g (s ⊙ W Rᵀ), then G_i = ∂x_i R_i⁻ᵀ
-            # (W Rᵀ)ᵀ again (out·in·b, small next to the token products) rather than kept from the forward:
-            # no weight-sized tensor per layer waits for the backward
-            w_rot_t = torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
+            w_rot_t = kept if kept is not None else torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
             if rest:
                 w_rot_t = w_rot_t * rest[0]
             gx = torch.mm(g2, w_rot_t.T)

@@ -403,11 +403,12 @@ class AdapterLayer(nn.Module):
                     "mixed-adapter batches need unmerged adapters; call unmerge_adapter() first"
                 )
             return self.mixed_batch_forward(x, routing, *args, **kwargs)
-        if self.merged_adapters:
-            return self.base_layer(x, *args, **kwargs)
         own = self._adapters
         active = self._active_adapters
-        if len(active) == 1:  # the common case, without building a list
+        if self.merged_adapters:  # the merged ones are in the base weight; the active others act on top
+            merged = self.merged_adapters
+            adapters = [a for a in active if a in own and a not in merged]
+        elif len(active) == 1:  # the common case, without building a list
             adapters = active if active[0] in own else []
         else:
             adapters = [a for a in active if a in own]

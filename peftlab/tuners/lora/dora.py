@@ -264,7 +264,9 @@ class DoraLinearVariant:
         s = layer.scaling[adapter_name]
         dropout = layer.lora_dropout[adapter_name]
         weight = layer._base_weight()  # stored layout; dequantised for a 4-bit base
-        n = weight_norm(layer, adapter_name, weight)  # detached: no gradient flows through the norm
+        # detached: no gradient flows through the norm; taken on the base with nothing merged (as merging does)
+        n = weight_norm(layer, adapter_name, unmerged_base(layer, weight).to(weight.dtype)
+                        if layer.merged_adapters else weight)
         bias = layer.bias
         uses_dropout = layer.training and not isinstance(dropout, nn.Identity)
         if result is None and not uses_dropout and not args and not kwargs:

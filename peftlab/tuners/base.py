@@ -205,6 +205,19 @@ class AdapterLayer(nn.Module):
             base.weight.data = weight
         self._base_cache.clear()
 
+    def _base_bias(self) -> torch.Tensor | None:
+        """The bias merging folds into (the base layer's ``bias``; None when it has none)."""
+        bias = getattr(self.get_base_layer(), "bias", None)
+        return bias.data if isinstance(bias, torch.Tensor) else None
+
+    def _set_base_bias(self, bias: torch.Tensor) -> None:
+        """Store a new base bias (a frozen parameter when the base had none)."""
+        base = self.get_base_layer()
+        if getattr(base, "bias", None) is None:
+            base.bias = nn.Parameter(bias, requires_grad=False)
+        else:
+            base.bias.data = bias
+
     def _replace_base_layer(self, new_base: nn.Module) -> None:
         """Put ``new_base`` in place of the innermost base layer."""
         layer = self
@@ -335,21 +348,16 @@ class AdapterLayer(nn.Module):
                               f"additionally merging {','.join(more)}.", UserWarning, stacklevel=3)
             else:
                 warnings.warn("All adapters are already merged, nothing to do.", UserWarning, stacklevel=3)
-        base = self.get_base_layer()
         for name in names:
             if name in self.merged_adapters or name not in self.adapter_names:
                 continue
-            bias = base.bias.data if getattr(base, "bias", None) is not None else None
             with torch.no_grad():
-                new_w, new_b = self.merged_weights(name, self._base_weight().data, bias)
+                new_w, new_b = self.merged_weights(name, self._base_weight().data, self._base_bias())
             if safe_merge:
                 self._refuse_non_finite(name, new_w, new_b)
             self._set_base_weight(new_w)
             if new_b is not None:
-                if base.bias is None:
-                    base.bias = nn.Parameter(new_b, requires_grad=False)
-                else:
-                    base.bias.data = new_b
+                self._set_base_bias(new_b)
             self.merged_adapters.append(name)
 
     def check_mergeable(self, adapter_names: Sequence[str] | None = None) -> None:
@@ -361,8 +369,7 @@ class AdapterLayer(nn.Module):
     def check_merge(self, adapter_names: Sequence[str] | None = None) -> None:
         """Raise if merging ``adapter_names`` would put NaN or inf into the base weights; changes nothing."""
         names = self.active_adapters if adapter_names is None else list(adapter_names)
-        base = self.get_base_layer()
-        bias = base.bias.data if getattr(base, "bias", None) is not None else None
+        bias = self._base_bias()
         for name in names:
             if name not in self.merged_adapters and name in self.adapter_names:
                 with torch.no_grad():
@@ -377,15 +384,13 @@ class AdapterLayer(nn.Module):
 
     def unmerge(self) -> None:
         """Take merged adapters back out of the base weight, last merged first."""
-        base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            bias = base.bias.data if getattr(base, "bias", None) is not None else None
             with torch.no_grad():
-                new_w, new_b = self.unmerged_weights(name, self._base_weight().data, bias)
+                new_w, new_b = self.unmerged_weights(name, self._base_weight().data, self._base_bias())
             self._set_base_weight(new_w)
             if new_b is not None:
-                base.bias.data = new_b
+                self._set_base_bias(new_b)
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

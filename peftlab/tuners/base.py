@@ -159,6 +159,7 @@ class AdapterLayer(nn.Module):
         self._adapters: dict[str, None] = {}
         self._active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        self._warned_merged: set[str] = set()  # merged adapters a training forward has warned about
         self.disable_adapters = False
         inner = self.get_base_layer()
         self.fan_in_fan_out = isinstance(inner, Conv1D)
@@ -417,6 +418,8 @@ class AdapterLayer(nn.Module):
         if self.merged_adapters:  # the merged ones are in the base weight; the active others act on top
             merged = self.merged_adapters
             adapters = [a for a in active if a in own and a not in merged]
+            if self.training and torch.is_grad_enabled():
+                self._warn_if_training_merged([a for a in active if a in merged])
         elif len(active) == 1:  # the common case, without building a list
             adapters = active if active[0] in own else []
         else:
@@ -424,6 +427,18 @@ class AdapterLayer(nn.Module):
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
         return self.adapter_forward(x, adapters, *args, **kwargs)
+
+    def _warn_if_training_merged(self, names: Sequence[str]) -> None:
+        """A merged adapter is a constant inside the base weight: its tensors get no gradient. Say so when one that
+        is set to train runs a training forward (once per layer and adapter)."""
+        for name in names:
+            trains = any(p.requires_grad for _, entry in self.adapter_tensors(name)
+                         for p in ([entry] if isinstance(entry, nn.Parameter) else entry.parameters()))
+            if trains and name not in self._warned_merged:
+                self._warned_merged.add(name)
+                warnings.warn(f"adapter {name!r} is merged into the base weight of {type(self.get_base_layer()).__name__}, "
+                              "so its tensors receive no gradient in this training step; call unmerge_adapter() "
+                              "before training it", UserWarning, stacklevel=3)
 
     def mixed_batch_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Row ``i`` of ``x`` through the adapter named for it (generic: one ``adapter_forward`` per group)."""

@@ -104,6 +104,24 @@ def floor_model(model):
     return model
 
 
+def adapter_floor(model) -> Callable[[], None]:
+    """A lower bound for any adapter on the first block's attention projections: the frozen model's forward, and a
+    backward that reaches the outputs of block 0's q, k and v projections and stops there (an adapter's gradient
+    needs ∂L at its layer's output; nothing needs ∂L below it, so the limit's three products for ∂x there and
+    the embedding's gradient go). No optimizer: nothing trains. Every method benchmarked here adapts those
+    layers or something after them, so none can train faster than this."""
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    attn = model.model.layers[0].self_attn
+    for name in ("q_proj", "k_proj", "v_proj"):  # their outputs become the leaves the backward stops at
+        getattr(attn, name).register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
+
+    def run(batch: dict) -> None:
+        model(**batch).loss.backward()
+    return run
+
+
 # ---------------------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------------------
@@ -296,7 +314,8 @@ METHODS: dict[str, Method] = {
 
 #: every training-step scenario reports these
 STEP_RATIOS = {"peftlab/peft": ("peftlab", "peft"), "peftlab/limit": ("peftlab", "limit"),
-               "peft/limit": ("peft", "limit"), "limit/peft": ("limit", "peft")}
+               "peft/limit": ("peft", "limit"), "limit/peft": ("limit", "peft"),
+               "floor/peft": ("floor", "peft"), "floor/limit": ("floor", "limit"), "peftlab/floor": ("peftlab", "floor")}
 
 
 def where_time_goes(fn: Callable[[], object], device: str, top: int = 8) -> list[dict]:
@@ -332,6 +351,7 @@ def s_step(a, dev, dt, method: str) -> dict:
         fns[label] = train_step(m, optimiser(m), batch, spec.after_step)
     f = floor_model(llama(256, 4, dev, dt))
     fns["limit"] = train_step(f, optimiser(f), batch)
+    fns["floor"] = functools.partial(adapter_floor(llama(256, 4, dev, dt)), batch)
     t = interleave(fns, a.reps, a.warmup, dev)
     out = summarise(t, {**STEP_RATIOS, **spec.extra_ratios})
     out["about"] = spec.about

@@ -75,3 +75,41 @@ def test_page_renders_targets_methods_and_missed_profiles(tiny):
     assert "| ia3 |" in page and "(≤ 0.01, **missed**)" in page
     assert "### ia3_step: where the time goes" in page and "asks for" in page and "| `aten::mm` |" in page
     assert "nan" not in page
+    # a target of 0.01× peft lies below the floor: the page says no implementation can meet it, with the numbers
+    r = results["scenarios"]["ia3_step"]["ratios"]
+    assert report.target_over_floor(t, r) == pytest.approx(0.01 / r["floor/peft"]["median"])
+    assert "| target / floor |" in page and "below the floor (median times)" in page
+
+
+def test_adapter_floor_stops_the_backward_at_block_zeros_projections(tiny):
+    """The floor runs the limit's forward and backward less exactly what no adapter needs: the three products for
+    ∂x under block 0's q, k and v projections (and the embedding's gradient); the backward still reaches their
+    outputs, where an adapter on those layers takes its gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch = run.torch
+    batch = {"input_ids": run.tokens(2, 16, "cpu")}
+    batch["labels"] = batch["input_ids"]
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.mm = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.mm += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+            return func(*args, **(kwargs or {}))
+
+    limit = run.floor_model(run.llama(64, 2, "cpu", torch.float32))
+    floor_model = run.llama(64, 2, "cpu", torch.float32)
+    floor = run.adapter_floor(floor_model)
+    reached = []  # (a hook registered after the floor's, which makes the output a leaf that wants a gradient)
+    floor_model.model.layers[0].self_attn.k_proj.register_forward_hook(
+        lambda m, i, out: [out.register_hook(lambda g: reached.append(g.shape))] and None)
+    counts = {}
+    for name, step in (("limit", lambda: limit(**batch).loss.backward()), ("floor", lambda: floor(batch))):
+        with Count() as c:
+            step()
+        counts[name] = c.mm
+    assert counts["limit"] - counts["floor"] == 3
+    assert reached and all(p.grad is None for p in floor_model.parameters())

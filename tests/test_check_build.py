@@ -116,3 +116,26 @@ def test_bibliography_page_lists_every_entry_and_citations_land(tmp_path: Path) 
     assert len(unlinked) == 1 and "link to no paper" in unlinked[0]
     stale = check_build.check_bibliography(_bib_site(tmp_path / "stale", n_bib, cite_href=f"bibliography.html#id{n_bib + 1}"))
     assert len(stale) == 1 and "lands on no entry" in stale[0]
+
+
+def test_every_page_is_read_once_for_all_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_pages reads each page once; the static checks, the bibliography, the Colab links and the render check
+    all work on that read (a page with math goes to the browser without being read again)."""
+    html = _bib_site(tmp_path, 1)
+    (html / "book" / "lora.html").write_text('<p>LoRA 秩 <span class="math">x</span></p>', encoding="utf-8")
+    reads: list[str] = []
+    real = check_build._read
+    monkeypatch.setattr(check_build, "_read", lambda page: reads.append(page.name) or real(page))
+
+    class Dom:
+        stdout, stderr = "<mjx-container></mjx-container>", ""
+
+    browsed: list[str] = []
+    monkeypatch.setattr(check_build.subprocess, "run", lambda cmd, **k: browsed.append(Path(cmd[-1]).name) or Dom())
+    monkeypatch.setattr(check_build, "check_cjk_render", lambda html, browser: ["cjk checked"])
+    pages = check_build.read_pages(html)
+    problems = check_build.check_static(html, pages)
+    rendered = check_build.check_render(html, pages, "chromium")
+    assert sorted(reads) == ["bibliography.html", "lora.html"]
+    assert any("does not load the local" in p for p in problems)  # the checks ran on what was read
+    assert browsed == ["lora.html"] and rendered == ["cjk checked"]  # math rendered, Chinese seen, nothing re-read

@@ -616,6 +616,34 @@ def test_merge_unmerge_restores_and_merged_equals_unmerged(case: Case):
     torch.testing.assert_close(output(plain, x), unmerged, atol=ATOL_MERGE, rtol=0)
 
 
+MERGING_CASES = [c for c in CASES if c.method.supports_merge]
+
+
+@pytest.mark.parametrize("case", MERGING_CASES, ids=[c.name for c in MERGING_CASES])
+def test_merged_adapter_and_active_unmerged_one_compose(case: Case):
+    """An adapter merged into the base weight while another stays active and unmerged: the active one acts on
+    top of the merged weight, so the output equals merging both (peft 0.21.2 drops the unmerged one: see
+    book/peft_differences.md)."""
+    x = inputs(case)
+    model = trained(case)
+    add_second(model, case, "other")  # "default" stays the active adapter
+    before = base_params(model, case.method.prefix)
+    model.merge_adapter(["other"])
+    partial = output(model, x)
+    after = base_params(model, case.method.prefix)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "merging changed nothing"
+    # what peft computes: the adapted layers give their (merged) base layer's output alone
+    skipping = copy.deepcopy(model)
+    for layer in adapted(skipping).values():
+        layer.set_adapter([], trainable=False)
+    dropped = output(skipping, x)
+    model.merge_adapter(["default"])
+    full = output(model, x)
+    torch.testing.assert_close(partial, full, atol=ATOL_MERGE, rtol=0)
+    gap, err = (dropped - full).abs().max(), (partial - full).abs().max()
+    assert gap > 10 * err, f"the active adapter's effect ({gap:.2e}) is lost in rounding ({err:.2e})"
+
+
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_save_load_round_trip(case: Case, tmp_path):
     model = trained(case)

@@ -218,6 +218,27 @@ def test_method_flags_refuse_merge_and_mixed_batches(tmp_path):
         unregister_method("TWOLAYOUT")
 
 
+def test_the_merge_refusal_is_in_merge_not_in_the_math():
+    """AdapterLayer.merge runs the method's check_mergeable before anything changes, so a layer merged on its own
+    (not through merge_adapter) refuses as the model does, and merged_weights is the math alone: a lora_bias
+    adapter on a bias-less layer gives b' = s·b_B there (what own_delta and check_merge read)."""
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="has no bias"):
+        pm = get_peft_model(nn.Sequential(nn.Linear(6, 4, bias=False)), LoraConfig(target_modules=["0"], r=2,
+                                                                                    lora_bias=True))
+    layer = pm.base_model.model[0]
+    for t in (layer.lora_B["default"].weight, layer.lora_B["default"].bias):
+        nn.init.normal_(t)
+    W = layer.get_base_layer().weight.detach().clone()
+    with pytest.raises(RuntimeError, match="base layer has no bias"):
+        layer.merge()
+    assert torch.equal(layer.get_base_layer().weight, W) and layer.get_base_layer().bias is None
+    assert not layer.merged
+    new_w, new_b = layer.merged_weights("default", W, None)
+    torch.testing.assert_close(new_w, W + layer.get_delta_weight("default"), atol=1e-6, rtol=0)
+    torch.testing.assert_close(new_b, layer.lora_B["default"].bias.detach() * layer.scaling["default"])
+
+
 def test_a_layer_that_forgets_to_record_its_adapter_is_invisible():
     """The record is the contract: update_layer must end with _record_adapter (else forward skips it)."""
 

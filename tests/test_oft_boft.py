@@ -242,14 +242,16 @@ def test_skew_rotation_node_equals_the_reference_maps(packed, terms):
 @pytest.mark.parametrize("r,b", [(4, 8), (6, 3), (3, 5), (2, 16), (5, 2)])
 @pytest.mark.parametrize("scaled", [False, True], ids=["no-scale", "scale"])
 @pytest.mark.parametrize("orthogonal", [False, True], ids=["any-R", "orthogonal-R"])
-def test_rotated_linear_node_gradients(r, b, scaled, orthogonal):
+@pytest.mark.parametrize("seq", [3, 5], ids=["weight-formed-again", "weight-kept"])
+def test_rotated_linear_node_gradients(r, b, scaled, orthogonal, seq):
     """RotatedLinear against autograd through x R, the frozen layer and s, for block widths that run grouped
     (b < 16: blocks joined into wider ones, k > 1, or all of them when no divisor of r reaches 16) and
-    ungrouped, with the general backward and the one for orthogonal R (G = ∂x R); float64, so the
-    hand-written backward must match to rounding."""
+    ungrouped, with the general backward and the one for orthogonal R (G = ∂x R), with the rotated weight kept
+    for the backward (2·5 tokens ≥ 7 outputs) and formed again (2·3 < 7); float64, so the hand-written backward
+    must match to rounding."""
     g = torch.Generator().manual_seed(r * 100 + b)
     n, out = r * b, 7
-    x = torch.randn(2, 3, n, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, seq, n, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(out, n, generator=g, dtype=torch.float64)
     bias = torch.randn(out, generator=g, dtype=torch.float64)
     a = (torch.randn(r, b, b, generator=g, dtype=torch.float64) * 0.3).requires_grad_(True)
@@ -272,6 +274,37 @@ def test_rotated_linear_node_gradients(r, b, scaled, orthogonal):
     if scaled:
         assert torch.autograd.gradcheck(
             lambda x, a, s: RotatedLinear.apply(x, w, bias, cayley(skew_from_square(a)), s, orthogonal), (x, a, s))
+
+
+@pytest.mark.parametrize("size", [0.0, 0.01, 1.0], ids=["R=I", "near-orthogonal", "far-from-orthogonal"])
+def test_rotated_linear_with_a_truncated_series(size):
+    """With a truncated Cayley–Neumann R (not orthogonal) RotatedLinear's backward inverts R by Newton–Schulz when
+    R is near orthogonal (one token product) and runs the two token products when it is not; either way it
+    gives autograd's gradients to float64 rounding."""
+    import peftlab.tuners.orthogonal as orth
+
+    g = torch.Generator().manual_seed(3)
+    r, b, out = 4, 16, 9
+    x = torch.randn(2, 5, r * b, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(out, r * b, generator=g, dtype=torch.float64)
+    p = (torch.randn(r, b * (b - 1) // 2, generator=g, dtype=torch.float64) * size).requires_grad_(True)
+    blocks = cayley_neumann(skew_from_packed(p, b), 5)
+    inverse = orth.near_orthogonal_inverse(blocks.detach())
+    assert (inverse is None) == (size == 1.0)  # ‖Q‖ ≈ 5 there: the series is nowhere near orthogonal
+    if inverse is not None:
+        torch.testing.assert_close(torch.bmm(blocks.detach(), inverse), torch.eye(b, dtype=torch.float64).expand(r, b, b),
+                                   atol=1e-13, rtol=0)
+    grads = {}
+    for fused in (True, False):
+        blocks = cayley_neumann(skew_from_packed(p, b), 5)
+        y = RotatedLinear.apply(x, w, None, blocks, None, False) if fused else (
+            nn.functional.linear(x @ block_diagonal(blocks), w))
+        y.pow(2).sum().backward()
+        grads[fused] = (y.detach(), x.grad, p.grad)
+        x.grad = p.grad = None
+    for got, want in zip(grads[True], grads[False]):
+        torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-10)
+    assert orth.near_orthogonal_inverse(torch.eye(b, device="meta").expand(r, b, b)) is None  # not on a CPU: no read-back
 
 
 @pytest.mark.parametrize("scale", [1.0, 10.0], ids=["small-Q", "large-Q"])

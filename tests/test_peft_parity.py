@@ -255,6 +255,41 @@ def test_difference_multihead_attention_out_proj_applied_once():
         torch.testing.assert_close(peft_parity.out(models[lib], x), peft_parity.out(plain, x), atol=1e-5, rtol=0)
 
 
+def test_difference_merged_adapter_with_an_active_unmerged_one():
+    """Deliberate difference: with adapter "b" merged and "a" active but unmerged, peft 0.21.2's layers compute
+    their (merged) base alone, so the active adapter is silently dropped; peftlab's apply "a" on top of the merged
+    weight, which equals merging both. With nothing merged, or everything, the two agree."""
+    x = torch.randn(4, 10)
+    models = {}
+    for lib in (peft, peftlab):
+        with quiet():
+            pm = lib.get_peft_model(seeded(peft_parity.MLP), lib.LoraConfig(target_modules=["lin0", "lin1"]),
+                                    adapter_name="a")
+            pm.add_adapter("b", lib.LoraConfig(target_modules=["lin0", "lin1"]))
+        for name in ("a", "b"):
+            peft_parity.fill_adapter(pm, name)
+        pm.base_model.set_adapter("a")
+        models[lib.__name__] = pm.eval()
+    unmerged = peft_parity.out(models["peft"], x)
+    torch.testing.assert_close(peft_parity.out(models["peftlab"], x), unmerged, atol=1e-6, rtol=0)
+    with quiet():
+        for pm in models.values():
+            pm.merge_adapter(["b"])
+    partial = {lib: peft_parity.out(pm, x) for lib, pm in models.items()}
+    with quiet():
+        for pm in models.values():
+            pm.merge_adapter(["a"])
+    both = {lib: peft_parity.out(pm, x) for lib, pm in models.items()}
+    torch.testing.assert_close(both["peftlab"], both["peft"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(partial["peftlab"], both["peftlab"], atol=1e-5, rtol=0)  # a on top of merged b
+    assert not torch.allclose(partial["peft"], both["peft"], atol=1e-3)  # peft: a dropped
+    with quiet():  # peft's partial output is the merged adapter alone (the same fill: it is seeded by the name)
+        only_b = peft.get_peft_model(seeded(peft_parity.MLP), peft.LoraConfig(target_modules=["lin0", "lin1"]),
+                                     adapter_name="b")
+    peft_parity.fill_adapter(only_b, "b")
+    torch.testing.assert_close(partial["peft"], peft_parity.out(only_b.eval(), x), atol=1e-5, rtol=0)
+
+
 def test_grouped_conv_as_peft():
     kw = dict(target_modules=["conv"], r=4)
     with quiet():

@@ -108,10 +108,15 @@ class _Reader(HTMLParser):
             self.prose.append(data)
 
 
-def check_reader_view(page: Path, rel: str) -> list[str]:
-    """Check 4 on one page: raw markdown tables, leaked warnings and stderr, ``nan`` in the prose."""
+def _read(page: Path) -> str:
+    return page.read_text(encoding="utf-8", errors="replace")
+
+
+def check_reader_view(page: Path, rel: str, text: str | None = None) -> list[str]:
+    """Check 4 on one page (``text``: the page, when already read): raw markdown tables, leaked warnings and
+    stderr, ``nan`` in the prose."""
     reader = _Reader()
-    reader.feed(page.read_text(encoding="utf-8", errors="replace"))
+    reader.feed(_read(page) if text is None else text)
     prose, output = "".join(reader.prose), "".join(reader.output)
     problems = []
     for where, text in (("prose", prose), ("a cell output", output)):
@@ -134,9 +139,9 @@ def check_reader_view(page: Path, rel: str) -> list[str]:
     return problems
 
 
-def check_bibliography(html: Path) -> list[str]:
+def check_bibliography(html: Path, pages: list[Page] | None = None) -> list[str]:
     """Check 6: the bibliography page lists every bib entry with a link to the paper, and every citation
-    link in the book lands on one of its entries."""
+    link in the book lands on one of its entries (``pages``: the site, when already read)."""
     cfg = yaml.safe_load((ROOT / "_config.yml").read_text())
     bibfiles = cfg.get("bibtex_bibfiles") or []
     if not bibfiles:
@@ -146,7 +151,10 @@ def check_bibliography(html: Path) -> list[str]:
     page = html / BIB_PAGE
     if not page.is_file():
         return [f"{BIB_PAGE} missing (the Bibliography page in _toc.yml)"]
-    entries = dict(BIB_ENTRY.findall(page.read_text(encoding="utf-8", errors="replace")))
+    if pages is None:
+        pages = read_pages(html)
+    by_rel = {p.rel: p for p in pages}
+    entries = dict(BIB_ENTRY.findall(by_rel[BIB_PAGE].text if BIB_PAGE in by_rel else _read(page)))
     problems = []
     if len(entries) != n_bib:
         problems.append(f"{BIB_PAGE} lists {len(entries)} entries, the bib files {bibfiles} hold {n_bib} "
@@ -154,13 +162,12 @@ def check_bibliography(html: Path) -> list[str]:
     bare = [i for i, body in entries.items() if not PAPER_LINK.search(body)]
     if bare:
         problems.append(f"{BIB_PAGE}: entries {bare} link to no paper (give each an eprint or a doi)")
-    for other in sorted(html.rglob("*.html")):
-        rel = other.relative_to(html).as_posix()
-        for href in re.findall(r'<a class="reference internal" href="([^"]*#[^"]+)"',
-                               other.read_text(encoding="utf-8", errors="replace")):
+    for other in pages:
+        for href in re.findall(r'<a class="reference internal" href="([^"]*#[^"]+)"', other.text):
             target, _, frag = href.partition("#")
-            if (other.parent / target).resolve() == page.resolve() and frag.startswith("id") and frag not in entries:
-                problems.append(f"{rel}: citation link {href!r} lands on no entry of {BIB_PAGE}")
+            if (other.path.parent / target).resolve() == page.resolve() and frag.startswith("id") \
+                    and frag not in entries:
+                problems.append(f"{other.rel}: citation link {href!r} lands on no entry of {BIB_PAGE}")
     return problems
 
 
@@ -240,6 +247,23 @@ class _Assets(HTMLParser):
             self.has_math = True
 
 
+class Page:
+    """One rendered page, read and parsed once for every check: ``path``, ``rel`` (to the site's root),
+    ``text`` and ``assets`` (what it loads, whether it has math or widgets, its Colab links)."""
+
+    def __init__(self, html: Path, path: Path) -> None:
+        self.path = path
+        self.rel = path.relative_to(html).as_posix()
+        self.text = _read(path)
+        self.assets = _Assets()
+        self.assets.feed(self.text)
+
+
+def read_pages(html: Path) -> list[Page]:
+    """Every page of the site, each read once."""
+    return [Page(html, p) for p in sorted(html.rglob("*.html"))]
+
+
 def _is_remote(url: str) -> bool:
     return bool(re.match(r"^(https?:)?//", url.strip(), re.I))
 
@@ -283,21 +307,16 @@ def _repo_slug() -> tuple[str, str]:
     return m.group(1), cfg["repository"].get("branch", "main")
 
 
-def check_static(html: Path) -> tuple[list[str], list[Path]]:
-    """Run checks 1-4; return (problems, pages that need a render check)."""
+def check_static(html: Path, pages: list[Page]) -> list[str]:
+    """Run checks 1-4 and 6 on the site's ``pages`` (:func:`read_pages`)."""
     problems: list[str] = []
-    to_render: list[Path] = []
     for target in (MATHJAX, EMBED):
         if not (html / target).is_file():
             problems.append(f"{target} missing from {html} (run `python tools/fetch_js.py`)")
-    pages = sorted(html.rglob("*.html"))
     if not pages:
-        return [f"no HTML pages under {html}; build the book first"], []
-    for page in pages:
-        rel = page.relative_to(html).as_posix()
-        text = page.read_text(encoding="utf-8", errors="replace")
-        parser = _Assets()
-        parser.feed(text)
+        return [f"no HTML pages under {html}; build the book first"]
+    for p in pages:
+        page, rel, text, parser = p.path, p.rel, p.text, p.assets
         remote = [u for u in parser.loads if _is_remote(u)]
         if remote:
             problems.append(f"{rel} loads from the network: {remote}")
@@ -312,24 +331,21 @@ def check_static(html: Path) -> tuple[list[str], list[Path]]:
                 problems.append(f"{rel} has widgets but does not load the local {EMBED}")
             if parser.has_widget_view and not parser.has_widget_state:
                 problems.append(f"{rel} shows widgets but carries no widget state")
-        if parser.has_math or parser.has_widget_view:
-            to_render.append(page)
-        problems += check_reader_view(page, rel)
+        problems += check_reader_view(page, rel, text)
     problems += check_font_stack(html)
-    problems += check_bibliography(html)
+    problems += check_bibliography(html, pages)
 
     slug, branch = _repo_slug()
+    by_rel = {p.rel: p for p in pages}
     for page_rel, nb in _notebook_pages().items():
-        page = html / page_rel
-        if not page.is_file():
+        if page_rel not in by_rel:
             problems.append(f"{page_rel} missing (notebook {nb} is in _toc.yml)")
             continue
-        parser = _Assets()
-        parser.feed(page.read_text(encoding="utf-8", errors="replace"))
+        colab = by_rel[page_rel].assets.colab
         want = f"https://colab.research.google.com/github/{slug}/blob/{branch}/{nb}"
-        if want not in parser.colab:
-            problems.append(f"{page_rel} has no Colab link to {want} (found {parser.colab})")
-    return problems, to_render
+        if want not in colab:
+            problems.append(f"{page_rel} has no Colab link to {want} (found {colab})")
+    return problems
 
 
 def _chromium() -> str | None:
@@ -340,14 +356,13 @@ def _chromium() -> str | None:
     return None
 
 
-def check_render(html: Path, pages: list[Path], browser: str) -> list[str]:
-    """Run check 5 with headless Chromium and no network features."""
+def check_render(html: Path, pages: list[Page], browser: str) -> list[str]:
+    """Run check 5 with headless Chromium and no network features, on the ``pages`` with math or widgets."""
     problems = []
-    for page in pages:
-        rel = page.relative_to(html).as_posix()
-        text = page.read_text(encoding="utf-8", errors="replace")
-        parser = _Assets()
-        parser.feed(text)
+    for p in pages:
+        page, rel, parser = p.path, p.rel, p.assets
+        if not (parser.has_math or parser.has_widget_view):
+            continue
         with tempfile.TemporaryDirectory() as profile:
             cmd = [
                 browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -369,7 +384,7 @@ def check_render(html: Path, pages: list[Path], browser: str) -> list[str]:
         if parser.has_widget_view and not re.search(r'class="[^"]*\bwidget-', dom):
             problems.append(f"{rel}: widgets did not render (no widget views in the DOM)")
         print(f"check_build: rendered {rel}: math={parser.has_math} widgets={parser.has_widget_view}")
-    if any(CJK.search(p.read_text(encoding="utf-8", errors="replace")) for p in html.rglob("*.html")):
+    if any(CJK.search(p.text) for p in pages):
         problems += check_cjk_render(html, browser)
     return problems
 
@@ -382,20 +397,20 @@ def main() -> None:
     if args.render == "auto" and os.environ.get("CI", "").lower() in ("true", "1"):
         args.render = "yes"  # CI must see the render check run, never a skip
 
-    problems, to_render = check_static(args.html)
+    pages = read_pages(args.html)
+    problems = check_static(args.html, pages)
     browser = _chromium()
     if args.render == "yes" and browser is None:
         problems.append("--render yes, but no Chromium found (Debian: apt-get install -y chromium)")
     elif args.render != "no" and browser is not None:
-        problems += check_render(args.html, to_render, browser)
+        problems += check_render(args.html, pages, browser)
     elif args.render == "auto":
         print("check_build: Chromium not installed; render check skipped")
 
     if problems:
         print("check_build: FAILED\n  " + "\n  ".join(problems), file=sys.stderr)
         sys.exit(1)
-    n = len(list(args.html.rglob("*.html")))
-    print(f"check_build: {n} pages OK (offline assets, local MathJax and widgets, Colab links, no raw tables, "
+    print(f"check_build: {len(pages)} pages OK (offline assets, local MathJax and widgets, Colab links, no raw tables, "
           "warnings or nan on a page, a bibliography that lists every entry)")
 
 

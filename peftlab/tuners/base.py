@@ -321,11 +321,13 @@ class AdapterLayer(nn.Module):
     def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
         """Fold adapters into the base weight (in place); they stay in the layer so ``unmerge`` can undo it.
 
-        ``safe_merge`` computes the result on a copy first and refuses it if it holds NaN or inf.
+        ``safe_merge`` computes the result on a copy first and refuses it if it holds NaN or inf. A merge the layer
+        refuses (:meth:`check_mergeable`) raises before anything changes.
         """
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         if isinstance(adapter_names, str):
             raise TypeError(f"adapter_names takes a list of adapter names, not the string {adapter_names!r}")
+        self.check_mergeable(names)
         if self.merged:  # peft's warnings when merging again
             more = [n for n in names if n not in self.merged_adapters]
             if more:
@@ -351,8 +353,10 @@ class AdapterLayer(nn.Module):
             self.merged_adapters.append(name)
 
     def check_mergeable(self, adapter_names: Sequence[str] | None = None) -> None:
-        """Raise if this layer cannot merge ``adapter_names`` at all (a method hook; the model calls it on every
-        layer before merging any, so a refusal leaves the model as it was). Default: every adapter merges."""
+        """Raise if this layer cannot merge ``adapter_names`` at all (a method hook, reading no weights). The refusal
+        lives here, not in :meth:`merged_weights` (the math): :meth:`merge` calls it before changing anything, and
+        the model calls it on every layer before merging any (:meth:`BaseTuner._refuse_unmergeable`), so a refusal
+        leaves the model as it was. Default: every adapter merges."""
 
     def check_merge(self, adapter_names: Sequence[str] | None = None) -> None:
         """Raise if merging ``adapter_names`` would put NaN or inf into the base weights; changes nothing."""
@@ -403,11 +407,12 @@ class AdapterLayer(nn.Module):
                     "mixed-adapter batches need unmerged adapters; call unmerge_adapter() first"
                 )
             return self.mixed_batch_forward(x, routing, *args, **kwargs)
-        if self.merged_adapters:
-            return self.base_layer(x, *args, **kwargs)
         own = self._adapters
         active = self._active_adapters
-        if len(active) == 1:  # the common case, without building a list
+        if self.merged_adapters:  # the merged ones are in the base weight; the active others act on top
+            merged = self.merged_adapters
+            adapters = [a for a in active if a in own and a not in merged]
+        elif len(active) == 1:  # the common case, without building a list
             adapters = active if active[0] in own else []
         else:
             adapters = [a for a in active if a in own]
@@ -939,9 +944,9 @@ class BaseTuner(nn.Module):
         for n in adapter_names or ():
             if n not in self.peft_config:
                 raise ValueError(f"no adapter named {n!r}; adapters: {sorted(self.peft_config)}")
-        for _, layer in self.adapter_layers():  # check every layer before changing any, so a refusal leaves
-            layer.check_mergeable(adapter_names)  # all weights as they were
-            if safe_merge:
+        self._refuse_unmergeable(adapter_names)
+        if safe_merge:  # check every layer before changing any, so a refusal leaves all weights as they were
+            for _, layer in self.adapter_layers():
                 layer.check_merge(adapter_names)
         if any(_is_quantized(layer.get_base_layer()) for _, layer in self.adapter_layers()):
             warnings.warn(
@@ -956,13 +961,19 @@ class BaseTuner(nn.Module):
         for _, layer in self.adapter_layers():
             layer.unmerge()
 
+    def _refuse_unmergeable(self, adapter_names: Sequence[str] | None) -> None:
+        """Every layer's :meth:`AdapterLayer.check_mergeable` before any layer changes, for ``merge_adapter`` and
+        ``merge_and_unload``: it reads no weights, so a refusal comes before any 4-bit base is dequantised and leaves
+        the whole model as it was."""
+        for _, layer in self.adapter_layers():
+            layer.check_mergeable(adapter_names)
+
     def _unload(self, merge: bool, progressbar: bool = False, safe_merge: bool = False,
                 adapter_names: Sequence[str] | None = None, requantize: bool = False) -> nn.Module:
         layers = list(self.adapter_layers())
         quantized: dict[int, nn.Module] = {}  # id(layer) -> its quantised base, merged into a dense copy
         if merge:  # merge everything first, so a refusal or a safe_merge failure leaves the model as it was
-            for _, layer in layers:  # needs no weights: refused before any base is dequantised
-                layer.check_mergeable(adapter_names)
+            self._refuse_unmergeable(adapter_names)
             for _, layer in layers:
                 base = layer.get_base_layer()
                 wanted = layer.active_adapters if adapter_names is None else adapter_names

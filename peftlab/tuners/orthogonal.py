@@ -313,17 +313,47 @@ def widen_blocks(blocks: torch.Tensor, g: int) -> torch.Tensor:
     return wide.view(r // g, g * b, g * b)
 
 
+def near_orthogonal_inverse(blocks: torch.Tensor, tol: float = 0.5) -> torch.Tensor | None:
+    """R_i⁻¹ for blocks (r, b, b) that are near orthogonal (‖I − R_iR_iᵀ‖_F ≤ ``tol`` for every i, so every
+    singular value lies in [√(1 − tol), √(1 + tol)]), else None (the caller takes a path without the inverse).
+
+    Newton–Schulz from X₀ = Rᵀ: with E_k = I − R X_k, X_(k+1) = X_k (I + E_k) gives E_(k+1) = E_k², so the
+    error squares each step and stops at rounding after a few b×b products (LAPACK's batched inverse costs
+    more than the token product it would save). Deciding reads a number back from the device, so on an
+    accelerator (where that would stall the queue, and token products are cheap) the answer is None.
+
+    Explained in: book/oft_boft.ipynb
+    """
+    if blocks.device.type != "cpu":
+        return None
+    eye = torch.eye(blocks.shape[-1], device=blocks.device, dtype=blocks.dtype)
+    err = eye - torch.bmm(blocks, blocks.mT)
+    size = float(torch.linalg.matrix_norm(err).amax())
+    if not size <= tol:  # NaN fails too
+        return None
+    inv, eps = blocks.mT, torch.finfo(blocks.dtype).eps
+    while size > eps:
+        inv = torch.baddbmm(inv, inv, err)
+        size *= size
+        if size > eps:
+            err = torch.bmm(err, err)
+    return inv
+
+
 class RotatedLinear(torch.autograd.Function):
     """h = s ⊙ (x (W Rᵀ)ᵀ) + b for block-diagonal R (r, b, b), a frozen W (out, r·b) and an optional per-output
     scale s (BOFT), as one autograd node.
 
     Forward rotates the weight (out·in·b) rather than every token. Backward, with g = ∂L/∂h and
     G = g (s ⊙ W) (∂L/∂(xR), the product a frozen layer computes anyway): ∂x = G Rᵀ and ∂R_i = x_iᵀ G_i, block
-    by block, and ∂s = Σ_tokens g ⊙ (x (W Rᵀ)ᵀ). When R is orthogonal (``orthogonal``: the exact Cayley map),
-    G = ∂x R, so one token product goes: ∂x = g (s ⊙ W Rᵀ) (the product the frozen layer computes anyway, with
-    the rotated weight) and ∂R_i = (x_iᵀ ∂x_i) R_i. Blocks narrower than :data:`MIN_BLOCK_WIDTH` run the token
-    products in groups (:func:`block_group`): more flops, less time. ∂x is written straight into its
-    (tokens, in) layout.
+    by block, and ∂s = Σ_tokens g ⊙ (x (W Rᵀ)ᵀ). That is two token products; one goes when R is invertible:
+    ∂x = g (s ⊙ W Rᵀ) (the product the frozen layer computes anyway, with the rotated weight), G_i = ∂x_i R_i⁻ᵀ,
+    so ∂R_i = (x_iᵀ ∂x_i) R_i⁻ᵀ, a b×b product per block. For an orthogonal R (``orthogonal``: the exact
+    Cayley map) R⁻ᵀ = R; a truncated Cayley–Neumann series is inverted block by block, when it is near enough
+    to orthogonal (‖RᵀR − I‖_F ≤ ½, so κ(R) ≤ √3) for the inverse to lose nothing, else the two products run.
+    Blocks narrower than :data:`MIN_BLOCK_WIDTH` run the token products in groups (:func:`block_group`): more
+    flops, less time. ∂x is written straight into its (tokens, in) layout. The rotated weight waits for the
+    backward when it is no larger than the input the node keeps anyway; else the backward forms it again.
 
     Explained in: book/oft_boft.ipynb
     """
@@ -336,26 +366,30 @@ class RotatedLinear(torch.autograd.Function):
         # (W Rᵀ)ᵀ = R Wᵀ block by block: (r, b, b) @ (r, b, out), contiguous as (in, out)
         w_rot_t = torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
         ctx.orthogonal = orthogonal
+        # the backward's ∂x uses (W Rᵀ)ᵀ again: kept when it is no larger than the input the node keeps anyway
+        # (many tokens), formed again otherwise (few tokens: a weight-sized tensor per layer would outweigh them)
+        ctx.kept = x.numel() >= w_rot_t.numel()
+        kept = (w_rot_t,) if ctx.kept else ()
         if scale is None:
-            ctx.save_for_backward(x, weight, blocks)
+            ctx.save_for_backward(x, weight, blocks, *kept)
             return F.linear(x, w_rot_t.T, bias)
         unscaled = F.linear(x, w_rot_t.T)
-        ctx.save_for_backward(x, weight, blocks, scale, unscaled)
+        ctx.save_for_backward(x, weight, blocks, *kept, scale, unscaled)
         return torch.addcmul(bias, unscaled, scale) if bias is not None else unscaled * scale
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
         x, weight, blocks, *rest = ctx.saved_tensors
+        kept = rest.pop(0) if ctx.kept else None
         r, b, _ = blocks.shape
         g2 = g.reshape(-1, g.shape[-1])
         t, (out, n) = g2.shape[0], weight.shape
         k = block_group(r, b)
         rk, bk = r // k, b * k
         grad_scale = None
-        if ctx.orthogonal:  # ∂x = g (s ⊙ W Rᵀ), then G_i = ∂x_i R_i
-            # (W Rᵀ)ᵀ again (out·in·b, small next to the token products) rather than kept from the forward:
-            # no weight-sized tensor per layer waits for the backward
-            w_rot_t = torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
+        post = blocks if ctx.orthogonal else near_orthogonal_inverse(blocks)  # R⁻¹, None: two products
+        if post is not None:  # ∂x = g (s ⊙ W Rᵀ), then G_i = ∂x_i R_i⁻ᵀ
+            w_rot_t = kept if kept is not None else torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
             if rest:
                 w_rot_t = w_rot_t * rest[0]
             gx = torch.mm(g2, w_rot_t.T)
@@ -374,8 +408,9 @@ class RotatedLinear(torch.autograd.Function):
         grad_wide = torch.bmm(x.reshape(t, rk, bk).permute(1, 2, 0), gr.view(t, rk, bk).transpose(0, 1))
         grad_blocks = grad_wide if k == 1 else (
             grad_wide.view(rk, k, b, k, b).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(r, b, b))
-        if ctx.orthogonal:
-            grad_blocks = torch.bmm(grad_blocks, blocks)  # x_iᵀ ∂x_i R_i = x_iᵀ G_i
+        if post is not None:
+            # x_iᵀ ∂x_i R_i⁻ᵀ = x_iᵀ G_i (R_i⁻ᵀ = R_i when orthogonal; ``post`` holds R⁻¹ otherwise)
+            grad_blocks = torch.bmm(grad_blocks, post if ctx.orthogonal else post.mT)
         if rest and ctx.needs_input_grad[4]:
             grad_scale = (g2 * rest[1].reshape(t, -1)).sum(0)
         return grad_x, None, None, grad_blocks, grad_scale, None

@@ -59,11 +59,31 @@ def magnitude(layer: Any, adapter_name: str) -> torch.Tensor:
     return layer.lora_magnitude_vector[adapter_name].weight
 
 
+def _add_magnitude(layer: Any, adapter_name: str, m: torch.Tensor) -> None:
+    if not hasattr(layer, MAGNITUDE):
+        layer.lora_magnitude_vector = nn.ModuleDict()
+    if MAGNITUDE not in layer.adapter_layer_names:
+        layer.adapter_layer_names = (*layer.adapter_layer_names, MAGNITUDE)
+    layer.lora_magnitude_vector[adapter_name] = DoraMagnitude(m)
+
+
 # ---------------------------------------------------------------------------------------------------
 # the norm ‖W + s·B A‖ per output feature
 # ---------------------------------------------------------------------------------------------------
 def _oriented(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight  # (out, in)
+
+
+def norm_except(V: torch.Tensor, axis: int) -> torch.Tensor:
+    """DoRA's n: ‖V‖ over every axis of V = W + ΔW but ``axis`` (kept, size 1, so n broadcasts against V), detached
+    (the paper's §4.3: n is a constant, no gradient flows through it). Every direct norm in DoRA goes through here:
+    the merge and unmerge scales of every layer type, the conv and embedding forwards, :func:`reference_weight_norm`;
+    the linear forward uses the low-rank identity of :func:`weight_norm` instead.
+
+    Explained in: book/lora_in_practice.ipynb
+    """
+    dims = tuple(d for d in range(V.dim()) if d != axis)
+    return torch.linalg.vector_norm(V.detach(), dim=dims, keepdim=True)
 
 
 def _row_sq_norms(layer: Any, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -107,7 +127,7 @@ def reference_weight_norm(layer: Any, adapter_name: str, weight: torch.Tensor | 
     A = layer.lora_A[adapter_name].weight.float()
     B = layer.lora_B[adapter_name].weight.float()
     W = _oriented((layer._base_weight() if weight is None else weight).float(), layer.fan_in_fan_out)
-    return torch.linalg.norm(W + layer.scaling[adapter_name] * (B @ A), dim=1)
+    return norm_except(W + layer.scaling[adapter_name] * (B @ A), 0).reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -211,10 +231,12 @@ def unmerged_base(layer: Any, weight: torch.Tensor) -> torch.Tensor:
     return W
 
 
-def _merge_rescaled(layer: Any, adapter_name: str, weight: torch.Tensor, c_of) -> torch.Tensor:
-    """W' = c ⊙ (W_cur + ΔW), c = m/‖W + ΔW‖ on the unmerged base W (``c_of(W + ΔW)``), recorded for unmerge."""
+def _merge_rescaled(layer: Any, adapter_name: str, weight: torch.Tensor, axis: int) -> torch.Tensor:
+    """W' = c ⊙ (W_cur + ΔW), c = m/‖W + ΔW‖ on the unmerged base W, m and n along ``axis`` of the stored weight
+    (n over every other axis), recorded for unmerge."""
     delta = layer.get_delta_weight(adapter_name).float()  # s·B A, stored layout
-    c = c_of(unmerged_base(layer, weight) + delta)
+    n = norm_except(unmerged_base(layer, weight) + delta, axis)
+    c = magnitude(layer, adapter_name).detach().float().reshape(n.shape) / n
     _merged_scales(layer)[adapter_name] = c
     return (c * (weight.float() + delta)).to(weight.dtype)
 
@@ -242,16 +264,12 @@ class DoraLinearVariant:
     @staticmethod
     def init(layer: Any, adapter_name: str) -> None:
         """Add ``lora_magnitude_vector[adapter_name]`` = ‖W + s·B A‖ per output feature (so W' = W at init)."""
-        if not hasattr(layer, MAGNITUDE):
-            layer.lora_magnitude_vector = nn.ModuleDict()
-        if MAGNITUDE not in layer.adapter_layer_names:
-            layer.adapter_layer_names = (*layer.adapter_layer_names, MAGNITUDE)
         dtype = layer.lora_A[adapter_name].weight.dtype
         if layer.lora_A[adapter_name].weight.is_meta:  # low_cpu_mem_usage: the checkpoint brings m
             m = torch.empty(layer.out_features, device="meta")
         else:
             m = weight_norm(layer, adapter_name)
-        layer.lora_magnitude_vector[adapter_name] = DoraMagnitude(m.to(dtype))
+        _add_magnitude(layer, adapter_name, m.to(dtype))
 
     @staticmethod
     def forward(layer: Any, adapter_name: str, x: torch.Tensor, result: torch.Tensor | None, *args: Any,
@@ -264,7 +282,9 @@ class DoraLinearVariant:
         s = layer.scaling[adapter_name]
         dropout = layer.lora_dropout[adapter_name]
         weight = layer._base_weight()  # stored layout; dequantised for a 4-bit base
-        n = weight_norm(layer, adapter_name, weight)  # detached: no gradient flows through the norm
+        # detached: no gradient flows through the norm; taken on the base with nothing merged (as merging does)
+        n = weight_norm(layer, adapter_name, unmerged_base(layer, weight).to(weight.dtype)
+                        if layer.merged_adapters else weight)
         bias = layer.bias
         uses_dropout = layer.training and not isinstance(dropout, nn.Identity)
         if result is None and not uses_dropout and not args and not kwargs:
@@ -295,13 +315,8 @@ class DoraLinearVariant:
                        bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """W' = (m/n) ⊙ (W_cur + ΔW), n = ‖W + ΔW‖ per output feature of the unmerged base W: the adapters merged
         before it are rescaled with the base, as the forward rescales their outputs."""
-        m = magnitude(layer, adapter_name).detach().float()
-
-        def c_of(V: torch.Tensor) -> torch.Tensor:
-            c = m / torch.linalg.norm(_oriented(V, layer.fan_in_fan_out), dim=1)
-            return c.view(1, -1) if layer.fan_in_fan_out else c.view(-1, 1)
-
-        return _merge_rescaled(layer, adapter_name, weight, c_of), bias
+        out_axis = 1 if layer.fan_in_fan_out else 0  # the stored weight is (in, out) when fan_in_fan_out
+        return _merge_rescaled(layer, adapter_name, weight, out_axis), bias
 
     @staticmethod
     def unmerged_weights(layer: Any, adapter_name: str, weight: torch.Tensor,
@@ -313,14 +328,6 @@ class DoraLinearVariant:
 # ---------------------------------------------------------------------------------------------------
 # DoRA on convolutions and embeddings (peft's forms, no fused kernel)
 # ---------------------------------------------------------------------------------------------------
-def _add_magnitude(layer: Any, adapter_name: str, m: torch.Tensor) -> None:
-    if not hasattr(layer, MAGNITUDE):
-        layer.lora_magnitude_vector = nn.ModuleDict()
-    if MAGNITUDE not in layer.adapter_layer_names:
-        layer.adapter_layer_names = (*layer.adapter_layer_names, MAGNITUDE)
-    layer.lora_magnitude_vector[adapter_name] = DoraMagnitude(m)
-
-
 class _DoraWeightVariant:
     """DoRA where m and n = ‖W + ΔW‖ live along one axis of the base weight (``axis``: the output channels of a
     conv, the feature columns of an embedding); the norm runs over every other axis and is detached.
@@ -337,13 +344,18 @@ class _DoraWeightVariant:
         return shape
 
     @classmethod
-    def norm(cls, layer: Any, adapter_name: str) -> torch.Tensor:
-        """‖W + ΔW‖ along every axis but ``axis``, shaped to broadcast against W, float32, detached."""
+    def weights(cls, layer: Any, adapter_name: str, dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, ΔW) whose sum the norm is taken of, in ``dtype``."""
+        return layer._base_weight().to(dtype), layer.get_delta_weight(adapter_name).to(dtype)
+
+    @classmethod
+    def norm(cls, layer: Any, adapter_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """‖W + ΔW‖ along every axis but ``axis``, shaped to broadcast against W, detached, W + ΔW formed in
+        ``dtype`` (float32 unless given; see :meth:`weights`)."""
         with torch.no_grad():
-            W = layer._base_weight().float()
-            V = W + layer.get_delta_weight(adapter_name).float()
-            dims = tuple(d for d in range(V.dim()) if d != cls.axis)
-            return torch.linalg.vector_norm(V, dim=dims, keepdim=True)
+            W, delta = cls.weights(layer, adapter_name, dtype)
+            return norm_except(W + delta, cls.axis)
 
     @classmethod
     def init(cls, layer: Any, adapter_name: str) -> None:
@@ -358,13 +370,7 @@ class _DoraWeightVariant:
     @classmethod
     def merged_weights(cls, layer: Any, adapter_name: str, weight: torch.Tensor, bias: torch.Tensor | None):
         """W' = (m/n) ⊙ (W_cur + ΔW), n = ‖W + ΔW‖ of the unmerged base W, kept for the exact unmerge."""
-        m = magnitude(layer, adapter_name).detach().float()
-
-        def c_of(V: torch.Tensor) -> torch.Tensor:
-            n = torch.linalg.vector_norm(V, dim=tuple(d for d in range(V.dim()) if d != cls.axis), keepdim=True)
-            return m.reshape(n.shape) / n
-
-        return _merge_rescaled(layer, adapter_name, weight, c_of), bias
+        return _merge_rescaled(layer, adapter_name, weight, cls.axis), bias
 
     @classmethod
     def unmerged_weights(cls, layer: Any, adapter_name: str, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -408,14 +414,12 @@ class DoraConvVariant(_DoraWeightVariant):
     axis = 0
 
     @classmethod
-    def norm(cls, layer: Any, adapter_name: str) -> torch.Tensor:
-        """‖W + ΔW‖ per output channel, (out, 1, …), float32, detached."""
+    def weights(cls, layer: Any, adapter_name: str, dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, ΔW) in ``dtype``; on a grouped conv the dense kernels of :func:`dense_conv_weights`, always float32."""
         if layer.get_base_layer().groups == 1:
-            return super().norm(layer, adapter_name)
-        with torch.no_grad():
-            W, delta = dense_conv_weights(layer, adapter_name)
-            V = W + delta
-            return torch.linalg.vector_norm(V, dim=tuple(range(1, V.dim())), keepdim=True)
+            return super().weights(layer, adapter_name, dtype)
+        return dense_conv_weights(layer, adapter_name)
 
     @staticmethod
     def m_shape(layer: Any) -> tuple[int, ...]:
@@ -433,13 +437,8 @@ class DoraConvVariant(_DoraWeightVariant):
         if result is None:
             result = layer.base_layer(x, *args, **kwargs)
         W = base.weight
-        if base.groups > 1:
-            n = cls.norm(layer, adapter_name).transpose(0, 1).to(W.dtype)
-        else:
-            with torch.no_grad():
-                V = W.detach() + layer.get_delta_weight(adapter_name).detach().to(W.dtype)
-                n = torch.linalg.vector_norm(V, dim=tuple(range(1, V.dim())), keepdim=True).transpose(0, 1)
-        c = magnitude(layer, adapter_name) / n  # (1, out, 1, …)
+        n = cls.norm(layer, adapter_name, W.dtype).transpose(0, 1).to(W.dtype)  # (1, out, 1, …)
+        c = magnitude(layer, adapter_name) / n
         dropout = layer.lora_dropout[adapter_name]
         A, B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
         if isinstance(dropout, nn.Identity) or not layer.training:

@@ -139,10 +139,10 @@ class LoraLayer(AdapterLayer):
             return self.lora_variant[adapter_name].merged_weights(self, adapter_name, weight, bias)
         weight, bias = super().merged_weights(adapter_name, weight, bias)
         b = self._lora_bias(adapter_name)
-        if b is not None:  # lora_bias: the base bias absorbs s · b_B
-            if bias is None:
-                self.check_mergeable([adapter_name])
-            bias = (bias.float() + b.float() * self.scaling[adapter_name]).to(bias.dtype)
+        if b is not None:  # lora_bias: the base bias absorbs s · b_B; a missing one counts as 0 here, the math only
+            # (merge refuses to add a bias the model does not declare: check_mergeable, run before this)
+            base_bias = bias if bias is not None else torch.zeros_like(b)
+            bias = (base_bias.float() + b.float() * self.scaling[adapter_name]).to(base_bias.dtype)
         return weight, bias
 
     def unmerged_weights(self, adapter_name, weight, bias):

@@ -32,6 +32,7 @@ from peftlab import (AdaLoraConfig, AdaptionPromptConfig, BOFTConfig, IA3Config,
                      OFTConfig, TaskType, get_peft_model)
 from peftlab.config import PeftConfig
 from peftlab.lab import finetune as ft
+from peftlab.lab.merge_checks import _outputs as _logits  # logits of a transformers model, else the tensor
 from peftlab.lab.merge_checks import unload_outputs
 from peftlab.registry import get_method
 from peftlab.tuners.matching import _matches
@@ -429,10 +430,6 @@ def points(df: Any, cost: str = "trainable", setting: Optional[str] = None) -> t
 
 
 # ============================================================================ the flags, checked on models
-
-
-def _logits(out: Any) -> Tensor:
-    return out.logits if hasattr(out, "logits") else out
 
 
 def check_merge(model: nn.Module, inputs: Tensor, atol: float = 1e-4) -> bool:

@@ -69,8 +69,11 @@ STEP_WORK = {
             "per-layer fixed cost remain, as for OFT. peft builds the dense ($d_\\text{in} \\times d_\\text{in}$) "
             "rotation with permutation matrices at every step and lets autograd record it.",
     "ia3": "(IA)³ adds little to the limit: a scaled copy of each adapted weight (12 of them here) and a sum over the "
-           "tokens per learned vector. The target asks for less than the limit whenever peft's own step costs under "
-           "1/0.97 ≈ 1.03× the limit.",
+           "tokens per learned vector, ∂l = Σ_t (activation ⊙ gradient), which no product the frozen model runs "
+           "can absorb: each step reads the k and v outputs (8 of tokens × 256) and down_proj's inputs (4 of "
+           "tokens × 1024) once more, with their gradients (about 48 MB at this batch, a millisecond or two on "
+           "one core). The target asks for less than the limit whenever peft's own step costs under 1/0.97 ≈ "
+           "1.03× the limit.",
     "adalora": "AdaLoRA adds the rank-12 products of each adapted layer (formed as W + sP(ΛQ) once, reused in the "
                "backward), the orthogonality penalty (a small Gram matrix per P and Q), and `update_and_allocate` "
                "after every step (scores over all P, Λ, Q with a handful of fused `torch._foreach` operations, a sort "

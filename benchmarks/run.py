@@ -194,12 +194,6 @@ def tokens(batch: int, seq: int, device: str, seed: int = 0) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # scenarios
 # ---------------------------------------------------------------------------------------------------
-def adaption_prompted(lib_name: str, model, adapter_len: int = 10, adapter_layers: int = 4):
-    lib = lib_of(lib_name)
-    cfg = lib.AdaptionPromptConfig(adapter_len=adapter_len, adapter_layers=adapter_layers, task_type="CAUSAL_LM")
-    return lib.get_peft_model(model, cfg)
-
-
 def open_gates(model, value: float = 0.1) -> None:
     """A trained LLaMA-Adapter: gates away from zero (same in both libraries)."""
     with torch.no_grad():
@@ -434,7 +428,7 @@ def s_adaption_prompt_decode(a, dev, dt, batch: int = 16, prompt: int = 64) -> d
     x_prompt, x_step = tokens(batch, prompt, dev), tokens(batch, 1, dev, seed=1)
     fns, after = {}, {}
     for lib in ("peftlab", "peft"):
-        m = adaption_prompted(lib, llama(256, 4, dev, dt)).eval()
+        m = METHODS["adaption_prompt"].model(lib, dev, dt).eval()
         open_gates(m)
         fns[lib], after[lib] = decoder(m, x_prompt, x_step, {})
     base = llama(256, 4, dev, dt).eval()
@@ -478,13 +472,7 @@ def s_xlora(a, dev, dt) -> dict:
     """An X-LoRA forward (scaling pass + real pass mixing three LoRA experts per token) against one
     plain LoRA forward, and against peft's X-LoRA on the same experts and gate weights."""
     x = tokens(8, 128, dev)
-    models = {}
-    for lib in ("peftlab", "peft"):
-        base = llama(256, 4, dev, dt)
-        base.config.use_cache = False
-        cfg = xlora_config(lib_of(lib), base.config.hidden_size)
-        torch.manual_seed(0)
-        models[lib] = lib_of(lib).get_peft_model(base, cfg).eval()
+    models = {lib: METHODS["xlora"].model(lib, dev, dt).eval() for lib in ("peftlab", "peft")}
     models["peft"].load_state_dict({k: v for k, v in models["peftlab"].state_dict().items() if "xlora" in k},
                                    strict=False)
     lora = adapted("peftlab", llama(256, 4, dev, dt), QKVO, trainable=False)

@@ -414,3 +414,28 @@ def test_token_weights_give_base_plus_weighted_deltas(two_layout, method):
         assert torch.equal(untouched, layer(x))
         with token_weights(_Fixed(layer, {})):  # no weights: the base layer alone
             assert torch.equal(layer(x), base)
+
+
+def test_training_forward_through_a_merged_adapter_warns_once():
+    """A merged adapter is a constant in the base weight: a training forward says its tensors get no gradient (once
+    per layer and adapter), and they get none; an unmerged active adapter next to it trains silently."""
+    import warnings as _w
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    pm = get_peft_model(net, LoraConfig(target_modules=["0", "2"], init_lora_weights=False))
+    pm.add_adapter("other", LoraConfig(target_modules=["0", "2"], init_lora_weights=False))
+    pm.base_model.set_adapter(["default", "other"])
+    pm.merge_adapter(["default"])
+    pm.train()
+    x = torch.randn(2, 4, requires_grad=True)
+    with pytest.warns(UserWarning, match="'default' is merged .* receive no gradient") as caught:
+        pm(x).sum().backward()
+    assert len([w for w in caught if "receive no gradient" in str(w.message)]) == 2  # one per adapted layer
+    grads = {n: p.grad for n, p in pm.named_parameters() if "lora_" in n}
+    assert all(g is None for n, g in grads.items() if ".default." in n)
+    assert all(g is not None for n, g in grads.items() if ".other." in n)
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        pm(x).sum().backward()  # said once
+        pm.eval()
+        pm(x)

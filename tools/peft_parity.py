@@ -452,6 +452,9 @@ GROUPED_DORA = ("DoRA on a grouped conv: peft builds the norm ‖W + ΔW‖ from
                 "gives other outputs")
 LORA_BIAS_WARNING = ("lora_bias=True: peft's save-time check mistakes the 1-D lora_B.bias for an unsharded tensor and "
                      "warns (PeftWarning); peftlab does not")
+MHA_LORA_BIAS = ("`lora_bias=True` on `nn.MultiheadAttention`: peft creates lora_B's biases, warns that the layer has no "
+                 "bias, and its merge-for-forward lets no gradient reach them (in_proj's never enters the output); "
+                 "peftlab adds s·b_B to in_proj_bias and out_proj.bias in the forward and when merging, so they train")
 PISSA_RANK = ("PiSSA/OLoRA with r above min(in, out) (the MLP's 20→2 lin1 with r=4): peft builds lora_A with "
               "out_features=r but a weight of min(in, out) rows (a config that cannot reload its own tensors); "
               "peftlab refuses the rank and names the limit")
@@ -464,6 +467,7 @@ DELIBERATE: list[tuple[str, str, str]] = [
     ("*/dora/multi", "mixed", DORA_MIXED),
     ("conv2d_groups/dora/*", "*output*", GROUPED_DORA),
     ("*/lora-bias/*", "*warnings", LORA_BIAS_WARNING),
+    ("mha/lora-bias/*", "add_adapter", MHA_LORA_BIAS), ("mha/lora-bias/*", "create*", MHA_LORA_BIAS),
     ("mlp/init-pissa/multi", "*", PISSA_RANK), ("mlp/init-olora/multi", "*", PISSA_RANK),
     ("mlp/init-pissa/several_active", "*", PISSA_RANK), ("mlp/init-olora/several_active", "*", PISSA_RANK),
     ("*/multi", "mixed_exact", MIXED_EXACT),

@@ -159,6 +159,7 @@ class AdapterLayer(nn.Module):
         self._adapters: dict[str, None] = {}
         self._active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        self._warned_merged: set[str] = set()  # merged adapters a training forward has warned about
         self.disable_adapters = False
         inner = self.get_base_layer()
         self.fan_in_fan_out = isinstance(inner, Conv1D)
@@ -204,6 +205,19 @@ class AdapterLayer(nn.Module):
         else:
             base.weight.data = weight
         self._base_cache.clear()
+
+    def _base_bias(self) -> torch.Tensor | None:
+        """The bias merging folds into (the base layer's ``bias``; None when it has none)."""
+        bias = getattr(self.get_base_layer(), "bias", None)
+        return bias.data if isinstance(bias, torch.Tensor) else None
+
+    def _set_base_bias(self, bias: torch.Tensor) -> None:
+        """Store a new base bias (a frozen parameter when the base had none)."""
+        base = self.get_base_layer()
+        if getattr(base, "bias", None) is None:
+            base.bias = nn.Parameter(bias, requires_grad=False)
+        else:
+            base.bias.data = bias
 
     def _replace_base_layer(self, new_base: nn.Module) -> None:
         """Put ``new_base`` in place of the innermost base layer."""
@@ -335,21 +349,16 @@ class AdapterLayer(nn.Module):
                               f"additionally merging {','.join(more)}.", UserWarning, stacklevel=3)
             else:
                 warnings.warn("All adapters are already merged, nothing to do.", UserWarning, stacklevel=3)
-        base = self.get_base_layer()
         for name in names:
             if name in self.merged_adapters or name not in self.adapter_names:
                 continue
-            bias = base.bias.data if getattr(base, "bias", None) is not None else None
             with torch.no_grad():
-                new_w, new_b = self.merged_weights(name, self._base_weight().data, bias)
+                new_w, new_b = self.merged_weights(name, self._base_weight().data, self._base_bias())
             if safe_merge:
                 self._refuse_non_finite(name, new_w, new_b)
             self._set_base_weight(new_w)
             if new_b is not None:
-                if base.bias is None:
-                    base.bias = nn.Parameter(new_b, requires_grad=False)
-                else:
-                    base.bias.data = new_b
+                self._set_base_bias(new_b)
             self.merged_adapters.append(name)
 
     def check_mergeable(self, adapter_names: Sequence[str] | None = None) -> None:
@@ -361,8 +370,7 @@ class AdapterLayer(nn.Module):
     def check_merge(self, adapter_names: Sequence[str] | None = None) -> None:
         """Raise if merging ``adapter_names`` would put NaN or inf into the base weights; changes nothing."""
         names = self.active_adapters if adapter_names is None else list(adapter_names)
-        base = self.get_base_layer()
-        bias = base.bias.data if getattr(base, "bias", None) is not None else None
+        bias = self._base_bias()
         for name in names:
             if name not in self.merged_adapters and name in self.adapter_names:
                 with torch.no_grad():
@@ -377,15 +385,13 @@ class AdapterLayer(nn.Module):
 
     def unmerge(self) -> None:
         """Take merged adapters back out of the base weight, last merged first."""
-        base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            bias = base.bias.data if getattr(base, "bias", None) is not None else None
             with torch.no_grad():
-                new_w, new_b = self.unmerged_weights(name, self._base_weight().data, bias)
+                new_w, new_b = self.unmerged_weights(name, self._base_weight().data, self._base_bias())
             self._set_base_weight(new_w)
             if new_b is not None:
-                base.bias.data = new_b
+                self._set_base_bias(new_b)
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -412,6 +418,8 @@ class AdapterLayer(nn.Module):
         if self.merged_adapters:  # the merged ones are in the base weight; the active others act on top
             merged = self.merged_adapters
             adapters = [a for a in active if a in own and a not in merged]
+            if self.training and torch.is_grad_enabled():
+                self._warn_if_training_merged([a for a in active if a in merged])
         elif len(active) == 1:  # the common case, without building a list
             adapters = active if active[0] in own else []
         else:
@@ -419,6 +427,18 @@ class AdapterLayer(nn.Module):
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
         return self.adapter_forward(x, adapters, *args, **kwargs)
+
+    def _warn_if_training_merged(self, names: Sequence[str]) -> None:
+        """A merged adapter is a constant inside the base weight: its tensors get no gradient. Say so when one that
+        is set to train runs a training forward (once per layer and adapter)."""
+        for name in names:
+            trains = any(p.requires_grad for _, entry in self.adapter_tensors(name)
+                         for p in ([entry] if isinstance(entry, nn.Parameter) else entry.parameters()))
+            if trains and name not in self._warned_merged:
+                self._warned_merged.add(name)
+                warnings.warn(f"adapter {name!r} is merged into the base weight of {type(self.get_base_layer()).__name__}, "
+                              "so its tensors receive no gradient in this training step; call unmerge_adapter() "
+                              "before training it", UserWarning, stacklevel=3)
 
     def mixed_batch_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Row ``i`` of ``x`` through the adapter named for it (generic: one ``adapter_forward`` per group)."""

@@ -617,7 +617,14 @@ class MultiheadAttention(LoraLayer):
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return None  # in_proj_bias is not touched by the adapter
+        return self.get_base_layer().in_proj_bias  # what a lora_bias adapter on in_proj merges into
+
+    def _base_bias(self) -> torch.Tensor | None:
+        bias = self.get_base_layer().in_proj_bias
+        return bias.data if bias is not None else None
+
+    def _set_base_bias(self, bias: torch.Tensor) -> None:
+        self.get_base_layer().in_proj_bias.data = bias  # (a layer without one refuses lora_bias merges)
 
     def _update_in_proj(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                         init_lora_weights: bool | str = True, use_rslora: bool = False, lora_bias: bool = False) -> None:
@@ -648,35 +655,35 @@ class MultiheadAttention(LoraLayer):
             A, B = A.float(), B.float()
         return (B @ A) * self.scaling[adapter_name]  # ΔW of in_proj_weight, (3·embed, embed)
 
-    def merged_weights(self, adapter_name, weight, bias):
-        return (weight.float() + self.get_delta_weight(adapter_name).float()).to(weight.dtype), bias
-
-    def check_mergeable(self, adapter_names: Sequence[str] | None = None) -> None:
-        """Merging touches in_proj_weight only (out_proj's LoRA layer checks its own bias)."""
-
     def adapter_forward(self, query: torch.Tensor, adapters: Sequence[str], *args: Any, **kwargs: Any):
         base = self.get_base_layer()
         out_layer = base.out_proj  # the LoRA Linear around out_proj
         out_lin = out_layer.get_base_layer()
-        w_in, w_out = base.in_proj_weight, out_lin.weight
-        delta_in = sum(self.get_delta_weight(a) for a in adapters)
-        out_adapters = [] if out_layer.disable_adapters or out_layer.merged else \
-            [a for a in out_layer.active_adapters if a in out_layer.adapter_names]
+        out_adapters = [] if out_layer.disable_adapters else \
+            [a for a in out_layer.active_adapters if a in out_layer.adapter_names and a not in out_layer.merged_adapters]
+        # W + ΔW (and b + s·b_B for lora_bias adapters) for the duration of the call, as plain tensors
+        # (differentiable in A, B and b_B); the frozen parameters are put back afterwards
+        swaps = [(base, "in_proj_weight", [self.get_delta_weight(a) for a in adapters]),
+                 (base, "in_proj_bias", [self._lora_bias(a) * self.scaling[a] for a in adapters
+                                         if self._lora_bias(a) is not None]),
+                 (out_lin, "weight", [out_layer.get_delta_weight(a) for a in out_adapters]),
+                 (out_lin, "bias", [out_layer._lora_bias(a) * out_layer.scaling[a] for a in out_adapters
+                                    if out_layer._lora_bias(a) is not None])]
+        kept = []
         try:
-            # W + ΔW for the duration of the call, as plain tensors (differentiable in A and B)
-            del base.in_proj_weight
-            base.in_proj_weight = w_in + delta_in.to(w_in.dtype)
-            if out_adapters:
-                del out_lin.weight
-                out_lin.weight = w_out + sum(out_layer.get_delta_weight(a) for a in out_adapters).to(w_out.dtype)
-            result = base(query, *args, **kwargs)
+            for module, name, deltas in swaps:
+                if not deltas:
+                    continue
+                frozen = getattr(module, name)
+                kept.append((module, name, frozen))
+                total = sum(deltas)
+                delattr(module, name)
+                setattr(module, name, total.to(frozen.dtype) + frozen if frozen is not None else total)
+            return base(query, *args, **kwargs)
         finally:
-            del base.in_proj_weight
-            base.register_parameter("in_proj_weight", w_in)
-            if out_adapters:
-                del out_lin.weight
-                out_lin.register_parameter("weight", w_out)
-        return result
+            for module, name, frozen in kept:
+                delattr(module, name)
+                module.register_parameter(name, frozen)
 
     def forward(self, query: torch.Tensor, *args: Any, **kwargs: Any):
         if _ROUTING.get() is not None:

@@ -247,8 +247,8 @@ def missed_steps(results: dict) -> list[str]:
             out += [f"peft's step costs {r['peft/limit']['median']:.2f}× the frozen model's forward and backward in "
                     f"this run, so the target (≤ {t['target']}× peft) asks for {floor:.2f}× that limit; peftlab's step "
                     f"costs {ours:.2f}× the limit (medians of per-round ratios, which do not multiply exactly)."
-                    + (" The target lies below the physical limit in this run: no implementation of the method can "
-                       "meet it here." if floor < 1 else "")
+                    + (" The target lies below the limit in this run (the floor below says whether any "
+                       "implementation could meet it)." if floor < 1 else "")
                     + (f" What peftlab adds to the limit, {(ours - 1) * 100:.0f} %, is the method's own work, by "
                        "operator below." if ours > 1 else " peftlab's step is at the limit, within the run's noise."),
                     ""]

@@ -770,7 +770,7 @@ METHOD_DIAGRAMS: dict[str, MethodDiagram] = {
         equation=r"$h = W_0 x + P \Lambda Q\, x$,  budget of nonzero $\Lambda_{ii}$ shrinks over training",
         merge=r"merge: $W = W_0 + P \Lambda Q$"),
     "llama_adapter": MethodDiagram(
-        "Llama-Adapter: learned prompts with a zero-initialised gate",
+        "LLaMA-Adapter: learned prompts with a zero-initialised gate",
         main=(Block("attention", "frozen, over the tokens", "frozen"),),
         branches=((Block("prompt", r"$K$ learned tokens"), Block("attention", "over the prompt", "fixed"),
                    Block(r"$\times\, g$", "gate, zero at start")),),

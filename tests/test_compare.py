@@ -149,6 +149,13 @@ def test_spearman_and_rank_agreement():
     assert C.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(math.sqrt(3) / 2)
     with pytest.raises(ValueError):
         C.spearman([1], [1])
+    # ties on both sides, by hand: x = [3, 1, 3, 2] ranks [3.5, 1, 3.5, 2]; y = [5, 5, 9, 1] ranks [2.5, 2.5, 4, 1];
+    # around the mean rank 2.5: dx = [1, -1.5, 1, -0.5], dy = [0, 0, 1.5, -1.5];
+    # Σdx·dy = 2.25, Σdx² = 4.5, Σdy² = 4.5, so ρ = 2.25 / 4.5 = 0.5
+    assert C._ranks([3, 1, 3, 2]) == [3.5, 1.0, 3.5, 2.0] and C._ranks([5, 5, 9, 1]) == [2.5, 2.5, 4.0, 1.0]
+    assert C.spearman([3, 1, 3, 2], [5, 5, 9, 1]) == pytest.approx(0.5)
+    assert C.spearman(pd.Series([3, 1, 3, 2], index=list("abcd")), [5, 5, 9, 1]) == pytest.approx(0.5)
+    assert math.isnan(C.spearman([1, 1, 1], [1, 2, 3]))  # a constant side has no ranking
     df = pd.DataFrame({"key": ["full", "lora", "ia3", "oft"], "method": ["full FT", "LoRA", "IA3", "OFT"],
                        "setting": "default", "score % (mean)": [90.0, 80.0, 10.0, 85.0]})
     agree, rho = C.rank_agreement(df)
@@ -173,3 +180,9 @@ def test_decision_guide_follows_the_table():
     assert guide.loc["the fastest training step at the best score", "pick"].startswith("LoRA")
     assert "LLaMA-Adapter" in guide.loc["serving many adapters in one batch", "why"]
     assert guide.loc["the smallest adapter reaching 81 %", "pick"].startswith("IA3")
+
+
+def test_count_trainable_of_full_fine_tuning_copies_nothing(monkeypatch):
+    mlp = digits.pretrained_mlp()
+    monkeypatch.setattr(C.copy, "deepcopy", lambda *a, **k: pytest.fail("count_trainable('full') copied the model"))
+    assert C.count_trainable("full", mlp, "h1") == sum(p.numel() for p in mlp.parameters())

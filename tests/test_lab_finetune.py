@@ -108,6 +108,26 @@ def test_adapter_deltas_are_the_layers_delta_weights():
     assert ft.adapter_deltas(model, "other") == {}
 
 
+def test_adapted_layers_are_the_librarys_walk_filtered_by_adapter():
+    with ft.seeded(0):
+        model = get_peft_model(digits.pretrained_mlp(), LoraConfig(r=2, target_modules=["l1", "l2"]))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["l3"]))
+    layers = ft.adapted_layers(model)
+    assert list(layers) == ["l1", "l2"] and all(layers[n] is model.base_model.model.get_submodule(n) for n in layers)
+    assert dict(model.base_model.adapter_layers()) == {**layers, **ft.adapted_layers(model, "other")}
+    assert list(ft.adapted_layers(model, "other")) == ["l3"] and ft.adapted_layers(model, "nope") == {}
+    with pytest.raises(TypeError, match="needs a PEFT model"):
+        ft.adapted_layers(digits.pretrained_mlp())
+
+
+def test_one_table_of_display_names():
+    from peftlab.lab import compare as C
+
+    assert C.LABELS is ft.METHOD_NAMES and ft.METHOD_NAMES["adaption_prompt"] == "LLaMA-Adapter"
+    assert set(C.METHODS) <= set(ft.METHOD_NAMES)
+    assert ft.Run("adaption_prompt", None, 0, 0.5, 1, 10, 1.0).label == "LLaMA-Adapter"
+
+
 # ------------------------------------------------------------------------------------------ tables
 
 

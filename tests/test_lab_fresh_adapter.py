@@ -37,6 +37,8 @@ def test_init_comparison_shows_why_exactly_one_factor_is_zero():
     assert t["both zero"]["‖∂L/∂A‖"] == t["both zero"]["‖∂L/∂B‖"] == 0.0           # nothing moves
     assert t["both random"]["logit change"] > 0 and t["both random"]["‖∂L/∂A‖"] > 0
     assert t["B = 0 (PEFT)"]["odd acc %"] == pytest.approx(100 * digits.accuracy(base, data.odd_test))
+    for init, model in models.items():  # the accuracy read off the one evaluation is the model's own
+        assert t[init]["odd acc %"] == pytest.approx(100 * digits.accuracy(model, data.odd_test))
     with pytest.raises(ValueError, match="init='zero' is not one of"):
         fresh.h1_lora_with_init("zero")
 

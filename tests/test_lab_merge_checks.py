@@ -55,3 +55,24 @@ def test_merge_gaps_refuses_a_plain_module() -> None:
 
     with pytest.raises(TypeError, match="needs a PEFT model.*get_peft_model"):
         merge_gaps(nn.Linear(3, 3), torch.randn(2, 3))
+
+
+def test_unload_outputs_is_the_one_merge_and_unload_check() -> None:
+    from peftlab.lab import compare
+    from peftlab.lab.merge_checks import unload_outputs
+
+    model = _trained_looking(get_peft_model(_mlp(), LoraConfig(r=4, target_modules=["0", "2"])))
+    x = torch.randn(8, 64)
+    before, unloaded = unload_outputs(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(before, model(x), rtol=0, atol=0)  # the model itself is left as it was
+    torch.testing.assert_close(unloaded, before, rtol=0, atol=1e-5)
+    assert compare.check_merge(model, x) is True
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("no weight form")
+
+    model.merge_and_unload = refuse  # a method the library cannot merge: unload_outputs raises, check_merge says no
+    with pytest.raises(NotImplementedError):
+        unload_outputs(model, x)
+    assert compare.check_merge(model, x) is False

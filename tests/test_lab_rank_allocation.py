@@ -36,6 +36,10 @@ def test_recorder_logs_the_ranks_at_every_reallocation_and_the_grid_places_them(
     assert all(sum(r.values()) == schedule[t][0] for t, r in log)  # the budget of each re-allocation
     assert len(log[-1][1]) == N_MATRICES and log[-1][1] == ranks(model)
     assert all(".lora_E" in k for k in log[-1][1])
+    by_path = ranks(model, paths=True)  # the same counts keyed by the adapted module, as adapted_layers keys them
+    from peftlab.lab.finetune import adapted_layers
+    assert set(by_path) == set(adapted_layers(model)) and sum(by_path.values()) == sum(ranks(model).values())
+    assert all(by_path[k.split(".lora_E")[0]] == r for k, r in ranks(model).items())
 
     grid = rank_grid(ranks(model), TARGETS)
     assert list(grid.index) == ["block 0", "block 1"] and list(grid.columns) == ["q", "v", "down"]

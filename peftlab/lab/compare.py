@@ -32,6 +32,8 @@ from peftlab import (AdaLoraConfig, AdaptionPromptConfig, BOFTConfig, IA3Config,
                      OFTConfig, TaskType, get_peft_model)
 from peftlab.config import PeftConfig
 from peftlab.lab import finetune as ft
+from peftlab.lab.merge_checks import _outputs as _logits  # logits of a transformers model, else the tensor
+from peftlab.lab.merge_checks import unload_outputs
 from peftlab.registry import get_method
 from peftlab.tuners.matching import _matches
 from peftlab.tuners.orthogonal import divisors
@@ -43,6 +45,7 @@ __all__ = [
     "LM_TARGETS",
     "METHODS",
     "PEFT_METAMATHQA",
+    "PEFT_NOISE",
     "PEFT_TO_LAB",
     "Entry",
     "check_interchange",
@@ -67,9 +70,8 @@ __all__ = [
 #: every method of the book that fits one task from scratch, plus full fine-tuning ("full")
 METHODS: tuple[str, ...] = ("full", "lora", "dora", "loha", "lokr", "oft", "boft", "ia3", "adalora",
                             "adaption_prompt")
-LABELS: dict[str, str] = {"full": "full FT", "lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr",
-                          "oft": "OFT", "boft": "BOFT", "ia3": "IA3", "adalora": "AdaLoRA",
-                          "adaption_prompt": "LLaMA-Adapter"}
+#: display names: the lab's one table (:data:`peftlab.lab.finetune.METHOD_NAMES`)
+LABELS: dict[str, str] = ft.METHOD_NAMES
 #: methods that only apply to the lab language model (LLaMA-Adapter needs Llama's attention blocks)
 LM_ONLY: frozenset[str] = frozenset({"adaption_prompt"})
 #: the modules every weight-based method adapts on a language model at the matched budget (W_q, W_v)
@@ -99,6 +101,9 @@ PEFT_METAMATHQA: dict[str, dict[str, Any]] = {
                         "memory GiB": 20.9, "seconds": 1178},
 }
 PEFT_TO_LAB = {k: LABELS[k] for k in PEFT_METAMATHQA}
+#: PEFT scores closer than this many points count as tied when the lab's ranking is set beside PEFT's (one run
+#: per method there; PEFT's reruns of identical configs drift by up to 2.8 points)
+PEFT_NOISE: float = 3.0
 
 
 # ============================================================================ configs
@@ -206,15 +211,15 @@ def knobs(method: str, base: nn.Module, task: str) -> list[dict[str, Any]]:
 
 
 def count_trainable(config: Union[PeftConfig, str], base: nn.Module, task: str) -> int:
-    """Trainable parameters of ``config`` on a copy of ``base`` (as :func:`finetune` would build it).
+    """Trainable parameters of ``config`` on ``base`` (as :func:`finetune` would build it): every parameter of
+    ``base`` for full fine-tuning (``"full"``), else those of the adapter, built on a copy of ``base``.
 
     Explained in: book/choosing_a_method.ipynb
     """
-    model = copy.deepcopy(base)
     if isinstance(config, str):
-        return sum(p.numel() for p in model.parameters())
+        return sum(p.numel() for p in base.parameters())
     config = ft._with_defaults(config, ft._parse_task(task))
-    return int(get_peft_model(model, config).get_nb_trainable_parameters()[0])  # type: ignore[operator]
+    return int(get_peft_model(copy.deepcopy(base), config).get_nb_trainable_parameters()[0])  # type: ignore[operator]
 
 
 def match_budget(method: str, budget: int, base: nn.Module, task: str, *, steps: int = 100
@@ -427,25 +432,19 @@ def points(df: Any, cost: str = "trainable", setting: Optional[str] = None) -> t
 # ============================================================================ the flags, checked on models
 
 
-def _logits(out: Any) -> Tensor:
-    return out.logits if hasattr(out, "logits") else out
-
-
-@torch.no_grad()
 def check_merge(model: nn.Module, inputs: Tensor, atol: float = 1e-4) -> bool:
-    """True when ``merge_and_unload`` works on a copy of ``model`` and gives the adapted model's outputs.
+    """True when ``merge_and_unload`` works on a copy of ``model`` and gives the adapted model's outputs
+    (:func:`peftlab.lab.merge_checks.unload_outputs`).
 
     A method without a weight form raises (the library refuses); that reads as ``False``.
 
     Explained in: book/choosing_a_method.ipynb
     """
-    model.eval()
-    want = _logits(model(inputs))
     try:
-        merged = copy.deepcopy(model).merge_and_unload()
+        want, got = unload_outputs(model, inputs)
     except (NotImplementedError, ValueError, TypeError):
         return False
-    return bool(torch.allclose(_logits(merged(inputs)), want, atol=atol))
+    return bool(torch.allclose(got, want, atol=atol))
 
 
 @torch.no_grad()
@@ -549,10 +548,12 @@ def _ranks(values: Sequence[float]) -> list[float]:
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation: Pearson's correlation of the average ranks.
+    """Spearman's rank correlation: Pearson's correlation of the average ranks (ties share their mean rank);
+    NaN when either side is constant. The lab's one rank correlation (scipy is not a dependency of peftlab).
 
     Explained in: book/choosing_a_method.ipynb
     """
+    x, y = [float(v) for v in x], [float(v) for v in y]  # any sequence (a pandas Series too), read in order
     if len(x) != len(y) or len(x) < 2:
         raise ValueError(f"spearman needs two sequences of equal length >= 2, got {len(x)} and {len(y)}")
     rx, ry = _ranks(x), _ranks(y)
@@ -562,12 +563,12 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return sxy / math.sqrt(sxx * syy) if sxx and syy else math.nan
 
 
-def rank_agreement(df: Any, setting: str = "default", noise: float = 3.0) -> tuple[Any, float]:
+def rank_agreement(df: Any, setting: str = "default", noise: float = PEFT_NOISE) -> tuple[Any, float]:
     """The lab's scores beside PEFT's GSM8K numbers, per method, with both rankings and their Spearman ρ.
 
     Uses the rows of ``df`` (from :func:`table`) in ``setting`` whose method PEFT also ran. ``agrees`` marks a
     method whose rank differs by at most one place, or whose PEFT score is within ``noise`` points of the
-    neighbours it swaps with (PEFT's own reruns drift by up to 2.8 points).
+    neighbours it swaps with (:data:`PEFT_NOISE` by default).
 
     Explained in: book/choosing_a_method.ipynb
     """

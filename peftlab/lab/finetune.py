@@ -9,8 +9,8 @@ eval curves, the learned update ΔW of every adapted layer, the config and the s
 Built on it: :func:`h1_run` and :func:`h1_sweep` (LoRA against full fine-tuning on H1 over ranks and seeds),
 :func:`h1_finetune` (H1 with any config or optimizer, with weight snapshots), :func:`lm_run` (LoRA or full
 fine-tuning on the lab LM). :func:`h2_run` distils harness H2's teacher (:func:`peftlab.lab.digits.h2_teacher`).
-:func:`adapter_deltas` reads ΔW off every adapted layer; :func:`table`, :func:`summary` and :func:`mean_score`
-tabulate runs. How low-rank a ΔW is: :mod:`peftlab.lab.spectra`.
+:func:`adapted_layers` finds the adapter layers (the library's walk), :func:`adapter_deltas` reads ΔW off them;
+:func:`table`, :func:`summary` and :func:`mean_score` tabulate runs. How low-rank a ΔW is: :mod:`peftlab.lab.spectra`.
 
 Explained in: book/lab.ipynb, book/lora.ipynb, book/lora_in_practice.ipynb
 """
@@ -35,7 +35,7 @@ from peftlab.config import PeftConfig
 from peftlab.lab import digits, tasks
 from peftlab.lab import profile as _profile
 from peftlab.lab.train import Hooks, train
-from peftlab.tuners.base import AdapterLayer
+from peftlab.tuners.base import AdapterLayer, BaseTuner
 
 __all__ = [
     "DIGITS_HARNESSES",
@@ -44,6 +44,7 @@ __all__ = [
     "METHOD_NAMES",
     "ModelLoader",
     "Run",
+    "adapted_layers",
     "adapter_deltas",
     "deltas_by_label",
     "effective_weight",
@@ -160,6 +161,19 @@ def _count(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def adapted_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, AdapterLayer]:
+    """The adapter layers of ``model`` (a PEFT model) holding ``adapter_name``, keyed by the wrapped module's path
+    in the base model: the library's own walk (``BaseTuner.adapter_layers``), filtered by adapter.
+
+    Explained in: book/delta_w_gallery.ipynb
+    """
+    tuner = getattr(model, "base_model", None)
+    if not isinstance(tuner, BaseTuner):
+        raise TypeError(f"adapted_layers needs a PEFT model (get_peft_model(model, config)); got "
+                        f"{type(model).__name__}")
+    return {name: layer for name, layer in tuner.adapter_layers() if adapter_name in layer.adapter_names}
+
+
 def adapter_deltas(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
     """ΔW of every adapted layer in ``model`` (LoRA: (α/r)·B A), keyed by the wrapped module's name (detached, CPU).
 
@@ -169,15 +183,13 @@ def adapter_deltas(model: nn.Module, adapter_name: str = "default") -> dict[str,
     Explained in: book/lora.ipynb
     """
     out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names:
-            key = name.removeprefix("base_model.model.")
-            try:
-                with torch.no_grad():
-                    delta = module.get_delta_weight(adapter_name)
-            except NotImplementedError:
-                continue
-            out[key] = delta.detach().float().cpu().clone()
+    for key, module in adapted_layers(model, adapter_name).items():
+        try:
+            with torch.no_grad():
+                delta = module.get_delta_weight(adapter_name)
+        except NotImplementedError:
+            continue
+        out[key] = delta.detach().float().cpu().clone()
     return out
 
 
@@ -214,10 +226,10 @@ def _layers(model: nn.Module, names: tuple[str, ...]) -> dict[str, nn.Module]:
 
 #: the digits harnesses :func:`finetune` knows besides the lab LM's tasks ("h4:<transform>" for H4)
 DIGITS_HARNESSES: tuple[str, ...] = ("h1", "h4")
-#: display names of the methods, for run labels
-METHOD_NAMES: dict[str, str] = {"full": "full FT", "lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "oft": "OFT",
-                                "boft": "BOFT", "ia3": "IA3", "adalora": "AdaLoRA", "xlora": "X-LoRA",
-                                "adaption_prompt": "Llama-Adapter"}
+#: display names of the methods (the papers' spellings), for run labels and every lab table
+METHOD_NAMES: dict[str, str] = {"full": "full FT", "lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr",
+                                "oft": "OFT", "boft": "BOFT", "ia3": "IA3", "adalora": "AdaLoRA", "xlora": "X-LoRA",
+                                "adaption_prompt": "LLaMA-Adapter"}
 ModelLoader = Callable[[], tuple[Any, Any]]
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from peftlab import AdaLoraConfig, BOFTConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig
 from peftlab.config import PeftConfig
-from peftlab.lab.finetune import H4_LAYERS, Run, finetune
+from peftlab.lab.finetune import H4_LAYERS, Run, adapted_layers, finetune
+from peftlab.lab.rank_allocation import ranks
 from peftlab.tuners.base import AdapterLayer
 
 __all__ = [
@@ -101,18 +102,6 @@ def gallery_configs(steps: int, r: int = 4, target_modules: Optional[Sequence[st
                                                tfinal=steps // 5, total_step=steps, **kw),
         "full FT": "full",
     }
-
-
-def adapted_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, AdapterLayer]:
-    """The adapter layers of ``model`` holding ``adapter_name``, keyed by the wrapped module's path.
-
-    Explained in: book/delta_w_gallery.ipynb
-    """
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names:
-            out[name.removeprefix("base_model.model.")] = module
-    return out
 
 
 def _out_in(layer: AdapterLayer, w: Tensor) -> Tensor:
@@ -208,18 +197,6 @@ def structure(layer: AdapterLayer, method: str, adapter_name: str = "default") -
     raise ValueError(f"method={method!r}; the gallery knows lora, loha, lokr, oft, boft, ia3, dora and adalora")
 
 
-def _allocated_ranks(model: nn.Module, adapter_name: str = "default") -> dict[str, int]:
-    """AdaLoRA's allocated rank per layer: the kept triplets of the config's final ``rank_pattern``."""
-    from peftlab.tuners.adalora.model import AdaLoraModel
-
-    pattern = model.peft_config[adapter_name].rank_pattern or {}
-    masks = AdaLoraModel._pattern_masks(pattern, adapter_name)
-    out = {}
-    for path, mask in masks.items():
-        out[path.removeprefix("base_model.model.")] = int(mask.sum())  # the tuner's paths: the model's own
-    return out
-
-
 def _method_of(config: Union[PeftConfig, str]) -> str:
     if isinstance(config, str):
         return "full"
@@ -268,7 +245,7 @@ def train_gallery(
             ex.base = {n: _out_in(found[n], found[n]._base_weight()) for n in names}
             ex.structure = {n: structure(found[n], method) for n in names}
             if method == "adalora":
-                for n, kept in _allocated_ranks(model).items():
+                for n, kept in ranks(model, paths=True).items():
                     if n in ex.structure:
                         ex.structure[n]["allocated"] = kept
             run.model = None

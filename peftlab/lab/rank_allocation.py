@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from peftlab.tuners.adalora import AdaLoraLayer
+from peftlab.tuners.adalora import AdaLoraLayer, AdaLoraModel
 
 __all__ = ["orthogonality", "rank_grid", "rank_recorder", "ranks"]
 
@@ -27,13 +27,17 @@ def _tuner(model: Any) -> Any:
     return tuner
 
 
-def ranks(model: Any, adapter_name: str = "default") -> dict[str, int]:
+def ranks(model: Any, adapter_name: str = "default", *, paths: bool = False) -> dict[str, int]:
     """The rank each matrix keeps now, {``'<module>.lora_E…'``: number of kept triplets}, from the adapter's
-    ``rank_pattern`` (written by every re-allocation; empty before the first).
+    ``rank_pattern`` (written by every re-allocation; empty before the first). ``paths=True`` keys it by the
+    adapted module's path instead (as :func:`peftlab.lab.finetune.adapted_layers` does), the pattern's keys read
+    the way the library reads them when it saves.
 
     Explained in: book/adalora.ipynb
     """
     pattern = _tuner(model).peft_config[adapter_name].rank_pattern or {}
+    if paths:
+        return {path: int(kept.sum()) for path, kept in AdaLoraModel._pattern_masks(pattern, adapter_name).items()}
     return {k: int(sum(v)) for k, v in pattern.items()}
 
 

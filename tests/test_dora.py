@@ -516,3 +516,41 @@ def test_dora_layer_step_faster_than_peft():
             times[name].append(time.perf_counter() - t)
     ratio = statistics.median(a / b for a, b in zip(times["peftlab"][5:], times["peft"][5:]))
     assert ratio < 0.95, ratio
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "embedding"])
+def test_partial_merge_takes_the_norm_on_the_unmerged_base(kind):
+    """One DoRA adapter merged, another active and unmerged: the active one's n = ‖W + ΔW‖ is taken on the base
+    without the merged one (its m was set against that base), so the output equals merging both, on every layer
+    type DoRA supports."""
+    from peftlab.tuners.lora.layer import LoraLayer
+
+    torch.manual_seed(0)
+    net, x = {"linear": (nn.Sequential(nn.Linear(6, 5)), torch.randn(3, 6)),
+              "conv": (nn.Sequential(nn.Conv2d(3, 4, 3)), torch.randn(2, 3, 5, 5)),
+              "embedding": (nn.Sequential(nn.Embedding(12, 6)), torch.randint(0, 12, (2, 5)))}[kind]
+    config = LoraConfig(target_modules=["0"], use_dora=True, init_lora_weights=False)
+    pm = get_peft_model(net, config)
+    pm.add_adapter("other", config)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "magnitude" in n:
+                p.mul_(1.3)  # trained magnitudes: m ≠ ‖W + ΔW‖
+    pm.eval()
+    layers = [m for m in pm.modules() if isinstance(m, LoraLayer)]
+
+    def activate(names):  # the layers' own switch (the model's set_adapter would unmerge first)
+        for layer in layers:
+            layer.set_adapter(names, trainable=False)
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "additionally merging"
+        pm.merge_adapter(["other"])
+        partial = pm(x)
+        activate([])
+        merged_alone = pm(x)
+        activate(["default"])
+        pm.merge_adapter(["default"])
+        both = pm(x)
+    torch.testing.assert_close(partial, both, atol=1e-5, rtol=0)
+    assert not torch.allclose(partial, merged_alone, atol=1e-3)  # the active adapter acts

@@ -109,7 +109,7 @@ def weight_norm(layer: Any, adapter_name: str, weight: torch.Tensor | None = Non
     A = layer.lora_A[adapter_name].weight.detach()  # (r, in)
     B = layer.lora_B[adapter_name].weight.detach()  # (out, r)
     s = layer.scaling[adapter_name]
-    W = layer._base_weight() if weight is None else weight
+    W = norm_base(layer) if weight is None else weight
     w2 = _row_sq_norms(layer, W, A.dtype)  # ‖W_i‖²
     W = W.detach().to(A.dtype)
     WAt = (A @ W).T if layer.fan_in_fan_out else W @ A.T  # W Aᵀ, (out, r)
@@ -126,7 +126,7 @@ def reference_weight_norm(layer: Any, adapter_name: str, weight: torch.Tensor | 
     """
     A = layer.lora_A[adapter_name].weight.float()
     B = layer.lora_B[adapter_name].weight.float()
-    W = _oriented((layer._base_weight() if weight is None else weight).float(), layer.fan_in_fan_out)
+    W = _oriented((norm_base(layer) if weight is None else weight).float(), layer.fan_in_fan_out)
     return norm_except(W + layer.scaling[adapter_name] * (B @ A), 0).reshape(-1)
 
 
@@ -231,6 +231,17 @@ def unmerged_base(layer: Any, weight: torch.Tensor) -> torch.Tensor:
     return W
 
 
+def norm_base(layer: Any, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The base W that DoRA's n = ‖W + ΔW‖ is taken on, in every forward, init and merge: the stored weight
+    (``weight``, if already read) with every merged adapter taken out again, in its layout and dtype. A merged
+    adapter is part of the stored weight, but an unmerged one's m was set against the base without it.
+
+    Explained in: book/lora_in_practice.ipynb
+    """
+    weight = layer._base_weight() if weight is None else weight
+    return unmerged_base(layer, weight).to(weight.dtype) if layer.merged_adapters else weight
+
+
 def _merge_rescaled(layer: Any, adapter_name: str, weight: torch.Tensor, axis: int) -> torch.Tensor:
     """W' = c ⊙ (W_cur + ΔW), c = m/‖W + ΔW‖ on the unmerged base W, m and n along ``axis`` of the stored weight
     (n over every other axis), recorded for unmerge."""
@@ -282,9 +293,7 @@ class DoraLinearVariant:
         s = layer.scaling[adapter_name]
         dropout = layer.lora_dropout[adapter_name]
         weight = layer._base_weight()  # stored layout; dequantised for a 4-bit base
-        # detached: no gradient flows through the norm; taken on the base with nothing merged (as merging does)
-        n = weight_norm(layer, adapter_name, unmerged_base(layer, weight).to(weight.dtype)
-                        if layer.merged_adapters else weight)
+        n = weight_norm(layer, adapter_name, norm_base(layer, weight))  # detached: no gradient through the norm
         bias = layer.bias
         uses_dropout = layer.training and not isinstance(dropout, nn.Identity)
         if result is None and not uses_dropout and not args and not kwargs:
@@ -347,7 +356,7 @@ class _DoraWeightVariant:
     def weights(cls, layer: Any, adapter_name: str, dtype: torch.dtype = torch.float32
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(W, ΔW) whose sum the norm is taken of, in ``dtype``."""
-        return layer._base_weight().to(dtype), layer.get_delta_weight(adapter_name).to(dtype)
+        return norm_base(layer).to(dtype), layer.get_delta_weight(adapter_name).to(dtype)
 
     @classmethod
     def norm(cls, layer: Any, adapter_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -386,7 +395,7 @@ def dense_conv_weights(layer: Any, adapter_name: str) -> tuple[torch.Tensor, tor
     applies.
     """
     base = layer.get_base_layer()
-    W = layer._base_weight().float()  # (out, in/g, *k)
+    W = norm_base(layer).float()  # (out, in/g, *k)
     g = base.groups
     if g == 1:
         return W, layer.get_delta_weight(adapter_name).float()

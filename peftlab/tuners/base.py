@@ -207,8 +207,8 @@ class AdapterLayer(nn.Module):
         self._base_cache.clear()
 
     def _base_bias(self) -> torch.Tensor | None:
-        """The bias merging folds into (the base layer's ``bias``; None when it has none)."""
-        bias = getattr(self.get_base_layer(), "bias", None)
+        """The bias merging folds into (:attr:`bias`'s data; None when there is none)."""
+        bias = self.bias
         return bias.data if isinstance(bias, torch.Tensor) else None
 
     def _set_base_bias(self, bias: torch.Tensor) -> None:

@@ -387,8 +387,8 @@ class RotatedLinear(torch.autograd.Function):
         k = block_group(r, b)
         rk, bk = r // k, b * k
         grad_scale = None
-        post = blocks if ctx.orthogonal else near_orthogonal_inverse(blocks)  # R⁻¹, None: two products
-        if post is not None:  # ∂x = g (s ⊙ W Rᵀ), then G_i = ∂x_i R_i⁻ᵀ
+        inverse = blocks.mT if ctx.orthogonal else near_orthogonal_inverse(blocks)  # R⁻¹; None: two products
+        if inverse is not None:  # ∂x = g (s ⊙ W Rᵀ), then G_i = ∂x_i R_i⁻ᵀ
             w_rot_t = kept if kept is not None else torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
             if rest:
                 w_rot_t = w_rot_t * rest[0]
@@ -408,9 +408,8 @@ class RotatedLinear(torch.autograd.Function):
         grad_wide = torch.bmm(x.reshape(t, rk, bk).permute(1, 2, 0), gr.view(t, rk, bk).transpose(0, 1))
         grad_blocks = grad_wide if k == 1 else (
             grad_wide.view(rk, k, b, k, b).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(r, b, b))
-        if post is not None:
-            # x_iᵀ ∂x_i R_i⁻ᵀ = x_iᵀ G_i (R_i⁻ᵀ = R_i when orthogonal; ``post`` holds R⁻¹ otherwise)
-            grad_blocks = torch.bmm(grad_blocks, post if ctx.orthogonal else post.mT)
+        if inverse is not None:
+            grad_blocks = torch.bmm(grad_blocks, inverse.mT)  # x_iᵀ ∂x_i R_i⁻ᵀ = x_iᵀ G_i
         if rest and ctx.needs_input_grad[4]:
             grad_scale = (g2 * rest[1].reshape(t, -1)).sum(0)
         return grad_x, None, None, grad_blocks, grad_scale, None

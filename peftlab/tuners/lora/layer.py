@@ -619,10 +619,6 @@ class MultiheadAttention(LoraLayer):
     def bias(self) -> torch.Tensor | None:
         return self.get_base_layer().in_proj_bias  # what a lora_bias adapter on in_proj merges into
 
-    def _base_bias(self) -> torch.Tensor | None:
-        bias = self.get_base_layer().in_proj_bias
-        return bias.data if bias is not None else None
-
     def _set_base_bias(self, bias: torch.Tensor) -> None:
         self.get_base_layer().in_proj_bias.data = bias  # (a layer without one refuses lora_bias merges)
 

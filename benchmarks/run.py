@@ -96,8 +96,8 @@ def randomise_B(model, std: float = 0.02, seed: int = 1) -> None:
 
 
 def floor_model(model):
-    """The physical limit of adapter training: no adapter, every weight frozen, only the embedding trains
-    (so the backward still runs through every layer to the activations; its own update is negligible)."""
+    """The limit: no adapter, every weight frozen, only the embedding trains (so the backward runs through every
+    layer down to the embedding; its own update is negligible). :func:`adapter_floor` is the tighter bound."""
     model.train()
     for n, p in model.named_parameters():
         p.requires_grad_(n == "model.embed_tokens.weight")

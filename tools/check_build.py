@@ -153,8 +153,7 @@ def check_bibliography(html: Path, pages: list[Page] | None = None) -> list[str]
         return [f"{BIB_PAGE} missing (the Bibliography page in _toc.yml)"]
     if pages is None:
         pages = read_pages(html)
-    by_rel = {p.rel: p for p in pages}
-    entries = dict(BIB_ENTRY.findall(by_rel[BIB_PAGE].text if BIB_PAGE in by_rel else _read(page)))
+    entries = dict(BIB_ENTRY.findall(next(p.text for p in pages if p.rel == BIB_PAGE)))
     problems = []
     if len(entries) != n_bib:
         problems.append(f"{BIB_PAGE} lists {len(entries)} entries, the bib files {bibfiles} hold {n_bib} "

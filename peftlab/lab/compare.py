@@ -32,8 +32,7 @@ from peftlab import (AdaLoraConfig, AdaptionPromptConfig, BOFTConfig, IA3Config,
                      OFTConfig, TaskType, get_peft_model)
 from peftlab.config import PeftConfig
 from peftlab.lab import finetune as ft
-from peftlab.lab.merge_checks import _outputs as _logits  # logits of a transformers model, else the tensor
-from peftlab.lab.merge_checks import unload_outputs
+from peftlab.lab.merge_checks import logits, unload_outputs
 from peftlab.registry import get_method
 from peftlab.tuners.matching import _matches
 from peftlab.tuners.orthogonal import divisors
@@ -457,12 +456,12 @@ def check_mixed_batch(model: nn.Module, inputs: Tensor, atol: float = 1e-5) -> b
     model.eval()
     names = [("default" if i % 2 == 0 else BASE_ADAPTER) for i in range(inputs.shape[0])]
     try:
-        mixed = _logits(model(inputs, adapter_names=names))
+        mixed = logits(model(inputs, adapter_names=names))
     except (ValueError, NotImplementedError, TypeError):
         return False
-    adapted = _logits(model(inputs))
+    adapted = logits(model(inputs))
     with model.disable_adapter():
-        plain = _logits(model(inputs))
+        plain = logits(model(inputs))
     want = torch.stack([adapted[i] if n == "default" else plain[i] for i, n in enumerate(names)])
     return bool(torch.allclose(mixed, want, atol=atol))
 
@@ -481,7 +480,7 @@ def check_interchange(model: nn.Module, fresh_base: Callable[[], nn.Module], inp
     if load is None:
         return None
     model.eval()
-    want = _logits(model(inputs))
+    want = logits(model(inputs))
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         try:
@@ -489,7 +488,7 @@ def check_interchange(model: nn.Module, fresh_base: Callable[[], nn.Module], inp
                 warnings.simplefilter("ignore")
                 other = load(fresh_base(), folder)
                 other.eval()
-                got = _logits(other(inputs))
+                got = logits(other(inputs))
         except Exception:  # noqa: BLE001 - any failure to load or run is a "does not interchange"
             return False
     return bool(got.shape == want.shape and torch.allclose(got.float(), want.float(), atol=atol))

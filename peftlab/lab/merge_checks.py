@@ -12,10 +12,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["merge_gaps", "unload_outputs"]
+__all__ = ["logits", "merge_gaps", "unload_outputs"]
 
 
-def _outputs(out: Any) -> Tensor:
+def logits(out: Any) -> Tensor:
+    """A model's output as a tensor: ``.logits`` of a transformers output, else the output itself.
+
+    Explained in: book/lora_in_practice.ipynb
+    """
     return out.logits if hasattr(out, "logits") else out
 
 
@@ -28,10 +32,10 @@ def unload_outputs(model: nn.Module, x: Any) -> tuple[Tensor, Tensor]:
     """
     model.eval()
     with torch.no_grad():
-        before = _outputs(model(x))
+        before = logits(model(x))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a 4-bit merge warns that it re-quantises: that is what is measured
-            unloaded = _outputs(copy.deepcopy(model).merge_and_unload()(x))
+            unloaded = logits(copy.deepcopy(model).merge_and_unload()(x))
     return before, unloaded
 
 
@@ -52,9 +56,9 @@ def merge_gaps(model: nn.Module, x: Tensor) -> dict[str, float]:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a 4-bit merge warns that it re-quantises: that is what is measured
         model.merge_adapter()
-        merged = _outputs(model(x))
+        merged = logits(model(x))
         model.unmerge_adapter()
-        unmerged = _outputs(model(x))
+        unmerged = logits(model(x))
     return {"merge_adapter": float((merged - before).abs().max()),
             "after unmerge": float((unmerged - before).abs().max()),
             "merge_and_unload": float((unloaded - before).abs().max())}

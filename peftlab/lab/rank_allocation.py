@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from peftlab.lab.finetune import adapted_layers
 from peftlab.tuners.adalora import AdaLoraLayer, AdaLoraModel
 
 __all__ = ["orthogonality", "rank_grid", "rank_recorder", "ranks"]
@@ -89,8 +90,8 @@ def orthogonality(model: Any, adapter_name: str = "default") -> Any:
     import pandas as pd
 
     out = []
-    for m in model.modules():
-        if isinstance(m, AdaLoraLayer) and adapter_name in m.lora_A:
+    for m in adapted_layers(model, adapter_name).values():
+        if isinstance(m, AdaLoraLayer):
             P, Q = m.lora_B[adapter_name].detach(), m.lora_A[adapter_name].detach()  # P (out, r), Q (r, in)
             eye = torch.eye(P.shape[1], device=P.device, dtype=P.dtype)
             out.append({"‖PᵀP − I‖": float(torch.linalg.norm(P.T @ P - eye)),

@@ -276,6 +276,33 @@ def test_rotated_linear_node_gradients(r, b, scaled, orthogonal, seq):
             lambda x, a, s: RotatedLinear.apply(x, w, bias, cayley(skew_from_square(a)), s, orthogonal), (x, a, s))
 
 
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_rotated_linear_scale_gradient_where_s_vanishes(with_bias):
+    """∂s is read off the output, ∂s = Σ g ⊙ (h − b)/s; where s is zero or too small to divide by the node
+    computes those entries directly, so ∂s stays autograd's (float64) for s = 0, 1e-30, −1e-20 and ordinary
+    entries (dividing by them instead would give inf, NaN or garbage)."""
+    g = torch.Generator().manual_seed(7)
+    r, b, out = 2, 8, 6
+    x = torch.randn(3, 4, r * b, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(out, r * b, generator=g, dtype=torch.float64)
+    bias = torch.randn(out, generator=g, dtype=torch.float64) if with_bias else None
+    a = (torch.randn(r, b, b, generator=g, dtype=torch.float64) * 0.3).requires_grad_(True)
+    s = torch.tensor([1.2, 0.0, 1e-30, 0.7, -1e-20, -0.9], dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for fused in (True, False):
+        blocks = cayley(skew_from_square(a))
+        if fused:
+            y = RotatedLinear.apply(x, w, bias, blocks, s, True)
+        else:
+            y = nn.functional.linear(x @ block_diagonal(blocks), w) * s + (0 if bias is None else bias)
+        (y.pow(2).sum() + y.sum()).backward()
+        grads[fused] = (y.detach(), x.grad, a.grad, s.grad)
+        x.grad = a.grad = s.grad = None
+    assert torch.isfinite(grads[True][3]).all()
+    for got, want in zip(grads[True], grads[False]):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
 @pytest.mark.parametrize("size", [0.0, 0.01, 1.0], ids=["R=I", "near-orthogonal", "far-from-orthogonal"])
 def test_rotated_linear_with_a_truncated_series(size):
     """With a truncated Cayley–Neumann R (not orthogonal) RotatedLinear's backward inverts R by Newton–Schulz when

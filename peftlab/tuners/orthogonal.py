@@ -340,13 +340,19 @@ def near_orthogonal_inverse(blocks: torch.Tensor, tol: float = 0.5) -> torch.Ten
     return inv
 
 
+#: below this |s| the backward does not divide by s (see :meth:`RotatedLinear._grad_scale`)
+_DIVIDE_FLOOR = 1e-18
+
+
 class RotatedLinear(torch.autograd.Function):
     """h = s ⊙ (x (W Rᵀ)ᵀ) + b for block-diagonal R (r, b, b), a frozen W (out, r·b) and an optional per-output
     scale s (BOFT), as one autograd node.
 
-    Forward rotates the weight (out·in·b) rather than every token. Backward, with g = ∂L/∂h and
-    G = g (s ⊙ W) (∂L/∂(xR), the product a frozen layer computes anyway): ∂x = G Rᵀ and ∂R_i = x_iᵀ G_i, block
-    by block, and ∂s = Σ_tokens g ⊙ (x (W Rᵀ)ᵀ). That is two token products; one goes when R is invertible:
+    Forward rotates and scales the weight (out·in·b) rather than every token: one product, h = x (s ⊙ W Rᵀ)ᵀ + b.
+    Backward, with g = ∂L/∂h and G = g (s ⊙ W) (∂L/∂(xR), the product a frozen layer computes anyway):
+    ∂x = G Rᵀ and ∂R_i = x_iᵀ G_i, block by block, and ∂s = Σ_tokens g ⊙ (x (W Rᵀ)ᵀ) = Σ_tokens g ⊙ (h − b) / s,
+    read off the output (which the next operation often keeps anyway) rather than a kept unscaled product
+    (entries of s too small to divide by are computed directly). That is two token products; one goes when R is invertible:
     ∂x = g (s ⊙ W Rᵀ) (the product the frozen layer computes anyway, with the rotated weight), G_i = ∂x_i R_i⁻ᵀ,
     so ∂R_i = (x_iᵀ ∂x_i) R_i⁻ᵀ, a b×b product per block. For an orthogonal R (``orthogonal``: the exact
     Cayley map) R⁻ᵀ = R; a truncated Cayley–Neumann series is inverted block by block, when it is near enough
@@ -365,22 +371,25 @@ class RotatedLinear(torch.autograd.Function):
         r, b, _ = blocks.shape
         # (W Rᵀ)ᵀ = R Wᵀ block by block: (r, b, b) @ (r, b, out), contiguous as (in, out)
         w_rot_t = torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
+        if scale is not None:  # s ⊙ (W Rᵀ): the scale folds into the weight's rows (columns of its transpose)
+            w_rot_t = w_rot_t * scale
         ctx.orthogonal = orthogonal
-        # the backward's ∂x uses (W Rᵀ)ᵀ again: kept when it is no larger than the input the node keeps anyway
+        # the backward's ∂x uses (s ⊙ W Rᵀ)ᵀ again: kept when it is no larger than the input the node keeps anyway
         # (many tokens), formed again otherwise (few tokens: a weight-sized tensor per layer would outweigh them)
         ctx.kept = x.numel() >= w_rot_t.numel()
         kept = (w_rot_t,) if ctx.kept else ()
+        h = F.linear(x, w_rot_t.T, bias)
         if scale is None:
             ctx.save_for_backward(x, weight, blocks, *kept)
-            return F.linear(x, w_rot_t.T, bias)
-        unscaled = F.linear(x, w_rot_t.T)
-        ctx.save_for_backward(x, weight, blocks, *kept, scale, unscaled)
-        return torch.addcmul(bias, unscaled, scale) if bias is not None else unscaled * scale
+        else:  # ∂s reads the output itself (see the backward), which the next operation often keeps anyway
+            ctx.save_for_backward(x, weight, blocks, *kept, scale, bias, h)
+        return h
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
         x, weight, blocks, *rest = ctx.saved_tensors
         kept = rest.pop(0) if ctx.kept else None
+        scale = rest[0] if rest else None
         r, b, _ = blocks.shape
         g2 = g.reshape(-1, g.shape[-1])
         t, (out, n) = g2.shape[0], weight.shape
@@ -389,14 +398,16 @@ class RotatedLinear(torch.autograd.Function):
         grad_scale = None
         inverse = blocks.mT if ctx.orthogonal else near_orthogonal_inverse(blocks)  # R⁻¹; None: two products
         if inverse is not None:  # ∂x = g (s ⊙ W Rᵀ), then G_i = ∂x_i R_i⁻ᵀ
-            w_rot_t = kept if kept is not None else torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
-            if rest:
-                w_rot_t = w_rot_t * rest[0]
+            w_rot_t = kept
+            if w_rot_t is None:
+                w_rot_t = torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
+                if scale is not None:
+                    w_rot_t = w_rot_t * scale
             gx = torch.mm(g2, w_rot_t.T)
             grad_x = gx.view(x.shape) if ctx.needs_input_grad[0] else None
             gr = gx
         else:
-            w = weight if not rest else weight * rest[0].view(-1, 1)
+            w = weight if scale is None else weight * scale.view(-1, 1)
             gr = torch.mm(g2, w)  # ∂L/∂(xR), (tokens, in)
             grad_x = None
             if ctx.needs_input_grad[0]:  # ∂x_i = G_i R_iᵀ, written straight into (tokens, in)
@@ -410,9 +421,26 @@ class RotatedLinear(torch.autograd.Function):
             grad_wide.view(rk, k, b, k, b).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(r, b, b))
         if inverse is not None:
             grad_blocks = torch.bmm(grad_blocks, inverse.mT)  # x_iᵀ ∂x_i R_i⁻ᵀ = x_iᵀ G_i
-        if rest and ctx.needs_input_grad[4]:
-            grad_scale = (g2 * rest[1].reshape(t, -1)).sum(0)
+        if scale is not None and ctx.needs_input_grad[4]:
+            grad_scale = RotatedLinear._grad_scale(g2, x, weight, blocks, *rest)
         return grad_x, None, None, grad_blocks, grad_scale, None
+
+    @staticmethod
+    def _grad_scale(g2: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, blocks: torch.Tensor,
+                    scale: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+        """∂s = Σ_tokens g ⊙ (x (W Rᵀ)ᵀ) = (Σ_tokens g ⊙ h − b ⊙ Σ_tokens g) / s, read off the output h instead of
+        keeping the unscaled product; outputs whose |s| is too small to divide by are computed directly."""
+        gh = (g2 * h.reshape(g2.shape)).sum(0)
+        if bias is not None:
+            gh = gh - bias * g2.sum(0)
+        tiny = scale.abs() < _DIVIDE_FLOOR
+        grad = gh / torch.where(tiny, 1.0, scale)
+        if bool(tiny.any()):
+            idx = tiny.nonzero().squeeze(1)
+            r, b, _ = blocks.shape
+            w_rot = torch.bmm(blocks, weight[idx].T.reshape(r, b, -1)).reshape(-1, idx.numel())  # (in, |idx|)
+            grad[idx] = (g2[:, idx] * (x.reshape(g2.shape[0], -1) @ w_rot)).sum(0)
+        return grad
 
 
 # ---------------------------------------------------------------------------------------------------

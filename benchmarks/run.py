@@ -47,6 +47,9 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules, however run.py is loaded
+from allocator import pin_allocator  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 VOCAB = 51  # the lab's vocabulary size
@@ -131,23 +134,32 @@ def sync(device: str) -> None:
 
 
 def interleave(fns: dict[str, Callable[[], object]], reps: int, warmup: int, device: str,
-               after: dict[str, Callable[[], object]] | None = None) -> dict[str, list[float]]:
+               after: dict[str, Callable[[], object]] | None = None,
+               faults: dict[str, list[int]] | None = None) -> dict[str, list[float]]:
     """Run the candidates in turn (A B C, B C A, C A B, …: interleaved, and each round starts with the
-    next one, so no candidate always runs right after the same other) and return each one's times in s."""
+    next one, so no candidate always runs right after the same other) and return each one's times in s.
+    ``faults``, if given, receives each candidate's minor page faults per run (the process's count, which one
+    thread makes attributable: pages the allocator had handed back to the OS and the run touched again)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
+    if faults is not None:
+        faults.update({k: [] for k in fns})
     keys = list(fns)
     for i in range(warmup + reps):
         for k in keys[i % len(keys):] + keys[:i % len(keys)]:
             fn = fns[k]
             sync(device)
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t = time.perf_counter()
             fn()
             sync(device)
             dt = time.perf_counter() - t
+            f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             if after and k in after:
                 after[k]()
             if i >= warmup:
                 times[k].append(dt)
+                if faults is not None:
+                    faults[k].append(f1 - f0)
     return times
 
 
@@ -346,8 +358,10 @@ def s_step(a, dev, dt, method: str) -> dict:
     f = floor_model(llama(256, 4, dev, dt))
     fns["limit"] = train_step(f, optimiser(f), batch)
     fns["floor"] = functools.partial(adapter_floor(llama(256, 4, dev, dt)), batch)
-    t = interleave(fns, a.reps, a.warmup, dev)
+    faults: dict[str, list[int]] = {}
+    t = interleave(fns, a.reps, a.warmup, dev, faults=faults)
     out = summarise(t, {**STEP_RATIOS, **spec.extra_ratios})
+    out["faults_per_step"] = {k: statistics.median(v) for k, v in faults.items()}
     out["about"] = spec.about
     if a.profile:
         out["profile"] = {lib: where_time_goes(fns[lib], dev) for lib in ("peftlab", "peft", "limit")}
@@ -576,9 +590,12 @@ def s_lab_scale(a, dev, dt) -> dict:
     fns["full_ft"] = train_step(full, optimiser(full), batch)
     f = floor_model(llama(128, 3, dev, dt))
     fns["limit"] = train_step(f, optimiser(f), batch)
-    t = interleave(fns, a.reps * 3, a.warmup, dev)
-    return summarise(t, {"peftlab/peft": ("peftlab", "peft"), "peftlab/full_ft": ("peftlab", "full_ft"),
-                         "peft/full_ft": ("peft", "full_ft"), "peftlab/limit": ("peftlab", "limit")})
+    faults: dict[str, list[int]] = {}
+    t = interleave(fns, a.reps * 3, a.warmup, dev, faults=faults)
+    out = summarise(t, {"peftlab/peft": ("peftlab", "peft"), "peftlab/full_ft": ("peftlab", "full_ft"),
+                        "peft/full_ft": ("peft", "full_ft"), "peftlab/limit": ("peftlab", "limit")})
+    out["faults_per_step"] = {k: statistics.median(v) for k, v in faults.items()}
+    return out
 
 
 # ---- memory: each candidate in a fresh process (CPU RSS cannot be reset) ---------------------------
@@ -719,6 +736,10 @@ def main() -> None:
     p.add_argument("--no-profile", dest="profile", action="store_false",
                    help="skip the profiled step of each training-step scenario (where the time goes)")
     p.add_argument("--tiny", action="store_true", help="tiny models: checks that the scenarios run, measures nothing")
+    p.add_argument("--allocator", choices=("default", "pinned"), default="default",
+                   help="pinned: glibc's malloc keeps what it frees (see pin_allocator), so steps take no page faults")
+    p.add_argument("--no-pinned", dest="pinned", action="store_false",
+                   help="skip the second pass that reruns the training scenarios with the allocator pinned")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     global TINY
@@ -727,6 +748,8 @@ def main() -> None:
         return memory_child(a.memory_child, a.device)
     if a.quick:
         a.reps, a.warmup = 5, 1
+    if a.allocator == "pinned" and not pin_allocator():
+        p.error("--allocator pinned needs glibc's mallopt, which this C library does not have")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     warnings.filterwarnings("ignore")
     chosen = [s for s in a.only.split(",") if s] or list(SCENARIOS)
@@ -734,6 +757,10 @@ def main() -> None:
     if unknown:
         p.error(f"unknown scenario(s) {unknown}; known: {', '.join(SCENARIOS)}")
     results = measure(chosen, a)
+    results["allocator"] = a.allocator
+    training = [s for s in chosen if s in PINNED_PASS]
+    if a.allocator == "default" and a.pinned and training:
+        results["pinned"] = pinned_pass(training, a)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
@@ -741,6 +768,24 @@ def main() -> None:
     for t in results["targets"]:
         print(f"  {'ok ' if t['met'] else 'MISS'} {t['scenario']}: {t['ratio']} = {t['value']:.3f} (≤ {t['target']})")
     print(f"wrote {out} ({results['wall_s']:.0f} s)")
+
+
+#: the scenarios that train, rerun with the allocator pinned (``pinned_pass``)
+PINNED_PASS = [s for s in SCENARIOS if s.endswith("_step")] + ["lab_scale"]
+
+
+def pinned_pass(chosen: list[str], a: argparse.Namespace) -> dict:
+    """Rerun the ``chosen`` training scenarios in a fresh interpreter whose allocator is pinned (no page faults
+    in a step): their time ratios then measure the computation alone. Returns scenario → ratios, median times
+    and page faults per step."""
+    with tempfile.TemporaryDirectory(prefix="peftlab-bench-") as tmp:
+        out = Path(tmp) / "pinned.json"
+        cmd = [sys.executable, __file__, "--allocator", "pinned", "--only", ",".join(chosen), "--reps", str(a.reps),
+               "--warmup", str(a.warmup), "--device", a.device, "--no-profile", "--out", str(out)]
+        subprocess.run(cmd + (["--tiny"] if TINY else []), check=True, stdout=subprocess.DEVNULL)
+        scenarios = json.loads(out.read_text())["scenarios"]
+    return {name: {k: res[k] for k in ("ratios", "median_ms", "faults_per_step") if k in res}
+            for name, res in scenarios.items()}
 
 
 def measure(chosen: list[str], a: argparse.Namespace) -> dict:

@@ -81,6 +81,56 @@ def test_page_renders_targets_methods_and_missed_profiles(tiny):
     assert "| target / floor |" in page and "below the floor (median times)" in page
 
 
+def test_page_shows_the_pinned_pass_beside_the_default_run(tiny):
+    """The training scenarios' second pass (allocator pinned, in a fresh interpreter) lands in the results and on
+    the page: its ratios beside the default run's, the default run's page faults per candidate, and, under a missed
+    target, what the target leaves without page faults."""
+    results = run.measure(["ia3_step"], tiny)
+    results["pinned"] = run.pinned_pass(["ia3_step"], tiny)
+    pin = results["pinned"]["ia3_step"]
+    assert set(pin) == {"ratios", "median_ms", "faults_per_step"} and "floor/peft" in pin["ratios"]
+    assert set(results["scenarios"]["ia3_step"]["faults_per_step"]) == {"peftlab", "peft", "limit", "floor"}
+    t = next(t for t in results["targets"] if t["scenario"] == "ia3_step")
+    t["met"], t["target"] = False, 0.01
+    page = report.render(results)
+    assert "## Page faults, and the same steps without them" in page
+    row = next(line for line in page.splitlines() if line.startswith("| ia3_step |") and "→" in line)
+    assert f"{pin['ratios']['peftlab/peft']['median']:.3f}" in row
+    assert "Without page faults (the allocator pinned" in page and "below the floor, so without page faults" in page
+    assert "nan" not in page
+
+
+def test_pinned_allocator_keeps_freed_memory():
+    """``pin_allocator``: a freed block stays with the process, so allocating and writing it again takes no page
+    faults. With glibc's defaults the first 30 MiB block is mapped and unmapped, the second comes from the heap and
+    faults in all its 7,680 pages. A fresh interpreter without torch (pinning changes the whole process, and
+    nothing else may have moved glibc's dynamic thresholds)."""
+    import subprocess
+
+    code = (
+        "import ctypes, ctypes.util, resource, sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+        "from allocator import pin_allocator\n"
+        "pinned = sys.argv[1] == 'pinned' and pin_allocator()\n"
+        "libc = ctypes.CDLL(ctypes.util.find_library('c'))\n"
+        "libc.malloc.restype = ctypes.c_void_p\n"
+        "libc.free.argtypes = [ctypes.c_void_p]\n"
+        "n = 30 * 2**20\n"
+        "def touch():\n"
+        "    p = libc.malloc(n); ctypes.memset(p, 1, n); libc.free(p)\n"
+        "touch()\n"
+        "f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "touch()\n"
+        "print(pinned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)\n")
+    faults = {}
+    for mode in ("default", "pinned"):
+        out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True)
+        pinned, n = out.stdout.split()
+        assert pinned == str(mode == "pinned")
+        faults[mode] = int(n)
+    assert faults["default"] > 7000 and faults["pinned"] < 100, faults
+
+
 def test_adapter_floor_stops_the_backward_at_block_zeros_projections(tiny):
     """The floor runs the limit's forward and backward less exactly what no adapter needs: the three products for
     ∂x under block 0's q, k and v projections (and the embedding's gradient); the backward still reaches their

@@ -222,8 +222,10 @@ class SkewRotation(torch.autograd.Function):
     for the exact map, written R = 2(I + Q)⁻¹ − I (= (I − Q)(I + Q)⁻¹), whose backward is
     ∂Q = −2 (I + Q)⁻ᵀ ∂R (I + Q)⁻ᵀ; else the series p(Q) = Σ c_j Q^j by Horner's rule, P_k = c_k I,
     P_j = Q P_(j+1) + c_j I, R = P_0, whose backward walks the same steps back: ∂Q += ∂P_j P_(j+1)ᵀ,
-    ∂P_(j+1) = Qᵀ ∂P_j. Autograd records some twenty small operations for the same; each costs more in
-    bookkeeping than in arithmetic at these sizes.
+    ∂P_(j+1) = Qᵀ ∂P_j. peft's default, five terms (degree 4), runs as Paterson–Stockmeyer instead: two products
+    forward and three back (see :meth:`_paterson_stockmeyer_grad`) where Horner takes three and six. Autograd
+    records some twenty small operations for the same; each costs more in bookkeeping than in arithmetic at
+    these sizes.
 
     Explained in: book/oft_boft.ipynb
     """
@@ -245,6 +247,11 @@ class SkewRotation(torch.autograd.Function):
         if len(c) == 1:
             ctx.save_for_backward()
             return eye.expand_as(q).clone()
+        if len(c) == 5:  # Paterson–Stockmeyer: S = Q², T = c₂I + c₃Q + c₄S, R = c₀I + c₁Q + S T (two products)
+            sq = torch.bmm(q, q)
+            t = torch.add(eye * c[2], q, alpha=c[3]).add_(sq, alpha=c[4])
+            ctx.save_for_backward(q, sq, t)
+            return torch.baddbmm(torch.add(eye * c[0], q, alpha=c[1]), sq, t)
         eye2 = eye * 2
         steps = [torch.add(eye if c[-2] == 1 else eye2, q, alpha=c[-1])]
         for cj in reversed(c[:-2]):  # P_j = Q P_(j+1) + c_j I
@@ -261,6 +268,13 @@ class SkewRotation(torch.autograd.Function):
             c = neumann_coefficients(ctx.terms)
             if len(c) == 1:  # R = I
                 return grad.new_zeros(ctx.shape), None, None, None
+            if len(c) == 5:
+                gq = SkewRotation._paterson_stockmeyer_grad(grad, *ctx.saved_tensors, c)
+                skew = gq - gq.mT
+                if ctx.packed:
+                    return (skew.view(-1, ctx.b * ctx.b).index_select(1, _triu_flat(ctx.b, str(grad.device))),
+                            None, None, None)
+                return skew.mul_(0.5), None, None, None
             q, *steps = ctx.saved_tensors  # steps: P_(k−1), …, P_1
             gq = None
             g = grad
@@ -272,6 +286,18 @@ class SkewRotation(torch.autograd.Function):
         if ctx.packed:
             return skew.view(-1, ctx.b * ctx.b).index_select(1, _triu_flat(ctx.b, str(grad.device))), None, None, None
         return skew.mul_(0.5), None, None, None
+
+
+    @staticmethod
+    def _paterson_stockmeyer_grad(g: torch.Tensor, q: torch.Tensor, sq: torch.Tensor, t: torch.Tensor,
+                                  c: list[int]) -> torch.Tensor:
+        """A matrix whose skew part is that of ∂L/∂Q for R = c₀I + c₁Q + S T (S = Q², T = c₂I + c₃Q + c₄S), in three
+        products. With Qᵀ = −Q (so S is symmetric): ∂T = S G, ∂S = G Tᵀ + c₄ S G, and ∂Q = c₁G + c₃∂T + ∂S Qᵀ + Qᵀ∂S;
+        the skew part of the last two terms is that of −Q M with M = ∂S + ∂Sᵀ (QM − (QM)ᵀ = QM + MQ), so only
+        the skew part of c₁G + c₃SG − QM is needed, which is all the parameters see."""
+        sg = torch.bmm(sq, g)
+        ds = torch.baddbmm(sg, g, t.mT, beta=c[4])  # G Tᵀ + c₄ S G
+        return torch.baddbmm(torch.add(g * c[1], sg, alpha=c[3]), q, ds + ds.mT, alpha=-1)
 
 
 def rotation_blocks(p: torch.Tensor, b: int, packed: bool, terms: int | None) -> torch.Tensor:

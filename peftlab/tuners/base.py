@@ -55,7 +55,7 @@ import contextlib
 import contextvars
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -129,6 +129,24 @@ def fusable(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
     off. Under autocast (bf16 on a GPU) the output, hence its gradient, is bf16 while the saved weights stay
     float32, so the layers take their generic path there (autograd handles the mixed dtypes)."""
     return all(t.dtype == x.dtype for t in tensors) and not torch.is_autocast_enabled(x.device.type)
+
+
+#: below this |s| :func:`divide_by_scale` does not divide by s (a product with s may have left float32's normal range)
+DIVIDE_FLOOR = 1e-18
+
+
+def divide_by_scale(numerator: torch.Tensor, scale: torch.Tensor,
+                    direct: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """numerator / scale, entry by entry, for the gradient of a learned scale s read off a scaled activation
+    (Σ_t g ⊙ (s ⊙ z) / s = Σ_t g ⊙ z, which spares keeping z); where |s| < :data:`DIVIDE_FLOOR` (s = 0 loses z
+    altogether) the entries come from ``direct(idx)``, which computes them from z for those indices only.
+    Deciding reads one flag back from the device."""
+    tiny = scale.abs() < DIVIDE_FLOOR
+    out = numerator / torch.where(tiny, 1.0, scale)
+    if bool(tiny.any()):
+        idx = tiny.nonzero().squeeze(1)
+        out[idx] = direct(idx)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.tuners.base import AdapterLayer, BaseTuner, fusable
+from peftlab.tuners.base import AdapterLayer, BaseTuner, divide_by_scale, fusable
 from peftlab.tuners.lycoris import DEFAULT_TARGET_MODULES  # peft gives OFT and BOFT LoRA's map too
 
 #: the layer types peft 0.21.2 wraps with OFT and BOFT (here: Linear and Conv2d; no embeddings)
@@ -366,10 +366,6 @@ def near_orthogonal_inverse(blocks: torch.Tensor, tol: float = 0.5) -> torch.Ten
     return inv
 
 
-#: below this |s| the backward does not divide by s (see :meth:`RotatedLinear._grad_scale`)
-_DIVIDE_FLOOR = 1e-18
-
-
 class RotatedLinear(torch.autograd.Function):
     """h = s ⊙ (x (W Rᵀ)ᵀ) + b for block-diagonal R (r, b, b), a frozen W (out, r·b) and an optional per-output
     scale s (BOFT), as one autograd node.
@@ -459,14 +455,12 @@ class RotatedLinear(torch.autograd.Function):
         gh = (g2 * h.reshape(g2.shape)).sum(0)
         if bias is not None:
             gh = gh - bias * g2.sum(0)
-        tiny = scale.abs() < _DIVIDE_FLOOR
-        grad = gh / torch.where(tiny, 1.0, scale)
-        if bool(tiny.any()):
-            idx = tiny.nonzero().squeeze(1)
-            r, b, _ = blocks.shape
+        r, b, _ = blocks.shape
+
+        def direct(idx: torch.Tensor) -> torch.Tensor:  # Σ_t g ⊙ (x (W Rᵀ)ᵀ) for those outputs
             w_rot = torch.bmm(blocks, weight[idx].T.reshape(r, b, -1)).reshape(-1, idx.numel())  # (in, |idx|)
-            grad[idx] = (g2[:, idx] * (x.reshape(g2.shape[0], -1) @ w_rot)).sum(0)
-        return grad
+            return (g2[:, idx] * (x.reshape(g2.shape[0], -1) @ w_rot)).sum(0)
+        return divide_by_scale(gh, scale, direct)
 
 
 # ---------------------------------------------------------------------------------------------------

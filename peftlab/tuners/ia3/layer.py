@@ -23,15 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftlab.tuners.base import BASE_ADAPTER, AdapterLayer, fusable
+from peftlab.tuners.base import BASE_ADAPTER, AdapterLayer, divide_by_scale, fusable
 from peftlab.tuners.routing import Routing
 
 #: the layer types peft 0.21.2 scales with (IA)³
 SUPPORTED_LAYERS = (nn.Linear, Conv1D, nn.Conv2d, nn.Conv3d)
-
-
-#: below this |l| the fused output-scaling backward does not divide by l (W·l may leave float32's normal range)
-_DIVIDE_FLOOR = 1e-18
 
 
 class IA3InputScaleFunction(torch.autograd.Function):
@@ -62,11 +58,8 @@ class IA3InputScaleFunction(torch.autograd.Function):
         grad_x = grad_l = None
         if need_l and x.device.type == "cpu":
             gx = g2 @ scaled  # ∂L/∂x, (tokens, in)
-            tiny = l.abs() < _DIVIDE_FLOOR
-            grad_l = (gx * x2).sum(0) / torch.where(tiny, 1.0, l)  # Σ_t (g W) ⊙ x
-            if bool(tiny.any()):
-                idx = tiny.nonzero().squeeze(1)
-                grad_l[idx] = ((g2 @ weight[:, idx]) * x2[:, idx]).sum(0)
+            grad_l = divide_by_scale((gx * x2).sum(0), l,  # Σ_t (g W) ⊙ x
+                                     lambda idx: ((g2 @ weight[:, idx]) * x2[:, idx]).sum(0))
             grad_x = gx.view(x.shape) if need_x else None
         elif need_l:
             u = g2 @ weight  # ∂L/∂(l ⊙ x), (tokens, in)
@@ -103,13 +96,9 @@ class IA3OutputScaleFunction(torch.autograd.Function):
         need_x, need_w, need_b, need_l = ctx.needs_input_grad
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
         grad_l = None
-        if need_l:
-            tiny = l.abs() < _DIVIDE_FLOOR
-            grad_l = (g2 * out.reshape(-1, out.shape[-1])).sum(0) / torch.where(tiny, 1.0, l)
-            if bool(tiny.any()):  # Σ_t g ⊙ (W x + b) for those outputs, computed directly
-                idx = tiny.nonzero().squeeze(1)
-                z = x2 @ weight[idx].t() + (0 if bias is None else bias[idx])
-                grad_l[idx] = (g2[:, idx] * z).sum(0)
+        if need_l:  # Σ_t g ⊙ (W x + b), directly for the outputs whose l is too small to divide by
+            grad_l = divide_by_scale((g2 * out.reshape(-1, out.shape[-1])).sum(0), l, lambda idx: (
+                g2[:, idx] * (x2 @ weight[idx].t() + (0 if bias is None else bias[idx]))).sum(0))
         grad_w = (g2 * l).t() @ x2 if need_w else None
         grad_b = (g2 * l).sum(0) if need_b and bias is not None else None
         grad_x = (g2 @ scaled).view(x.shape) if need_x else None

@@ -67,7 +67,8 @@ STEP_WORK = {
             "takes G = ∂x R: ∂x is the frozen layer's own product with the rotated, scaled weight, and only "
             "∂R_i = (x_iᵀ ∂x_i) R_i runs over the tokens. The output scale s folds into the rotated weight (no pass "
             "over the (tokens, out) output forward, and no unscaled copy of it kept); ∂s = Σ_t g ⊙ (h − b) / s "
-            "reads the output once in the backward, where autograd's version makes two passes each way. The 32 small inverses per layer (R = 2(I + Q)⁻¹ − I) and the "
+            "reads the output once in the backward, where autograd's version makes two passes each way. "
+            "The 32 small inverses per layer (R = 2(I + Q)⁻¹ − I) and the "
             "per-layer fixed cost remain, as for OFT. peft builds the dense ($d_\\text{in} \\times d_\\text{in}$) "
             "rotation with permutation matrices at every step and lets autograd record it.",
     "ia3": "(IA)³ adds little to the limit: a scaled copy of each adapted weight (12 of them here) and a sum over the "

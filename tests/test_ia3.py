@@ -144,6 +144,28 @@ def test_gradients_of_the_vectors():
     torch.testing.assert_close(layer.ia3_l["a"].grad.reshape(-1), (g * z).sum(0))  # ∂L/∂l = Σ_t g ⊙ (W x + b)
 
 
+@pytest.mark.parametrize("ff", [False, True], ids=["output-scaled", "feed-forward"])
+def test_an_in_place_change_after_the_layer_keeps_the_gradients(ff):
+    """An in-place activation right after an adapted nn.Linear (``LeakyReLU(inplace=True)``, ReLU in VGG-style
+    heads) changes the layer's output in place. The fused output-scaling node reads that output for ∂l; it must
+    notice the change and compute ∂l from W x + b instead, not raise (peft trains such models) and not use the
+    changed values (LeakyReLU's, unlike ReLU's, would show in ∂l): its gradients equal those with an
+    out-of-place activation."""
+    grads = {}
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.LeakyReLU(0.2, inplace=inplace), nn.Linear(5, 3))
+        pm = get_peft_model(model, IA3Config(target_modules=["0"], feedforward_modules=["0"] if ff else []))
+        with torch.no_grad():
+            l = pm.base_model.model[0].ia3_l["default"]
+            l.copy_(1 + 0.5 * torch.randn(l.shape))
+        x = torch.randn(4, 6, requires_grad=True)
+        pm(x).pow(2).sum().backward()
+        grads[inplace] = (x.grad, l.grad.clone())
+    for got, want in zip(grads[True], grads[False]):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("ff", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 def test_fused_training_path_has_autograd_gradients(ff, bias):

@@ -276,6 +276,27 @@ def test_rotated_linear_node_gradients(r, b, scaled, orthogonal, seq):
             lambda x, a, s: RotatedLinear.apply(x, w, bias, cayley(skew_from_square(a)), s, orthogonal), (x, a, s))
 
 
+def test_boft_scale_gradient_after_an_in_place_change():
+    """BOFT's node reads its own output for ∂s; a LeakyReLU(inplace=True) after the layer changes that output. The
+    node computes ∂s from x (W Rᵀ)ᵀ instead (no error, as in peft, and not the changed values): the gradients
+    equal those with an out-of-place activation."""
+    grads = {}
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.LeakyReLU(0.2, inplace=inplace), nn.Linear(8, 3))
+        pm = get_peft_model(model, BOFTConfig(target_modules=["0"], boft_block_size=4, boft_n_butterfly_factor=1))
+        with torch.no_grad():
+            for p in pm.parameters():
+                if p.requires_grad:
+                    p.add_(0.3 * torch.randn(p.shape))
+        x = torch.randn(4, 8, requires_grad=True)
+        pm(x).pow(2).sum().backward()
+        grads[inplace] = [x.grad] + [p.grad.clone() for p in pm.parameters() if p.requires_grad]
+    assert len(grads[True]) == 3  # x, boft_R, boft_s
+    for got, want in zip(grads[True], grads[False]):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
 def test_rotated_linear_scale_gradient_where_s_vanishes(with_bias):
     """∂s is read off the output, ∂s = Σ g ⊙ (h − b)/s; where s is zero or too small to divide by the node

@@ -149,6 +149,22 @@ def divide_by_scale(numerator: torch.Tensor, scale: torch.Tensor,
     return out
 
 
+def keep_output(ctx: Any, out: torch.Tensor) -> None:
+    """Let a custom autograd node read its own output ``out`` in its backward (to spare keeping a second copy of
+    it), without making the backward fail when something after the layer changes ``out`` in place
+    (``nn.ReLU(inplace=True)``, ``h += …``): saved with ``save_for_backward``, such a change raises in the
+    backward, while a frozen ``nn.Linear``, which never reads its output, trains on. Kept here with its version
+    counter (a detached alias shares it), the node learns of the change from :func:`kept_output` and computes
+    what it needed another way."""
+    ctx.kept_output = (out.detach(), out._version)
+
+
+def kept_output(ctx: Any) -> torch.Tensor | None:
+    """The output :func:`keep_output` kept, or None if it was changed in place since the forward."""
+    out, version = ctx.kept_output
+    return out if out._version == version else None
+
+
 # ---------------------------------------------------------------------------------------------------
 # Adapter layers
 # ---------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.tuners.base import AdapterLayer, BaseTuner, divide_by_scale, fusable
+from peftlab.tuners.base import AdapterLayer, BaseTuner, divide_by_scale, fusable, keep_output, kept_output
 from peftlab.tuners.lycoris import DEFAULT_TARGET_MODULES  # peft gives OFT and BOFT LoRA's map too
 
 #: the layer types peft 0.21.2 wraps with OFT and BOFT (here: Linear and Conv2d; no embeddings)
@@ -287,7 +287,6 @@ class SkewRotation(torch.autograd.Function):
             return skew.view(-1, ctx.b * ctx.b).index_select(1, _triu_flat(ctx.b, str(grad.device))), None, None, None
         return skew.mul_(0.5), None, None, None
 
-
     @staticmethod
     def _paterson_stockmeyer_grad(g: torch.Tensor, q: torch.Tensor, sq: torch.Tensor, t: torch.Tensor,
                                   c: list[int]) -> torch.Tensor:
@@ -374,7 +373,9 @@ class RotatedLinear(torch.autograd.Function):
     Backward, with g = ∂L/∂h and G = g (s ⊙ W) (∂L/∂(xR), the product a frozen layer computes anyway):
     ∂x = G Rᵀ and ∂R_i = x_iᵀ G_i, block by block, and ∂s = Σ_tokens g ⊙ (x (W Rᵀ)ᵀ) = Σ_tokens g ⊙ (h − b) / s,
     read off the output (which the next operation often keeps anyway) rather than a kept unscaled product
-    (entries of s too small to divide by are computed directly). That is two token products; one goes when R is invertible:
+    (entries of s too small to divide by are computed directly, and all of them if something after the layer
+    changed h in place: see :func:`~peftlab.tuners.base.keep_output`). That is two token products; one goes
+    when R is invertible:
     ∂x = g (s ⊙ W Rᵀ) (the product the frozen layer computes anyway, with the rotated weight), G_i = ∂x_i R_i⁻ᵀ,
     so ∂R_i = (x_iᵀ ∂x_i) R_i⁻ᵀ, a b×b product per block. For an orthogonal R (``orthogonal``: the exact
     Cayley map) R⁻ᵀ = R; a truncated Cayley–Neumann series is inverted block by block, when it is near enough
@@ -404,7 +405,8 @@ class RotatedLinear(torch.autograd.Function):
         if scale is None:
             ctx.save_for_backward(x, weight, blocks, *kept)
         else:  # ∂s reads the output itself (see the backward), which the next operation often keeps anyway
-            ctx.save_for_backward(x, weight, blocks, *kept, scale, bias, h)
+            ctx.save_for_backward(x, weight, blocks, *kept, scale, bias)
+            keep_output(ctx, h)
         return h
 
     @staticmethod
@@ -444,22 +446,26 @@ class RotatedLinear(torch.autograd.Function):
         if inverse is not None:
             grad_blocks = torch.bmm(grad_blocks, inverse.mT)  # x_iᵀ ∂x_i R_i⁻ᵀ = x_iᵀ G_i
         if scale is not None and ctx.needs_input_grad[4]:
-            grad_scale = RotatedLinear._grad_scale(g2, x, weight, blocks, *rest)
+            grad_scale = RotatedLinear._grad_scale(g2, x, weight, blocks, *rest, kept_output(ctx))
         return grad_x, None, None, grad_blocks, grad_scale, None
 
     @staticmethod
     def _grad_scale(g2: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, blocks: torch.Tensor,
-                    scale: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+                    scale: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor | None) -> torch.Tensor:
         """∂s = Σ_tokens g ⊙ (x (W Rᵀ)ᵀ) = (Σ_tokens g ⊙ h − b ⊙ Σ_tokens g) / s, read off the output h instead of
-        keeping the unscaled product; outputs whose |s| is too small to divide by are computed directly."""
+        keeping the unscaled product; outputs whose |s| is too small to divide by are computed directly, and all
+        of them when h was changed in place after the layer (h is None: see :func:`keep_output`)."""
+        r, b, _ = blocks.shape
+
+        def direct(idx: torch.Tensor | slice) -> torch.Tensor:  # Σ_t g ⊙ (x (W Rᵀ)ᵀ) for those outputs
+            w = weight[idx]
+            w_rot = torch.bmm(blocks, w.T.reshape(r, b, -1)).reshape(-1, w.shape[0])  # (in, outputs)
+            return (g2[:, idx] * (x.reshape(g2.shape[0], -1) @ w_rot)).sum(0)
+        if h is None:
+            return direct(slice(None))
         gh = (g2 * h.reshape(g2.shape)).sum(0)
         if bias is not None:
             gh = gh - bias * g2.sum(0)
-        r, b, _ = blocks.shape
-
-        def direct(idx: torch.Tensor) -> torch.Tensor:  # Σ_t g ⊙ (x (W Rᵀ)ᵀ) for those outputs
-            w_rot = torch.bmm(blocks, weight[idx].T.reshape(r, b, -1)).reshape(-1, idx.numel())  # (in, |idx|)
-            return (g2[:, idx] * (x.reshape(g2.shape[0], -1) @ w_rot)).sum(0)
         return divide_by_scale(gh, scale, direct)
 
 

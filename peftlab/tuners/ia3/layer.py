@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftlab.tuners.base import BASE_ADAPTER, AdapterLayer, divide_by_scale, fusable
+from peftlab.tuners.base import BASE_ADAPTER, AdapterLayer, divide_by_scale, fusable, keep_output, kept_output
 from peftlab.tuners.routing import Routing
 
 #: the layer types peft 0.21.2 scales with (IA)³
@@ -77,7 +77,8 @@ class IA3OutputScaleFunction(torch.autograd.Function):
 
     Forward scales the (out, in) weight instead of the (tokens, out) output. Backward: ∂x = g (diag(l) W),
     ∂l = Σ_tokens g ⊙ (W x + b) = Σ_tokens g ⊙ h / l, with W x + b recomputed for the entries whose |l| is
-    too small to divide by.
+    too small to divide by, and for all of them if something after the layer changed h in place
+    (see :func:`~peftlab.tuners.base.keep_output`).
 
     Explained in: book/ia3.ipynb
     """
@@ -87,18 +88,23 @@ class IA3OutputScaleFunction(torch.autograd.Function):
                 l: torch.Tensor) -> torch.Tensor:
         scaled = weight * l.unsqueeze(1)  # diag(l) W: rows scaled
         out = F.linear(x, scaled, None if bias is None else bias * l)
-        ctx.save_for_backward(x, weight, bias, l, scaled, out)
+        ctx.save_for_backward(x, weight, bias, l, scaled)
+        keep_output(ctx, out)  # ∂l reads it; an in-place change after the layer makes the backward recompute
         return out
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
-        x, weight, bias, l, scaled, out = ctx.saved_tensors
+        x, weight, bias, l, scaled = ctx.saved_tensors
         need_x, need_w, need_b, need_l = ctx.needs_input_grad
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
         grad_l = None
-        if need_l:  # Σ_t g ⊙ (W x + b), directly for the outputs whose l is too small to divide by
-            grad_l = divide_by_scale((g2 * out.reshape(-1, out.shape[-1])).sum(0), l, lambda idx: (
-                g2[:, idx] * (x2 @ weight[idx].t() + (0 if bias is None else bias[idx]))).sum(0))
+        if need_l:  # Σ_t g ⊙ (W x + b)
+
+            def direct(idx: torch.Tensor | slice) -> torch.Tensor:
+                return (g2[:, idx] * (x2 @ weight[idx].t() + (0 if bias is None else bias[idx]))).sum(0)
+            out = kept_output(ctx)
+            grad_l = direct(slice(None)) if out is None else divide_by_scale(
+                (g2 * out.reshape(-1, out.shape[-1])).sum(0), l, direct)
         grad_w = (g2 * l).t() @ x2 if need_w else None
         grad_b = (g2 * l).sum(0) if need_b and bias is not None else None
         grad_x = (g2 @ scaled).view(x.shape) if need_x else None

@@ -283,3 +283,55 @@ def test_default_mixed_batch_is_exactly_the_per_adapter_forward(shape) -> None:
             outs["__base__"] = model(x)
     for row, name in enumerate(names):
         assert torch.equal(mixed[row], outs[name][row]), (row, name)
+
+
+# ---- every method's training node, with an in-place activation after the adapted layers ------------------
+class _InPlaceMLP(nn.Module):
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.lin0, self.lin1, self.head = nn.Linear(16, 16), nn.Linear(16, 8), nn.Linear(8, 4)
+        self.act0, self.act1 = nn.LeakyReLU(0.2, inplace=inplace), nn.LeakyReLU(0.2, inplace=inplace)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act1(self.lin1(self.act0(self.lin0(x)))))
+
+
+_TARGETS = ["lin0", "lin1"]
+IN_PLACE_CONFIGS = {
+    "lora": lambda: peftlab.LoraConfig(r=4, target_modules=_TARGETS),
+    "dora": lambda: peftlab.LoraConfig(r=4, target_modules=_TARGETS, use_dora=True),
+    "loha": lambda: peftlab.LoHaConfig(r=4, target_modules=_TARGETS),
+    "lokr": lambda: peftlab.LoKrConfig(r=4, target_modules=_TARGETS),
+    "oft": lambda: peftlab.OFTConfig(oft_block_size=4, target_modules=_TARGETS),
+    "oft-exact": lambda: peftlab.OFTConfig(oft_block_size=4, target_modules=_TARGETS, use_cayley_neumann=False),
+    "boft": lambda: peftlab.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, target_modules=_TARGETS),
+    "boft-2": lambda: peftlab.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=_TARGETS),
+    "ia3": lambda: peftlab.IA3Config(target_modules=_TARGETS, feedforward_modules=[]),
+    "ia3-ff": lambda: peftlab.IA3Config(target_modules=_TARGETS, feedforward_modules=["lin1"]),
+    "adalora": lambda: peftlab.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=_TARGETS),
+}
+
+
+@pytest.mark.parametrize("method", list(IN_PLACE_CONFIGS))
+def test_training_survives_an_in_place_activation_after_the_layer(method: str) -> None:
+    """An in-place activation after an adapted layer changes the layer's output in place, which a frozen nn.Linear
+    tolerates (it never reads its output) and so does peft. Every method's training path must too, with the
+    gradients of the same model whose activations work out of place (a node that read the changed output would
+    be off: LeakyReLU changes values where its gradient is not zero). A custom autograd node that returned a view
+    made inside it (a reshaped 2-D product, F.linear on (batch, seq, in) with a bias) would make PyTorch refuse
+    the in-place activation outright."""
+    grads = {}
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        pm = peftlab.get_peft_model(_InPlaceMLP(inplace), IN_PLACE_CONFIGS[method]()).train()
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in pm.parameters():
+                if p.requires_grad:
+                    p.add_(0.3 * torch.randn(p.shape, generator=g))
+        x = torch.randn(2, 5, 16, requires_grad=True)  # (batch, seq, features): F.linear with a bias returns a view
+        pm(x).pow(2).sum().backward()
+        grads[inplace] = [x.grad] + [p.grad for p in pm.parameters() if p.requires_grad]
+    assert all(t is not None for t in grads[True])
+    for got, want in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(got, want)

@@ -149,6 +149,23 @@ def divide_by_scale(numerator: torch.Tensor, scale: torch.Tensor,
     return out
 
 
+def linear_output(x: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x Wᵀ + b for x (…, in) and W (out, in), written into a fresh (…, out) tensor: returns it and its
+    (tokens, out) form, to add more into. What a custom autograd node returns must not be a view made inside it
+    (PyTorch then refuses any in-place change of the layer's output, such as an ``nn.ReLU(inplace=True)`` after
+    it, which a frozen ``nn.Linear`` allows), and ``F.linear`` on a batch of sequences with a bias, or a 2-D
+    product reshaped, is such a view."""
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+    flat = out.view(-1, weight.shape[0])
+    x2 = x.reshape(-1, x.shape[-1])
+    if bias is None:
+        torch.mm(x2, weight.t(), out=flat)
+    else:
+        torch.addmm(bias, x2, weight.t(), out=flat)
+    return out, flat
+
+
 def keep_output(ctx: Any, out: torch.Tensor) -> None:
     """Let a custom autograd node read its own output ``out`` in its backward (to spare keeping a second copy of
     it), without making the backward fail when something after the layer changes ``out`` in place

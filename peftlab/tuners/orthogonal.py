@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.tuners.base import AdapterLayer, BaseTuner, divide_by_scale, fusable, keep_output, kept_output
+from peftlab.tuners.base import (AdapterLayer, BaseTuner, divide_by_scale, fusable, keep_output, kept_output,
+                                 linear_output)
 from peftlab.tuners.lycoris import DEFAULT_TARGET_MODULES  # peft gives OFT and BOFT LoRA's map too
 
 #: the layer types peft 0.21.2 wraps with OFT and BOFT (here: Linear and Conv2d; no embeddings)
@@ -401,7 +402,7 @@ class RotatedLinear(torch.autograd.Function):
         # (many tokens), formed again otherwise (few tokens: a weight-sized tensor per layer would outweigh them)
         ctx.kept = x.numel() >= w_rot_t.numel()
         kept = (w_rot_t,) if ctx.kept else ()
-        h = F.linear(x, w_rot_t.T, bias)
+        h, _ = linear_output(x, w_rot_t.T, bias)
         if scale is None:
             ctx.save_for_backward(x, weight, blocks, *kept)
         else:  # ∂s reads the output itself (see the backward), which the next operation often keeps anyway

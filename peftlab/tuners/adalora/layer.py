@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftlab.tuners.base import AdapterLayer, fusable
+from peftlab.tuners.base import AdapterLayer, fusable, linear_output
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D, nn.Conv2d)
 EPS = 1e-5  # peft divides by ranknum + 1e-5
@@ -44,10 +44,10 @@ class SVDLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         e = q * lam  # Λ Q, (r, in)
         updated = torch.addmm(weight, p, e, alpha=s)  # W' = W + s·P Λ Q
-        out = F.linear(x2, updated, bias)
+        out, _ = linear_output(x, updated, bias)
         ctx.save_for_backward(x2, updated, q, lam, p, e)
         ctx.s, ctx.x_shape, ctx.has_bias = s, x.shape, bias is not None
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftlab.tuners.base import BASE_ADAPTER, AdapterLayer, divide_by_scale, fusable, keep_output, kept_output
+from peftlab.tuners.base import (BASE_ADAPTER, AdapterLayer, divide_by_scale, fusable, keep_output, kept_output,
+                                 linear_output)
 from peftlab.tuners.routing import Routing
 
 #: the layer types peft 0.21.2 scales with (IA)³
@@ -48,7 +49,7 @@ class IA3InputScaleFunction(torch.autograd.Function):
         scaled = weight * l  # W diag(l): columns scaled
         ctx.save_for_backward(x, weight, l, scaled)
         ctx.has_bias = bias is not None
-        return F.linear(x, scaled, bias)
+        return linear_output(x, scaled, bias)[0]
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
@@ -87,7 +88,7 @@ class IA3OutputScaleFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 l: torch.Tensor) -> torch.Tensor:
         scaled = weight * l.unsqueeze(1)  # diag(l) W: rows scaled
-        out = F.linear(x, scaled, None if bias is None else bias * l)
+        out, _ = linear_output(x, scaled, None if bias is None else bias * l)
         ctx.save_for_backward(x, weight, bias, l, scaled)
         keep_output(ctx, out)  # ∂l reads it; an in-place change after the layer makes the backward recompute
         return out

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.tuners.base import fusable
+from peftlab.tuners.base import fusable, linear_output
 from peftlab.tuners.lycoris import LycorisLayer, cp_weight, kaiming_
 
 
@@ -36,7 +36,7 @@ class LoHaLinearFunction(torch.autograd.Function):
                 w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, s: float) -> torch.Tensor:
         p1, p2 = w1a @ w1b, w2a @ w2b
         updated = torch.addcmul(weight, p1, p2, value=s)  # W' = W + s·P1 ⊙ P2
-        out = F.linear(x, updated, bias)
+        out, _ = linear_output(x, updated, bias)
         ctx.save_for_backward(x, updated, w1a, w1b, w2a, w2b, p1, p2)
         ctx.s, ctx.has_bias = s, bias is not None
         return out

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.tuners.base import AdapterLayer, fusable
+from peftlab.tuners.base import AdapterLayer, fusable, linear_output
 from peftlab.tuners.lora import init as lora_init
 from peftlab.tuners.lora.dora import DoraConvVariant, DoraEmbeddingVariant, DoraLinearVariant
 from peftlab.utils.warning import PeftWarning
@@ -192,17 +192,17 @@ class LoraLinearFunction(torch.autograd.Function):
         n_out, n_in = weight.shape
         merged = x2.shape[0] * (n_in + n_out) > n_in * n_out and weight.dtype in (torch.float32, torch.float64)
         if merged:
-            out = F.linear(x2, torch.addmm(weight, B, A, alpha=s), bias)  # x (W + s·B A)ᵀ + b, (T, out)
+            out, _ = linear_output(x, torch.addmm(weight, B, A, alpha=s), bias)  # x (W + s·B A)ᵀ + b
             xaT = None
         else:
             # The rank-r products are computed as (r, T) = A xᵀ, never (T, r) = x Aᵀ: with r ≪ in, out the
             # BLAS kernels are 2-4x faster in this orientation (CPU, one thread; measured in benchmarks/).
             xaT = torch.mm(A, x2.t())  # (A x)ᵀ, (r, T)
-            out = F.linear(x2, weight, bias)  # W x + b, (T, out)
-            out.addmm_(xaT.t(), B.t(), alpha=s)  # + s·B A x
+            out, flat = linear_output(x, weight, bias)  # W x + b
+            flat.addmm_(xaT.t(), B.t(), alpha=s)  # + s·B A x
         ctx.save_for_backward(x2, weight, A, B, xaT)
         ctx.s, ctx.x_shape, ctx.has_bias, ctx.merged = s, x.shape, bias is not None, merged
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):

@@ -335,3 +335,58 @@ def test_training_survives_an_in_place_activation_after_the_layer(method: str) -
     assert all(t is not None for t in grads[True])
     for got, want in zip(grads[True], grads[False], strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("method", list(IN_PLACE_CONFIGS))
+def test_second_derivatives_through_every_training_node(method: str) -> None:
+    """A Hessian-vector product (gradients taken with create_graph=True, then differentiated again: gradient
+    penalties, second-order methods) through each method's fused training node equals the finite difference of
+    the first derivative, ((∇L(θ + εv) − ∇L(θ − εv)) / 2ε, in float64). The hand-written backwards are not
+    differentiable as written; with grad mode on in the backward they differentiate the plain formula instead."""
+    torch.manual_seed(0)
+    pm = peftlab.get_peft_model(_InPlaceMLP(False), IN_PLACE_CONFIGS[method]()).train().double()
+    params = [p for p in pm.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    x = torch.randn(2, 5, 16, generator=g, dtype=torch.float64)
+    v = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+
+    def grads(create_graph: bool = False):
+        return torch.autograd.grad(pm(x).pow(2).sum(), params, create_graph=create_graph)
+
+    first = grads(create_graph=True)
+    hvp = torch.autograd.grad(sum((a * b).sum() for a, b in zip(first, v)), params)
+    if method == "dora":  # DoRA holds the norm ‖W + sBA‖ constant in its gradient (as peft does), which a finite
+        return _check_dora_hvp_against_peft(pm, x, v, hvp)  # difference would not: peft is the reference there
+    eps = 1e-5
+    with torch.no_grad():
+        for p, d in zip(params, v):
+            p.add_(eps * d)
+    up = grads()
+    with torch.no_grad():
+        for p, d in zip(params, v):
+            p.sub_(2 * eps * d)
+    down = grads()
+    for got, a, b in zip(hvp, up, down, strict=True):
+        torch.testing.assert_close(got, (a - b) / (2 * eps), rtol=1e-5, atol=1e-6)
+
+
+def _check_dora_hvp_against_peft(pm, x: torch.Tensor, v: list[torch.Tensor], hvp) -> None:
+    import peft
+
+    torch.manual_seed(0)
+    ref = peft.get_peft_model(_InPlaceMLP(False), peft.LoraConfig(r=4, target_modules=_TARGETS, use_dora=True))
+    ref = ref.train().double()
+    ours = dict(pm.named_parameters())
+    theirs = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
+    assert [n for n, _ in theirs] == [n for n, p in pm.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            p.copy_(ours[n])
+    params = [p for _, p in theirs]
+    first = torch.autograd.grad(ref(x).pow(2).sum(), params, create_graph=True)
+    want = torch.autograd.grad(sum((a * b).sum() for a, b in zip(first, v)), params)
+    for got, w in zip(hvp, want, strict=True):
+        torch.testing.assert_close(got, w)

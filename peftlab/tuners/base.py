@@ -166,6 +166,21 @@ def linear_output(x: torch.Tensor, weight: torch.Tensor,
     return out, flat
 
 
+def second_order_grads(reference: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | None],
+                       needs: Sequence[bool], g: torch.Tensor) -> list[torch.Tensor | None]:
+    """A fused node's gradients when its backward runs with ``create_graph=True`` (grad mode is on inside a backward
+    only then): those of the node's plain formula ``reference(*inputs)`` against ``g``, recorded, so that a second
+    derivative (a gradient penalty, a Hessian-vector product) is autograd's. The hand-written backward gives the
+    same first derivative, but its products on saved intermediates do not record how that derivative depends on
+    the inputs. ``inputs`` are the node's own inputs as saved (so they carry their history); ``needs`` is
+    ``ctx.needs_input_grad`` for them."""
+    with torch.enable_grad():
+        out = reference(*inputs)
+        wanted = [t for t, n in zip(inputs, needs) if n and t is not None]
+        got = iter(torch.autograd.grad(out, wanted, g, create_graph=True, allow_unused=True))
+    return [next(got) if n and t is not None else None for t, n in zip(inputs, needs)]
+
+
 def keep_output(ctx: Any, out: torch.Tensor) -> None:
     """Let a custom autograd node read its own output ``out`` in its backward (to spare keeping a second copy of
     it), without making the backward fail when something after the layer changes ``out`` in place

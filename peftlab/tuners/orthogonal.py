@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.tuners.base import (AdapterLayer, BaseTuner, divide_by_scale, fusable, keep_output, kept_output,
-                                 linear_output)
+                                 linear_output, second_order_grads)
 from peftlab.tuners.lycoris import DEFAULT_TARGET_MODULES  # peft gives OFT and BOFT LoRA's map too
 
 #: the layer types peft 0.21.2 wraps with OFT and BOFT (here: Linear and Conv2d; no embeddings)
@@ -242,41 +242,49 @@ class SkewRotation(torch.autograd.Function):
         ctx.b, ctx.packed, ctx.terms, ctx.shape = b, packed, terms, p.shape
         if terms is None:
             inv = torch.linalg.inv_ex(eye + q)[0]
-            ctx.save_for_backward(inv)
+            ctx.save_for_backward(p, inv)
             return 2 * inv - eye
         c = neumann_coefficients(terms)
         if len(c) == 1:
-            ctx.save_for_backward()
+            ctx.save_for_backward(p)
             return eye.expand_as(q).clone()
         if len(c) == 5:  # Paterson–Stockmeyer: S = Q², T = c₂I + c₃Q + c₄S, R = c₀I + c₁Q + S T (two products)
             sq = torch.bmm(q, q)
             t = torch.add(eye * c[2], q, alpha=c[3]).add_(sq, alpha=c[4])
-            ctx.save_for_backward(q, sq, t)
+            ctx.save_for_backward(p, q, sq, t)
             return torch.baddbmm(torch.add(eye * c[0], q, alpha=c[1]), sq, t)
         eye2 = eye * 2
         steps = [torch.add(eye if c[-2] == 1 else eye2, q, alpha=c[-1])]
         for cj in reversed(c[:-2]):  # P_j = Q P_(j+1) + c_j I
             steps.append(torch.baddbmm(eye2 if cj == 2 else eye, q, steps[-1]))
-        ctx.save_for_backward(q, *steps[:-1])  # Q, P_(k−1), …, P_1
+        ctx.save_for_backward(p, q, *steps[:-1])  # Q, P_(k−1), …, P_1
         return steps[-1]
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
+        p, *saved = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable again (see second_order_grads)
+            b, packed, terms = ctx.b, ctx.packed, ctx.terms
+
+            def reference(p: torch.Tensor) -> torch.Tensor:
+                q = skew_from_packed(p, b) if packed else skew_from_square(p)
+                return cayley(q) if terms is None else cayley_neumann(q, terms)
+            return second_order_grads(reference, (p,), ctx.needs_input_grad[:1], grad)[0], None, None, None
         if ctx.terms is None:
-            inv_t = ctx.saved_tensors[0].mT
+            inv_t = saved[0].mT
             gq = torch.bmm(torch.bmm(inv_t, grad), inv_t).mul_(-2)
         else:
             c = neumann_coefficients(ctx.terms)
             if len(c) == 1:  # R = I
                 return grad.new_zeros(ctx.shape), None, None, None
             if len(c) == 5:
-                gq = SkewRotation._paterson_stockmeyer_grad(grad, *ctx.saved_tensors, c)
+                gq = SkewRotation._paterson_stockmeyer_grad(grad, *saved, c)
                 skew = gq - gq.mT
                 if ctx.packed:
                     return (skew.view(-1, ctx.b * ctx.b).index_select(1, _triu_flat(ctx.b, str(grad.device))),
                             None, None, None)
                 return skew.mul_(0.5), None, None, None
-            q, *steps = ctx.saved_tensors  # steps: P_(k−1), …, P_1
+            q, *steps = saved  # steps: P_(k−1), …, P_1
             gq = None
             g = grad
             for nxt in reversed(steps):  # P_j = Q P_(j+1) + c_j I, from j = 0 up
@@ -403,18 +411,24 @@ class RotatedLinear(torch.autograd.Function):
         ctx.kept = x.numel() >= w_rot_t.numel()
         kept = (w_rot_t,) if ctx.kept else ()
         h, _ = linear_output(x, w_rot_t.T, bias)
-        if scale is None:
-            ctx.save_for_backward(x, weight, blocks, *kept)
-        else:  # ∂s reads the output itself (see the backward), which the next operation often keeps anyway
-            ctx.save_for_backward(x, weight, blocks, *kept, scale, bias)
+        ctx.save_for_backward(x, weight, blocks, bias, *kept, *(() if scale is None else (scale,)))
+        if scale is not None:  # ∂s reads the output itself (see the backward), which the next operation often keeps
             keep_output(ctx, h)
         return h
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
-        x, weight, blocks, *rest = ctx.saved_tensors
+        x, weight, blocks, bias, *rest = ctx.saved_tensors
         kept = rest.pop(0) if ctx.kept else None
         scale = rest[0] if rest else None
+        if torch.is_grad_enabled():  # create_graph=True: differentiable again (see second_order_grads)
+
+            def reference(x: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+                h = F.linear(rotate_blocks(x, blocks), weight)
+                return (h if scale is None else h * scale) + (0 if bias is None else bias)
+            need = ctx.needs_input_grad
+            gx, gb, gs = second_order_grads(reference, (x, blocks, scale), (need[0], need[3], need[4]), g)
+            return gx, None, None, gb, gs, None
         r, b, _ = blocks.shape
         g2 = g.reshape(-1, g.shape[-1])
         t, (out, n) = g2.shape[0], weight.shape
@@ -447,7 +461,7 @@ class RotatedLinear(torch.autograd.Function):
         if inverse is not None:
             grad_blocks = torch.bmm(grad_blocks, inverse.mT)  # x_iᵀ ∂x_i R_i⁻ᵀ = x_iᵀ G_i
         if scale is not None and ctx.needs_input_grad[4]:
-            grad_scale = RotatedLinear._grad_scale(g2, x, weight, blocks, *rest, kept_output(ctx))
+            grad_scale = RotatedLinear._grad_scale(g2, x, weight, blocks, scale, bias, kept_output(ctx))
         return grad_x, None, None, grad_blocks, grad_scale, None
 
     @staticmethod

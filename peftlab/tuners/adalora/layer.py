@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftlab.tuners.base import AdapterLayer, fusable, linear_output
+from peftlab.tuners.base import AdapterLayer, fusable, linear_output, second_order_grads
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D, nn.Conv2d)
 EPS = 1e-5  # peft divides by ranknum + 1e-5
@@ -41,18 +41,21 @@ class SVDLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, q: torch.Tensor,
                 lam: torch.Tensor, p: torch.Tensor, s: float) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
         e = q * lam  # Λ Q, (r, in)
         updated = torch.addmm(weight, p, e, alpha=s)  # W' = W + s·P Λ Q
         out, _ = linear_output(x, updated, bias)
-        ctx.save_for_backward(x2, updated, q, lam, p, e)
+        ctx.save_for_backward(x, weight, bias, q, lam, p, updated, e)
         ctx.s, ctx.x_shape, ctx.has_bias = s, x.shape, bias is not None
         return out
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
-        x2, updated, q, lam, p, e = ctx.saved_tensors
+        x, weight, bias, q, lam, p, updated, e = ctx.saved_tensors
         s = ctx.s
+        if torch.is_grad_enabled():  # create_graph=True: differentiable again (see second_order_grads)
+            return (*second_order_grads(lambda x, w, b, q, lam, p: F.linear(x, w + s * p @ (q * lam), b),
+                                        (x, weight, bias, q, lam, p), ctx.needs_input_grad[:6], g), None)
+        x2 = x.reshape(-1, x.shape[-1])
         g2 = g.reshape(-1, g.shape[-1])
         need_x, need_w, need_b, need_q, need_lam, need_p = ctx.needs_input_grad[:6]
         grad_x = torch.mm(g2, updated).view(ctx.x_shape) if need_x else None

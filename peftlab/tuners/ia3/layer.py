@@ -24,7 +24,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftlab.tuners.base import (BASE_ADAPTER, AdapterLayer, divide_by_scale, fusable, keep_output, kept_output,
-                                 linear_output)
+                                 linear_output, second_order_grads)
 from peftlab.tuners.routing import Routing
 
 #: the layer types peft 0.21.2 scales with (IA)³
@@ -47,13 +47,16 @@ class IA3InputScaleFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 l: torch.Tensor) -> torch.Tensor:
         scaled = weight * l  # W diag(l): columns scaled
-        ctx.save_for_backward(x, weight, l, scaled)
+        ctx.save_for_backward(x, weight, l, scaled, bias)
         ctx.has_bias = bias is not None
         return linear_output(x, scaled, bias)[0]
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
-        x, weight, l, scaled = ctx.saved_tensors
+        x, weight, l, scaled, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable again (see second_order_grads)
+            return tuple(second_order_grads(lambda x, w, b, l: F.linear(x * l, w, b), (x, weight, bias, l),
+                                            ctx.needs_input_grad, g))
         need_x, need_w, need_b, need_l = ctx.needs_input_grad
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
         grad_x = grad_l = None
@@ -96,6 +99,9 @@ class IA3OutputScaleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
         x, weight, bias, l, scaled = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable again (see second_order_grads)
+            return tuple(second_order_grads(lambda x, w, b, l: l * F.linear(x, w, b), (x, weight, bias, l),
+                                            ctx.needs_input_grad, g))
         need_x, need_w, need_b, need_l = ctx.needs_input_grad
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
         grad_l = None

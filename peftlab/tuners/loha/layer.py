@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.tuners.base import fusable, linear_output
+from peftlab.tuners.base import fusable, linear_output, second_order_grads
 from peftlab.tuners.lycoris import LycorisLayer, cp_weight, kaiming_
 
 
@@ -37,13 +37,18 @@ class LoHaLinearFunction(torch.autograd.Function):
         p1, p2 = w1a @ w1b, w2a @ w2b
         updated = torch.addcmul(weight, p1, p2, value=s)  # W' = W + s·P1 ⊙ P2
         out, _ = linear_output(x, updated, bias)
-        ctx.save_for_backward(x, updated, w1a, w1b, w2a, w2b, p1, p2)
+        ctx.save_for_backward(x, updated, w1a, w1b, w2a, w2b, p1, p2, weight, bias)
         ctx.s, ctx.has_bias = s, bias is not None
         return out
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
-        x, updated, w1a, w1b, w2a, w2b, p1, p2 = ctx.saved_tensors
+        x, updated, w1a, w1b, w2a, w2b, p1, p2, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable again (see second_order_grads)
+            s = ctx.s
+            return (*second_order_grads(
+                lambda x, w, b, w1a, w1b, w2a, w2b: F.linear(x, w + s * (w1a @ w1b) * (w2a @ w2b), b),
+                (x, weight, bias, w1a, w1b, w2a, w2b), ctx.needs_input_grad[:7], g), None)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
         grad_x = torch.mm(g2, updated).view(x.shape) if need_x else None

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftlab.tuners.base import second_order_grads
+
 MAGNITUDE = "lora_magnitude_vector"
 
 
@@ -171,7 +173,7 @@ class DoraLinearFunction(torch.autograd.Function):
             lora = torch.mm(xaT.t(), B.t())  # B A x, (T, out)
             out = torch.addcmul(base, wx, c - 1).addcmul_(lora, c * s)
             z = torch.add(wx, lora, alpha=s)  # z = W x + s·B A x, for ∂m
-        ctx.save_for_backward(x, weight, A, B, m, n, xaT, z)
+        ctx.save_for_backward(x, weight, A, B, m, n, xaT, z, bias)
         ctx.s = s
         ctx.has_bias = bias is not None
         ctx.merged = merged
@@ -182,9 +184,15 @@ class DoraLinearFunction(torch.autograd.Function):
         if torch.is_autocast_enabled(g.device.type):
             with torch.autocast(g.device.type, enabled=False):
                 return DoraLinearFunction.backward(ctx, g)
-        x, weight, A, B, m, n, xaT, z = ctx.saved_tensors
+        x, weight, A, B, m, n, xaT, z, bias = ctx.saved_tensors
         g = g.to(x.dtype)
         s = ctx.s
+        if torch.is_grad_enabled():  # create_graph=True: differentiable again (see second_order_grads); n constant
+            need = ctx.needs_input_grad
+            grads = second_order_grads(
+                lambda x, b, A, B, m: (m / n) * (F.linear(x, weight) + s * F.linear(F.linear(x, A), B))
+                + (0 if b is None else b), (x, bias, A, B, m), (need[0], need[2], need[3], need[4], need[5]), g)
+            return grads[0], None, grads[1], grads[2], grads[3], grads[4], None, None
         c = m / n
         need_x, _, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:6]
         grad_x = grad_b = grad_A = grad_B = grad_m = None

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.tuners.base import AdapterLayer, fusable, linear_output
+from peftlab.tuners.base import AdapterLayer, fusable, linear_output, second_order_grads
 from peftlab.tuners.lora import init as lora_init
 from peftlab.tuners.lora.dora import DoraConvVariant, DoraEmbeddingVariant, DoraLinearVariant
 from peftlab.utils.warning import PeftWarning
@@ -200,14 +200,18 @@ class LoraLinearFunction(torch.autograd.Function):
             xaT = torch.mm(A, x2.t())  # (A x)ᵀ, (r, T)
             out, flat = linear_output(x, weight, bias)  # W x + b
             flat.addmm_(xaT.t(), B.t(), alpha=s)  # + s·B A x
-        ctx.save_for_backward(x2, weight, A, B, xaT)
+        ctx.save_for_backward(x, weight, A, B, xaT, bias)
         ctx.s, ctx.x_shape, ctx.has_bias, ctx.merged = s, x.shape, bias is not None, merged
         return out
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
-        x2, weight, A, B, xaT = ctx.saved_tensors
+        x, weight, A, B, xaT, bias = ctx.saved_tensors
         s = ctx.s
+        if torch.is_grad_enabled():  # create_graph=True: differentiable again (see second_order_grads)
+            return (*second_order_grads(lambda x, w, b, A, B: F.linear(x, w, b) + s * F.linear(F.linear(x, A), B),
+                                        (x, weight, bias, A, B), ctx.needs_input_grad[:5], g), None)
+        x2 = x.reshape(-1, x.shape[-1])
         g2 = g.reshape(-1, g.shape[-1])
         need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         grad_x = grad_w = grad_b = grad_A = grad_B = None

@@ -125,10 +125,19 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 def fusable(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """Whether a method's fused training node may run: ``x`` and every tensor share one dtype and autocast is
-    off. Under autocast (bf16 on a GPU) the output, hence its gradient, is bf16 while the saved weights stay
-    float32, so the layers take their generic path there (autograd handles the mixed dtypes)."""
-    return all(t.dtype == x.dtype for t in tensors) and not torch.is_autocast_enabled(x.device.type)
+    """Whether a method's fused training node may run: ``x`` and every tensor share one dtype, autocast is off
+    and no ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, …) is active. Under autocast (bf16 on a GPU)
+    the output, hence its gradient, is bf16 while the saved weights stay float32, so the layers take their
+    generic path there (autograd handles the mixed dtypes); under a transform (per-sample gradients, as in
+    differentially private training) the generic path's operators are what torch.func can transform."""
+    return (all(t.dtype == x.dtype for t in tensors) and not torch.is_autocast_enabled(x.device.type)
+            and not func_transform_active())
+
+
+def func_transform_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jacrev, …) is running: the fused autograd nodes have no
+    rules for those transforms, so a layer takes its generic path then."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 #: below this |s| :func:`divide_by_scale` does not divide by s (a product with s may have left float32's normal range)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.tuners.base import second_order_grads
+from peftlab.tuners.base import func_transform_active, second_order_grads
 
 MAGNITUDE = "lora_magnitude_vector"
 
@@ -304,7 +304,7 @@ class DoraLinearVariant:
         n = weight_norm(layer, adapter_name, norm_base(layer, weight))  # detached: no gradient through the norm
         bias = layer.bias
         uses_dropout = layer.training and not isinstance(dropout, nn.Identity)
-        if result is None and not uses_dropout and not args and not kwargs:
+        if result is None and not uses_dropout and not args and not kwargs and not func_transform_active():
             # h = (m/n) ⊙ (W x + s·B A x) + b in one fused function
             shape = x.shape
             xc = x.to(A.dtype).reshape(-1, shape[-1])

@@ -189,7 +189,12 @@ def render(results: dict) -> str:
         "- **DoRA** (`peftlab/tuners/lora/dora.py`): the norm $\\lVert W + sBA\\rVert$ from a low-rank identity "
         "instead of materialising $BA$, and one fused forward/backward.",
         "",
-        "`tests/test_fast_paths.py` checks that each fast path computes what the plain one computes.",
+        "`tests/test_fast_paths.py` checks that each fast path computes what the plain one computes, and that the "
+        "fused nodes behave as autograd's operators do where a user leans on them: an in-place activation after "
+        "an adapted layer (`ReLU(inplace=True)`) works (each node returns a fresh tensor, not a view of one it "
+        "made, and a node that reads its own output notices the change and recomputes), second derivatives "
+        "(`create_graph=True`) come from the node's plain formula, and under `torch.func` transforms (per-sample "
+        "gradients) the layers take their generic path.",
         "",
     ]
     return "\n".join(lines)

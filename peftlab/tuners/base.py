@@ -60,6 +60,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
@@ -126,7 +127,7 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 
 def fusable(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
     """Whether a method's fused training node may run: ``x`` and every tensor share one dtype, autocast is off
-    and no ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, …) is active. Under autocast (bf16 on a GPU)
+    and no ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, …) or forward-mode AD is active. Under autocast (bf16 on a GPU)
     the output, hence its gradient, is bf16 while the saved weights stay float32, so the layers take their
     generic path there (autograd handles the mixed dtypes); under a transform (per-sample gradients, as in
     differentially private training) the generic path's operators are what torch.func can transform."""
@@ -135,9 +136,10 @@ def fusable(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
 
 
 def func_transform_active() -> bool:
-    """Whether a ``torch.func`` transform (grad, vmap, jacrev, …) is running: the fused autograd nodes have no
-    rules for those transforms, so a layer takes its generic path then."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    """Whether a ``torch.func`` transform (grad, vmap, jacrev, …) is running, or forward-mode AD
+    (``torch.autograd.forward_ad.dual_level``): the fused autograd nodes have rules for neither (no vmap rule,
+    no jvp), so a layer takes its generic path then."""
+    return torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
 
 
 #: below this |s| :func:`divide_by_scale` does not divide by s (a product with s may have left float32's normal range)

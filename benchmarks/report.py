@@ -194,7 +194,7 @@ def render(results: dict) -> str:
         "an adapted layer (`ReLU(inplace=True)`) works (each node returns a fresh tensor, not a view of one it "
         "made, and a node that reads its own output notices the change and recomputes), second derivatives "
         "(`create_graph=True`) come from the node's plain formula, and under `torch.func` transforms (per-sample "
-        "gradients) the layers take their generic path.",
+        "gradients) or forward-mode AD the layers take their generic path.",
         "",
     ]
     return "\n".join(lines)

@@ -127,10 +127,11 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 
 def fusable(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
     """Whether a method's fused training node may run: ``x`` and every tensor share one dtype, autocast is off
-    and no ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, …) or forward-mode AD is active. Under autocast (bf16 on a GPU)
-    the output, hence its gradient, is bf16 while the saved weights stay float32, so the layers take their
-    generic path there (autograd handles the mixed dtypes); under a transform (per-sample gradients, as in
-    differentially private training) the generic path's operators are what torch.func can transform."""
+    and no ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, …) or forward-mode AD is active. Under
+    autocast (bf16 on a GPU) the output, hence its gradient, is bf16 while the saved weights stay float32, so the
+    layers take their generic path there (autograd handles the mixed dtypes); under a transform (per-sample
+    gradients, as in differentially private training) the generic path's operators are what torch.func can
+    transform."""
     return (all(t.dtype == x.dtype for t in tensors) and not torch.is_autocast_enabled(x.device.type)
             and not func_transform_active())
 
@@ -185,10 +186,11 @@ def second_order_grads(reference: Callable[..., torch.Tensor], inputs: Sequence[
     same first derivative, but its products on saved intermediates do not record how that derivative depends on
     the inputs. ``inputs`` are the node's own inputs as saved (so they carry their history); ``needs`` is
     ``ctx.needs_input_grad`` for them."""
+    wanted = [t for t, n in zip(inputs, needs) if n and t is not None]
+    if not wanted:
+        return [None] * len(inputs)
     with torch.enable_grad():
-        out = reference(*inputs)
-        wanted = [t for t, n in zip(inputs, needs) if n and t is not None]
-        got = iter(torch.autograd.grad(out, wanted, g, create_graph=True, allow_unused=True))
+        got = iter(torch.autograd.grad(reference(*inputs), wanted, g, create_graph=True, allow_unused=True))
     return [next(got) if n and t is not None else None for t, n in zip(inputs, needs)]
 
 

@@ -65,10 +65,9 @@ STEP_WORK = {
             "block-diagonal ones (one CPU thread multiplies 8-wide blocks several times slower per useful flop "
             "than 16-wide ones, zeros included), and since the exact Cayley map gives an orthogonal R, the backward "
             "takes G = ∂x R: ∂x is the frozen layer's own product with the rotated, scaled weight, and only "
-            "∂R_i = (x_iᵀ ∂x_i) R_i runs over the tokens. The output scale s folds into the rotated weight (no pass "
-            "over the (tokens, out) output forward, and no unscaled copy of it kept); ∂s = Σ_t g ⊙ (h − b) / s "
-            "reads the output once in the backward, where autograd's version makes two passes each way. "
-            "The 32 small inverses per layer (R = 2(I + Q)⁻¹ − I) and the "
+            "∂R_i = (x_iᵀ ∂x_i) R_i runs over the tokens. The output scale s sits in the same autograd node "
+            "(one fused pass over the (tokens, out) output forward and one, for ∂s, backward, where autograd made "
+            "two each; ∂x takes s from the weight). The 32 small inverses per layer (R = 2(I + Q)⁻¹ − I) and the "
             "per-layer fixed cost remain, as for OFT. peft builds the dense ($d_\\text{in} \\times d_\\text{in}$) "
             "rotation with permutation matrices at every step and lets autograd record it.",
     "ia3": "(IA)³ adds little to the limit: a scaled copy of each adapted weight (12 of them here) and a sum over the "

@@ -35,8 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.tuners.base import (AdapterLayer, BaseTuner, divide_by_scale, fusable, keep_output, kept_output,
-                                 linear_output, second_order_grads)
+from peftlab.tuners.base import AdapterLayer, BaseTuner, fusable, linear_output, second_order_grads
 from peftlab.tuners.lycoris import DEFAULT_TARGET_MODULES  # peft gives OFT and BOFT LoRA's map too
 
 #: the layer types peft 0.21.2 wraps with OFT and BOFT (here: Linear and Conv2d; no embeddings)
@@ -378,13 +377,9 @@ class RotatedLinear(torch.autograd.Function):
     """h = s ⊙ (x (W Rᵀ)ᵀ) + b for block-diagonal R (r, b, b), a frozen W (out, r·b) and an optional per-output
     scale s (BOFT), as one autograd node.
 
-    Forward rotates and scales the weight (out·in·b) rather than every token: one product, h = x (s ⊙ W Rᵀ)ᵀ + b.
-    Backward, with g = ∂L/∂h and G = g (s ⊙ W) (∂L/∂(xR), the product a frozen layer computes anyway):
-    ∂x = G Rᵀ and ∂R_i = x_iᵀ G_i, block by block, and ∂s = Σ_tokens g ⊙ (x (W Rᵀ)ᵀ) = Σ_tokens g ⊙ (h − b) / s,
-    read off the output (which the next operation often keeps anyway) rather than a kept unscaled product
-    (entries of s too small to divide by are computed directly, and all of them if something after the layer
-    changed h in place: see :func:`~peftlab.tuners.base.keep_output`). That is two token products; one goes
-    when R is invertible:
+    Forward rotates the weight (out·in·b) rather than every token. Backward, with g = ∂L/∂h and
+    G = g (s ⊙ W) (∂L/∂(xR), the product a frozen layer computes anyway): ∂x = G Rᵀ and ∂R_i = x_iᵀ G_i, block
+    by block, and ∂s = Σ_tokens g ⊙ (x (W Rᵀ)ᵀ). That is two token products; one goes when R is invertible:
     ∂x = g (s ⊙ W Rᵀ) (the product the frozen layer computes anyway, with the rotated weight), G_i = ∂x_i R_i⁻ᵀ,
     so ∂R_i = (x_iᵀ ∂x_i) R_i⁻ᵀ, a b×b product per block. For an orthogonal R (``orthogonal``: the exact
     Cayley map) R⁻ᵀ = R; a truncated Cayley–Neumann series is inverted block by block, when it is near enough
@@ -403,24 +398,23 @@ class RotatedLinear(torch.autograd.Function):
         r, b, _ = blocks.shape
         # (W Rᵀ)ᵀ = R Wᵀ block by block: (r, b, b) @ (r, b, out), contiguous as (in, out)
         w_rot_t = torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
-        if scale is not None:  # s ⊙ (W Rᵀ): the scale folds into the weight's rows (columns of its transpose)
-            w_rot_t = w_rot_t * scale
         ctx.orthogonal = orthogonal
-        # the backward's ∂x uses (s ⊙ W Rᵀ)ᵀ again: kept when it is no larger than the input the node keeps anyway
+        # the backward's ∂x uses (W Rᵀ)ᵀ again: kept when it is no larger than the input the node keeps anyway
         # (many tokens), formed again otherwise (few tokens: a weight-sized tensor per layer would outweigh them)
         ctx.kept = x.numel() >= w_rot_t.numel()
         kept = (w_rot_t,) if ctx.kept else ()
-        h, _ = linear_output(x, w_rot_t.T, bias)
-        ctx.save_for_backward(x, weight, blocks, bias, *kept, *(() if scale is None else (scale,)))
-        if scale is not None:  # ∂s reads the output itself (see the backward), which the next operation often keeps
-            keep_output(ctx, h)
-        return h
+        if scale is None:
+            ctx.save_for_backward(x, weight, blocks, bias, *kept)
+            return linear_output(x, w_rot_t.T, bias)[0]
+        unscaled, _ = linear_output(x, w_rot_t.T, None)  # kept for ∂s; the output is a new tensor
+        ctx.save_for_backward(x, weight, blocks, bias, *kept, scale, unscaled)
+        return torch.addcmul(bias, unscaled, scale) if bias is not None else unscaled * scale
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
         x, weight, blocks, bias, *rest = ctx.saved_tensors
         kept = rest.pop(0) if ctx.kept else None
-        scale = rest[0] if rest else None
+        scale, unscaled = rest if rest else (None, None)
         if torch.is_grad_enabled():  # create_graph=True: differentiable again (see second_order_grads)
 
             def reference(x: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -437,11 +431,9 @@ class RotatedLinear(torch.autograd.Function):
         grad_scale = None
         inverse = blocks.mT if ctx.orthogonal else near_orthogonal_inverse(blocks)  # R⁻¹; None: two products
         if inverse is not None:  # ∂x = g (s ⊙ W Rᵀ), then G_i = ∂x_i R_i⁻ᵀ
-            w_rot_t = kept
-            if w_rot_t is None:
-                w_rot_t = torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
-                if scale is not None:
-                    w_rot_t = w_rot_t * scale
+            w_rot_t = kept if kept is not None else torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
+            if scale is not None:
+                w_rot_t = w_rot_t * scale
             gx = torch.mm(g2, w_rot_t.T)
             grad_x = gx.view(x.shape) if ctx.needs_input_grad[0] else None
             gr = gx
@@ -461,27 +453,8 @@ class RotatedLinear(torch.autograd.Function):
         if inverse is not None:
             grad_blocks = torch.bmm(grad_blocks, inverse.mT)  # x_iᵀ ∂x_i R_i⁻ᵀ = x_iᵀ G_i
         if scale is not None and ctx.needs_input_grad[4]:
-            grad_scale = RotatedLinear._grad_scale(g2, x, weight, blocks, scale, bias, kept_output(ctx))
+            grad_scale = (g2 * unscaled.reshape(t, -1)).sum(0)  # Σ_tokens g ⊙ (x (W Rᵀ)ᵀ)
         return grad_x, None, None, grad_blocks, grad_scale, None
-
-    @staticmethod
-    def _grad_scale(g2: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, blocks: torch.Tensor,
-                    scale: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor | None) -> torch.Tensor:
-        """∂s = Σ_tokens g ⊙ (x (W Rᵀ)ᵀ) = (Σ_tokens g ⊙ h − b ⊙ Σ_tokens g) / s, read off the output h instead of
-        keeping the unscaled product; outputs whose |s| is too small to divide by are computed directly, and all
-        of them when h was changed in place after the layer (h is None: see :func:`keep_output`)."""
-        r, b, _ = blocks.shape
-
-        def direct(idx: torch.Tensor | slice) -> torch.Tensor:  # Σ_t g ⊙ (x (W Rᵀ)ᵀ) for those outputs
-            w = weight[idx]
-            w_rot = torch.bmm(blocks, w.T.reshape(r, b, -1)).reshape(-1, w.shape[0])  # (in, outputs)
-            return (g2[:, idx] * (x.reshape(g2.shape[0], -1) @ w_rot)).sum(0)
-        if h is None:
-            return direct(slice(None))
-        gh = (g2 * h.reshape(g2.shape)).sum(0)
-        if bias is not None:
-            gh = gh - bias * g2.sum(0)
-        return divide_by_scale(gh, scale, direct)
 
 
 # ---------------------------------------------------------------------------------------------------

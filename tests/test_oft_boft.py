@@ -277,9 +277,8 @@ def test_rotated_linear_node_gradients(r, b, scaled, orthogonal, seq):
 
 
 def test_boft_scale_gradient_after_an_in_place_change():
-    """BOFT's node reads its own output for ∂s; a LeakyReLU(inplace=True) after the layer changes that output. The
-    node computes ∂s from x (W Rᵀ)ᵀ instead (no error, as in peft, and not the changed values): the gradients
-    equal those with an out-of-place activation."""
+    """A LeakyReLU(inplace=True) after a BOFT layer changes the layer's output in place: the fused node (which keeps
+    the unscaled product for ∂s, and returns a fresh tensor) gives the gradients of an out-of-place activation."""
     grads = {}
     for inplace in (False, True):
         torch.manual_seed(0)
@@ -299,9 +298,8 @@ def test_boft_scale_gradient_after_an_in_place_change():
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
 def test_rotated_linear_scale_gradient_where_s_vanishes(with_bias):
-    """∂s is read off the output, ∂s = Σ g ⊙ (h − b)/s; where s is zero or too small to divide by the node
-    computes those entries directly, so ∂s stays autograd's (float64) for s = 0, 1e-30, −1e-20 and ordinary
-    entries (dividing by them instead would give inf, NaN or garbage)."""
+    """∂s, ∂x and ∂R stay autograd's (float64) when entries of s are zero, tiny or negative (s = 0, 1e-30, −1e-20
+    beside ordinary entries): no step of the node divides by s."""
     g = torch.Generator().manual_seed(7)
     r, b, out = 2, 8, 6
     x = torch.randn(3, 4, r * b, generator=g, dtype=torch.float64, requires_grad=True)

@@ -312,6 +312,19 @@ IN_PLACE_CONFIGS = {
 }
 
 
+def _trained(method: str, inplace: bool = False) -> nn.Module:
+    """The MLP with ``method``'s adapter in training mode, every trainable tensor moved off its initial value (so
+    no adapter is the identity)."""
+    torch.manual_seed(0)
+    pm = peftlab.get_peft_model(_InPlaceMLP(inplace), IN_PLACE_CONFIGS[method]()).train()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return pm
+
+
 @pytest.mark.parametrize("method", list(IN_PLACE_CONFIGS))
 def test_training_survives_an_in_place_activation_after_the_layer(method: str) -> None:
     """An in-place activation after an adapted layer changes the layer's output in place, which a frozen nn.Linear
@@ -322,13 +335,7 @@ def test_training_survives_an_in_place_activation_after_the_layer(method: str) -
     the in-place activation outright."""
     grads = {}
     for inplace in (False, True):
-        torch.manual_seed(0)
-        pm = peftlab.get_peft_model(_InPlaceMLP(inplace), IN_PLACE_CONFIGS[method]()).train()
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in pm.parameters():
-                if p.requires_grad:
-                    p.add_(0.3 * torch.randn(p.shape, generator=g))
+        pm = _trained(method, inplace)
         x = torch.randn(2, 5, 16, requires_grad=True)  # (batch, seq, features): F.linear with a bias returns a view
         pm(x).pow(2).sum().backward()
         grads[inplace] = [x.grad] + [p.grad for p in pm.parameters() if p.requires_grad]
@@ -401,15 +408,9 @@ def test_torch_func_transforms_run_through_every_training_path(method: str) -> N
     then draws the same numbers), so they take grad alone there: vmap refuses random draws in both libraries."""
     from torch.func import functional_call, grad, vmap
 
-    torch.manual_seed(0)
-    pm = peftlab.get_peft_model(_InPlaceMLP(False), IN_PLACE_CONFIGS[method]()).train()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    pm = _trained(method)
     params = {n: p.detach() for n, p in pm.named_parameters() if p.requires_grad}
-    x = torch.randn(3, 5, 16, generator=g)
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2))
 
     def loss(params, xi):
         return functional_call(pm, params, (xi.unsqueeze(0),)).pow(2).sum()

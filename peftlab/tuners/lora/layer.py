@@ -9,6 +9,7 @@ Explained in: book/lora.ipynb
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +23,8 @@ from peftlab.tuners.lora import init as lora_init
 from peftlab.tuners.lora.dora import DoraConvVariant, DoraEmbeddingVariant, DoraLinearVariant
 from peftlab.utils.warning import PeftWarning
 from peftlab.tuners.routing import _ROUTING, BASE_ADAPTER, Routing
+
+_VERSION = operator.attrgetter("_version")  # a tensor's in-place version counter, read from C in map()
 
 
 class LoraLayer(AdapterLayer):
@@ -374,17 +377,17 @@ class Linear(LoraLayer):
         stacks = self._stacked(names, x) if names and not args and not kwargs and x.dim() >= 2 else None
         if stacks is None:
             return super().mixed_batch_forward(x, routing, *args, **kwargs)
-        At, Bt = stacks  # (k+1, in, r), (k+1, r, out) with s folded into B; slot k is zero (base rows)
+        At, Bt, At_k, Bt_k = stacks  # (k+1, in, r), (k+1, r, out), s folded into B; slot k is zero (base rows)
         result = self.base_layer(x)
         n = x.shape[0]
-        k = len(names)
         if routing.segment_rows(n, names) is not None:
             # rows in runs of one adapter each: the stacks are read in place (Punica's SGMV), run j = adapter j
-            rows, At, Bt = k, At[:k], Bt[:k]
+            rows, At, Bt = len(names), At_k, Bt_k
         else:  # each row's A and B gathered (BGMV)
             index = routing.row_index(n, x.device, names)
             rows, At, Bt = n, At.index_select(0, index), Bt.index_select(0, index)
-        xa = torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(At.dtype), At)  # A x, (rows, ·, r)
+        x3 = x.reshape(rows, -1, x.shape[-1])
+        xa = torch.bmm(x3 if x3.dtype == At.dtype else x3.to(At.dtype), At)  # A x, (rows, ·, r)
         out3 = result.reshape(rows, -1, result.shape[-1])
         if out3.dtype != Bt.dtype:
             return (out3 + torch.bmm(xa, Bt).to(out3.dtype)).view(result.shape)
@@ -392,10 +395,11 @@ class Linear(LoraLayer):
             return out3.baddbmm_(xa, Bt).view(result.shape)  # + s·B A x
         return torch.baddbmm(out3, xa, Bt).view(result.shape)
 
-    def _stacked(self, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(Aᵀ stacked, s·Bᵀ stacked) of ``names`` plus a zero slot, cached while the tensors are unchanged
-        (same adapters through ``update_layer``/``delete_adapter``, same versions, same scalings); None where the
-        batched form does not apply."""
+    def _stacked(self, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """(Aᵀ stacked, s·Bᵀ stacked) of ``names`` plus a zero slot, and the same two without it (the runs of a
+        segmented batch read those), cached while the tensors are unchanged (same adapters through
+        ``update_layer``/``delete_adapter``, same versions, same scalings); None where the batched form does not
+        apply."""
         cache = self.__dict__.setdefault("_lora_stacks", {})
         key = cache.get("key")
         # A hit touches only the cached tensors' version counters: walking 2k module dicts per layer per decode
@@ -403,7 +407,7 @@ class Linear(LoraLayer):
         # update_layer/delete_adapter drop the cache; in-place updates (an optimizer step, load) bump versions.
         if (key is not None and key[0] == names and key[4] == x.device and self.scaling == key[1]
                 and not (torch.is_grad_enabled() and key[5])
-                and key[3] == tuple(t._version for t in key[2])):
+                and key[3] == tuple(map(_VERSION, key[2]))):
             return cache["value"]
         # module-dict lookups without nn.Module.__getattr__: this runs once per layer per decode step
         A_mods, B_mods = self.lora_A._modules, self.lora_B._modules
@@ -423,10 +427,11 @@ class Linear(LoraLayer):
         Bt = torch.stack([*(B * s for s, B in zip(scalings, Bs)), zeros_b]).transpose(1, 2).contiguous()
         if not track and not At.is_meta:  # the tensors themselves are kept, so their ids stay unique while cached
             tensors = (*As, *Bs)
-            cache["key"] = (names, dict(self.scaling), tensors, tuple(t._version for t in tensors), x.device,
+            cache["key"] = (names, dict(self.scaling), tensors, tuple(map(_VERSION, tensors)), x.device,
                             any(t.requires_grad for t in tensors))
-            cache["value"] = (At.detach(), Bt.detach())
-        return At, Bt
+            At, Bt = At.detach(), Bt.detach()
+            cache["value"] = (At, Bt, At[:-1], Bt[:-1])
+        return At, Bt, At[:-1], Bt[:-1]
 
 
 class Embedding(LoraLayer):

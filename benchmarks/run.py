@@ -130,6 +130,91 @@ def adapter_floor(model) -> Callable[[], None]:
     return run
 
 
+# ---- the bound: the floor plus the work a method cannot skip ---------------------------------------
+# A method's training step is at least the floor (above), plus the products over the tokens and weights that its
+# gradients need, plus the optimizer's step on its tensors. Timed alone on stand-in tensors of the step's shapes
+# (values do not matter to a product's time), in the same interleaved run as the step: what a target leaves above
+# that bound is all the room there is for everything else a layer does (dispatch, its autograd node, allocation).
+def lora_products(model, n_tokens: int) -> tuple[Callable[[], None], int]:
+    """The four rank-r products no LoRA training step can skip, for every adapted linear layer (in → out, rank r)
+    and T tokens: (A xᵀ) and (Bᵀ gᵀ), (r, T), then their products with x and g (∂A and ∂B): 2·r·T·(in + out)
+    multiply-adds per layer, in the orientation the CPU BLAS runs fastest ((r, T) rather than (T, r)). A frozen
+    layer needs none of them; the merged-weight forms (W + s·B A) and the scaling are left out (a lower bound).
+    Returns the function and the number of adapted layers."""
+    shapes = [(m.in_features, m.out_features, next(iter(m.r.values()))) for m in model.modules() if hasattr(m, "lora_A")
+              and hasattr(m, "r") and m.r]
+    g = torch.Generator().manual_seed(0)
+    # one x per input width and one g per output width, shared by the layers (as q, k and v share their input):
+    # a warmer cache than the step's own activations have, so the bound errs low
+    xs = {i: torch.randn(n_tokens, i, generator=g) for i, _, _ in shapes}
+    gs = {o: torch.randn(n_tokens, o, generator=g) for _, o, _ in shapes}
+    stand_in = [(xs[i], gs[o], torch.randn(r, i, generator=g), torch.randn(o, r, generator=g)) for i, o, r in shapes]
+
+    def run() -> None:
+        for x, gr, A, B in stand_in:
+            xa_t = torch.mm(A, x.t())  # (A x)ᵀ, (r, T)
+            u_t = torch.mm(B.t(), gr.t())  # (g B)ᵀ, (r, T)
+            torch.mm(u_t, x)  # ∂A
+            torch.mm(xa_t, gr)  # ∂B (as (r, out))
+    return run, len(stand_in)
+
+
+def rotation_products(model, n_tokens: int) -> tuple[Callable[[], None], int]:
+    """The products no OFT or BOFT (one factor) training step can skip, per adapted linear layer with r blocks of
+    b (grouped as the fused node groups narrow blocks): the rotated weight W Rᵀ ((r, b, b) times (r, b, out)), and
+    the blocks' gradient Σ_tokens x_iᵀ G_i over the tokens; with BOFT's output scale s also the pass over the
+    tokens that scales the output and the one that gives ∂s. The rotation's construction from its parameters
+    (b×b products) is left out (a lower bound)."""
+    from peftlab.tuners.orthogonal import OrthogonalLayer, block_group
+
+    stand_in, xs, gs = [], {}, {}
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, OrthogonalLayer) and not m.is_conv:
+            name = m.active_adapters[0]
+            blocks = m.block_diagonal_blocks(name).detach()
+            r, b, _ = blocks.shape
+            k = block_group(r, b)
+            w = m.get_base_layer().weight.detach()
+            scaled = m.out_scale(name) is not None
+            n_in, n_out = r * b, w.shape[0]
+            if n_in not in xs:  # shared by the layers of one width, as in lora_products: the bound errs low
+                xs[n_in] = (torch.randn(n_tokens, n_in, generator=g), torch.randn(n_tokens, n_in, generator=g))
+            if n_out not in gs:
+                gs[n_out] = torch.randn(n_tokens, n_out, generator=g)
+            stand_in.append((blocks, w, xs[n_in][0], gs[n_out], xs[n_in][1], k, scaled))
+
+    def run() -> None:
+        for blocks, w, x, gr, gx, k, scaled in stand_in:
+            r, b, _ = blocks.shape
+            out = w.shape[0]
+            torch.bmm(blocks, w.T.view(r, b, out))  # R Wᵀ, block by block
+            rk, bk = r // k, b * k
+            torch.bmm(x.view(-1, rk, bk).permute(1, 2, 0), gx.view(-1, rk, bk).transpose(0, 1))  # Σ x_iᵀ G_i
+            if scaled:
+                s = gr[0]
+                gr * s  # the output scaled by s
+                (gr * gr).sum(0)  # ∂s = Σ_tokens g ⊙ (unscaled output)
+    return run, len(stand_in)
+
+
+def optimiser_step_on(model) -> Callable[[], None]:
+    """AdamW's step (the benchmark's optimizer) on stand-ins of ``model``'s trainable tensors, each with a
+    gradient: what the step's optimizer costs for these shapes."""
+    params = [torch.zeros_like(p, requires_grad=True) for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return torch.optim.AdamW(params, lr=1e-4).step
+
+
+def bound(floor: Callable[[], None], products: Callable[[], None], opt_step: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        floor()
+        products()
+        opt_step()
+    return run
+
+
 # ---------------------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------------------
@@ -270,6 +355,8 @@ class Method:
     #: more step candidates, label → (library, config(library module, hidden)); and ratios over them
     extra: dict[str, tuple[str, Callable[[Any, int], Any]]] = field(default_factory=dict)
     extra_ratios: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: (peftlab model, tokens) → (the products its step cannot skip, adapted layers): a *bound* candidate
+    products: Callable[[Any, int], tuple[Callable[[], None], int]] | None = None
 
     def model(self, lib: str, dev: str, dt: torch.dtype, seed: int = 0):
         return self.build(lib, self.config, dev, dt, seed)
@@ -286,7 +373,8 @@ class Method:
 METHODS: dict[str, Method] = {
     "lora": Method("LoRA training step (forward, backward, AdamW): Llama hidden 256, 4 layers, batch 8 × seq 128, "
                    "r = 16 on q, k, v, o. *limit*: the same model frozen, forward + backward to the activations only",
-                   lambda lib, h: lib.LoraConfig(r=16, lora_alpha=32, target_modules=QKVO), uses=False, files=False),
+                   lambda lib, h: lib.LoraConfig(r=16, lora_alpha=32, target_modules=QKVO), uses=False, files=False,
+                   products=lora_products),
     "dora": Method("DoRA training step, same model and targets",
                    lambda lib, h: lib.LoraConfig(r=16, lora_alpha=32, target_modules=QKVO, use_dora=True)),
     "loha": Method("LoHa training step (r = 8, α = 16 on q, k, v, o), same model, batch and optimizer: peftlab's "
@@ -296,7 +384,7 @@ METHODS: dict[str, Method] = {
                    "16 × 16 and whole), same model, batch and optimizer",
                    lambda lib, h: lib.LoKrConfig(r=8, alpha=16, target_modules=QKVO)),
     "oft": Method("OFT training step (blocks of 32 on q, k, v, o; peft's default five-term Cayley–Neumann series)",
-                  lambda lib, h: lib.OFTConfig(oft_block_size=32, target_modules=QKVO)),
+                  lambda lib, h: lib.OFTConfig(oft_block_size=32, target_modules=QKVO), products=rotation_products),
     "boft": Method("BOFT training step (blocks of 8 on q, k, v, o): one butterfly factor (what peft trains on a "
                    "CPU) against peft; peftlab's two factors against peft's one and against LoRA r = 16",
                    lambda lib, h: lib.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=1, target_modules=QKVO),
@@ -305,7 +393,7 @@ METHODS: dict[str, Method] = {
                           "lora": ("peftlab", lambda lib, h: lib.LoraConfig(r=16, lora_alpha=32,
                                                                              target_modules=QKVO))},
                    extra_ratios={"peftlab 2 factors/lora": ("boft2", "lora"),
-                                 "peftlab 2 factors/peft": ("boft2", "peft")}),
+                                 "peftlab 2 factors/peft": ("boft2", "peft")}, products=rotation_products),
     "ia3": Method("(IA)³ training step at peft's Llama default (k_proj, v_proj scaled at the output, down_proj at "
                   "the input)", lambda lib, h: lib.IA3Config(task_type="CAUSAL_LM")),
     "adalora": Method("AdaLoRA training step (init_r = 12 → target_r = 8 on q, k, v, o): forward with the "
@@ -324,6 +412,8 @@ METHODS: dict[str, Method] = {
 }
 
 #: every training-step scenario reports these
+#: the bound (floor + the products the method cannot skip + its optimizer step), where a method defines them
+BOUND_RATIOS = {"bound/peft": ("bound", "peft"), "bound/limit": ("bound", "limit"), "peftlab/bound": ("peftlab", "bound")}
 STEP_RATIOS = {"peftlab/peft": ("peftlab", "peft"), "peftlab/limit": ("peftlab", "limit"),
                "peft/limit": ("peft", "limit"), "limit/peft": ("limit", "peft"),
                "floor/peft": ("floor", "peft"), "floor/limit": ("floor", "limit"), "peftlab/floor": ("peftlab", "floor")}
@@ -351,9 +441,9 @@ def s_step(a, dev, dt, method: str) -> dict:
     spec = METHODS[method]
     x = tokens(8, 128, dev)
     batch = {"input_ids": x, "labels": x}
-    fns = {}
+    fns, models = {}, {}
     for lib in ("peftlab", "peft"):
-        m = spec.model(lib, dev, dt).train()
+        m = models[lib] = spec.model(lib, dev, dt).train()
         if spec.trained_in_step:
             spec.trained(m)
         fns[lib] = train_step(m, optimiser(m), batch, spec.after_step)
@@ -363,11 +453,19 @@ def s_step(a, dev, dt, method: str) -> dict:
     f = floor_model(llama(256, 4, dev, dt))
     fns["limit"] = train_step(f, optimiser(f), batch)
     fns["floor"] = functools.partial(adapter_floor(llama(256, 4, dev, dt)), batch)
+    ratios = {**STEP_RATIOS, **spec.extra_ratios}
+    layers = None
+    if spec.products is not None and dev == "cpu":  # the bound's products are CPU BLAS calls
+        products, layers = spec.products(models["peftlab"], x.numel())
+        fns["bound"] = bound(fns["floor"], products, optimiser_step_on(models["peftlab"]))
+        ratios.update(BOUND_RATIOS)
     faults: dict[str, list[int]] = {}
     t = interleave(fns, a.reps, a.warmup, dev, faults=faults)
-    out = summarise(t, {**STEP_RATIOS, **spec.extra_ratios})
+    out = summarise(t, ratios)
     out["faults_per_step"] = {k: statistics.median(v) for k, v in faults.items()}
     out["about"] = spec.about
+    if layers is not None:
+        out["adapted_layers"] = layers
     if a.profile:
         out["profile"] = {lib: where_time_goes(fns[lib], dev) for lib in ("peftlab", "peft", "limit")}
     return out
@@ -457,6 +555,25 @@ def s_adaption_prompt_decode(a, dev, dt, batch: int = 16, prompt: int = 64) -> d
                          "peft/base": ("peft", "base")})
 
 
+def serving_products(model, n_requests: int) -> tuple[Callable[[], None], int]:
+    """The products a decode step for ``n_requests`` requests, each on its own LoRA adapter, cannot skip: per
+    adapted layer one batched product with the requests' stacked Aᵀ and one with their stacked s·Bᵀ (each layer its
+    own stand-ins, so they come from memory as the real adapters do: reading every request's A and B is the work)."""
+    g = torch.Generator().manual_seed(0)
+    stand_in = []
+    for m in model.modules():
+        if hasattr(m, "lora_A") and hasattr(m, "r") and m.r:
+            i, o, r = m.in_features, m.out_features, next(iter(m.r.values()))
+            stand_in.append((torch.randn(n_requests, 1, i, generator=g), torch.randn(n_requests, i, r, generator=g),
+                             torch.randn(n_requests, r, o, generator=g), torch.zeros(n_requests, 1, o)))
+
+    def run() -> None:
+        with torch.inference_mode():
+            for x, a_t, b_t, out in stand_in:
+                out.baddbmm_(torch.bmm(x, a_t), b_t)
+    return run, len(stand_in)
+
+
 def s_inference(a, dev, dt) -> dict:
     x = tokens(8, 128, dev)
     fns, models = {}, {}
@@ -514,11 +631,11 @@ def s_serving(a, dev, dt, n_adapters: int = 16, prompt: int = 64) -> dict:
     names = [f"a{i}" for i in range(n_adapters)]
     x_prompt = tokens(n_adapters, prompt, dev)
     x_step = tokens(n_adapters, 1, dev, seed=1)
-    fns, after = {}, {}
+    fns, after, models = {}, {}, {}
     for lib in ("peftlab", "peft"):
         lib_mod = lib_of(lib)
         m = llama(256, 4, dev, dt)
-        pm = lib_mod.get_peft_model(m, lib_mod.LoraConfig(r=16, lora_alpha=32, target_modules=QKVO),
+        pm = models[lib] = lib_mod.get_peft_model(m, lib_mod.LoraConfig(r=16, lora_alpha=32, target_modules=QKVO),
                                     adapter_name=names[0])
         for n in names[1:]:
             pm.add_adapter(n, lib_mod.LoraConfig(r=16, lora_alpha=32, target_modules=QKVO))
@@ -530,9 +647,16 @@ def s_serving(a, dev, dt, n_adapters: int = 16, prompt: int = 64) -> dict:
         fns[lib], after[lib] = decoder(pm, x_prompt, x_step, {"adapter_names": names})
     base = llama(256, 4, dev, dt).eval()
     fns["base"], after["base"] = decoder(base, x_prompt, x_step, {})
-    t = interleave(fns, a.reps * 2, a.warmup, dev, after)
-    return summarise(t, {"peftlab/peft": ("peftlab", "peft"), "peftlab/base": ("peftlab", "base"),
-                         "peft/base": ("peft", "base")})
+    ratios = {"peftlab/peft": ("peftlab", "peft"), "peftlab/base": ("peftlab", "base"), "peft/base": ("peft", "base")}
+    layers = None
+    if dev == "cpu":
+        products, layers = serving_products(models["peftlab"], n_adapters)
+        fns["bound"], after["bound"] = bound(fns["base"], products, lambda: None), after["base"]
+        ratios.update({"bound/base": ("bound", "base"), "peftlab/bound": ("peftlab", "bound")})
+    out = summarise(interleave(fns, a.reps * 2, a.warmup, dev, after), ratios)
+    if layers is not None:
+        out["adapted_layers"] = layers
+    return out
 
 
 def decoder(model, x_prompt, x_step, kw):
@@ -587,19 +711,29 @@ def s_lab_scale(a, dev, dt) -> dict:
     """The book's scale: hidden 128, 3 layers, batch 32 × seq 20, LoRA on every linear layer."""
     x = tokens(32, 20, dev)
     batch = {"input_ids": x, "labels": x}
-    fns = {}
+    fns, models = {}, {}
     for lib in ("peftlab", "peft"):
-        m = adapted(lib, llama(128, 3, dev, dt), ALL_LINEAR, r=8)
+        m = models[lib] = adapted(lib, llama(128, 3, dev, dt), ALL_LINEAR, r=8)
         fns[lib] = train_step(m, optimiser(m), batch)
     full = llama(128, 3, dev, dt).train()
     fns["full_ft"] = train_step(full, optimiser(full), batch)
     f = floor_model(llama(128, 3, dev, dt))
     fns["limit"] = train_step(f, optimiser(f), batch)
+    fns["floor"] = functools.partial(adapter_floor(llama(128, 3, dev, dt)), batch)
+    ratios = {"peftlab/peft": ("peftlab", "peft"), "peftlab/full_ft": ("peftlab", "full_ft"),
+              "peft/full_ft": ("peft", "full_ft"), "peftlab/limit": ("peftlab", "limit"),
+              "floor/peft": ("floor", "peft")}
+    layers = None
+    if dev == "cpu":
+        products, layers = lora_products(models["peftlab"], x.numel())
+        fns["bound"] = bound(fns["floor"], products, optimiser_step_on(models["peftlab"]))
+        ratios.update(BOUND_RATIOS)
     faults: dict[str, list[int]] = {}
     t = interleave(fns, a.reps * 3, a.warmup, dev, faults=faults)
-    out = summarise(t, {"peftlab/peft": ("peftlab", "peft"), "peftlab/full_ft": ("peftlab", "full_ft"),
-                        "peft/full_ft": ("peft", "full_ft"), "peftlab/limit": ("peftlab", "limit")})
+    out = summarise(t, ratios)
     out["faults_per_step"] = {k: statistics.median(v) for k, v in faults.items()}
+    if layers is not None:
+        out["adapted_layers"] = layers
     return out
 
 

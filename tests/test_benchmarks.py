@@ -163,3 +163,50 @@ def test_adapter_floor_stops_the_backward_at_block_zeros_projections(tiny):
         counts[name] = c.mm
     assert counts["limit"] - counts["floor"] == 3
     assert reached and all(p.grad is None for p in floor_model.parameters())
+
+
+def test_bound_products_run_what_their_methods_cannot_skip(tiny):
+    """The bound's stand-in products: four rank-r products per LoRA layer (A xᵀ, Bᵀ gᵀ, ∂A, ∂B: 2·r·T·(in + out)
+    multiply-adds), two batched products per OFT/BOFT layer (the rotated weight, the blocks' gradient) and BOFT's two
+    passes for its scale, two per layer for serving; and the page puts every missed target beside its bound."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch = run.torch
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.macs = [], 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.__name__.split(".")[0])
+            if func is torch.ops.aten.mm.default:
+                self.macs += args[0].shape[0] * args[0].shape[1] * args[1].shape[1]
+            return func(*args, **(kwargs or {}))
+
+    model = run.METHODS["lora"].model("peftlab", "cpu", torch.float32)
+    products, layers = run.lora_products(model, 10)
+    with Count() as c:
+        products()
+    assert layers == 16 and c.ops.count("mm") == 4 * 16
+    assert c.macs == sum(2 * m.r["default"] * 10 * (m.in_features + m.out_features) for m in model.modules()
+                         if hasattr(m, "lora_A") and hasattr(m, "r"))
+    for method, per_layer in (("oft", {"bmm": 2}), ("boft", {"bmm": 2, "mul": 2, "sum": 1})):
+        products, layers = run.rotation_products(run.METHODS[method].model("peftlab", "cpu", torch.float32), 10)
+        with Count() as c:
+            products()
+        assert layers == 16 and all(c.ops.count(op) == n * 16 for op, n in per_layer.items()), (method, c.ops[:8])
+
+    results = run.measure(["lora_step", "serving", "lab_scale"], tiny)
+    for name, n in (("lora_step", 16), ("serving", 16), ("lab_scale", 21)):
+        res = results["scenarios"][name]
+        assert "bound" in res["median_ms"] and "peftlab/bound" in res["ratios"] and res["adapted_layers"] == n
+    for t in results["targets"]:  # one missed target with room above the bound, one below it
+        if (t["scenario"], t["ratio"]) == ("lora_step", "peftlab/limit"):
+            t["met"], t["target"] = False, 100.0
+        if (t["scenario"], t["ratio"]) == ("serving", "peftlab/base"):
+            t["met"], t["target"] = False, 0.01
+    page = report.render(results)
+    assert "## The missed targets against the bound" in page and "nan" not in page
+    assert "**lora_step: peftlab/limit ≤ 100.0**" in page and "µs per adapted layer, 16 layers); peftlab spends" in page
+    assert "**serving: peftlab/base ≤ 0.01**" in page and "no implementation can meet the target in this run" in page

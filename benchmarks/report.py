@@ -257,20 +257,25 @@ def bound_section(results: dict) -> list[str]:
                 f"{BOUND_WORK.get(t['scenario'], 'the work the method cannot skip')}, costs "
                 f"{room['bound_over']:.3f}× {den}. ")
         per = (lambda ms: f" ({ms * 1e3 / n:.0f} µs per adapted layer, {n} layers)") if n else (lambda ms: "")
+        pin = results.get("pinned", {}).get(t["scenario"])
+        proom = bound_room(t, pin) if pin else None
+        faults = res.get("faults_per_step", {}).get("bound", 0)
         if room["room"] > 0:
             body = (f"The target leaves {room['room']:.1f} ms above it{per(room['room'])}; peftlab spends "
                     f"{room['peftlab']:.1f} ms there{per(room['peftlab'])}.")
-        else:
+        elif proom is None and not faults:  # nothing to blame but the products
             body = (f"The bound alone lies {-room['room']:.1f} ms above what the target allows: with these products "
                     f"run by this machine's BLAS, no implementation can meet the target in this run.")
+        else:
+            body = (f"The bound alone lies {-room['room']:.1f} ms above what the target allows in this run"
+                    + (f", where it took {faults:.0f} page faults a step" if faults else "") + ".")
         out += [head + body, ""]
-        pin = results.get("pinned", {}).get(t["scenario"])
-        proom = bound_room(t, pin) if pin else None
         if proom is not None:
             out += [f"Without page faults (the allocator pinned) the bound costs {proom['bound_over']:.3f}× {den}; "
                     + (f"the target leaves {proom['room']:.1f} ms above it and peftlab spends {proom['peftlab']:.1f} ms."
                        if proom["room"] > 0 else
-                       f"it lies {-proom['room']:.1f} ms above what the target allows."), ""]
+                       f"it lies {-proom['room']:.1f} ms above what the target allows: with these products run by "
+                       "this machine's BLAS, no implementation can meet the target, page faults or not."), ""]
     return out
 
 

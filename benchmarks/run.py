@@ -135,14 +135,19 @@ def adapter_floor(model) -> Callable[[], None]:
 # gradients need, plus the optimizer's step on its tensors. Timed alone on stand-in tensors of the step's shapes
 # (values do not matter to a product's time), in the same interleaved run as the step: what a target leaves above
 # that bound is all the room there is for everything else a layer does (dispatch, its autograd node, allocation).
+def lora_shapes(model) -> list[tuple[int, int, int]]:
+    """(in, out, r) of every LoRA linear layer of a peftlab model (r of its first adapter)."""
+    return [(m.in_features, m.out_features, next(iter(m.r.values()))) for m in model.modules()
+            if hasattr(m, "lora_A") and getattr(m, "r", None)]
+
+
 def lora_products(model, n_tokens: int) -> tuple[Callable[[], None], int]:
     """The four rank-r products no LoRA training step can skip, for every adapted linear layer (in → out, rank r)
     and T tokens: (A xᵀ) and (Bᵀ gᵀ), (r, T), then their products with x and g (∂A and ∂B): 2·r·T·(in + out)
     multiply-adds per layer, in the orientation the CPU BLAS runs fastest ((r, T) rather than (T, r)). A frozen
     layer needs none of them; the merged-weight forms (W + s·B A) and the scaling are left out (a lower bound).
     Returns the function and the number of adapted layers."""
-    shapes = [(m.in_features, m.out_features, next(iter(m.r.values()))) for m in model.modules() if hasattr(m, "lora_A")
-              and hasattr(m, "r") and m.r]
+    shapes = lora_shapes(model)
     g = torch.Generator().manual_seed(0)
     # one x per input width and one g per output width, shared by the layers (as q, k and v share their input):
     # a warmer cache than the step's own activations have, so the bound errs low
@@ -560,12 +565,9 @@ def serving_products(model, n_requests: int) -> tuple[Callable[[], None], int]:
     adapted layer one batched product with the requests' stacked Aᵀ and one with their stacked s·Bᵀ (each layer its
     own stand-ins, so they come from memory as the real adapters do: reading every request's A and B is the work)."""
     g = torch.Generator().manual_seed(0)
-    stand_in = []
-    for m in model.modules():
-        if hasattr(m, "lora_A") and hasattr(m, "r") and m.r:
-            i, o, r = m.in_features, m.out_features, next(iter(m.r.values()))
-            stand_in.append((torch.randn(n_requests, 1, i, generator=g), torch.randn(n_requests, i, r, generator=g),
-                             torch.randn(n_requests, r, o, generator=g), torch.zeros(n_requests, 1, o)))
+    stand_in = [(torch.randn(n_requests, 1, i, generator=g), torch.randn(n_requests, i, r, generator=g),
+                 torch.randn(n_requests, r, o, generator=g), torch.zeros(n_requests, 1, o))
+                for i, o, r in lora_shapes(model)]
 
     def run() -> None:
         with torch.inference_mode():

@@ -209,9 +209,9 @@ BOUND_WORK = {
                  "then ∂A and ∂B), plus AdamW's step on the adapter's tensors",
     "lab_scale": "the four rank-r products per adapted layer that no LoRA step can skip (A x and g B over the tokens, "
                  "then ∂A and ∂B), plus AdamW's step on the adapter's tensors",
-    "oft_step": "the rotated weight W Rᵀ and the blocks' gradient Σ x_iᵀ G_i over the tokens per adapted layer, plus "
+    "oft_step": "the rotated weight W Rᵀ and the blocks' gradient Σ xᵢᵀ Gᵢ over the tokens per adapted layer, plus "
                 "AdamW's step on the adapter's tensors (the rotation's construction from its parameters left out)",
-    "boft_step": "the rotated weight W Rᵀ, the blocks' gradient Σ x_iᵀ G_i over the tokens and the two passes for "
+    "boft_step": "the rotated weight W Rᵀ, the blocks' gradient Σ xᵢᵀ Gᵢ over the tokens and the two passes for "
                  "the output scale s per adapted layer, plus AdamW's step on the adapter's tensors (the rotation's "
                  "construction from its parameters left out)",
     "serving": "two batched products per adapted layer over the 16 requests' stacked A and s·B (each request's "

@@ -204,11 +204,11 @@ def render(results: dict) -> str:
 
 #: what each scenario's *bound* adds to the floor (benchmarks/run.py: lora_products, rotation_products,
 #: serving_products, optimiser_step_on)
+_LORA_BOUND = ("the four rank-r products per adapted layer that no LoRA step can skip (A x and g B over the tokens, "
+               "then ∂A and ∂B), plus AdamW's step on the adapter's tensors")
 BOUND_WORK = {
-    "lora_step": "the four rank-r products per adapted layer that no LoRA step can skip (A x and g B over the tokens, "
-                 "then ∂A and ∂B), plus AdamW's step on the adapter's tensors",
-    "lab_scale": "the four rank-r products per adapted layer that no LoRA step can skip (A x and g B over the tokens, "
-                 "then ∂A and ∂B), plus AdamW's step on the adapter's tensors",
+    "lora_step": _LORA_BOUND,
+    "lab_scale": _LORA_BOUND,
     "oft_step": "the rotated weight W Rᵀ and the blocks' gradient Σ xᵢᵀ Gᵢ over the tokens per adapted layer, plus "
                 "AdamW's step on the adapter's tensors (the rotation's construction from its parameters left out)",
     "boft_step": "the rotated weight W Rᵀ, the blocks' gradient Σ xᵢᵀ Gᵢ over the tokens and the two passes for "

@@ -192,8 +192,7 @@ def rotation_products(model, n_tokens: int) -> tuple[Callable[[], None], int]:
     def run() -> None:
         for blocks, w, x, gr, gx, k, scaled in stand_in:
             r, b, _ = blocks.shape
-            out = w.shape[0]
-            torch.bmm(blocks, w.T.view(r, b, out))  # R Wᵀ, block by block
+            torch.bmm(blocks, w.T.view(r, b, w.shape[0]))  # R Wᵀ, block by block
             rk, bk = r // k, b * k
             torch.bmm(x.view(-1, rk, bk).permute(1, 2, 0), gx.view(-1, rk, bk).transpose(0, 1))  # Σ x_iᵀ G_i
             if scaled:
@@ -213,11 +212,22 @@ def optimiser_step_on(model) -> Callable[[], None]:
 
 
 def bound(floor: Callable[[], None], products: Callable[[], None], opt_step: Callable[[], None]) -> Callable[[], None]:
+    """The bound candidate: the floor (or the base model's step), then the products, then the optimizer step."""
     def run() -> None:
         floor()
         products()
         opt_step()
     return run
+
+
+def add_step_bound(fns: dict, ratios: dict, products: Callable[[Any, int], tuple[Callable[[], None], int]],
+                   model, n_tokens: int) -> int:
+    """Add the *bound* candidate of a training step (after ``fns["floor"]``) and its ratios; returns the number
+    of adapted layers the products cover."""
+    run, layers = products(model, n_tokens)
+    fns["bound"] = bound(fns["floor"], run, optimiser_step_on(model))
+    ratios.update(BOUND_RATIOS)
+    return layers
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -416,9 +426,9 @@ METHODS: dict[str, Method] = {
                     xlora_config, merges=False, mixed=False, files=False, uses=False, no_cache=True),
 }
 
-#: every training-step scenario reports these
 #: the bound (floor + the products the method cannot skip + its optimizer step), where a method defines them
 BOUND_RATIOS = {"bound/peft": ("bound", "peft"), "bound/limit": ("bound", "limit"), "peftlab/bound": ("peftlab", "bound")}
+#: every training-step scenario reports these
 STEP_RATIOS = {"peftlab/peft": ("peftlab", "peft"), "peftlab/limit": ("peftlab", "limit"),
                "peft/limit": ("peft", "limit"), "limit/peft": ("limit", "peft"),
                "floor/peft": ("floor", "peft"), "floor/limit": ("floor", "limit"), "peftlab/floor": ("peftlab", "floor")}
@@ -461,9 +471,7 @@ def s_step(a, dev, dt, method: str) -> dict:
     ratios = {**STEP_RATIOS, **spec.extra_ratios}
     layers = None
     if spec.products is not None and dev == "cpu":  # the bound's products are CPU BLAS calls
-        products, layers = spec.products(models["peftlab"], x.numel())
-        fns["bound"] = bound(fns["floor"], products, optimiser_step_on(models["peftlab"]))
-        ratios.update(BOUND_RATIOS)
+        layers = add_step_bound(fns, ratios, spec.products, models["peftlab"], x.numel())
     faults: dict[str, list[int]] = {}
     t = interleave(fns, a.reps, a.warmup, dev, faults=faults)
     out = summarise(t, ratios)
@@ -727,9 +735,7 @@ def s_lab_scale(a, dev, dt) -> dict:
               "floor/peft": ("floor", "peft")}
     layers = None
     if dev == "cpu":
-        products, layers = lora_products(models["peftlab"], x.numel())
-        fns["bound"] = bound(fns["floor"], products, optimiser_step_on(models["peftlab"]))
-        ratios.update(BOUND_RATIOS)
+        layers = add_step_bound(fns, ratios, lora_products, models["peftlab"], x.numel())
     faults: dict[str, list[int]] = {}
     t = interleave(fns, a.reps * 3, a.warmup, dev, faults=faults)
     out = summarise(t, ratios)

@@ -386,8 +386,7 @@ class Linear(LoraLayer):
         else:  # each row's A and B gathered (BGMV)
             index = routing.row_index(n, x.device, names)
             rows, At, Bt = n, At.index_select(0, index), Bt.index_select(0, index)
-        x3 = x.reshape(rows, -1, x.shape[-1])
-        xa = torch.bmm(x3 if x3.dtype == At.dtype else x3.to(At.dtype), At)  # A x, (rows, ·, r)
+        xa = torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(At.dtype), At)  # A x, (rows, ·, r)
         out3 = result.reshape(rows, -1, result.shape[-1])
         if out3.dtype != Bt.dtype:
             return (out3 + torch.bmm(xa, Bt).to(out3.dtype)).view(result.shape)

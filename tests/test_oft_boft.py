@@ -277,8 +277,9 @@ def test_rotated_linear_node_gradients(r, b, scaled, orthogonal, seq):
 
 
 def test_boft_scale_gradient_after_an_in_place_change():
-    """A LeakyReLU(inplace=True) after a BOFT layer changes the layer's output in place: the fused node (which keeps
-    the unscaled product for ∂s, and returns a fresh tensor) gives the gradients of an out-of-place activation."""
+    """A LeakyReLU(inplace=True) after a BOFT layer changes the layer's output in place: the fused node (which reads
+    ∂s off its output, learns of the change from the output's version counter and forms x (W Rᵀ)ᵀ again) gives
+    the gradients of an out-of-place activation."""
     grads = {}
     for inplace in (False, True):
         torch.manual_seed(0)
@@ -299,7 +300,8 @@ def test_boft_scale_gradient_after_an_in_place_change():
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
 def test_rotated_linear_scale_gradient_where_s_vanishes(with_bias):
     """∂s, ∂x and ∂R stay autograd's (float64) when entries of s are zero, tiny or negative (s = 0, 1e-30, −1e-20
-    beside ordinary entries): no step of the node divides by s."""
+    beside ordinary entries): ∂s is read off the output divided by s only where |s| is above the floor; the other
+    entries are formed from x directly."""
     g = torch.Generator().manual_seed(7)
     r, b, out = 2, 8, 6
     x = torch.randn(3, 4, r * b, generator=g, dtype=torch.float64, requires_grad=True)
@@ -587,3 +589,140 @@ def test_oft_trains_under_bf16_autocast():
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+# ---------------------------------------------------------------------------------------------------
+# a training step's rotations, built together (StepRotations)
+# ---------------------------------------------------------------------------------------------------
+class ThreeLayers(nn.Module):
+    """Three adapted linears; ``skip`` leaves the last out of the forward (its adapter must get no gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 12)
+        self.skip = False
+        self.checkpoint: bool | None = None  # use_reentrant for torch.utils.checkpoint around self.a; None: none
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint is None:
+            h = torch.relu(self.a(x))
+        else:
+            h = torch.utils.checkpoint.checkpoint(lambda x: torch.relu(self.a(x)), x,
+                                                  use_reentrant=self.checkpoint)
+        h = self.b(h)
+        return h if self.skip else self.c(h)
+
+
+STEP_CONFIGS = {
+    "oft-neumann": OFTConfig(oft_block_size=4, target_modules=["a", "b", "c"]),
+    "oft-exact": OFTConfig(oft_block_size=4, target_modules=["a", "b", "c"], use_cayley_neumann=False),
+    "oft-shared": OFTConfig(oft_block_size=4, target_modules=["a", "b", "c"], block_share=True),
+    "oft-dropout": OFTConfig(oft_block_size=2, target_modules=["a", "b", "c"], module_dropout=0.5),
+    "boft-1": BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, target_modules=["a", "b", "c"]),
+    "boft-2": BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["a", "b", "c"]),
+}
+
+
+def step_grads(config, together: bool, run=None, **model_kw):
+    """Gradients of every trained tensor after ``run(model, x)`` (default: one backward of a squared output), with
+    the step's rotations built together or layer by layer, and how many BatchedRotation nodes were built."""
+    from unittest import mock
+
+    from peftlab.tuners.orthogonal import BatchedRotation
+
+    torch.manual_seed(0)
+    net = ThreeLayers()
+    for k, v in model_kw.items():
+        setattr(net, k, v)
+    pm = get_peft_model(net, config)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape))
+    pm.base_model.batch_rotations = together
+    x = torch.randn(6, 16, requires_grad=True)
+    torch.manual_seed(1)  # module dropout draws the same blocks either way
+    with mock.patch.object(BatchedRotation, "apply", wraps=BatchedRotation.apply) as built:
+        (run or (lambda m, x: m(x).pow(2).sum().backward()))(pm, x)
+    return {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}, built.call_count
+
+
+@pytest.mark.parametrize("name", list(STEP_CONFIGS))
+@pytest.mark.parametrize("skip", [False, True], ids=["all-layers-run", "one-layer-skipped"])
+def test_step_rotations_are_one_node_with_the_per_layer_gradients(name, skip):
+    """A training forward builds every layer's rotation in one BatchedRotation node (none when told not to), and
+    the gradients are those of the per-layer build to rounding; a layer the forward skipped leaves its adapter
+    without a gradient (None, not zeros: AdamW would still move a tensor with a zero gradient)."""
+    together, n_together = step_grads(STEP_CONFIGS[name], True, skip=skip)
+    alone, n_alone = step_grads(STEP_CONFIGS[name], False, skip=skip)
+    assert (n_together, n_alone) == (1, 0)
+    assert together.keys() == alone.keys()
+    for key, want in alone.items():
+        assert (want is None) == (together[key] is None) == (skip and ".c." in key), key
+        if want is not None:
+            torch.testing.assert_close(together[key], want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_step_rotations_under_activation_checkpointing(reentrant):
+    """torch.utils.checkpoint runs the checkpointed layer again during the backward, when the step's rotations are
+    gone: the layer builds its own in both runs (non-reentrant checkpointing would otherwise refuse a recomputation
+    that saves other tensors), the others still share the node, and the gradients are those without checkpoint."""
+    config = STEP_CONFIGS["oft-neumann"]
+    plain, _ = step_grads(config, False)
+    got, n_built = step_grads(config, True, checkpoint=reentrant)
+    assert n_built == 1
+    for key, want in plain.items():
+        torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-7)
+
+
+def test_step_rotations_with_a_second_derivative_and_two_graphs():
+    """create_graph=True differentiates the shared node again (a gradient penalty on ∂x), and two forwards whose
+    losses are backpropagated one after the other each get their own node (the first backward frees its graph)."""
+    config = STEP_CONFIGS["oft-neumann"]
+
+    def penalty(m, x):
+        (gx,) = torch.autograd.grad(m(x).pow(2).sum(), x, create_graph=True)
+        gx.pow(2).sum().backward()
+
+    def two_graphs(m, x):
+        first, second = m(x).pow(2).sum(), m(2 * x).pow(2).sum()
+        first.backward()
+        second.backward()
+    for run, nodes in ((penalty, 1), (two_graphs, 2)):
+        want, _ = step_grads(config, False, run)
+        got, n_built = step_grads(config, True, run)
+        assert n_built == nodes
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7)
+
+
+def test_coft_layers_build_their_own_rotation():
+    """COFT projects each Q in place before building R, so its layers stay out of the shared node (and train as
+    before)."""
+    config = OFTConfig(oft_block_size=4, target_modules=["a", "b", "c"], coft=True, eps=1e-2)
+    together, n_built = step_grads(config, True)
+    alone, _ = step_grads(config, False)
+    assert n_built == 0
+    for key in alone:
+        torch.testing.assert_close(together[key], alone[key])
+
+
+def test_near_orthogonal_inverses_decide_layer_by_layer():
+    """One run inverts several layers' truncated-series blocks: a layer whose blocks are near orthogonal gets
+    the inverses near_orthogonal_inverse gives it alone (to rounding, float64), one with a block far from
+    orthogonal gets None, and the other layers do not notice it."""
+    from peftlab.tuners.orthogonal import near_orthogonal_inverse, near_orthogonal_inverses
+
+    g = torch.Generator().manual_seed(3)
+    sizes, sizes_q = [2, 3, 1], [0.05, 2.0, 0.2]
+    layers = [cayley_neumann(skew_from_square(torch.randn(n, 6, 6, generator=g, dtype=torch.float64) * q), 5)
+              for n, q in zip(sizes, sizes_q)]
+    got = near_orthogonal_inverses(torch.cat(layers), sizes)
+    for blocks, inverse in zip(layers, got):
+        alone = near_orthogonal_inverse(blocks)
+        assert (inverse is None) == (alone is None)
+        if alone is not None:
+            torch.testing.assert_close(inverse, alone, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(torch.bmm(blocks, inverse), eye_like(blocks), rtol=0, atol=1e-12)
+    assert [i is None for i in got] == [False, True, False]

@@ -26,16 +26,19 @@ Explained in: book/oft_boft.ipynb
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.tuners.base import AdapterLayer, BaseTuner, fusable, linear_output, second_order_grads
+from peftlab.tuners.base import (AdapterLayer, BaseTuner, divide_by_scale, fusable, keep_output, kept_output,
+                                 linear_output, second_order_grads)
 from peftlab.tuners.lycoris import DEFAULT_TARGET_MODULES  # peft gives OFT and BOFT LoRA's map too
 
 #: the layer types peft 0.21.2 wraps with OFT and BOFT (here: Linear and Conv2d; no embeddings)
@@ -214,6 +217,78 @@ def neumann_coefficients(terms: int) -> list[int]:
     return [1] + [2] * (max(terms - 1, 3) - 1) + [1]
 
 
+def reference_rotation(p: torch.Tensor, b: int, packed: bool, terms: int | None) -> torch.Tensor:
+    """The blocks R_i from their free numbers by the plain functions (what autograd differentiates twice).
+
+    Explained in: book/oft_boft.ipynb
+    """
+    q = skew_from_packed(p, b) if packed else skew_from_square(p)
+    return cayley(q) if terms is None else cayley_neumann(q, terms)
+
+
+def _rotation_forward(p: torch.Tensor, b: int, packed: bool, terms: int | None,
+                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """R from p as :class:`SkewRotation` computes it, and what its backward needs besides p's shape."""
+    if packed:  # as skew_from_packed, with one flat index (a column copy instead of a scatter)
+        upper = p.new_zeros(p.shape[0], b * b).index_copy_(1, _triu_flat(b, str(p.device)), p).view(-1, b, b)
+        q = upper - upper.mT
+    else:
+        q = skew_from_square(p)
+    eye = torch.eye(b, device=p.device, dtype=p.dtype)
+    if terms is None:
+        inv = torch.linalg.inv_ex(eye + q)[0]
+        return 2 * inv - eye, (inv,)
+    c = neumann_coefficients(terms)
+    if len(c) == 1:
+        return eye.expand_as(q).clone(), ()
+    if len(c) == 5:  # Paterson–Stockmeyer: S = Q², T = c₂I + c₃Q + c₄S, R = c₀I + c₁Q + S T (two products)
+        sq = torch.bmm(q, q)
+        t = torch.add(eye * c[2], q, alpha=c[3]).add_(sq, alpha=c[4])
+        return torch.baddbmm(torch.add(eye * c[0], q, alpha=c[1]), sq, t), (q, sq, t)
+    eye2 = eye * 2
+    steps = [torch.add(eye if c[-2] == 1 else eye2, q, alpha=c[-1])]
+    for cj in reversed(c[:-2]):  # P_j = Q P_(j+1) + c_j I
+        steps.append(torch.baddbmm(eye2 if cj == 2 else eye, q, steps[-1]))
+    return steps[-1], (q, *steps[:-1])  # Q, P_(k−1), …, P_1
+
+
+def _rotation_backward(grad: torch.Tensor, saved: Sequence[torch.Tensor], b: int, packed: bool,
+                       terms: int | None, shape: torch.Size) -> torch.Tensor:
+    """∂L/∂p (p of ``shape``) from ∂L/∂R and what :func:`_rotation_forward` saved."""
+    if terms is None:
+        inv_t = saved[0].mT
+        gq = torch.bmm(torch.bmm(inv_t, grad), inv_t).mul_(-2)
+    else:
+        c = neumann_coefficients(terms)
+        if len(c) == 1:  # R = I
+            return grad.new_zeros(shape)
+        if len(c) == 5:
+            gq = _paterson_stockmeyer_grad(grad, *saved, c)
+        else:
+            q, *steps = saved  # steps: P_(k−1), …, P_1
+            gq = None
+            g = grad
+            for nxt in reversed(steps):  # P_j = Q P_(j+1) + c_j I, from j = 0 up
+                gq = torch.bmm(g, nxt.mT) if gq is None else torch.baddbmm(gq, g, nxt.mT)
+                g = torch.bmm(q.mT, g)
+            gq = g * c[-1] if gq is None else gq.add_(g, alpha=c[-1])  # P_(k−1) = c_k Q + c_(k−1) I
+    skew = gq - gq.mT
+    if packed:
+        return skew.view(-1, b * b).index_select(1, _triu_flat(b, str(grad.device)))
+    return skew.mul_(0.5)
+
+
+def _paterson_stockmeyer_grad(g: torch.Tensor, q: torch.Tensor, sq: torch.Tensor, t: torch.Tensor,
+                              c: list[int]) -> torch.Tensor:
+    """A matrix whose skew part is that of ∂L/∂Q for R = c₀I + c₁Q + S T (S = Q², T = c₂I + c₃Q + c₄S), in three
+    products. With Qᵀ = −Q (so S is symmetric): ∂T = S G, ∂S = G Tᵀ + c₄ S G, and ∂Q = c₁G + c₃∂T + ∂S Qᵀ + Qᵀ∂S;
+    the skew part of the last two terms is that of −Q M with M = ∂S + ∂Sᵀ (QM − (QM)ᵀ = QM + MQ), so only
+    the skew part of c₁G + c₃SG − QM is needed, which is all the parameters see."""
+    sg = torch.bmm(sq, g)
+    ds = torch.baddbmm(sg, g, t.mT, beta=c[4])  # G Tᵀ + c₄ S G
+    return torch.baddbmm(torch.add(g * c[1], sg, alpha=c[3]), q, ds + ds.mT, alpha=-1)
+
+
 class SkewRotation(torch.autograd.Function):
     """The blocks R_i from their free numbers in one autograd node (what training runs; equal to rounding to
     ``cayley(skew_from_packed(p, b))``, ``cayley_neumann(…, terms)`` and ``cayley(skew_from_square(a))``).
@@ -223,7 +298,7 @@ class SkewRotation(torch.autograd.Function):
     ∂Q = −2 (I + Q)⁻ᵀ ∂R (I + Q)⁻ᵀ; else the series p(Q) = Σ c_j Q^j by Horner's rule, P_k = c_k I,
     P_j = Q P_(j+1) + c_j I, R = P_0, whose backward walks the same steps back: ∂Q += ∂P_j P_(j+1)ᵀ,
     ∂P_(j+1) = Qᵀ ∂P_j. peft's default, five terms (degree 4), runs as Paterson–Stockmeyer instead: two products
-    forward and three back (see :meth:`_paterson_stockmeyer_grad`) where Horner takes three and six. Autograd
+    forward and three back (see :func:`_paterson_stockmeyer_grad`) where Horner takes three and six. Autograd
     records some twenty small operations for the same; each costs more in bookkeeping than in arithmetic at
     these sizes.
 
@@ -232,79 +307,65 @@ class SkewRotation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, p: torch.Tensor, b: int, packed: bool, terms: int | None) -> torch.Tensor:
-        if packed:  # as skew_from_packed, with one flat index (a column copy instead of a scatter)
-            upper = p.new_zeros(p.shape[0], b * b).index_copy_(1, _triu_flat(b, str(p.device)), p).view(-1, b, b)
-            q = upper - upper.mT
-        else:
-            q = skew_from_square(p)
-        eye = torch.eye(b, device=p.device, dtype=p.dtype)
-        ctx.b, ctx.packed, ctx.terms, ctx.shape = b, packed, terms, p.shape
-        if terms is None:
-            inv = torch.linalg.inv_ex(eye + q)[0]
-            ctx.save_for_backward(p, inv)
-            return 2 * inv - eye
-        c = neumann_coefficients(terms)
-        if len(c) == 1:
-            ctx.save_for_backward(p)
-            return eye.expand_as(q).clone()
-        if len(c) == 5:  # Paterson–Stockmeyer: S = Q², T = c₂I + c₃Q + c₄S, R = c₀I + c₁Q + S T (two products)
-            sq = torch.bmm(q, q)
-            t = torch.add(eye * c[2], q, alpha=c[3]).add_(sq, alpha=c[4])
-            ctx.save_for_backward(p, q, sq, t)
-            return torch.baddbmm(torch.add(eye * c[0], q, alpha=c[1]), sq, t)
-        eye2 = eye * 2
-        steps = [torch.add(eye if c[-2] == 1 else eye2, q, alpha=c[-1])]
-        for cj in reversed(c[:-2]):  # P_j = Q P_(j+1) + c_j I
-            steps.append(torch.baddbmm(eye2 if cj == 2 else eye, q, steps[-1]))
-        ctx.save_for_backward(p, q, *steps[:-1])  # Q, P_(k−1), …, P_1
-        return steps[-1]
+        out, saved = _rotation_forward(p, b, packed, terms)
+        ctx.b, ctx.packed, ctx.terms = b, packed, terms
+        ctx.save_for_backward(p, *saved)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
         p, *saved = ctx.saved_tensors
+        b, packed, terms = ctx.b, ctx.packed, ctx.terms
         if torch.is_grad_enabled():  # create_graph=True: differentiable again (see second_order_grads)
-            b, packed, terms = ctx.b, ctx.packed, ctx.terms
+            return (second_order_grads(lambda p: reference_rotation(p, b, packed, terms), (p,),
+                                       ctx.needs_input_grad[:1], grad)[0], None, None, None)
+        return _rotation_backward(grad, saved, b, packed, terms, p.shape), None, None, None
 
-            def reference(p: torch.Tensor) -> torch.Tensor:
-                q = skew_from_packed(p, b) if packed else skew_from_square(p)
-                return cayley(q) if terms is None else cayley_neumann(q, terms)
-            return second_order_grads(reference, (p,), ctx.needs_input_grad[:1], grad)[0], None, None, None
-        if ctx.terms is None:
-            inv_t = saved[0].mT
-            gq = torch.bmm(torch.bmm(inv_t, grad), inv_t).mul_(-2)
-        else:
-            c = neumann_coefficients(ctx.terms)
-            if len(c) == 1:  # R = I
-                return grad.new_zeros(ctx.shape), None, None, None
-            if len(c) == 5:
-                gq = SkewRotation._paterson_stockmeyer_grad(grad, *saved, c)
-                skew = gq - gq.mT
-                if ctx.packed:
-                    return (skew.view(-1, ctx.b * ctx.b).index_select(1, _triu_flat(ctx.b, str(grad.device))),
-                            None, None, None)
-                return skew.mul_(0.5), None, None, None
-            q, *steps = saved  # steps: P_(k−1), …, P_1
-            gq = None
-            g = grad
-            for nxt in reversed(steps):  # P_j = Q P_(j+1) + c_j I, from j = 0 up
-                gq = torch.bmm(g, nxt.mT) if gq is None else torch.baddbmm(gq, g, nxt.mT)
-                g = torch.bmm(q.mT, g)
-            gq = g * c[-1] if gq is None else gq.add_(g, alpha=c[-1])  # P_(k−1) = c_k Q + c_(k−1) I
-        skew = gq - gq.mT
-        if ctx.packed:
-            return skew.view(-1, ctx.b * ctx.b).index_select(1, _triu_flat(ctx.b, str(grad.device))), None, None, None
-        return skew.mul_(0.5), None, None, None
+
+class BatchedRotation(torch.autograd.Function):
+    """:class:`SkewRotation` for several layers' parameters (same b, storage and series) in one node: one batched
+    series instead of one per layer, each layer's blocks a view of the result. Inputs whose blocks got no
+    gradient (a layer that did not run) get none (``None``, as a per-layer node would leave them). ``sink``, a
+    dict, receives ``"inverses"``: each layer's blocks inverted by :func:`near_orthogonal_inverses` (for a
+    truncated series), which the layers' backward would otherwise compute one by one.
+
+    Explained in: book/oft_boft.ipynb
+    """
 
     @staticmethod
-    def _paterson_stockmeyer_grad(g: torch.Tensor, q: torch.Tensor, sq: torch.Tensor, t: torch.Tensor,
-                                  c: list[int]) -> torch.Tensor:
-        """A matrix whose skew part is that of ∂L/∂Q for R = c₀I + c₁Q + S T (S = Q², T = c₂I + c₃Q + c₄S), in three
-        products. With Qᵀ = −Q (so S is symmetric): ∂T = S G, ∂S = G Tᵀ + c₄ S G, and ∂Q = c₁G + c₃∂T + ∂S Qᵀ + Qᵀ∂S;
-        the skew part of the last two terms is that of −Q M with M = ∂S + ∂Sᵀ (QM − (QM)ᵀ = QM + MQ), so only
-        the skew part of c₁G + c₃SG − QM is needed, which is all the parameters see."""
-        sg = torch.bmm(sq, g)
-        ds = torch.baddbmm(sg, g, t.mT, beta=c[4])  # G Tᵀ + c₄ S G
-        return torch.baddbmm(torch.add(g * c[1], sg, alpha=c[3]), q, ds + ds.mT, alpha=-1)
+    def forward(ctx: Any, sink: dict, b: int, packed: bool, terms: int | None, *ps: torch.Tensor):
+        ctx.set_materialize_grads(False)
+        sizes = [p.shape[0] for p in ps]
+        out, saved = _rotation_forward(torch.cat(ps), b, packed, terms)
+        ctx.b, ctx.packed, ctx.terms, ctx.sizes = b, packed, terms, sizes
+        ctx.save_for_backward(*saved, *ps)
+        if terms is not None:
+            sink["inverses"] = near_orthogonal_inverses(out, sizes)
+        return out.split(sizes)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None):
+        n = len(ctx.sizes)
+        *saved, = ctx.saved_tensors
+        saved, ps = saved[:-n], saved[-n:]
+        b, packed, terms = ctx.b, ctx.packed, ctx.terms
+        used = [i for i, g in enumerate(grads) if g is not None and ctx.needs_input_grad[4 + i]]
+        out: list[torch.Tensor | None] = [None] * n
+        if used and torch.is_grad_enabled():  # create_graph=True: the plain functions, recorded
+            with torch.enable_grad():
+                rs = reference_rotation(torch.cat(ps), b, packed, terms).split(ctx.sizes)
+                got = torch.autograd.grad([rs[i] for i in used], [ps[i] for i in used], [grads[i] for i in used],
+                                          create_graph=True, allow_unused=True)
+            for i, g in zip(used, got):
+                out[i] = g
+        elif used:
+            full = torch.cat([g if g is not None else ps[i].new_zeros(ps[i].shape[0], b, b)
+                              for i, g in enumerate(grads)])  # zeros where a layer's blocks took no part
+            shape = (sum(ctx.sizes), *ps[0].shape[1:])
+            gp = _rotation_backward(full, saved, b, packed, terms, shape).split(ctx.sizes)
+            for i in used:
+                out[i] = gp[i]
+        return (None, None, None, None, *out)
 
 
 def rotation_blocks(p: torch.Tensor, b: int, packed: bool, terms: int | None) -> torch.Tensor:
@@ -315,8 +376,7 @@ def rotation_blocks(p: torch.Tensor, b: int, packed: bool, terms: int | None) ->
     """
     if torch.is_grad_enabled() and p.requires_grad and fusable(p):
         return SkewRotation.apply(p, b, packed, terms)
-    q = skew_from_packed(p, b) if packed else skew_from_square(p)
-    return cayley(q) if terms is None else cayley_neumann(q, terms)
+    return reference_rotation(p, b, packed, terms)
 
 
 #: the narrowest blocks the CPU's batched products run near their speed at (one thread: width 16 runs 3× faster
@@ -357,20 +417,36 @@ def near_orthogonal_inverse(blocks: torch.Tensor, tol: float = 0.5) -> torch.Ten
 
     Explained in: book/oft_boft.ipynb
     """
+    return near_orthogonal_inverses(blocks, [blocks.shape[0]], tol)[0]
+
+
+def near_orthogonal_inverses(blocks: torch.Tensor, sizes: Sequence[int], tol: float = 0.5,
+                             ) -> list[torch.Tensor | None]:
+    """:func:`near_orthogonal_inverse` for consecutive groups of blocks (``sizes``: each layer's count) in one run:
+    each group whose blocks are all near orthogonal gets their inverses, the others None.
+
+    Explained in: book/oft_boft.ipynb
+    """
     if blocks.device.type != "cpu":
-        return None
+        return [None] * len(sizes)
     eye = torch.eye(blocks.shape[-1], device=blocks.device, dtype=blocks.dtype)
     err = eye - torch.bmm(blocks, blocks.mT)
-    size = float(torch.linalg.matrix_norm(err).amax())
-    if not size <= tol:  # NaN fails too
-        return None
+    norms = torch.linalg.matrix_norm(err).tolist()
+    groups = [norms[end - n:end] for n, end in zip(sizes, itertools.accumulate(sizes))]
+    ok = [all(v <= tol for v in group) for group in groups]  # NaN fails too
+    if not any(ok):
+        return [None] * len(sizes)
+    if not all(ok):  # the others keep X = Rᵀ: their error is left out of the iteration
+        keep = torch.tensor(ok, device=blocks.device).repeat_interleave(torch.tensor(sizes, device=blocks.device))
+        err = err * keep.view(-1, 1, 1)
+    size = max((v for group, good in zip(groups, ok) if good for v in group), default=0.0)
     inv, eps = blocks.mT, torch.finfo(blocks.dtype).eps
     while size > eps:
         inv = torch.baddbmm(inv, inv, err)
         size *= size
         if size > eps:
             err = torch.bmm(err, err)
-    return inv
+    return [piece if good else None for piece, good in zip(inv.split(list(sizes)), ok)]
 
 
 class RotatedLinear(torch.autograd.Function):
@@ -386,35 +462,39 @@ class RotatedLinear(torch.autograd.Function):
     to orthogonal (‖RᵀR − I‖_F ≤ ½, so κ(R) ≤ √3) for the inverse to lose nothing, else the two products run.
     Blocks narrower than :data:`MIN_BLOCK_WIDTH` run the token products in groups (:func:`block_group`): more
     flops, less time. ∂x is written straight into its (tokens, in) layout. The rotated weight waits for the
-    backward when it is no larger than the input the node keeps anyway; else the backward forms it again.
+    backward when it is no larger than the input the node keeps anyway; else the backward forms it again. With
+    s, the forward scales the rotated weight's columns (out·in) rather than the output (tokens·out), and ∂s is
+    read off the output, Σ_tokens g ⊙ (h − b) / s (:func:`~peftlab.tuners.base.keep_output`), so no unscaled
+    copy of the output is kept. ``inverse``: R⁻¹ when the caller has it (:class:`StepRotations` inverts every
+    layer's blocks at once), else the backward inverts.
 
     Explained in: book/oft_boft.ipynb
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                blocks: torch.Tensor, scale: torch.Tensor | None = None, orthogonal: bool = False) -> torch.Tensor:
+                blocks: torch.Tensor, scale: torch.Tensor | None = None, orthogonal: bool = False,
+                inverse: torch.Tensor | None = None) -> torch.Tensor:
         out, n = weight.shape
         r, b, _ = blocks.shape
-        # (W Rᵀ)ᵀ = R Wᵀ block by block: (r, b, b) @ (r, b, out), contiguous as (in, out)
+        # (W Rᵀ)ᵀ = R Wᵀ block by block: (r, b, b) @ (r, b, out), contiguous as (in, out); s scales its columns,
+        # so one product gives the scaled output (s ⊙ (W Rᵀ)) x
         w_rot_t = torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
+        if scale is not None:
+            w_rot_t = w_rot_t * scale
         ctx.orthogonal = orthogonal
-        # the backward's ∂x uses (W Rᵀ)ᵀ again: kept when it is no larger than the input the node keeps anyway
+        # the backward's ∂x uses (s ⊙ W Rᵀ)ᵀ again: kept when it is no larger than the input the node keeps anyway
         # (many tokens), formed again otherwise (few tokens: a weight-sized tensor per layer would outweigh them)
         ctx.kept = x.numel() >= w_rot_t.numel()
-        kept = (w_rot_t,) if ctx.kept else ()
-        if scale is None:
-            ctx.save_for_backward(x, weight, blocks, bias, *kept)
-            return linear_output(x, w_rot_t.T, bias)[0]
-        unscaled, _ = linear_output(x, w_rot_t.T, None)  # kept for ∂s; the output is a new tensor
-        ctx.save_for_backward(x, weight, blocks, bias, *kept, scale, unscaled)
-        return torch.addcmul(bias, unscaled, scale) if bias is not None else unscaled * scale
+        ctx.save_for_backward(x, weight, blocks, bias, scale, inverse, *((w_rot_t,) if ctx.kept else ()))
+        h = linear_output(x, w_rot_t.T, bias)[0]
+        if scale is not None:  # ∂s reads the output (÷ s); an in-place change after the layer makes it recompute
+            keep_output(ctx, h)
+        return h
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
-        x, weight, blocks, bias, *rest = ctx.saved_tensors
-        kept = rest.pop(0) if ctx.kept else None
-        scale, unscaled = rest if rest else (None, None)
+        x, weight, blocks, bias, scale, inverse, *kept = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiable again (see second_order_grads)
 
             def reference(x: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -422,18 +502,24 @@ class RotatedLinear(torch.autograd.Function):
                 return (h if scale is None else h * scale) + (0 if bias is None else bias)
             need = ctx.needs_input_grad
             gx, gb, gs = second_order_grads(reference, (x, blocks, scale), (need[0], need[3], need[4]), g)
-            return gx, None, None, gb, gs, None
+            return gx, None, None, gb, gs, None, None
         r, b, _ = blocks.shape
         g2 = g.reshape(-1, g.shape[-1])
         t, (out, n) = g2.shape[0], weight.shape
         k = block_group(r, b)
         rk, bk = r // k, b * k
         grad_scale = None
-        inverse = blocks.mT if ctx.orthogonal else near_orthogonal_inverse(blocks)  # R⁻¹; None: two products
+        if ctx.orthogonal:  # R⁻¹ (given, or formed here); None: two token products
+            inverse = blocks.mT
+        elif inverse is None:
+            inverse = near_orthogonal_inverse(blocks)
         if inverse is not None:  # ∂x = g (s ⊙ W Rᵀ), then G_i = ∂x_i R_i⁻ᵀ
-            w_rot_t = kept if kept is not None else torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
-            if scale is not None:
-                w_rot_t = w_rot_t * scale
+            if kept:
+                w_rot_t = kept[0]
+            else:
+                w_rot_t = torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
+                if scale is not None:
+                    w_rot_t = w_rot_t * scale
             gx = torch.mm(g2, w_rot_t.T)
             grad_x = gx.view(x.shape) if ctx.needs_input_grad[0] else None
             gr = gx
@@ -453,8 +539,96 @@ class RotatedLinear(torch.autograd.Function):
         if inverse is not None:
             grad_blocks = torch.bmm(grad_blocks, inverse.mT)  # x_iᵀ ∂x_i R_i⁻ᵀ = x_iᵀ G_i
         if scale is not None and ctx.needs_input_grad[4]:
-            grad_scale = (g2 * unscaled.reshape(t, -1)).sum(0)  # Σ_tokens g ⊙ (x (W Rᵀ)ᵀ)
-        return grad_x, None, None, grad_blocks, grad_scale, None
+            x2 = x.reshape(t, -1)
+
+            def direct(idx: Any) -> torch.Tensor:  # Σ_tokens g ⊙ (x (W Rᵀ)ᵀ) for outputs idx, from x
+                w_idx = torch.bmm(blocks, weight[idx].T.reshape(r, b, -1)).view(n, -1)
+                return (g2[:, idx] * torch.mm(x2, w_idx)).sum(0)
+            h = kept_output(ctx)
+            if h is None:
+                grad_scale = direct(slice(None))
+            else:  # Σ_tokens g ⊙ (h − b) / s: the output read back, unscaled
+                h2 = h.reshape(t, -1)
+                grad_scale = divide_by_scale((g2 * (h2 if bias is None else h2 - bias)).sum(0), scale, direct)
+        return grad_x, None, None, grad_blocks, grad_scale, None, None
+
+
+class StepRotations:
+    """The rotations of one forward that records gradients, built together: every layer training one adapter
+    (not merged, not disabled) whose blocks come from free numbers alike (same b, storage, series, dtype,
+    device) joins one :class:`BatchedRotation` node, built when the first of them asks. Per layer, the blocks
+    of 16 attention projections cost some twenty small operations each way; together, the same twenty once
+    (and the truncated series' inverses, which the layers' backward needs, in one run too).
+
+    A layer asks only while recording gradients and without saved-tensor hooks: under activation checkpointing
+    (``torch.utils.checkpoint``) the forward runs again during the backward, after the step's rotations are
+    gone, and must save what the first run saved, so such layers build their own. A parameter changed in place
+    since the forward began is built again by its layer too.
+
+    Explained in: book/oft_boft.ipynb
+    """
+
+    def __init__(self, layers: Iterable[OrthogonalLayer]) -> None:
+        groups: dict[tuple, list[tuple[OrthogonalLayer, str, torch.Tensor]]] = {}
+        for layer in layers:
+            active = layer._active_adapters
+            if layer.disable_adapters or layer.merged_adapters or len(active) != 1 or active[0] not in layer._adapters:
+                continue
+            source = layer.rotation_source(active[0])
+            if source is None:
+                continue
+            p, b, packed, terms = source
+            if not (p.requires_grad and fusable(p)):
+                continue
+            groups.setdefault((b, packed, terms, p.dtype, p.device, tuple(p.shape[1:])), []).append(
+                (layer, active[0], p))
+        #: id(layer) → (adapter, group, position, p, p's version when the step began)
+        self._where: dict[int, tuple[str, int, int, torch.Tensor, int]] = {}
+        self._groups = [(key, members) for key, members in groups.items() if len(members) > 1]
+        self._built: list[tuple[tuple[torch.Tensor, ...], list[torch.Tensor | None]] | None] = [None] * len(self._groups)
+        for g, (_, members) in enumerate(self._groups):
+            for i, (layer, name, p) in enumerate(members):
+                self._where[id(layer)] = (name, g, i, p, p._version)
+
+    def __bool__(self) -> bool:
+        return bool(self._groups)
+
+    def blocks(self, layer: OrthogonalLayer, adapter_name: str) -> torch.Tensor | None:
+        """``layer``'s blocks of ``adapter_name`` from the group's node (built now if it is the first to ask), or None
+        where the layer must build its own."""
+        where = self._where.get(id(layer))
+        if where is None or where[0] != adapter_name or not torch.is_grad_enabled() or saved_tensor_hooks_active():
+            return None
+        _, g, i, p, version = where
+        if p._version != version:
+            return None
+        built = self._built[g]
+        if built is None:
+            (b, packed, terms, *_), members = self._groups[g]
+            sink: dict[str, Any] = {}
+            blocks = BatchedRotation.apply(sink, b, packed, terms, *(m[2] for m in members))
+            built = self._built[g] = (blocks, sink.get("inverses") or [None] * len(members))
+        return built[0][i]
+
+    def inverse(self, layer: OrthogonalLayer, adapter_name: str, blocks: torch.Tensor) -> torch.Tensor | None:
+        """R⁻¹ of ``blocks`` if they are exactly the blocks this step built for ``layer`` (and the series left them
+        near enough to orthogonal), else None."""
+        where = self._where.get(id(layer))
+        if where is None or where[0] != adapter_name or self._built[where[1]] is None:
+            return None
+        mine, inverses = self._built[where[1]]
+        return inverses[where[2]] if mine[where[2]] is blocks else None
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are set (``torch.utils.checkpoint`` without reentrancy, CPU offloading, …)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
+#: the rotations of the running forward, while an :class:`OrthogonalTuner` records gradients
+_STEP_ROTATIONS: contextvars.ContextVar[StepRotations | None] = contextvars.ContextVar("peftlab_step_rotations",
+                                                                                      default=None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -574,7 +748,25 @@ class OrthogonalLayer(AdapterLayer):
         if s is not None and s.dtype != x.dtype:
             return None
         # (W Rᵀ x)·s + b; an exactly orthogonal R spares a token product in the backward
-        return RotatedLinear.apply(x, w, bias, blocks, s, self.exactly_orthogonal(adapter_name))
+        orthogonal = self.exactly_orthogonal(adapter_name)
+        inverse = None if orthogonal else self._step_inverse(adapter_name, blocks)
+        return RotatedLinear.apply(x, w, bias, blocks, s, orthogonal, inverse)
+
+    # ---- a training step's rotations, built together ---------------------------------------------------
+    def rotation_source(self, adapter_name: str) -> tuple[torch.Tensor, int, bool, int | None] | None:
+        """(p, b, packed, terms): what this adapter's blocks come from (:func:`rotation_blocks`), so that a training
+        forward can build them with the other layers' (:class:`StepRotations`); None: the layer builds its own."""
+        return None
+
+    def _step_blocks(self, adapter_name: str) -> torch.Tensor | None:
+        """This adapter's blocks from the training forward's :class:`StepRotations`, or None (build them here)."""
+        step = _STEP_ROTATIONS.get()
+        return None if step is None else step.blocks(self, adapter_name)
+
+    def _step_inverse(self, adapter_name: str, blocks: torch.Tensor) -> torch.Tensor | None:
+        """R⁻¹ of ``blocks`` when they are the step's own (not changed since, e.g. by dropout), else None."""
+        step = _STEP_ROTATIONS.get()
+        return None if step is None else step.inverse(self, adapter_name, blocks)
 
     def _conv_forward(self, x: torch.Tensor, adapters: Sequence[str], args: tuple, kwargs: dict) -> torch.Tensor:
         """A convolution with the rotated filters s ⊙ (W Rᵀ): one convolution, equal to the merged layer."""
@@ -595,12 +787,28 @@ class OrthogonalLayer(AdapterLayer):
 # tuner
 # ---------------------------------------------------------------------------------------------------
 class OrthogonalTuner(BaseTuner):
-    """Injects OFT or BOFT layers (see :class:`~peftlab.tuners.base.BaseTuner`).
+    """Injects OFT or BOFT layers (see :class:`~peftlab.tuners.base.BaseTuner`). A forward that records gradients
+    builds the rotations of all layers that train one adapter in one node per kind of block
+    (:class:`StepRotations`; ``batch_rotations = False`` on the class or the model builds each layer's own).
 
     Explained in: book/oft_boft.ipynb
     """
 
     default_target_modules = DEFAULT_TARGET_MODULES
+    #: build the step's rotations together (:class:`StepRotations`) in a forward that records gradients
+    batch_rotations: bool = True
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not (self.batch_rotations and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+            return self.model(*args, **kwargs)
+        step = StepRotations(m for m in self.model.modules() if isinstance(m, OrthogonalLayer))
+        if not step:
+            return self.model(*args, **kwargs)
+        token = _STEP_ROTATIONS.set(step)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            _STEP_ROTATIONS.reset(token)
 
     @staticmethod
     def rotated_size(target: nn.Module) -> int:

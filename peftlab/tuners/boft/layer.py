@@ -70,12 +70,21 @@ class BOFTLayer(OrthogonalLayer):
         """
         a = self.boft_R[adapter_name]
         m, nb, b, _ = a.shape
-        blocks = rotation_blocks(a.reshape(m * nb, b, b), b, packed=False, terms=None).view(m, nb, b, b)
+        blocks = self._step_blocks(adapter_name)  # built with the other layers' in a training forward
+        if blocks is None:
+            blocks = rotation_blocks(a.reshape(m * nb, b, b), b, packed=False, terms=None)
+        blocks = blocks.view(m, nb, b, b)
         p = self.boft_dropout[adapter_name]
         if training and p > 0:  # one random factor loses int(p·blocks) blocks to I
             i = int(torch.randint(0, m, (1,)))
             blocks = torch.cat([blocks[:i], multiplicative_dropout(blocks[i], p)[None], blocks[i + 1:]])
         return blocks
+
+    def rotation_source(self, adapter_name: str) -> tuple[torch.Tensor, int, bool, None]:
+        """Every factor's blocks as (m·blocks, b, b) square matrices, Q = ½(A − Aᵀ), exact Cayley."""
+        a = self.boft_R[adapter_name]
+        m, nb, b, _ = a.shape
+        return a.reshape(m * nb, b, b), b, False, None
 
     def rotate(self, x: torch.Tensor, adapter_name: str, training: bool = False) -> torch.Tensor:
         """x R = x M_{m−1} ⋯ M_0 through gathers and block products (never the dense R).

@@ -80,14 +80,25 @@ class OFTLayer(OrthogonalLayer):
         Explained in: book/oft_boft.ipynb
         """
         opts = self.oft_settings[adapter_name]
-        weight = self.oft_R[adapter_name].weight
-        b = self.oft_block_size[adapter_name]
-        if opts["coft"]:
-            self._project(weight, b, opts["eps"])
-        rot = rotation_blocks(weight, b, packed=True, terms=opts["terms"] if opts["neumann"] else None)
+        rot = self._step_blocks(adapter_name)  # built with the other layers' in a training forward
+        if rot is None:
+            weight = self.oft_R[adapter_name].weight
+            b = self.oft_block_size[adapter_name]
+            if opts["coft"]:
+                self._project(weight, b, opts["eps"])
+            rot = rotation_blocks(weight, b, packed=True, terms=opts["terms"] if opts["neumann"] else None)
         if training and opts["dropout"] > 0:
             rot = multiplicative_dropout(rot, opts["dropout"])
         return rot
+
+    def rotation_source(self, adapter_name: str) -> tuple[torch.Tensor, int, bool, int | None] | None:
+        """The packed Q's, b, and the series (None: COFT projects them in place before every build, so the layer
+        builds its own)."""
+        opts = self.oft_settings[adapter_name]
+        if opts["coft"]:
+            return None
+        return (self.oft_R[adapter_name].weight, self.oft_block_size[adapter_name], True,
+                opts["terms"] if opts["neumann"] else None)
 
     @staticmethod
     @torch.no_grad()

@@ -152,7 +152,9 @@ def divide_by_scale(numerator: torch.Tensor, scale: torch.Tensor,
     """numerator / scale, entry by entry, for the gradient of a learned scale s read off a scaled activation
     (Σ_t g ⊙ (s ⊙ z) / s = Σ_t g ⊙ z, which spares keeping z); where |s| < :data:`DIVIDE_FLOOR` (s = 0 loses z
     altogether) the entries come from ``direct(idx)``, which computes them from z for those indices only.
-    Deciding reads one flag back from the device."""
+    Deciding reads one number back from the device."""
+    if float(scale.abs().amin()) >= DIVIDE_FLOOR:  # the common case: no entry near 0 (NaN takes the long way)
+        return numerator / scale
     tiny = scale.abs() < DIVIDE_FLOOR
     out = numerator / torch.where(tiny, 1.0, scale)
     if bool(tiny.any()):

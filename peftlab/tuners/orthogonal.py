@@ -384,6 +384,7 @@ def rotation_blocks(p: torch.Tensor, b: int, packed: bool, terms: int | None) ->
 MIN_BLOCK_WIDTH = 16
 
 
+@functools.lru_cache(maxsize=256)
 def block_group(r: int, b: int) -> int:
     """How many consecutive b×b blocks (of r) :class:`RotatedLinear`'s token products treat as one wider block:
     the fewest, dividing r, whose width reaches :data:`MIN_BLOCK_WIDTH` (1 when b already does).

@@ -55,10 +55,16 @@ def _triu(b: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=64)
-def _triu_flat(b: int, device: str) -> torch.Tensor:
-    """The strict upper triangle's positions in a flattened b×b matrix (row-major), on ``device``."""
+def _skew_gather(b: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For packed upper triangles (m = b(b−1)/2 numbers): where each of the b·b entries of Q comes from in
+    [0, p, −p] (index 0 for the diagonal, 1 + k above it, 1 + m + k below), and the flat positions of the upper
+    and lower triangles (k-th entry and its mirror), on ``device``."""
     rows, cols = torch.triu_indices(b, b, 1)
-    return (rows * b + cols).to(device)
+    m = rows.numel()
+    source = torch.zeros(b, b, dtype=torch.long)
+    source[rows, cols] = torch.arange(1, m + 1)
+    source[cols, rows] = torch.arange(m + 1, 2 * m + 1)
+    return source.view(-1).to(device), (rows * b + cols).to(device), (cols * b + rows).to(device)
 
 
 def skew_from_packed(vec: torch.Tensor, b: int) -> torch.Tensor:
@@ -229,9 +235,9 @@ def reference_rotation(p: torch.Tensor, b: int, packed: bool, terms: int | None)
 def _rotation_forward(p: torch.Tensor, b: int, packed: bool, terms: int | None,
                       ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """R from p as :class:`SkewRotation` computes it, and what its backward needs besides p's shape."""
-    if packed:  # as skew_from_packed, with one flat index (a column copy instead of a scatter)
-        upper = p.new_zeros(p.shape[0], b * b).index_copy_(1, _triu_flat(b, str(p.device)), p).view(-1, b, b)
-        q = upper - upper.mT
+    if packed:  # as skew_from_packed, by one gather from [0, p, −p] (no pass over a transposed matrix)
+        source = _skew_gather(b, str(p.device))[0]
+        q = torch.cat([p.new_zeros(p.shape[0], 1), p, -p], 1).index_select(1, source).view(-1, b, b)
     else:
         q = skew_from_square(p)
     eye = torch.eye(b, device=p.device, dtype=p.dtype)
@@ -243,8 +249,11 @@ def _rotation_forward(p: torch.Tensor, b: int, packed: bool, terms: int | None,
         return eye.expand_as(q).clone(), ()
     if len(c) == 5:  # Paterson–Stockmeyer: S = Q², T = c₂I + c₃Q + c₄S, R = c₀I + c₁Q + S T (two products)
         sq = torch.bmm(q, q)
-        t = torch.add(eye * c[2], q, alpha=c[3]).add_(sq, alpha=c[4])
-        return torch.baddbmm(torch.add(eye * c[0], q, alpha=c[1]), sq, t), (q, sq, t)
+        t = torch.add(sq if c[4] == 1 else sq * c[4], q, alpha=c[3])
+        t.diagonal(dim1=-2, dim2=-1).add_(c[2])  # the identity terms on the diagonals only
+        base = q * c[1]
+        base.diagonal(dim1=-2, dim2=-1).add_(c[0])
+        return torch.baddbmm(base, sq, t), (q, sq, t)
     eye2 = eye * 2
     steps = [torch.add(eye if c[-2] == 1 else eye2, q, alpha=c[-1])]
     for cj in reversed(c[:-2]):  # P_j = Q P_(j+1) + c_j I
@@ -272,10 +281,11 @@ def _rotation_backward(grad: torch.Tensor, saved: Sequence[torch.Tensor], b: int
                 gq = torch.bmm(g, nxt.mT) if gq is None else torch.baddbmm(gq, g, nxt.mT)
                 g = torch.bmm(q.mT, g)
             gq = g * c[-1] if gq is None else gq.add_(g, alpha=c[-1])  # P_(k−1) = c_k Q + c_(k−1) I
-    skew = gq - gq.mT
-    if packed:
-        return skew.view(-1, b * b).index_select(1, _triu_flat(b, str(grad.device)))
-    return skew.mul_(0.5)
+    if packed:  # the skew part's upper triangle: each entry less its mirror
+        _, upper, lower = _skew_gather(b, str(grad.device))
+        flat = gq.reshape(-1, b * b)
+        return flat.index_select(1, upper).sub_(flat.index_select(1, lower))
+    return (gq - gq.mT).mul_(0.5)
 
 
 def _paterson_stockmeyer_grad(g: torch.Tensor, q: torch.Tensor, sq: torch.Tensor, t: torch.Tensor,
@@ -286,7 +296,8 @@ def _paterson_stockmeyer_grad(g: torch.Tensor, q: torch.Tensor, sq: torch.Tensor
     the skew part of c₁G + c₃SG − QM is needed, which is all the parameters see."""
     sg = torch.bmm(sq, g)
     ds = torch.baddbmm(sg, g, t.mT, beta=c[4])  # G Tᵀ + c₄ S G
-    return torch.baddbmm(torch.add(g * c[1], sg, alpha=c[3]), q, ds + ds.mT, alpha=-1)
+    # c₁G + c₃SG − QM as c₁(G + (c₃/c₁)SG) − QM, the factor c₁ applied inside the product's pass
+    return torch.baddbmm(torch.add(g, sg, alpha=c[3] / c[1]), q, ds + ds.mT, beta=c[1], alpha=-1)
 
 
 class SkewRotation(torch.autograd.Function):

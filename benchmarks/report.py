@@ -68,8 +68,12 @@ STEP_WORK = {
             "scales the rotated weight's columns (out·in, not the (tokens, out) output), and ∂s = Σ_t g ⊙ h / s is "
             "read off the output in one pass backward, so no unscaled copy of the output is kept. The 32 small "
             "inverses per layer (R = 2(I + Q)⁻¹ − I) run for all 16 layers in one batched node per step, as OFT's "
-            "series does; the per-layer fixed cost remains. peft builds the dense ($d_\\text{in} \\times d_\\text{in}$) "
-            "rotation with permutation matrices at every step and lets autograd record it.",
+            "series does; the per-layer fixed cost remains. peft builds the dense "
+            "($d_\\text{in} \\times d_\\text{in}$) rotation with permutation matrices at every step and lets "
+            "autograd record it. With two factors R is still "
+            "block-diagonal, with blocks of 16 (factor i permutes only inside groups of b·2^i inputs): peftlab forms "
+            "those blocks from the factors (one butterfly pass over 16 rows) and runs the same node, where the "
+            "factor-by-factor path gathered and multiplied the activations once per factor each way.",
     "ia3": "(IA)³ adds little to the limit: a scaled copy of each adapted weight (12 of them here) and a sum over the "
            "tokens per learned vector, ∂l = Σ_t (activation ⊙ gradient), which no product the frozen model runs "
            "can absorb: each step reads the k and v outputs (8 of tokens × 256) and down_proj's inputs (4 of "
@@ -182,8 +186,9 @@ def render(results: dict) -> str:
         "instead of every token, run blocks narrower than 16 in joined pairs, take "
         "$\\partial L/\\partial(xR) = (\\partial x) R^{-\\top}$ to spare a product over the tokens ($R^{-\\top} = R$ "
         "when $R$ is orthogonal, a few Newton–Schulz steps on the blocks for the truncated series), build every "
-        "layer's blocks in one node per step (`BatchedRotation`), AdaLoRA (`SVDLinearFunction`) forms $W + sP(\\Lambda Q)$ once and reuses it "
-        "in the backward, and its allocator updates every score with a handful of fused `torch._foreach` calls.",
+        "layer's blocks in one node per step (`BatchedRotation`; BOFT with several factors forms R's diagonal "
+        "blocks and takes the same node), AdaLoRA (`SVDLinearFunction`) forms $W + sP(\\Lambda Q)$ once and "
+        "reuses it in the backward, and its allocator updates every score with a handful of fused `torch._foreach` calls.",
         "- **Mixed-adapter serving** (`Linear.mixed_batch_forward`): the adapters' $A^\\top$ and $s B^\\top$ are "
         "stacked once (cached until a weight changes), each row gathers its own, and two batched products "
         "(`bmm`, `baddbmm`) replace peft's loop over adapters with its index lists. Unequal ranks, active "

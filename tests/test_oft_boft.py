@@ -726,3 +726,60 @@ def test_near_orthogonal_inverses_decide_layer_by_layer():
             torch.testing.assert_close(inverse, alone, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(torch.bmm(blocks, inverse), eye_like(blocks), rtol=0, atol=1e-12)
     assert [i is None for i in got] == [False, True, False]
+
+
+# ---------------------------------------------------------------------------------------------------
+# a butterfly's R as diagonal blocks of b·2^(m−1)
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
+def test_group_blocks_are_the_butterflys_diagonal_blocks(m):
+    """R = M_{m−1} ⋯ M_0 is block-diagonal with blocks of g = b·2^(m−1): group_blocks gives them (float64, to
+    rounding against the dense R of the factor-by-factor butterfly), and None once g passes the cap."""
+    import peftlab.tuners.boft.layer as boft_layer
+
+    g = torch.Generator().manual_seed(m)
+    n, b = 64, 4
+    factors = cayley(skew_from_square(torch.randn(m, n // b, b, b, generator=g, dtype=torch.float64)))
+    dense = butterfly_rotate(torch.eye(n, dtype=torch.float64), factors)
+    blocks = boft_layer.group_blocks(factors)
+    assert blocks.shape == (n // (b << (m - 1)), b << (m - 1), b << (m - 1))
+    torch.testing.assert_close(block_diagonal(blocks), dense, rtol=0, atol=1e-13)
+    # off the diagonal blocks the dense R is exactly zero: the blocks are all of R
+    assert torch.count_nonzero(dense * (block_diagonal(torch.ones_like(blocks)) == 0)) == 0
+    if m > 1:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(boft_layer, "MAX_GROUP_WIDTH", (b << (m - 1)) - 1)
+            assert boft_layer.group_blocks(factors) is None
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_boft_with_several_factors_trains_through_the_fused_node(m):
+    """With m > 1 factors a training step runs RotatedLinear on R's blocks (the gathers act on g rows only, not
+    on the activations), with the gradients of the factor-by-factor butterfly (forced by a cap of 0) to float32
+    rounding."""
+    import peftlab.tuners.boft.layer as boft_layer
+
+    config = BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=m, target_modules=["a", "b", "c"])
+    seen_nodes: dict[bool, list[str]] = {}
+
+    def run(fused: bool):
+        def step(model, x):
+            loss = model(x).pow(2).sum()
+            seen, todo, names = set(), [loss.grad_fn], []
+            while todo:
+                fn = todo.pop()
+                if fn is not None and fn not in seen:
+                    seen.add(fn)
+                    names.append(type(fn).__name__)
+                    todo += [nxt for nxt, _ in fn.next_functions]
+            seen_nodes[fused] = names
+            loss.backward()
+        return step
+    fused, _ = step_grads(config, True, run(True))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(boft_layer, "MAX_GROUP_WIDTH", 0)
+        gathered, _ = step_grads(config, True, run(False))
+    assert seen_nodes[True].count("RotatedLinearBackward") == 3
+    assert "RotatedLinearBackward" not in seen_nodes[False]
+    for key in gathered:
+        torch.testing.assert_close(fused[key], gathered[key], rtol=1e-4, atol=1e-6)

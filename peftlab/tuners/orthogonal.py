@@ -136,16 +136,25 @@ def block_diagonal(blocks: torch.Tensor, n_blocks: int | None = None) -> torch.T
 def rotate_blocks(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """x ↦ x R for block-diagonal R: (…, r·b) with (r, b, b) blocks (or one shared block (1, b, b)).
 
+    Blocks narrower than :data:`MIN_BLOCK_WIDTH` run as wider block-diagonal ones (:func:`block_group`), and
+    without gradients the product is written straight into the output's layout.
+
     Explained in: book/oft_boft.ipynb
     """
     b = blocks.shape[-1]
     shape = x.shape
-    xb = x.reshape(-1, shape[-1] // b, b).transpose(0, 1)  # (r, tokens, b)
-    if blocks.shape[0] == 1:
-        out = (xb.reshape(-1, b) @ blocks[0]).view_as(xb)
-    else:
-        out = torch.bmm(xb, blocks)  # each slice of b inputs through its own block
-    return out.transpose(0, 1).reshape(shape)
+    if blocks.shape[0] == 1:  # one shared block: every slice of b inputs through it, as one product
+        return (x.reshape(-1, b) @ blocks[0]).view(shape)
+    r = shape[-1] // b
+    k = block_group(r, b)
+    rk, bk = r // k, b * k
+    wide = widen_blocks(blocks, k)
+    xb = x.reshape(-1, rk, bk).transpose(0, 1)  # (r/k, tokens, kb)
+    if torch.is_grad_enabled() and (x.requires_grad or blocks.requires_grad):
+        return torch.bmm(xb, wide).transpose(0, 1).reshape(shape)
+    out = x.new_empty(shape)
+    torch.bmm(xb, wide, out=out.view(-1, rk, bk).transpose(0, 1))
+    return out
 
 
 def butterfly_perm(n: int, block_size: int, factor: int, n_factors: int) -> torch.Tensor:
@@ -191,7 +200,7 @@ def butterfly_rotate(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
             x = rotate_blocks(x, factors[i])
             continue
         perm, inverse = _butterfly_indices(n, b, i, m, str(x.device))
-        x = rotate_blocks(x[..., inverse], factors[i])[..., perm]  # x P_i, then B_i, then Pᵢᵀ
+        x = rotate_blocks(x.index_select(-1, inverse), factors[i]).index_select(-1, perm)  # x P_i, B_i, Pᵢᵀ
     return x
 
 
@@ -597,7 +606,9 @@ class StepRotations:
         #: id(layer) → (adapter, group, position, p, p's version when the step began)
         self._where: dict[int, tuple[str, int, int, torch.Tensor, int]] = {}
         self._groups = [(key, members) for key, members in groups.items() if len(members) > 1]
-        self._built: list[tuple[tuple[torch.Tensor, ...], list[torch.Tensor | None]] | None] = [None] * len(self._groups)
+        #: per group, once built: (each member's blocks, each member's inverse or None)
+        self._built: list[tuple[tuple[torch.Tensor, ...], list[torch.Tensor | None]] | None]
+        self._built = [None] * len(self._groups)
         for g, (_, members) in enumerate(self._groups):
             for i, (layer, name, p) in enumerate(members):
                 self._where[id(layer)] = (name, g, i, p, p._version)

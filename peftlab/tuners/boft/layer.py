@@ -3,8 +3,11 @@
 Storage (peft's names): ``boft_R`` (m, blocks, b, b), each b×b matrix A giving the skew Q = ½(A − Aᵀ) and the
 block Cayley(Q) (exact); ``boft_s``, a per-output scale, (out, 1) on a Linear and (1, out) on a Conv2d. B_i is
 block-diagonal; the butterfly permutations P_i (:func:`~peftlab.tuners.orthogonal.butterfly_perm`) make factor i
-pair inputs b·2^(i−1) apart. The factors are applied as gathers and block products in plain PyTorch, on every
-device (peft 0.21.2 needs its CUDA extension for m > 1 and otherwise trains one factor).
+pair inputs b·2^(i−1) apart. Factor i permutes only inside groups of b·2^i inputs, so R is block-diagonal with
+blocks of g = b·2^(m−1): while g ≤ :data:`MAX_GROUP_WIDTH` the layer forms those blocks from the factors (a few
+small products on g rows) and rotates like OFT, otherwise it applies the factors to the activations as gathers
+and block products. Plain PyTorch on every device (peft 0.21.2 needs its CUDA extension for m > 1 and otherwise
+trains one factor).
 
 Explained in: book/oft_boft.ipynb
 """
@@ -16,7 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab.tuners.orthogonal import OrthogonalLayer, butterfly_rotate, multiplicative_dropout, rotation_blocks
+from peftlab.tuners.orthogonal import (OrthogonalLayer, butterfly_rotate, multiplicative_dropout, rotate_blocks,
+                                       rotation_blocks)
+
+#: the widest diagonal blocks of R (b·2^(m−1)) that a layer forms and applies as block products; wider butterflies
+#: run factor by factor on the activations. At 256 inputs and 1024 tokens one thread trains the blocks up to 128
+#: wide faster than the gathers (see the benchmarks appendix)
+MAX_GROUP_WIDTH = 128
 
 
 class BOFTLayer(OrthogonalLayer):
@@ -87,16 +96,18 @@ class BOFTLayer(OrthogonalLayer):
         return a.reshape(m * nb, b, b), b, False, None
 
     def rotate(self, x: torch.Tensor, adapter_name: str, training: bool = False) -> torch.Tensor:
-        """x R = x M_{m−1} ⋯ M_0 through gathers and block products (never the dense R).
+        """x R = x M_{m−1} ⋯ M_0: through R's diagonal blocks (:meth:`group_blocks`), or factor by factor with
+        gathers and block products when they are too wide (never the dense R).
 
         Explained in: book/oft_boft.ipynb
         """
-        return butterfly_rotate(x, self.factors(adapter_name, training))
+        factors = self.factors(adapter_name, training)
+        blocks = group_blocks(factors)
+        return butterfly_rotate(x, factors) if blocks is None else rotate_blocks(x, blocks)
 
     def block_diagonal_blocks(self, adapter_name: str) -> torch.Tensor | None:
-        """One factor: R is block-diagonal (the fast OFT path applies); more: None."""
-        factors = self.boft_R[adapter_name]
-        return self.factors(adapter_name, self.training)[0] if factors.shape[0] == 1 else None
+        """R's diagonal blocks (:func:`group_blocks`; the fused OFT path applies), or None when too wide."""
+        return group_blocks(self.factors(adapter_name, self.training))
 
     def out_scale(self, adapter_name: str) -> torch.Tensor:
         return self.boft_s[adapter_name].reshape(-1)
@@ -104,3 +115,22 @@ class BOFTLayer(OrthogonalLayer):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, boft_block_size={self.boft_block_size}, "
                 f"boft_block_num={self.boft_block_num}")
+
+
+def group_blocks(factors: torch.Tensor) -> torch.Tensor | None:
+    """R's diagonal blocks, (n/g, g, g) with g = b·2^(m−1), from the factors (m, n/b, b, b); None when g exceeds
+    :data:`MAX_GROUP_WIDTH`. Every factor keeps its permutation inside groups of g inputs, so R is block-diagonal
+    with blocks of g; the g rows X with X[j, G·g + j] = 1 for every group G give X R, whose columns of group G are
+    row by row that group's block: one butterfly pass over g rows, differentiable in the factors.
+
+    Explained in: book/oft_boft.ipynb
+    """
+    m, nb, b, _ = factors.shape
+    if m == 1:
+        return factors[0]
+    g, n = b << (m - 1), nb * b
+    if g > MAX_GROUP_WIDTH or n % g:
+        return None
+    rows = torch.eye(g, dtype=factors.dtype, device=factors.device).repeat(1, n // g)  # (g, n)
+    return butterfly_rotate(rows, factors).view(g, n // g, g).transpose(0, 1).contiguous()
+

@@ -554,3 +554,31 @@ def test_partial_merge_takes_the_norm_on_the_unmerged_base(kind):
         both = pm(x)
     torch.testing.assert_close(partial, both, atol=1e-5, rtol=0)
     assert not torch.allclose(partial, merged_alone, atol=1e-3)  # the active adapter acts
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_fused_dora_magnitude_gradient_where_m_vanishes(with_bias):
+    """With many tokens the fused node scales the merged weight's rows by m/n and reads ∂m off its output
+    (Σ_t g ⊙ (h − b) / m); where m is zero, tiny or negative-tiny that division is skipped and those entries come
+    from x directly. ∂x, ∂A, ∂B, ∂m equal autograd's on the plain formula (n held constant, float64)."""
+    g = torch.Generator().manual_seed(5)
+    T, n_in, n_out, r, s = 12, 6, 5, 2, 2.0  # T (in + out) > in·out: the merged-weight path
+    x = torch.randn(T, n_in, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(n_out, n_in, generator=g, dtype=torch.float64)
+    bias = torch.randn(n_out, generator=g, dtype=torch.float64) if with_bias else None
+    A = torch.randn(r, n_in, generator=g, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(n_out, r, generator=g, dtype=torch.float64, requires_grad=True)
+    m = torch.tensor([1.2, 0.0, 1e-30, 0.7, -1e-20], dtype=torch.float64, requires_grad=True)
+    n = torch.linalg.vector_norm(W + s * B.detach() @ A.detach(), dim=1)
+    grads = {}
+    for fused in (True, False):
+        if fused:
+            h = dora.DoraLinearFunction.apply(x, W, bias, A, B, m, n, s)
+        else:
+            h = (m / n) * (F.linear(x, W) + s * F.linear(F.linear(x, A), B)) + (0 if bias is None else bias)
+        (h.pow(2).sum() + h.sum()).backward()
+        grads[fused] = (h.detach(), x.grad, A.grad, B.grad, m.grad)
+        x.grad = A.grad = B.grad = m.grad = None
+    assert torch.isfinite(grads[True][4]).all()
+    for got, want in zip(grads[True], grads[False]):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)

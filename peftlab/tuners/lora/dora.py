@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.tuners.base import func_transform_active, second_order_grads
+from peftlab.tuners.base import divide_by_scale, func_transform_active, keep_output, kept_output, second_order_grads
 
 MAGNITUDE = "lora_magnitude_vector"
 
@@ -141,8 +141,10 @@ class DoraLinearFunction(torch.autograd.Function):
     Backward, with c = m/n, z = x Wᵀ + s·x Aᵀ Bᵀ and g = ∂L/∂h:
     ∂m = Σ_t g ⊙ z / n,  ∂B = s·(gᵀ (x Aᵀ)) ⊙ c,  ∂A = s·((g ⊙ c) B)ᵀ x,  ∂x = g (c ⊙ W) + s·((g ⊙ c) B) A,
     where c is folded into the (out, ·) weights instead of the (T, out) activations. With more tokens than
-    in·out/(in + out) (float32), z = x (W + s·B A)ᵀ and ∂x = g (c ⊙ (W + s·B A)) from the merged weight, formed in
-    the forward and again in the backward (see :class:`~peftlab.tuners.lora.layer.LoraLinearFunction`).
+    in·out/(in + out) (float32), h = x (c ⊙ (W + s·B A))ᵀ + b and ∂x = g (c ⊙ (W + s·B A)) from the merged weight,
+    formed in the forward and again in the backward (see :class:`~peftlab.tuners.lora.layer.LoraLinearFunction`),
+    and ∂m = Σ_t g ⊙ (h − b) / m is read off the output (:func:`~peftlab.tuners.base.keep_output`), so z is not
+    kept.
 
     Explained in: book/lora_in_practice.ipynb
     """
@@ -159,10 +161,10 @@ class DoraLinearFunction(torch.autograd.Function):
         n_out, n_in = weight.shape
         # many tokens (training, float32): one product with W + s·B A, as in LoraLinearFunction
         merged = x.shape[0] * (n_in + n_out) > n_in * n_out and weight.dtype in (torch.float32, torch.float64)
-        if merged:
-            z = F.linear(x, torch.addmm(weight, B, A, alpha=s))  # z = (W + s·B A) x, (T, out)
-            out = torch.addcmul(bias, z, c) if bias is not None else z * c
-            xaT = None
+        if merged:  # h = (c ⊙ (W + s·B A)) x + b: c scales the weight's rows, not the (T, out) output
+            out = F.linear(x, torch.addmm(weight, B, A, alpha=s).mul_(c[:, None]), bias)
+            keep_output(ctx, out)  # ∂m reads it; an in-place change after the layer makes the backward recompute
+            xaT = z = None
         else:
             # rank-r products as (r, T) = A xᵀ: with r ≪ in, out the BLAS kernels run faster in this orientation
             xaT = torch.mm(A, x.t())  # (A x)ᵀ, (r, T)
@@ -196,8 +198,18 @@ class DoraLinearFunction(torch.autograd.Function):
         c = m / n
         need_x, _, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:6]
         grad_x = grad_b = grad_A = grad_B = grad_m = None
-        if need_m:
+        if need_m and not ctx.merged:
             grad_m = torch.linalg.vecdot(g, z, dim=0) / n  # Σ_t g ⊙ z / n
+        elif need_m:
+
+            def direct(idx: Any) -> torch.Tensor:  # Σ_t g ⊙ z / n for outputs idx, z from x
+                z_idx = F.linear(x, torch.addmm(weight[idx], B[idx], A, alpha=s))
+                return torch.linalg.vecdot(g[:, idx], z_idx, dim=0) / n[idx]
+            h = kept_output(ctx)
+            if h is None:
+                grad_m = direct(slice(None))
+            else:  # Σ_t g ⊙ (h − b) / m = Σ_t g ⊙ z / n
+                grad_m = divide_by_scale(torch.linalg.vecdot(g, h if bias is None else h - bias, dim=0), m, direct)
         if need_x and ctx.merged:
             grad_x = torch.mm(g, torch.addmm(weight, B, A, alpha=s).mul_(c[:, None]))  # g (c ⊙ (W + s·B A))
         if need_A or (need_x and not ctx.merged):

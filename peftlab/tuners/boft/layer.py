@@ -23,8 +23,9 @@ from peftlab.tuners.orthogonal import (OrthogonalLayer, butterfly_rotate, multip
                                        rotation_blocks)
 
 #: the widest diagonal blocks of R (b·2^(m−1)) that a layer forms and applies as block products; wider butterflies
-#: run factor by factor on the activations. At 256 inputs and 1024 tokens one thread trains the blocks up to 128
-#: wide faster than the gathers (see the benchmarks appendix)
+#: run factor by factor on the activations. Blocks cost tokens·in·g per product, the factors m·tokens·in·b plus
+#: their gathers: on the benchmark model (256 inputs, 1024 tokens, b = 8, one thread) the blocks trained faster
+#: at every g up to 256 (a dense R); the cap keeps a wide butterfly on a large layer off the g-sized products
 MAX_GROUP_WIDTH = 128
 
 

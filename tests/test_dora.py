@@ -582,3 +582,22 @@ def test_fused_dora_magnitude_gradient_where_m_vanishes(with_bias):
     assert torch.isfinite(grads[True][4]).all()
     for got, want in zip(grads[True], grads[False]):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+def test_fused_dora_runs_under_inference_mode():
+    """Under torch.inference_mode() (serving) the node keeps nothing for a backward (inference tensors carry no
+    version counter to keep), and gives the output of a no_grad forward, many tokens or few."""
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8)),
+                           LoraConfig(r=4, target_modules=["0", "2"], use_dora=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape))
+    for tokens in (64, 2):  # T (in + out) above and below in·out: the merged-weight path and the other
+        x = torch.randn(tokens, 16)
+        with torch.no_grad():
+            want = model(x)
+        with torch.inference_mode():
+            got = model(x)
+        torch.testing.assert_close(got, want)

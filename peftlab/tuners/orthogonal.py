@@ -509,7 +509,7 @@ class RotatedLinear(torch.autograd.Function):
         ctx.kept = x.numel() >= w_rot_t.numel()
         ctx.save_for_backward(x, weight, blocks, bias, scale, inverse, *((w_rot_t,) if ctx.kept else ()))
         h = linear_output(x, w_rot_t.T, bias)[0]
-        if scale is not None:  # ∂s reads the output (÷ s); an in-place change after the layer makes it recompute
+        if scale is not None and ctx.needs_input_grad[4] and not torch.is_inference(h):  # ∂s reads h (÷ s)
             keep_output(ctx, h)
         return h
 

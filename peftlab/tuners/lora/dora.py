@@ -163,7 +163,8 @@ class DoraLinearFunction(torch.autograd.Function):
         merged = x.shape[0] * (n_in + n_out) > n_in * n_out and weight.dtype in (torch.float32, torch.float64)
         if merged:  # h = (c ⊙ (W + s·B A)) x + b: c scales the weight's rows, not the (T, out) output
             out = F.linear(x, torch.addmm(weight, B, A, alpha=s).mul_(c[:, None]), bias)
-            keep_output(ctx, out)  # ∂m reads it; an in-place change after the layer makes the backward recompute
+            if ctx.needs_input_grad[5] and not torch.is_inference(out):  # ∂m reads it (changed in place: recomputed)
+                keep_output(ctx, out)
             xaT = z = None
         else:
             # rank-r products as (r, T) = A xᵀ: with r ≪ in, out the BLAS kernels run faster in this orientation

@@ -181,8 +181,8 @@ def render(results: dict) -> str:
         "`addmm` and `reshape` calls record, and its rank-$r$ products run as $(r, T)$ matrices "
         "($A x^\\top$, $B^\\top g^\\top$), the orientation in which the CPU BLAS kernels are 2–4× faster for "
         "$r \\ll$ in, out. The other methods that train a linear layer do the same: LoHa and LoKr "
-        "(`peftlab/tuners/lycoris.py`) form $W_0 + \\Delta W$ once and run one product, OFT and BOFT with one "
-        "factor (`RotatedLinear` in `peftlab/tuners/orthogonal.py`) rotate the weight ($W R^\\top$, out·in·b) "
+        "(`peftlab/tuners/lycoris.py`) form $W_0 + \\Delta W$ once and run one product, OFT and BOFT "
+        "(`RotatedLinear` in `peftlab/tuners/orthogonal.py`) rotate the weight ($W R^\\top$, out·in·b) "
         "instead of every token, run blocks narrower than 16 in joined pairs, take "
         "$\\partial L/\\partial(xR) = (\\partial x) R^{-\\top}$ to spare a product over the tokens ($R^{-\\top} = R$ "
         "when $R$ is orthogonal, a few Newton–Schulz steps on the blocks for the truncated series), build every "
@@ -216,8 +216,8 @@ BOUND_WORK = {
     "lab_scale": _LORA_BOUND,
     "oft_step": "the rotated weight W Rᵀ and the blocks' gradient Σ xᵢᵀ Gᵢ over the tokens per adapted layer, plus "
                 "AdamW's step on the adapter's tensors (the rotation's construction from its parameters left out)",
-    "boft_step": "the rotated weight W Rᵀ, the blocks' gradient Σ xᵢᵀ Gᵢ over the tokens and the two passes for "
-                 "the output scale s per adapted layer, plus AdamW's step on the adapter's tensors (the rotation's "
+    "boft_step": "the rotated weight W Rᵀ, the blocks' gradient Σ xᵢᵀ Gᵢ over the tokens and the pass for "
+                 "∂s (Σ_t g ⊙ h) per adapted layer, plus AdamW's step on the adapter's tensors (the rotation's "
                  "construction from its parameters left out)",
     "serving": "two batched products per adapted layer over the 16 requests' stacked A and s·B (each request's "
                "adapter read from memory), on top of the base model's decode step",

@@ -168,8 +168,8 @@ def rotation_products(model, n_tokens: int) -> tuple[Callable[[], None], int]:
     """The products no OFT or BOFT (one factor) training step can skip, per adapted linear layer with r blocks of
     b (grouped as the fused node groups narrow blocks): the rotated weight W Rᵀ ((r, b, b) times (r, b, out)), and
     the blocks' gradient Σ_tokens x_iᵀ G_i over the tokens; with BOFT's output scale s also the pass over the
-    tokens that scales the output and the one that gives ∂s. The rotation's construction from its parameters
-    (b×b products) is left out (a lower bound)."""
+    tokens that gives ∂s (s itself can scale the weight's rows instead of the output). The rotation's construction
+    from its parameters (b×b products) is left out (a lower bound)."""
     from peftlab.tuners.orthogonal import OrthogonalLayer, block_group
 
     stand_in, xs, gs = [], {}, {}
@@ -196,8 +196,6 @@ def rotation_products(model, n_tokens: int) -> tuple[Callable[[], None], int]:
             rk, bk = r // k, b * k
             torch.bmm(x.view(-1, rk, bk).permute(1, 2, 0), gx.view(-1, rk, bk).transpose(0, 1))  # Σ x_iᵀ G_i
             if scaled:
-                s = gr[0]
-                gr * s  # the output scaled by s
                 (gr * gr).sum(0)  # ∂s = Σ_tokens g ⊙ (unscaled output)
     return run, len(stand_in)
 

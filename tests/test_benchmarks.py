@@ -167,8 +167,9 @@ def test_adapter_floor_stops_the_backward_at_block_zeros_projections(tiny):
 
 def test_bound_products_run_what_their_methods_cannot_skip(tiny):
     """The bound's stand-in products: four rank-r products per LoRA layer (A xᵀ, Bᵀ gᵀ, ∂A, ∂B: 2·r·T·(in + out)
-    multiply-adds), two batched products per OFT/BOFT layer (the rotated weight, the blocks' gradient) and BOFT's two
-    passes for its scale, two per layer for serving; and the page puts every missed target beside its bound."""
+    multiply-adds), two batched products per OFT/BOFT layer (the rotated weight, the blocks' gradient) and BOFT's
+    pass for ∂s (a product and a sum over the tokens; s itself scales the weight), two per layer for serving; and
+    the page puts every missed target beside its bound."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     torch = run.torch
@@ -191,7 +192,7 @@ def test_bound_products_run_what_their_methods_cannot_skip(tiny):
     assert layers == 16 and c.ops.count("mm") == 4 * 16
     assert c.macs == sum(2 * m.r["default"] * 10 * (m.in_features + m.out_features) for m in model.modules()
                          if hasattr(m, "lora_A") and hasattr(m, "r"))
-    for method, per_layer in (("oft", {"bmm": 2}), ("boft", {"bmm": 2, "mul": 2, "sum": 1})):
+    for method, per_layer in (("oft", {"bmm": 2}), ("boft", {"bmm": 2, "mul": 1, "sum": 1})):
         products, layers = run.rotation_products(run.METHODS[method].model("peftlab", "cpu", torch.float32), 10)
         with Count() as c:
             products()

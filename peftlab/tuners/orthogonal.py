@@ -470,6 +470,14 @@ def near_orthogonal_inverses(blocks: torch.Tensor, sizes: Sequence[int], tol: fl
     return [piece if good else None for piece, good in zip(inv.split(list(sizes)), ok)]
 
 
+def rotated_weight_t(weight: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """(s ⊙ W Rᵀ)ᵀ = R Wᵀ (columns scaled by s) for block-diagonal R, (in, out): (r, b, b) @ (r, b, out) block by
+    block, contiguous in the layout a product with x reads (W may be some rows of a weight: (k, in) → (in, k))."""
+    r, b, _ = blocks.shape
+    w_rot_t = torch.bmm(blocks, weight.T.view(r, b, -1)).view(r * b, -1)
+    return w_rot_t if scale is None else w_rot_t * scale
+
+
 class RotatedLinear(torch.autograd.Function):
     """h = s ⊙ (x (W Rᵀ)ᵀ) + b for block-diagonal R (r, b, b), a frozen W (out, r·b) and an optional per-output
     scale s (BOFT), as one autograd node.
@@ -496,13 +504,8 @@ class RotatedLinear(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 blocks: torch.Tensor, scale: torch.Tensor | None = None, orthogonal: bool = False,
                 inverse: torch.Tensor | None = None) -> torch.Tensor:
-        out, n = weight.shape
-        r, b, _ = blocks.shape
-        # (W Rᵀ)ᵀ = R Wᵀ block by block: (r, b, b) @ (r, b, out), contiguous as (in, out); s scales its columns,
-        # so one product gives the scaled output (s ⊙ (W Rᵀ)) x
-        w_rot_t = torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
-        if scale is not None:
-            w_rot_t = w_rot_t * scale
+        # s scales the rotated weight's columns, so one product gives the scaled output (s ⊙ (W Rᵀ)) x
+        w_rot_t = rotated_weight_t(weight, blocks, scale)
         ctx.orthogonal = orthogonal
         # the backward's ∂x uses (s ⊙ W Rᵀ)ᵀ again: kept when it is no larger than the input the node keeps anyway
         # (many tokens), formed again otherwise (few tokens: a weight-sized tensor per layer would outweigh them)
@@ -535,12 +538,7 @@ class RotatedLinear(torch.autograd.Function):
         elif inverse is None:
             inverse = near_orthogonal_inverse(blocks)
         if inverse is not None:  # ∂x = g (s ⊙ W Rᵀ), then G_i = ∂x_i R_i⁻ᵀ
-            if kept:
-                w_rot_t = kept[0]
-            else:
-                w_rot_t = torch.bmm(blocks, weight.T.view(r, b, out)).view(n, out)
-                if scale is not None:
-                    w_rot_t = w_rot_t * scale
+            w_rot_t = kept[0] if kept else rotated_weight_t(weight, blocks, scale)
             gx = torch.mm(g2, w_rot_t.T)
             grad_x = gx.view(x.shape) if ctx.needs_input_grad[0] else None
             gr = gx
@@ -563,8 +561,7 @@ class RotatedLinear(torch.autograd.Function):
             x2 = x.reshape(t, -1)
 
             def direct(idx: Any) -> torch.Tensor:  # Σ_tokens g ⊙ (x (W Rᵀ)ᵀ) for outputs idx, from x
-                w_idx = torch.bmm(blocks, weight[idx].T.reshape(r, b, -1)).view(n, -1)
-                return (g2[:, idx] * torch.mm(x2, w_idx)).sum(0)
+                return (g2[:, idx] * torch.mm(x2, rotated_weight_t(weight[idx], blocks))).sum(0)
             h = kept_output(ctx)
             if h is None:
                 grad_scale = direct(slice(None))
@@ -593,12 +590,10 @@ class StepRotations:
         groups: dict[tuple, list[tuple[OrthogonalLayer, str, torch.Tensor]]] = {}
         for layer in layers:
             active = layer._active_adapters
-            if layer.disable_adapters or layer.merged_adapters or len(active) != 1 or active[0] not in layer._adapters:
+            if (layer.disable_adapters or layer.merged_adapters or len(active) != 1 or active[0] not in layer._adapters
+                    or not layer.joins_step_rotations(active[0])):
                 continue
-            source = layer.rotation_source(active[0])
-            if source is None:
-                continue
-            p, b, packed, terms = source
+            p, b, packed, terms = layer.rotation_source(active[0])
             if not (p.requires_grad and fusable(p)):
                 continue
             groups.setdefault((b, packed, terms, p.dtype, p.device, tuple(p.shape[1:])), []).append(
@@ -660,8 +655,10 @@ _STEP_ROTATIONS: contextvars.ContextVar[StepRotations | None] = contextvars.Cont
 class OrthogonalLayer(AdapterLayer):
     """A frozen nn.Linear or nn.Conv2d whose input side each adapter rotates: W' = s ⊙ (W Rᵀ).
 
-    A method implements :meth:`rotate` (x ↦ x R on the last dimension, the fast path), :meth:`rotation` (R as
-    a dense (in, in) matrix), :meth:`out_scale` (BOFT's s, or None) and :meth:`exactly_orthogonal`.
+    A method implements :meth:`rotation_source` (the free numbers its blocks come from, which
+    :meth:`source_blocks` turns into blocks), :meth:`rotate` (x ↦ x R on the last dimension, the fast path),
+    :meth:`rotation` (R as a dense (in, in) matrix), :meth:`out_scale` (BOFT's s, or None) and
+    :meth:`exactly_orthogonal`.
     ``in_dim`` is ``in_features``, or in_channels·kh·kw on a convolution.
 
     Explained in: book/oft_boft.ipynb
@@ -776,15 +773,21 @@ class OrthogonalLayer(AdapterLayer):
         return RotatedLinear.apply(x, w, bias, blocks, s, orthogonal, inverse)
 
     # ---- a training step's rotations, built together ---------------------------------------------------
-    def rotation_source(self, adapter_name: str) -> tuple[torch.Tensor, int, bool, int | None] | None:
-        """(p, b, packed, terms): what this adapter's blocks come from (:func:`rotation_blocks`), so that a training
-        forward can build them with the other layers' (:class:`StepRotations`); None: the layer builds its own."""
-        return None
+    def rotation_source(self, adapter_name: str) -> tuple[torch.Tensor, int, bool, int | None]:
+        """(p, b, packed, terms): what this adapter's blocks come from (:func:`rotation_blocks`)."""
+        raise NotImplementedError
 
-    def _step_blocks(self, adapter_name: str) -> torch.Tensor | None:
-        """This adapter's blocks from the training forward's :class:`StepRotations`, or None (build them here)."""
+    def joins_step_rotations(self, adapter_name: str) -> bool:
+        """Whether a training forward may build this adapter's blocks with the other layers'
+        (:class:`StepRotations`); False where the method changes its parameters just before each build."""
+        return True
+
+    def source_blocks(self, adapter_name: str) -> torch.Tensor:
+        """This adapter's blocks from :meth:`rotation_source`: the training forward's shared node
+        (:class:`StepRotations`) where it has them, else built here."""
         step = _STEP_ROTATIONS.get()
-        return None if step is None else step.blocks(self, adapter_name)
+        blocks = None if step is None else step.blocks(self, adapter_name)
+        return rotation_blocks(*self.rotation_source(adapter_name)) if blocks is None else blocks
 
     def _step_inverse(self, adapter_name: str, blocks: torch.Tensor) -> torch.Tensor | None:
         """R⁻¹ of ``blocks`` when they are the step's own (not changed since, e.g. by dropout), else None."""

@@ -19,8 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab.tuners.orthogonal import (OrthogonalLayer, butterfly_rotate, multiplicative_dropout, rotate_blocks,
-                                       rotation_blocks)
+from peftlab.tuners.orthogonal import OrthogonalLayer, butterfly_rotate, multiplicative_dropout, rotate_blocks
 
 #: the widest diagonal blocks of R (b·2^(m−1)) that a layer forms and applies as block products; wider butterflies
 #: run factor by factor on the activations. Blocks cost tokens·in·g per product, the factors m·tokens·in·b plus
@@ -78,12 +77,8 @@ class BOFTLayer(OrthogonalLayer):
 
         Explained in: book/oft_boft.ipynb
         """
-        a = self.boft_R[adapter_name]
-        m, nb, b, _ = a.shape
-        blocks = self._step_blocks(adapter_name)  # built with the other layers' in a training forward
-        if blocks is None:
-            blocks = rotation_blocks(a.reshape(m * nb, b, b), b, packed=False, terms=None)
-        blocks = blocks.view(m, nb, b, b)
+        m, nb, b, _ = self.boft_R[adapter_name].shape
+        blocks = self.source_blocks(adapter_name).view(m, nb, b, b)  # in a training forward: the shared node's
         p = self.boft_dropout[adapter_name]
         if training and p > 0:  # one random factor loses int(p·blocks) blocks to I
             i = int(torch.randint(0, m, (1,)))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from peftlab.tuners.orthogonal import (OrthogonalLayer, block_diagonal, multiplicative_dropout, rotate_blocks,
-                                       rotation_blocks, skew_from_packed)
+                                       skew_from_packed)
 
 
 class OFTRotation(nn.Module):
@@ -80,25 +80,22 @@ class OFTLayer(OrthogonalLayer):
         Explained in: book/oft_boft.ipynb
         """
         opts = self.oft_settings[adapter_name]
-        rot = self._step_blocks(adapter_name)  # built with the other layers' in a training forward
-        if rot is None:
-            weight = self.oft_R[adapter_name].weight
-            b = self.oft_block_size[adapter_name]
-            if opts["coft"]:
-                self._project(weight, b, opts["eps"])
-            rot = rotation_blocks(weight, b, packed=True, terms=opts["terms"] if opts["neumann"] else None)
+        if opts["coft"]:  # such a layer builds its own blocks (see joins_step_rotations)
+            self._project(self.oft_R[adapter_name].weight, self.oft_block_size[adapter_name], opts["eps"])
+        rot = self.source_blocks(adapter_name)  # in a training forward: from the node all layers share
         if training and opts["dropout"] > 0:
             rot = multiplicative_dropout(rot, opts["dropout"])
         return rot
 
-    def rotation_source(self, adapter_name: str) -> tuple[torch.Tensor, int, bool, int | None] | None:
-        """The packed Q's, b, and the series (None: COFT projects them in place before every build, so the layer
-        builds its own)."""
+    def rotation_source(self, adapter_name: str) -> tuple[torch.Tensor, int, bool, int | None]:
+        """The packed Q's, b, and the series (None: the exact Cayley map)."""
         opts = self.oft_settings[adapter_name]
-        if opts["coft"]:
-            return None
         return (self.oft_R[adapter_name].weight, self.oft_block_size[adapter_name], True,
                 opts["terms"] if opts["neumann"] else None)
+
+    def joins_step_rotations(self, adapter_name: str) -> bool:
+        """Not with COFT, which projects the Q's in place just before each build."""
+        return not self.oft_settings[adapter_name]["coft"]
 
     @staticmethod
     @torch.no_grad()

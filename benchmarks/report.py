@@ -189,10 +189,13 @@ def render(results: dict) -> str:
         "layer's blocks in one node per step (`BatchedRotation`; BOFT with several factors forms R's diagonal "
         "blocks and takes the same node), AdaLoRA (`SVDLinearFunction`) forms $W + sP(\\Lambda Q)$ once and "
         "reuses it in the backward, and its allocator updates every score with a handful of fused `torch._foreach` calls.",
-        "- **Mixed-adapter serving** (`Linear.mixed_batch_forward`): the adapters' $A^\\top$ and $s B^\\top$ are "
-        "stacked once (cached until a weight changes), each row gathers its own, and two batched products "
-        "(`bmm`, `baddbmm`) replace peft's loop over adapters with its index lists. Unequal ranks, active "
-        "dropout, DoRA or `lora_bias` fall back to the per-adapter loop.",
+        "- **Mixed-adapter serving** (`Linear.mixed_batch_forward`): the adapters' $A$ and $B$ are stacked once "
+        "and then *are* their storage (each adapter's weight a view of its slot, one copy in memory), so an "
+        "in-place update (an optimizer step, a load) changes the stack itself and a decode step checks nothing "
+        "per tensor; a weight replaced in its module, or moved with `.to`, drops the stacks. Each row reads its "
+        "own slot, and two batched products (`bmm`, `baddbmm`, the scaling folded in) replace peft's loop over "
+        "adapters with its index lists. Unequal ranks, active dropout, DoRA or `lora_bias` fall back to the "
+        "per-adapter loop.",
         "- **DoRA** (`peftlab/tuners/lora/dora.py`): the norm $\\lVert W + sBA\\rVert$ from a low-rank identity "
         "instead of materialising $BA$, and one fused forward/backward.",
         "",

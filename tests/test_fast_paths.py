@@ -227,6 +227,165 @@ def test_stack_cache_follows_weight_updates(batched) -> None:
     torch.testing.assert_close(after, want)
 
 
+def _same_scaling():
+    torch.manual_seed(0)
+    model = peftlab.get_peft_model(MLP(), peftlab.LoraConfig(r=4, lora_alpha=8, target_modules=["lin0", "lin1"]),
+                                   adapter_name="a")
+    for n in ("b", "c"):
+        model.add_adapter(n, peftlab.LoraConfig(r=4, lora_alpha=8, target_modules=["lin0", "lin1"]))
+    _randomise(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("names", [["a", "b", "c"], ["c", "a", "__base__", "a"]])
+def test_one_scaling_for_all_adapters(names, batched) -> None:
+    """Equal scalings fold into the product (alpha); unequal ones scale each row (the other tests' models)."""
+    model = _same_scaling()
+    x = torch.randn(len(names), 12)
+    with torch.no_grad():
+        mixed = model(x, adapter_names=names)
+        assert isinstance(model.base_model.model.lin0._stacked(tuple(dict.fromkeys(names)), x)[-1], float)
+        torch.testing.assert_close(mixed, _per_adapter(model, x, names))
+
+
+@pytest.mark.parametrize("where", ["module", "global"])
+def test_batched_path_keeps_base_layer_hooks(where: str, batched) -> None:
+    """The batched path calls the base product directly only when no forward hook watches the base layer."""
+    model = _multi()
+    names = ["a", "b", "c"]
+    x = torch.randn(3, 12)
+    hook = lambda mod, inp, out: out + 1.0 if isinstance(mod, nn.Linear) and mod.in_features == 12 else None  # noqa: E731
+    base = model.base_model.model.lin0.base_layer
+    handle = (base.register_forward_hook(hook) if where == "module"
+              else torch.nn.modules.module.register_module_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            got = model(x, adapter_names=names)
+            want = _per_adapter(model, x, names)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        assert not torch.allclose(got, model(x, adapter_names=names))  # the hook did act
+    torch.testing.assert_close(got, want)
+
+
+def _shares_storage(t: torch.Tensor, stack: torch.Tensor) -> bool:
+    return t.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
+
+
+def test_resident_stacks_are_the_weights(batched) -> None:
+    """Without gradients to record, the adapters' weights move into the stacks (one copy, not two), so an in-place
+    update is in the stack with nothing to check."""
+    model = _multi()
+    layer = model.base_model.model.lin0
+    names = ("a", "b", "c")
+    x = torch.randn(3, 12)
+    with torch.inference_mode():
+        model(x, adapter_names=list(names))
+        _, A, B, *_ = layer._stacked(names, x)  # the cached stacks
+    for i, n in enumerate(names):
+        assert _shares_storage(layer.lora_A[n].weight, A) and _shares_storage(layer.lora_B[n].weight, B)
+        assert torch.equal(layer.lora_A[n].weight, A[i]) and layer.lora_A[n].weight.is_contiguous()
+    assert not A.is_inference()  # built under inference_mode, still usable for training
+    with torch.no_grad():
+        layer.lora_A["b"].weight.mul_(-2)  # as an optimizer step would
+        torch.testing.assert_close(model(x, adapter_names=list(names)), _per_adapter(model, x, list(names)))
+
+
+@pytest.mark.parametrize("how", ["assign", "setattr", "parameters_dict", "delete_and_register"])
+def test_replaced_weight_drops_the_stacks(how: str, batched) -> None:
+    """A weight replaced in its module (load_state_dict(assign=True), offloading hooks, by hand) is not the tensor in
+    the stack; the stacks are built again. (Before resident stacks, the version check missed this: stale rows.)"""
+    model = _multi()
+    names = ["a", "b", "c"]
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        model(x, adapter_names=names)
+        module = model.base_model.model.lin0.lora_B["b"]
+        new = nn.Parameter(torch.randn_like(module.weight))
+        if how == "assign":
+            model.load_state_dict({"base_model.model.lin0.lora_B.b.weight": new}, strict=False, assign=True)
+        elif how == "setattr":
+            module.weight = new
+        elif how == "parameters_dict":
+            module._parameters["weight"] = new
+        else:
+            del module.weight
+            module.register_parameter("weight", new)
+        assert model.base_model.model.lin0.lora_B["b"].weight is new
+        torch.testing.assert_close(model(x, adapter_names=names), _per_adapter(model, x, names))
+
+
+def test_functional_call_uses_the_given_weights(batched) -> None:
+    model = _multi()
+    names = ["a", "b", "c"]
+    x = torch.randn(3, 12)
+    key = "base_model.model.lin1.lora_A.c.weight"
+    other = torch.randn_like(model.get_parameter(key))
+    with torch.no_grad():
+        model(x, adapter_names=names)
+        got = torch.func.functional_call(model, {key: other}, (x,), {"adapter_names": names})
+        again = model(x, adapter_names=names)
+        want_again = _per_adapter(model, x, names)
+        model.get_parameter(key).copy_(other)
+        want = _per_adapter(model, x, names)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(again, want_again)
+
+
+def test_dtype_change_and_copies_keep_stacks_right(batched) -> None:
+    model = _multi()
+    names = ["a", "b", "c"]
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        model(x, adapter_names=names)
+        model.double()  # new storage for every weight (_apply): the stacks go, and are built in float64
+        xd = x.double()
+        torch.testing.assert_close(model(xd, adapter_names=names), _per_adapter(model, xd, names))
+        twin = copy.deepcopy(model)
+        twin.base_model.model.lin0.lora_A["a"].weight.add_(1.0)  # the copy's stack, not the original's
+        torch.testing.assert_close(model(xd, adapter_names=names), _per_adapter(model, xd, names))
+        torch.testing.assert_close(twin(xd, adapter_names=names), _per_adapter(twin, xd, names))
+        assert not torch.allclose(twin(xd, adapter_names=names), model(xd, adapter_names=names))
+
+
+def test_training_after_serving_reaches_the_weights(batched) -> None:
+    """Weights that live in a resident stack still train: with gradients recorded the stacks are built from them on
+    every call (a weight made trainable after the stacks were built included), and an optimizer step lands in
+    the stack that the next decode reads."""
+    model = _multi()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = ["a", "b", "c", "__base__"]
+    x = torch.randn(4, 12)
+    model(x, adapter_names=names)  # grad mode, nothing trainable: the resident stacks
+    model.set_adapter(["a", "b", "c"])  # now trainable
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(x, adapter_names=names).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert len(grads) == 12
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, adapter_names=names), _per_adapter(model, x, names))
+
+
+def test_save_after_serving_round_trips(tmp_path, batched) -> None:
+    model = _multi()
+    names = ["a", "b", "c"]
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        want = model(x, adapter_names=names)  # the weights now share each layer's stacks
+    model.save_pretrained(str(tmp_path))
+    torch.manual_seed(0)
+    fresh = peftlab.PeftModel.from_pretrained(MLP(), str(tmp_path / "a") if (tmp_path / "a").is_dir() else str(tmp_path),
+                                              adapter_name="a")
+    for n in ("b", "c"):
+        fresh.load_adapter(str(tmp_path / n), adapter_name=n)
+    fresh.base_model.model.load_state_dict(model.base_model.model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x, adapter_names=names), want)
+
+
 # ---- DoRA and merging ----------------------------------------------------------------------------
 def test_fused_dora_equals_reference_formula() -> None:
     model = _peft(use_dora=True)

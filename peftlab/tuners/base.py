@@ -61,6 +61,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 from torch.autograd import forward_ad
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
@@ -161,6 +162,16 @@ def divide_by_scale(numerator: torch.Tensor, scale: torch.Tensor,
         idx = tiny.nonzero().squeeze(1)
         out[idx] = direct(idx)
     return out
+
+
+def hookless_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) of a plain ``nn.Linear`` that no forward hook watches (its own or a global one), so that
+    ``F.linear`` with them is exactly its call, without nn.Module's call path; None otherwise."""
+    if (type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks
+            or _global_forward_hooks or _global_forward_pre_hooks):
+        return None
+    params = module._parameters
+    return params["weight"], params["bias"]
 
 
 def linear_output(x: torch.Tensor, weight: torch.Tensor,

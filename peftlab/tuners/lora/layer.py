@@ -9,7 +9,6 @@ Explained in: book/lora.ipynb
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -18,14 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.tuners.base import AdapterLayer, fusable, linear_output, second_order_grads
+from peftlab.tuners.base import AdapterLayer, fusable, hookless_linear, linear_output, second_order_grads
 from peftlab.tuners.lora import init as lora_init
 from peftlab.tuners.lora.dora import DoraConvVariant, DoraEmbeddingVariant, DoraLinearVariant
 from peftlab.utils.warning import PeftWarning
 from peftlab.tuners.routing import _ROUTING, BASE_ADAPTER, Routing
-
-_VERSION = operator.attrgetter("_version")  # a tensor's in-place version counter, read from C in map()
-
 
 class LoraLayer(AdapterLayer):
     """What every LoRA layer shares: rank, α, scaling, dropout and initialisation of A and B.
@@ -365,72 +361,166 @@ class Linear(LoraLayer):
         instead: two batched products for the whole batch (S-LoRA/Punica), faster with many adapters and equal to
         the per-adapter runs up to float rounding. Rows that come in runs of one adapter each (one request per
         adapter, or each repeated for beam search) read the stacks in place; other batches gather each row's A
-        and B first. That path falls back to the per-adapter loop
-        for unequal ranks, active dropout, DoRA, lora_bias or inputs with a leading dimension other than the
-        batch."""
+        and B first. Without gradients to record, the stacks *are* the adapters' storage (see :meth:`_stacked`).
+        That path falls back to the per-adapter loop for unequal ranks, mixed dtypes or devices, active dropout,
+        DoRA, lora_bias or inputs with a leading dimension other than the batch."""
         if not self.batched_mixed_batches:
             return LoraLayer.mixed_batch_forward(self, x, routing, *args, **kwargs)
-        names = routing.stacked_names()
-        own = self._adapters
-        if not all(n in own for n in names):
-            names = tuple(n for n in names if n in own)
-        stacks = self._stacked(names, x) if names and not args and not kwargs and x.dim() >= 2 else None
+        stacks = self._stacked(routing.stacked_names(), x) if not args and not kwargs and x.dim() >= 2 else None
         if stacks is None:
             return super().mixed_batch_forward(x, routing, *args, **kwargs)
-        At, Bt, At_k, Bt_k = stacks  # (k+1, in, r), (k+1, r, out), s folded into B; slot k is zero (base rows)
-        result = self.base_layer(x)
+        names, A, B, A_kT, B_kT, scale = stacks  # (k+1, r, in), (k+1, out, r); slot k is zero (base rows)
+        plain = hookless_linear(self._modules["base_layer"])
+        result = F.linear(x, *plain) if plain is not None else self.base_layer(x)
         n = x.shape[0]
         if routing.segment_rows(n, names) is not None:
             # rows in runs of one adapter each: the stacks are read in place (Punica's SGMV), run j = adapter j
-            rows, At, Bt = len(names), At_k, Bt_k
+            rows, A_T, B_T = len(names), A_kT, B_kT
+            if not isinstance(scale, float):
+                scale = scale[:-1]
         else:  # each row's A and B gathered (BGMV)
             index = routing.row_index(n, x.device, names)
-            rows, At, Bt = n, At.index_select(0, index), Bt.index_select(0, index)
-        xa = torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(At.dtype), At)  # A x, (rows, ·, r)
-        out3 = result.reshape(rows, -1, result.shape[-1])
-        if out3.dtype != Bt.dtype:
-            return (out3 + torch.bmm(xa, Bt).to(out3.dtype)).view(result.shape)
+            rows, A_T, B_T = n, A.index_select(0, index).mT, B.index_select(0, index).mT
+            if not isinstance(scale, float):
+                scale = scale.index_select(0, index)
+        as_is = x.dim() == 3 and n == rows  # (requests, tokens, features): no reshapes
+        x3 = x if as_is else x.reshape(rows, -1, x.shape[-1])
+        xa = torch.bmm(x3 if x3.dtype == A_T.dtype else x3.to(A_T.dtype), A_T)  # A x, (rows, ·, r)
+        alpha = 1.0
+        if isinstance(scale, float):
+            alpha = scale  # one scaling for all adapters: folded into the product
+        else:
+            xa = xa * scale  # each row's own s
+        out3 = result if as_is else result.reshape(rows, -1, result.shape[-1])
+        if out3.dtype != B_T.dtype:
+            return (out3 + (torch.bmm(xa, B_T) * alpha).to(out3.dtype)).view(result.shape)
         if not torch.is_grad_enabled():  # serving: add into the fresh base output in place
-            return out3.baddbmm_(xa, Bt).view(result.shape)  # + s·B A x
-        return torch.baddbmm(out3, xa, Bt).view(result.shape)
+            out3 = out3.baddbmm_(xa, B_T, alpha=alpha)  # + s·B A x
+        else:
+            out3 = torch.baddbmm(out3, xa, B_T, alpha=alpha)
+        return out3 if as_is else out3.view(result.shape)
 
-    def _stacked(self, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-        """(Aᵀ stacked, s·Bᵀ stacked) of ``names`` plus a zero slot, and the same two without it (the runs of a
-        segmented batch read those), cached while the tensors are unchanged (same adapters through
-        ``update_layer``/``delete_adapter``, same versions, same scalings); None where the batched form does not
-        apply."""
-        cache = self.__dict__.setdefault("_lora_stacks", {})
-        key = cache.get("key")
-        # A hit touches only the cached tensors' version counters: walking 2k module dicts per layer per decode
-        # step costs more than the products (scattered objects, cold caches). Adapters added or deleted through
-        # update_layer/delete_adapter drop the cache; in-place updates (an optimizer step, load) bump versions.
-        if (key is not None and key[0] == names and key[4] == x.device and self.scaling == key[1]
-                and not (torch.is_grad_enabled() and key[5])
-                and key[3] == tuple(map(_VERSION, key[2]))):
-            return cache["value"]
-        # module-dict lookups without nn.Module.__getattr__: this runs once per layer per decode step
+    def _stacked(self, names: tuple[str, ...], x: torch.Tensor) -> tuple | None:
+        """(names, A, B, Aᵀ and Bᵀ without their last slot, s) for the adapters of ``names`` this layer has: A
+        (k+1, r, in) and B (k+1, out, r) stacked with a zero slot k (rows on the base model, or on an adapter this
+        layer lacks), and the scaling, a float when all k share it, else a (k+1, 1, 1) tensor; None where the
+        batched form does not apply.
+
+        While gradients are recorded for a trainable adapter the stacks are built on every call from the
+        parameters (so gradients reach them). Otherwise they are *resident*: built once, and each adapter's
+        ``weight`` then lives in its slot (``weight.data`` is a view of the stack, one copy in memory instead of
+        two). An in-place change of an adapter (an optimizer step, ``load_state_dict``, ``copy_``) then changes
+        the stack itself, so a decode step checks nothing per tensor (reading 2k version counters per layer per
+        step cost more than the products: scattered objects, cold caches). What would leave a weight outside its
+        slot drops the stacks: a parameter replaced or removed in its module (``load_state_dict(assign=True)``,
+        ``torch.func.functional_call``, offloading hooks; seen by the module's parameter dict, see
+        :class:`_WatchedParameters`), ``.to``/``.half``/``.cuda`` on the layer (``_apply``), adapters added or
+        deleted (``update_layer``/``delete_adapter``); so does a change of ``scaling``. Not seen: assigning
+        ``weight.data`` (or ``set_``) by hand. State dicts then hold views that share one storage:
+        ``save_pretrained`` writes each tensor on its own; for a raw ``safetensors.save_file`` clone them."""
+        cache = self.__dict__.get("_lora_stacks")
+        if cache is not None and cache[0] == names and cache[1] == x.device and cache[2] == self.scaling:
+            if not torch.is_grad_enabled() or not any(t.requires_grad for t in cache[3]):
+                return cache[4]
+        own = self._adapters
+        used = tuple(n for n in names if n in own)
+        if not used:
+            return None
+        # module-dict lookups without nn.Module.__getattr__
         A_mods, B_mods = self.lora_A._modules, self.lora_B._modules
-        As = [A_mods[n]._parameters["weight"] for n in names]
-        Bs = [B_mods[n]._parameters["weight"] for n in names]
-        track = torch.is_grad_enabled() and any(t.requires_grad for t in (*As, *Bs))
-        scalings = tuple(self.scaling[n] for n in names)
-        if len({self.r[n] for n in names}) != 1 or any(n in self.lora_variant or B_mods[n].bias is not None
-                                                      for n in names):
+        As = [A_mods[n]._parameters["weight"] for n in used]
+        Bs = [B_mods[n]._parameters["weight"] for n in used]
+        if (len({self.r[n] for n in used}) != 1 or any(n in self.lora_variant or B_mods[n].bias is not None
+                                                       for n in used)
+                or len({(t.dtype, t.device) for t in (*As, *Bs)}) != 1):
             return None
-        if self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names):
+        if self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in used):
             return None
-        zeros_a = As[0].new_zeros(As[0].shape)
-        zeros_b = Bs[0].new_zeros(Bs[0].shape)
-        # contiguous in the layout the products read, so the per-row gather copies whole blocks
-        At = torch.stack([*As, zeros_a]).transpose(1, 2).contiguous()  # (k+1, in, r)
-        Bt = torch.stack([*(B * s for s, B in zip(scalings, Bs)), zeros_b]).transpose(1, 2).contiguous()
-        if not track and not At.is_meta:  # the tensors themselves are kept, so their ids stay unique while cached
-            tensors = (*As, *Bs)
-            cache["key"] = (names, dict(self.scaling), tensors, tuple(map(_VERSION, tensors)), x.device,
-                            any(t.requires_grad for t in tensors))
-            At, Bt = At.detach(), Bt.detach()
-            cache["value"] = (At, Bt, At[:-1], Bt[:-1])
-        return At, Bt, At[:-1], Bt[:-1]
+        scalings = [float(self.scaling[n]) for n in used]
+        k, proto = len(used), As[0]
+        scale: float | torch.Tensor = scalings[0]
+        if any(s != scalings[0] for s in scalings):
+            scale = torch.tensor([*scalings, 0.0], dtype=proto.dtype, device=proto.device).view(k + 1, 1, 1)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (*As, *Bs)):  # gradients reach A and B
+            A = torch.stack([*As, As[0].new_zeros(As[0].shape)])
+            B = torch.stack([*Bs, Bs[0].new_zeros(Bs[0].shape)])
+            return used, A, B, A[:-1].mT, B[:-1].mT, scale
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors, even when asked under inference_mode
+            A = torch.empty((k + 1, *proto.shape), dtype=proto.dtype, device=proto.device)
+            B = torch.empty((k + 1, *Bs[0].shape), dtype=proto.dtype, device=proto.device)
+            for i, (a, b) in enumerate(zip(As, Bs)):
+                A[i].copy_(a)
+                B[i].copy_(b)
+            A[k].zero_()
+            B[k].zero_()
+            for i, n in enumerate(used):  # the weights move into their slots
+                As[i].data, Bs[i].data = A[i], B[i]
+                _WatchedParameters.watch(A_mods[n], self)
+                _WatchedParameters.watch(B_mods[n], self)
+        value = (used, A, B, A[:-1].mT, B[:-1].mT, scale)
+        self.__dict__["_lora_stacks"] = (names, x.device, dict(self.scaling), (*As, *Bs), value)
+        return value
+
+    def __getstate__(self) -> dict:
+        # copies and pickles build their own stacks: a deepcopy clones each weight on its own
+        state = super().__getstate__()
+        state.pop("_lora_stacks", None)
+        return state
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        # .to/.half/.cuda give the weights new storage, outside the resident stacks (see _stacked)
+        self.__dict__.pop("_lora_stacks", None)
+        return super()._apply(fn, *args, **kwargs)
+
+
+class _WatchedParameters(dict):
+    """An adapter module's parameter dict that drops its LoRA layer's resident mixed-batch stacks whenever an entry
+    is set or removed (a weight replaced is no longer the tensor that lives in the stack). nn.Module reads and writes
+    ``_parameters`` as a plain dict, so everything that registers, replaces or deletes a parameter passes here.
+
+    Explained in: book/integrations.ipynb
+    """
+
+    def _drop(self) -> None:
+        owner = self.__dict__.get("owner")  # absent while pickle or deepcopy refill the dict
+        if owner is not None:
+            owner.__dict__.pop("_lora_stacks", None)
+
+    @classmethod
+    def watch(cls, module: nn.Module, owner: nn.Module) -> None:
+        params = module._parameters
+        if type(params) is not cls:
+            params = cls(params)
+            module.__dict__["_parameters"] = params
+        params.__dict__["owner"] = owner
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self._drop()
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._drop()
+
+    def pop(self, *args: Any) -> Any:
+        self._drop()
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self._drop()
+        return super().popitem()
+
+    def clear(self) -> None:
+        self._drop()
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        super().update(*args, **kwargs)
+        self._drop()
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        self._drop()
+        return super().setdefault(key, default)
 
 
 class Embedding(LoraLayer):

@@ -27,6 +27,9 @@ JS      := _vendor/.fetched.json
 EXEC    := .cache/book-exec
 REPORTS := _build/reports
 NB_TIMEOUT ?= 600
+# make test's smoke chapters: their slowest cell takes ~30 s; a cell that stalls (nbclient can wait on a kernel
+# after an ipywidgets `interactive` cell until the cell timeout, then go on) costs at most this, not NB_TIMEOUT
+SMOKE_NB_TIMEOUT ?= 180
 # a unit test past this many seconds fails with every thread's stack (a hang never eats CI's limit)
 UNIT_TIMEOUT ?= 600
 
@@ -93,7 +96,7 @@ html:
 test: setup
 	$(MAKE) --no-print-directory unit
 	PEFTLAB_PROFILE=smoke PEFTLAB_GPU_SIM=1 $(OFFLINE) \
-	    $(MAKE) --no-print-directory notebooks
+	    $(MAKE) --no-print-directory notebooks NB_TIMEOUT=$(SMOKE_NB_TIMEOUT)
 	$(MAKE) --no-print-directory html STRICT="-W --keep-going"
 	$(MAKE) --no-print-directory check
 	@$(PY) tools/test_summary.py $(REPORTS)/unit.xml $(REPORTS)/notebooks.xml

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -81,3 +82,15 @@ def test_a_hanging_unit_test_fails_with_its_stack_and_the_run_goes_on(tmp_path: 
     assert done.returncode == 1, out[-2000:]
     assert "crashed while running 'test_hang.py::test_hangs'" in out, out[-3000:]  # the hung test, by name
     assert "2 passed" in out and "1 failed" in out, out[-2000:]
+
+
+def test_make_test_runs_the_smoke_chapters_with_a_short_cell_timeout() -> None:
+    """nbclient can stall after an ipywidgets `interactive` cell until the cell timeout and then go on (seen once:
+    lora.ipynb waited 600 s with nothing running); `make test` bounds that by a smoke cell timeout far below the
+    book build's, and well above the slowest smoke cell (~30 s)."""
+    make = (ROOT / "Makefile").read_text()
+    test_target = make[make.index("\ntest: "):make.index("\nunit:")]
+    assert "notebooks NB_TIMEOUT=$(SMOKE_NB_TIMEOUT)" in test_target
+    smoke = int(re.search(r"^SMOKE_NB_TIMEOUT \?= (\d+)$", make, re.M).group(1))
+    full = int(re.search(r"^NB_TIMEOUT \?= (\d+)$", make, re.M).group(1))
+    assert 120 <= smoke <= 300 < full

@@ -248,6 +248,21 @@ def test_one_scaling_for_all_adapters(names, batched) -> None:
         torch.testing.assert_close(mixed, _per_adapter(model, x, names))
 
 
+def test_batched_path_keeps_base_layer_backward_hooks(batched) -> None:
+    """A full backward hook on the base layer sees its gradients on the batched path too."""
+    model = _multi()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    seen = []
+    handle = model.base_model.model.lin0.base_layer.register_full_backward_hook(lambda m, gi, go: seen.append(go[0]))
+    x = torch.randn(3, 12, requires_grad=True)
+    try:
+        model(x, adapter_names=["a", "b", "c"]).sum().backward()
+    finally:
+        handle.remove()
+    assert len(seen) == 1 and seen[0].shape == (3, 16)
+
+
 @pytest.mark.parametrize("where", ["module", "global"])
 def test_batched_path_keeps_base_layer_hooks(where: str, batched) -> None:
     """The batched path calls the base product directly only when no forward hook watches the base layer."""

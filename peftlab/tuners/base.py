@@ -61,7 +61,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 from torch.autograd import forward_ad
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.nn.modules.module import (_global_backward_hooks, _global_backward_pre_hooks, _global_forward_hooks,
+                                     _global_forward_pre_hooks)
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
@@ -165,10 +166,11 @@ def divide_by_scale(numerator: torch.Tensor, scale: torch.Tensor,
 
 
 def hookless_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight, bias) of a plain ``nn.Linear`` that no forward hook watches (its own or a global one), so that
-    ``F.linear`` with them is exactly its call, without nn.Module's call path; None otherwise."""
+    """(weight, bias) of a plain ``nn.Linear`` that no hook watches (forward or backward, its own or a global one),
+    so that ``F.linear`` with them is exactly its call, without nn.Module's call path; None otherwise."""
     if (type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks
-            or _global_forward_hooks or _global_forward_pre_hooks):
+            or module._backward_hooks or module._backward_pre_hooks or _global_forward_hooks
+            or _global_forward_pre_hooks or _global_backward_hooks or _global_backward_pre_hooks):
         return None
     params = module._parameters
     return params["weight"], params["bias"]

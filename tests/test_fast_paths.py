@@ -199,6 +199,18 @@ def test_mixed_batch_with_active_dropout_falls_back_and_trains(batched) -> None:
     model(torch.randn(3, 12), adapter_names=["a", "b", "c"]).sum().backward()
 
 
+def test_cached_stacks_are_not_used_with_active_dropout(batched) -> None:
+    """Stacks built in eval mode are not reused once the model trains with dropout (even without gradients)."""
+    model = _multi(dropout=0.1)
+    layer = model.base_model.model.lin0
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        model(x, adapter_names=["a", "b", "c"])
+        assert layer._stacked(("a", "b", "c"), x) is not None  # eval: dropout is the identity
+        model.train()
+        assert layer._stacked(("a", "b", "c"), x) is None
+
+
 def test_mixed_batch_gradients_match_grouped_loop(monkeypatch, batched) -> None:
     model = _multi()
     model.set_adapter(["a", "b", "c"])  # trainable
@@ -515,6 +527,24 @@ def test_training_survives_an_in_place_activation_after_the_layer(method: str) -
         grads[inplace] = [x.grad] + [p.grad for p in pm.parameters() if p.requires_grad]
     assert all(t is not None for t in grads[True])
     for got, want in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("method", list(IN_PLACE_CONFIGS))
+def test_hooks_on_the_base_layer_see_every_training_path(method: str) -> None:
+    """A fused training node computes the base layer's product without calling it; where a hook watches that layer
+    (here a full backward hook, as gradient-inspection tools register) the layer takes its generic path, so the
+    hook fires, with the gradients the fused node gives."""
+    x = torch.randn(2, 5, 16, requires_grad=True)  # so the base layer's own output needs a gradient too
+    pm = _trained(method)
+    pm(x).pow(2).sum().backward()
+    fused = [p.grad for p in pm.parameters() if p.requires_grad]
+    pm = _trained(method)
+    seen = []
+    pm.base_model.model.lin0.base_layer.register_full_backward_hook(lambda m, gi, go: seen.append(go[0].shape))
+    pm(x).pow(2).sum().backward()
+    assert seen == [torch.Size([2, 5, 16])]
+    for got, want in zip([p.grad for p in pm.parameters() if p.requires_grad], fused, strict=True):
         torch.testing.assert_close(got, want)
 
 

@@ -165,12 +165,18 @@ def divide_by_scale(numerator: torch.Tensor, scale: torch.Tensor,
     return out
 
 
+def watched_by_hooks(module: nn.Module) -> bool:
+    """Whether a hook watches ``module``'s call (forward or backward, its own or a global one). A fused path that
+    computes the module's product without calling it would skip them, so such a layer takes its generic path."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or _global_forward_hooks or _global_forward_pre_hooks
+                or _global_backward_hooks or _global_backward_pre_hooks)
+
+
 def hookless_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight, bias) of a plain ``nn.Linear`` that no hook watches (forward or backward, its own or a global one),
-    so that ``F.linear`` with them is exactly its call, without nn.Module's call path; None otherwise."""
-    if (type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks
-            or module._backward_hooks or module._backward_pre_hooks or _global_forward_hooks
-            or _global_forward_pre_hooks or _global_backward_hooks or _global_backward_pre_hooks):
+    """(weight, bias) of a plain ``nn.Linear`` that no hook watches, so that ``F.linear`` with them is exactly its
+    call, without nn.Module's call path; None otherwise."""
+    if type(module) is not nn.Linear or watched_by_hooks(module):
         return None
     params = module._parameters
     return params["weight"], params["bias"]

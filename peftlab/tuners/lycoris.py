@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.config import TargetingConfig
-from peftlab.tuners.base import AdapterLayer, BaseTuner
+from peftlab.tuners.base import AdapterLayer, BaseTuner, watched_by_hooks
 
 # model_type -> default targets (peft 0.21.2's TRANSFORMERS_MODELS_TO_LOHA/LOKR_TARGET_MODULES_MAPPING, which
 # copy LoRA's): used when a config leaves target_modules=None.
@@ -226,7 +226,7 @@ class LycorisLayer(AdapterLayer):
         """Whether W₀ + ΔW can go through one product: a plain torch layer (no hooks, no extra arguments)
         whose weight, input and ΔW share a dtype."""
         base = self._modules["base_layer"]
-        if type(base) not in SUPPORTED_LAYERS or base._forward_hooks or base._forward_pre_hooks or args or kwargs:
+        if type(base) not in SUPPORTED_LAYERS or watched_by_hooks(base) or args or kwargs:
             return False
         w = base._parameters["weight"]
         return x.dtype == w.dtype and all(d.dtype == w.dtype for d in deltas)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.tuners.base import (AdapterLayer, BaseTuner, divide_by_scale, fusable, keep_output, kept_output,
-                                 linear_output, second_order_grads)
+                                 linear_output, second_order_grads, watched_by_hooks)
 from peftlab.tuners.lycoris import DEFAULT_TARGET_MODULES  # peft gives OFT and BOFT LoRA's map too
 
 #: the layer types peft 0.21.2 wraps with OFT and BOFT (here: Linear and Conv2d; no embeddings)
@@ -740,7 +740,7 @@ class OrthogonalLayer(AdapterLayer):
         base = self.get_base_layer()
         if scale is None:
             return self.base_layer(x.to(out_dtype), *args, **kwargs)
-        if type(base) is nn.Linear and not (args or kwargs) and x.dtype == base.weight.dtype:
+        if type(base) is nn.Linear and not (args or kwargs or watched_by_hooks(base)) and x.dtype == base.weight.dtype:
             out = F.linear(x, base.weight) * scale  # (W x')·s + b
             return out + base.bias if base.bias is not None else out
         result = self.base_layer(x.to(out_dtype), *args, **kwargs)
@@ -756,7 +756,7 @@ class OrthogonalLayer(AdapterLayer):
         """Training one adapter with a block-diagonal R on a plain, frozen nn.Linear: :class:`RotatedLinear`,
         then the output scale s if the method has one; None when the generic path must run."""
         base = self._modules["base_layer"]
-        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or args or kwargs:
+        if type(base) is not nn.Linear or watched_by_hooks(base) or args or kwargs:
             return None
         w, bias = base._parameters["weight"], base._parameters["bias"]
         if w.requires_grad or (bias is not None and bias.requires_grad):

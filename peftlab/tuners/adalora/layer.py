@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftlab.tuners.base import AdapterLayer, fusable, linear_output, second_order_grads
+from peftlab.tuners.base import AdapterLayer, fusable, linear_output, second_order_grads, watched_by_hooks
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D, nn.Conv2d)
 EPS = 1e-5  # peft divides by ranknum + 1e-5
@@ -178,7 +178,7 @@ class AdaLoraLayer(AdapterLayer):
         """Training one adapter on a plain nn.Linear without dropout: one autograd node
         (:class:`SVDLinearFunction`); else None."""
         base = self._modules["base_layer"]
-        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or args or kwargs:
+        if type(base) is not nn.Linear or watched_by_hooks(base) or args or kwargs:
             return None
         if not isinstance(self.lora_dropout[name], nn.Identity):
             return None

@@ -24,7 +24,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftlab.tuners.base import (BASE_ADAPTER, AdapterLayer, divide_by_scale, fusable, keep_output, kept_output,
-                                 linear_output, second_order_grads)
+                                 linear_output, second_order_grads, watched_by_hooks)
 from peftlab.tuners.routing import Routing
 
 #: the layer types peft 0.21.2 scales with (IA)³
@@ -294,7 +294,7 @@ class IA3Layer(AdapterLayer):
 
     def _fused(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
         base = self._modules["base_layer"]
-        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+        if type(base) is not nn.Linear or watched_by_hooks(base):
             return None
         w, l = base._parameters["weight"], self.ia3_l[name]
         if not fusable(x, w, l):

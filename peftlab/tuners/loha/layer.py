@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.tuners.base import fusable, linear_output, second_order_grads
+from peftlab.tuners.base import fusable, linear_output, second_order_grads, watched_by_hooks
 from peftlab.tuners.lycoris import LycorisLayer, cp_weight, kaiming_
 
 
@@ -117,7 +117,7 @@ class LoHaLayer(LycorisLayer):
     def fused_forward(self, x: torch.Tensor, adapter_name: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
         """Training one adapter on a plain nn.Linear: :class:`LoHaLinearFunction`."""
         base = self._modules["base_layer"]
-        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or args or kwargs:
+        if type(base) is not nn.Linear or watched_by_hooks(base) or args or kwargs:
             return None
         w = base._parameters["weight"]
         factors = [getattr(self, n)[adapter_name] for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")]

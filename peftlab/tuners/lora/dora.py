@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.tuners.base import divide_by_scale, func_transform_active, keep_output, kept_output, second_order_grads
+from peftlab.tuners.base import (divide_by_scale, func_transform_active, keep_output, kept_output, second_order_grads,
+                                 watched_by_hooks)
 
 MAGNITUDE = "lora_magnitude_vector"
 
@@ -317,7 +318,8 @@ class DoraLinearVariant:
         n = weight_norm(layer, adapter_name, norm_base(layer, weight))  # detached: no gradient through the norm
         bias = layer.bias
         uses_dropout = layer.training and not isinstance(dropout, nn.Identity)
-        if result is None and not uses_dropout and not args and not kwargs and not func_transform_active():
+        if (result is None and not uses_dropout and not args and not kwargs and not func_transform_active()
+                and not watched_by_hooks(layer._modules["base_layer"])):
             # h = (m/n) ⊙ (W x + s·B A x) + b in one fused function
             shape = x.shape
             xc = x.to(A.dtype).reshape(-1, shape[-1])

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.tuners.base import AdapterLayer, fusable, hookless_linear, linear_output, second_order_grads
+from peftlab.tuners.base import (AdapterLayer, fusable, hookless_linear, linear_output, second_order_grads,
+                                 watched_by_hooks)
 from peftlab.tuners.lora import init as lora_init
 from peftlab.tuners.lora.dora import DoraConvVariant, DoraEmbeddingVariant, DoraLinearVariant
 from peftlab.utils.warning import PeftWarning
@@ -306,7 +307,7 @@ class Linear(LoraLayer):
         dicts directly: this runs for every adapted layer in every training step."""
         mods = self._modules
         base = mods["base_layer"]
-        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or name in self.lora_variant:
+        if type(base) is not nn.Linear or watched_by_hooks(base) or name in self.lora_variant:
             return None
         if type(mods["lora_dropout"]._modules[name]) is not nn.Identity:
             return None
@@ -419,9 +420,10 @@ class Linear(LoraLayer):
         ``weight.data`` (or ``set_``) by hand. State dicts then hold views that share one storage:
         ``save_pretrained`` writes each tensor on its own; for a raw ``safetensors.save_file`` clone them."""
         cache = self.__dict__.get("_lora_stacks")
-        if cache is not None and cache[0] == names and cache[1] == x.device and cache[2] == self.scaling:
-            if not torch.is_grad_enabled() or not any(t.requires_grad for t in cache[3]):
-                return cache[4]
+        if (cache is not None and cache[0] == names and cache[1] == x.device and cache[2] == self.scaling
+                and not (self.training and cache[3])):  # active dropout: the per-adapter loop (checked below)
+            if not torch.is_grad_enabled() or not any(t.requires_grad for t in cache[4]):
+                return cache[5]
         own = self._adapters
         used = tuple(n for n in names if n in own)
         if not used:
@@ -434,31 +436,34 @@ class Linear(LoraLayer):
                                                        for n in used)
                 or len({(t.dtype, t.device) for t in (*As, *Bs)}) != 1):
             return None
-        if self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in used):
+        dropout = any(not isinstance(self.lora_dropout[n], nn.Identity) for n in used)
+        if self.training and dropout:
             return None
         scalings = [float(self.scaling[n]) for n in used]
         k, proto = len(used), As[0]
         scale: float | torch.Tensor = scalings[0]
         if any(s != scalings[0] for s in scalings):
             scale = torch.tensor([*scalings, 0.0], dtype=proto.dtype, device=proto.device).view(k + 1, 1, 1)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (*As, *Bs)):  # gradients reach A and B
+        resident = not (torch.is_grad_enabled() and any(t.requires_grad for t in (*As, *Bs)))
+        if not resident:  # gradients reach A and B: stacked from them on every call
             A = torch.stack([*As, As[0].new_zeros(As[0].shape)])
             B = torch.stack([*Bs, Bs[0].new_zeros(Bs[0].shape)])
-            return used, A, B, A[:-1].mT, B[:-1].mT, scale
-        with torch.inference_mode(False), torch.no_grad():  # plain tensors, even when asked under inference_mode
-            A = torch.empty((k + 1, *proto.shape), dtype=proto.dtype, device=proto.device)
-            B = torch.empty((k + 1, *Bs[0].shape), dtype=proto.dtype, device=proto.device)
-            for i, (a, b) in enumerate(zip(As, Bs)):
-                A[i].copy_(a)
-                B[i].copy_(b)
-            A[k].zero_()
-            B[k].zero_()
-            for i, n in enumerate(used):  # the weights move into their slots
-                As[i].data, Bs[i].data = A[i], B[i]
-                _WatchedParameters.watch(A_mods[n], self)
-                _WatchedParameters.watch(B_mods[n], self)
+        else:
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors, even when asked under inference_mode
+                A = torch.empty((k + 1, *proto.shape), dtype=proto.dtype, device=proto.device)
+                B = torch.empty((k + 1, *Bs[0].shape), dtype=proto.dtype, device=proto.device)
+                for i, (a, b) in enumerate(zip(As, Bs)):
+                    A[i].copy_(a)
+                    B[i].copy_(b)
+                A[k].zero_()
+                B[k].zero_()
+                for i, n in enumerate(used):  # the weights move into their slots
+                    As[i].data, Bs[i].data = A[i], B[i]
+                    _WatchedParameters.watch(A_mods[n], self)
+                    _WatchedParameters.watch(B_mods[n], self)
         value = (used, A, B, A[:-1].mT, B[:-1].mT, scale)
-        self.__dict__["_lora_stacks"] = (names, x.device, dict(self.scaling), (*As, *Bs), value)
+        if resident:
+            self.__dict__["_lora_stacks"] = (names, x.device, dict(self.scaling), dropout, (*As, *Bs), value)
         return value
 
     def __getstate__(self) -> dict:
@@ -476,10 +481,7 @@ class Linear(LoraLayer):
 class _WatchedParameters(dict):
     """An adapter module's parameter dict that drops its LoRA layer's resident mixed-batch stacks whenever an entry
     is set or removed (a weight replaced is no longer the tensor that lives in the stack). nn.Module reads and writes
-    ``_parameters`` as a plain dict, so everything that registers, replaces or deletes a parameter passes here.
-
-    Explained in: book/integrations.ipynb
-    """
+    ``_parameters`` as a plain dict, so everything that registers, replaces or deletes a parameter passes here."""
 
     def _drop(self) -> None:
         owner = self.__dict__.get("owner")  # absent while pickle or deepcopy refill the dict

@@ -343,6 +343,71 @@ def test_replaced_weight_drops_the_stacks(how: str, batched) -> None:
         torch.testing.assert_close(model(x, adapter_names=names), _per_adapter(model, x, names))
 
 
+@pytest.mark.parametrize("what", ["adapter_module", "module_dict", "by_name"])
+def test_cast_of_an_adapter_module_drops_the_stacks(what: str, batched) -> None:
+    """``.to``/``.double()`` called on an adapter's own module (below the LoRA layer, as scripts that cast every
+    ``lora_`` module do) gives its weights new storage outside the stack: the stacks are built again, and an
+    update of the cast weight reaches the next mixed batch. (Only a cast through the LoRA layer was seen before.)"""
+    model = _multi()
+    names = ["a", "b", "c"]
+    x = torch.randn(3, 12)
+    layer = model.base_model.model.lin0
+    with torch.no_grad():
+        model(x, adapter_names=names)
+        if what == "adapter_module":
+            layer.lora_A["b"].double()
+            layer.lora_B["b"].double()
+        elif what == "module_dict":
+            layer.lora_A.double()
+            layer.lora_B.double()
+        else:
+            for name, module in model.named_modules():
+                if "lora_" in name:
+                    module.to(torch.float64)
+        layer.lora_B["b"].weight.mul_(3.0)  # lands in the cast weight, not in an old stack
+        torch.testing.assert_close(model(x, adapter_names=names), _per_adapter(model, x, names))
+
+
+def test_load_in_swap_mode_drops_the_stacks(batched) -> None:
+    """Under ``torch.__future__.set_swap_module_params_on_conversion(True)`` a load with ``assign=True`` swaps each
+    parameter's contents (same object, new storage, no write to the parameter dict): the stacks are built again."""
+    model = _multi()
+    names = ["a", "b", "c"]
+    x = torch.randn(3, 12)
+    key = "base_model.model.lin0.lora_B.b.weight"
+    new = torch.randn_like(model.get_parameter(key))
+    with torch.no_grad():
+        model(x, adapter_names=names)
+        before = model.get_parameter(key)
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        try:
+            model.load_state_dict({key: new}, strict=False, assign=True)
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(False)
+        assert torch.equal(model.get_parameter(key), new) and model.get_parameter(key) is before
+        torch.testing.assert_close(model(x, adapter_names=names), _per_adapter(model, x, names))
+
+
+def test_copies_watch_their_own_weights(tmp_path, batched) -> None:
+    """A deepcopy or a pickled copy of a model that served watches its own adapter modules: casting the copy's
+    adapter rebuilds the copy's stacks, and the original keeps serving its own weights."""
+    model = _multi()
+    names = ["a", "b", "c"]
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        want = model(x, adapter_names=names)
+        torch.save(model, tmp_path / "model.pt")
+        copies = [copy.deepcopy(model), torch.load(tmp_path / "model.pt", weights_only=False)]
+        for twin in copies:
+            layer = twin.base_model.model.lin0
+            torch.testing.assert_close(twin(x, adapter_names=names), want)
+            layer.lora_A["b"].double()
+            layer.lora_B["b"].double()
+            layer.lora_B["b"].weight.mul_(3.0)
+            torch.testing.assert_close(twin(x, adapter_names=names), _per_adapter(twin, x, names))
+        torch.testing.assert_close(model(x, adapter_names=names), want)
+
+
 def test_functional_call_uses_the_given_weights(batched) -> None:
     model = _multi()
     names = ["a", "b", "c"]

@@ -8,6 +8,7 @@ Explained in: book/lora.ipynb
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -415,8 +416,9 @@ class Linear(LoraLayer):
         step cost more than the products: scattered objects, cold caches). What would leave a weight outside its
         slot drops the stacks: a parameter replaced or removed in its module (``load_state_dict(assign=True)``,
         ``torch.func.functional_call``, offloading hooks; seen by the module's parameter dict, see
-        :class:`_WatchedParameters`), ``.to``/``.half``/``.cuda`` on the layer (``_apply``), adapters added or
-        deleted (``update_layer``/``delete_adapter``); so does a change of ``scaling``. Not seen: assigning
+        :class:`_WatchedParameters`), ``.to``/``.half``/``.cuda`` on the layer or on an adapter's own module
+        (``_apply``), a load in ``torch.__future__``'s swap mode, adapters added or deleted
+        (``update_layer``/``delete_adapter``); so does a change of ``scaling``. Not seen: assigning
         ``weight.data`` (or ``set_``) by hand. State dicts then hold views that share one storage:
         ``save_pretrained`` writes each tensor on its own; for a raw ``safetensors.save_file`` clone them."""
         cache = self.__dict__.get("_lora_stacks")
@@ -481,7 +483,11 @@ class Linear(LoraLayer):
 class _WatchedParameters(dict):
     """An adapter module's parameter dict that drops its LoRA layer's resident mixed-batch stacks whenever an entry
     is set or removed (a weight replaced is no longer the tensor that lives in the stack). nn.Module reads and writes
-    ``_parameters`` as a plain dict, so everything that registers, replaces or deletes a parameter passes here."""
+    ``_parameters`` as a plain dict, so everything that registers, replaces or deletes a parameter passes here.
+    What changes a parameter's storage without a dict write (``.to``/``.double()`` called on the adapter's own
+    module, which sets ``param.data``; a load under ``torch.__future__``'s swap mode, which swaps tensors) passes
+    through the module's ``_apply`` or ``_load_from_state_dict``: :meth:`watch` puts a dropping step in front of
+    both, on the watched module only."""
 
     def _drop(self) -> None:
         owner = self.__dict__.get("owner")  # absent while pickle or deepcopy refill the dict
@@ -495,6 +501,8 @@ class _WatchedParameters(dict):
             params = cls(params)
             module.__dict__["_parameters"] = params
         params.__dict__["owner"] = owner
+        for method in ("_apply", "_load_from_state_dict"):  # instance attributes: found before the class's
+            module.__dict__.setdefault(method, functools.partial(_dropping_stacks, method, module))
 
     def __setitem__(self, key: str, value: Any) -> None:
         super().__setitem__(key, value)
@@ -523,6 +531,15 @@ class _WatchedParameters(dict):
     def setdefault(self, key: str, default: Any = None) -> Any:
         self._drop()
         return super().setdefault(key, default)
+
+
+def _dropping_stacks(method: str, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``module``'s own ``method`` (``_apply``, ``_load_from_state_dict``) after dropping the resident stacks its
+    weights live in (see :class:`_WatchedParameters`)."""
+    params = module._parameters
+    if type(params) is _WatchedParameters:
+        params._drop()
+    return getattr(type(module), method)(module, *args, **kwargs)
 
 
 class Embedding(LoraLayer):

@@ -278,6 +278,7 @@ def bound_section(results: dict) -> list[str]:
             body = (f"The bound alone lies {-room['room']:.1f} ms above what the target allows in this run"
                     + (f", where it took {faults:.0f} page faults a step" if faults else "") + ".")
         out += [head + body, ""]
+        out += fixed_cost_text(res, room, n)
         if proom is not None:
             out += [f"Without page faults (the allocator pinned) the bound costs {proom['bound_over']:.3f}× {den}; "
                     + (f"the target leaves {proom['room']:.1f} ms above it and peftlab spends {proom['peftlab']:.1f} ms."
@@ -285,6 +286,29 @@ def bound_section(results: dict) -> list[str]:
                        f"it lies {-proom['room']:.1f} ms above what the target allows: with these products run by "
                        "this machine's BLAS, no implementation can meet the target, page faults or not."), ""]
     return out
+
+
+def fixed_cost_text(res: dict, room: dict, n: int) -> list[str]:
+    """What each adapted layer costs before its products (benchmarks/run.py ``fixed_cost``), set against the room a
+    missed target leaves above the bound; nothing where the scenario did not time it."""
+    fc = res.get("fixed_cost_us")
+    if not fc or not n:
+        return []
+    each = fc["adapted"] - fc["frozen"] - fc["products"]
+    total = each * n / 1e3
+    text = (f"Timed on 2 tokens, so that a product costs only its call, one adapted layer's forward and backward "
+            f"take {fc['adapted']:.0f} µs, the frozen layer's {fc['frozen']:.0f} µs and the bound's four products "
+            f"{fc['products']:.0f} µs: the {each:.0f} µs that remain (the layer's module call, its autograd node "
+            f"written in Python, the accumulation of ∂A and ∂B) come to {total:.1f} ms over {n} layers, whatever "
+            f"the batch, ")
+    if room["room"] <= 0:
+        text += "on top of a bound that already misses the target."
+    elif total >= room["room"]:
+        text += (f"more than the {room['room']:.1f} ms the target leaves above the bound in this run: with one "
+                 f"such node per layer the target is out of reach, however fast the products run.")
+    else:
+        text += f"{total / room['room']:.0%} of the {room['room']:.1f} ms the target leaves above the bound."
+    return [text, ""]
 
 
 def target_over_floor(t: dict, ratios: dict) -> float | None:

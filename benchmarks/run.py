@@ -164,6 +164,37 @@ def lora_products(model, n_tokens: int) -> tuple[Callable[[], None], int]:
     return run, len(stand_in)
 
 
+def fixed_cost(model, reps: int) -> dict[str, float]:
+    """What an adapted LoRA layer costs before its products do: the first one of a peftlab ``model`` called on 2
+    tokens (forward, backward, its gradients accumulated), its frozen base layer called the same way, and the
+    bound's four rank-r products of one layer (:func:`lora_products`) on 2 tokens; µs each, medians of interleaved
+    runs. On 2 tokens a product costs its call and nothing more, so *adapted − frozen − products* is what every
+    adapted layer adds above the bound whatever the batch: its module call, its autograd node, the accumulation
+    of ∂A and ∂B. The adapted layer's own weights and gradients are left as they were."""
+    from peftlab.tuners.base import AdapterLayer
+
+    layer = next(m for m in model.modules() if isinstance(m, AdapterLayer) and hasattr(m, "lora_A"))
+    base = layer.get_base_layer()
+    x = torch.randn(1, 2, layer.in_features, requires_grad=True)
+    g = torch.randn(1, 2, layer.out_features)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    saved = [p.grad for p in params]
+    products, n = lora_products(model, 2)
+
+    def clear() -> None:
+        x.grad = None
+        for p in params:
+            p.grad = None
+
+    fns = {"adapted": lambda: layer(x).backward(g), "frozen": lambda: base(x).backward(g), "products": products}
+    t = interleave(fns, reps, max(reps // 10, 1), "cpu", after={"adapted": clear, "frozen": clear})
+    for p, grad in zip(params, saved):
+        p.grad = grad
+    out = {k: statistics.median(v) * 1e6 for k, v in t.items()}
+    out["products"] /= n
+    return out
+
+
 def rotation_products(model, n_tokens: int) -> tuple[Callable[[], None], int]:
     """The products no OFT or BOFT (one factor) training step can skip, per adapted linear layer with r blocks of
     b (grouped as the fused node groups narrow blocks): the rotated weight W Rᵀ ((r, b, b) times (r, b, out)), and
@@ -477,6 +508,8 @@ def s_step(a, dev, dt, method: str) -> dict:
     out["about"] = spec.about
     if layers is not None:
         out["adapted_layers"] = layers
+        if spec.products is lora_products:
+            out["fixed_cost_us"] = fixed_cost(models["peftlab"], a.reps * 20)
     if a.profile:
         out["profile"] = {lib: where_time_goes(fns[lib], dev) for lib in ("peftlab", "peft", "limit")}
     return out
@@ -740,6 +773,7 @@ def s_lab_scale(a, dev, dt) -> dict:
     out["faults_per_step"] = {k: statistics.median(v) for k, v in faults.items()}
     if layers is not None:
         out["adapted_layers"] = layers
+        out["fixed_cost_us"] = fixed_cost(models["peftlab"], a.reps * 20)
     return out
 
 

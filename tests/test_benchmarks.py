@@ -165,6 +165,17 @@ def test_adapter_floor_stops_the_backward_at_block_zeros_projections(tiny):
     assert reached and all(p.grad is None for p in floor_model.parameters())
 
 
+def test_fixed_cost_is_set_against_the_room():
+    """A layer's fixed cost (adapted − frozen − the bound's product calls, per layer, times the layers) beside the
+    milliseconds a missed target leaves above the bound."""
+    res = {"fixed_cost_us": {"adapted": 140.0, "frozen": 60.0, "products": 12.0}}
+    over = report.fixed_cost_text(res, {"room": 0.7}, 21)[0]
+    assert "the 68 µs that remain" in over and "1.4 ms over 21 layers" in over and "out of reach" in over
+    assert "14% of the 10.0 ms" in report.fixed_cost_text(res, {"room": 10.0}, 21)[0]
+    assert "already misses" in report.fixed_cost_text(res, {"room": -1.0}, 21)[0]
+    assert report.fixed_cost_text({}, {"room": 1.0}, 21) == []
+
+
 def test_bound_products_run_what_their_methods_cannot_skip(tiny):
     """The bound's stand-in products: four rank-r products per LoRA layer (A xᵀ, Bᵀ gᵀ, ∂A, ∂B: 2·r·T·(in + out)
     multiply-adds), two batched products per OFT/BOFT layer (the rotated weight, the blocks' gradient) and BOFT's
@@ -202,6 +213,9 @@ def test_bound_products_run_what_their_methods_cannot_skip(tiny):
     for name, n in (("lora_step", 16), ("serving", 16), ("lab_scale", 21)):
         res = results["scenarios"][name]
         assert "bound" in res["median_ms"] and "peftlab/bound" in res["ratios"] and res["adapted_layers"] == n
+    for name in ("lora_step", "lab_scale"):  # the LoRA steps also time a layer's fixed cost (2 tokens)
+        fc = results["scenarios"][name]["fixed_cost_us"]
+        assert set(fc) == {"adapted", "frozen", "products"} and all(v > 0 for v in fc.values())
     for t in results["targets"]:  # one missed target with room above the bound, one below it
         if (t["scenario"], t["ratio"]) == ("lora_step", "peftlab/limit"):
             t["met"], t["target"] = False, 100.0
@@ -210,4 +224,5 @@ def test_bound_products_run_what_their_methods_cannot_skip(tiny):
     page = report.render(results)
     assert "## The missed targets against the bound" in page and "nan" not in page
     assert "**lora_step: peftlab/limit ≤ 100.0**" in page and "µs per adapted layer, 16 layers); peftlab spends" in page
+    assert "come to" in page and "ms over 16 layers, whatever the batch" in page
     assert "**serving: peftlab/base ≤ 0.01**" in page and "no implementation can meet the target in this run" in page

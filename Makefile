@@ -27,8 +27,8 @@ JS      := _vendor/.fetched.json
 EXEC    := .cache/book-exec
 REPORTS := _build/reports
 NB_TIMEOUT ?= 600
-# make test's smoke chapters: their slowest cell takes ~30 s; a cell that stalls (nbclient can wait on a kernel
-# after an ipywidgets `interactive` cell until the cell timeout, then go on) costs at most this, not NB_TIMEOUT
+# make test's smoke chapters: their slowest cell takes ~30 s; a wait that stalls anyway costs at most this, not
+# NB_TIMEOUT (the stall seen, a missed zmq wake-up lasting a whole cell timeout, tools/nbclient_wakeup.py cuts)
 SMOKE_NB_TIMEOUT ?= 180
 # a unit test past this many seconds fails with every thread's stack (a hang never eats CI's limit)
 UNIT_TIMEOUT ?= 600
@@ -83,7 +83,7 @@ notebooks:
 	@mkdir -p $(REPORTS)
 	$(PY) tools/prepare_exec.py $(EXEC)
 	$(PY) -m pytest $(EXEC)/book --nbmake --overwrite --nbmake-timeout=$(NB_TIMEOUT) \
-	    -n $(JOBS) -p no:cacheprovider -p tools.nbmake_ports -o addopts="" \
+	    -n $(JOBS) -p no:cacheprovider -p tools.nbmake_ports -p tools.nbclient_wakeup -o addopts="" \
 	    --reruns 1 --only-rerun "Kernel died|DeadKernel|[Tt]imeout|timed out" \
 	    --junitxml=$(REPORTS)/notebooks.xml
 
@@ -113,7 +113,7 @@ check:
 # ---------------------------------------------------------------- helpers
 chapter: setup
 	@test -n "$(NB)" || { echo "usage: make chapter NB=book/<chapter>.ipynb"; exit 2; }
-	$(PY) -m pytest "$(NB)" --nbmake --nbmake-timeout=$(NB_TIMEOUT) -p no:cacheprovider -v
+	$(PY) -m pytest "$(NB)" --nbmake --nbmake-timeout=$(NB_TIMEOUT) -p no:cacheprovider -p tools.nbclient_wakeup -v
 
 strip:
 	$(PY) tools/strip_notebooks.py

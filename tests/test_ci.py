@@ -64,6 +64,50 @@ def test_notebook_kernels_take_ports_from_their_workers_own_block(monkeypatch) -
     assert not blocks[0] & blocks[1]
 
 
+def test_a_missed_wakeup_costs_one_poll_step_not_the_cell_timeout() -> None:
+    """`make notebooks` loads tools/nbclient_wakeup.py: a shell-channel wait whose poll misses the message's
+    arrival (it notices only at its own timeout, as zmq.asyncio's poll did here, stalling a chapter for the whole
+    cell timeout) is cut into short polls up to the same deadline; with nothing to read it still raises Empty
+    at the deadline, and a wait without a deadline keeps waiting."""
+    import asyncio
+    import importlib
+    from queue import Empty
+
+    sys.path.insert(0, str(ROOT))
+    plugin = importlib.import_module("tools.nbclient_wakeup")
+    make = (ROOT / "Makefile").read_text()
+    assert "-p tools.nbclient_wakeup" in make[make.index("\nnotebooks:"):make.index("\nhtml:")]
+
+    class Channel:  # a message waits from the start (after ``ready_after`` s), but a poll sees it only at its timeout
+        def __init__(self, ready_after: float | None) -> None:
+            self.socket, self.ready_at = self, None if ready_after is None else time.monotonic() + ready_after
+            self.polls = 0
+
+        async def poll(self, timeout_ms: int | None) -> int:
+            self.polls += 1
+            await asyncio.sleep(timeout_ms / 1000)
+            return int(self.ready_at is not None and time.monotonic() >= self.ready_at)
+
+        async def _recv(self) -> dict:
+            return {"header": {"msg_type": "execute_reply"}}
+
+    def timed(channel: Channel, timeout: float | None) -> tuple[object, float]:
+        start = time.monotonic()
+        try:
+            got = asyncio.run(plugin.get_msg(channel, timeout))
+        except Empty as empty:
+            got = empty
+        return got, time.monotonic() - start
+
+    got, took = timed(Channel(0.0), 20.0)  # the original waits 20 s here
+    assert got == {"header": {"msg_type": "execute_reply"}} and took < 2 * plugin.STEP
+    got, took = timed(Channel(None), 1.2)
+    assert isinstance(got, Empty) and 1.2 <= took < 1.2 + plugin.STEP
+    channel = Channel(1.6)
+    got, took = timed(channel, None)
+    assert isinstance(got, dict) and 1.6 <= took < 1.6 + 2 * plugin.STEP and channel.polls >= 4
+
+
 def test_a_hanging_unit_test_fails_with_its_stack_and_the_run_goes_on(tmp_path: Path) -> None:
     """`make unit` passes --timeout (pytest-timeout, thread method): a hung test is reported with every thread's
     stack (on the worker's stderr), the run names it, its xdist worker is replaced, and the other tests still run (CI once lost its whole limit to one hang)."""
@@ -85,9 +129,10 @@ def test_a_hanging_unit_test_fails_with_its_stack_and_the_run_goes_on(tmp_path: 
 
 
 def test_make_test_runs_the_smoke_chapters_with_a_short_cell_timeout() -> None:
-    """nbclient can stall after an ipywidgets `interactive` cell until the cell timeout and then go on (seen once:
-    lora.ipynb waited 600 s with nothing running); `make test` bounds that by a smoke cell timeout far below the
-    book build's, and well above the slowest smoke cell (~30 s)."""
+    """A chapter could stall for a whole cell timeout and then go on (lora.ipynb once waited 600 s with nothing
+    running: a missed zmq wake-up, now cut to one short poll by tools/nbclient_wakeup.py); `make test` also bounds
+    any such wait by a smoke cell timeout far below the book build's, and well above the slowest smoke cell
+    (~30 s)."""
     make = (ROOT / "Makefile").read_text()
     test_target = make[make.index("\ntest: "):make.index("\nunit:")]
     assert "notebooks NB_TIMEOUT=$(SMOKE_NB_TIMEOUT)" in test_target

@@ -100,12 +100,12 @@ def test_a_missed_wakeup_costs_one_poll_step_not_the_cell_timeout() -> None:
         return got, time.monotonic() - start
 
     got, took = timed(Channel(0.0), 20.0)  # the original waits 20 s here
-    assert got == {"header": {"msg_type": "execute_reply"}} and took < 2 * plugin.STEP
+    assert got == {"header": {"msg_type": "execute_reply"}} and took < 4 * plugin.STEP  # not 20 s
     got, took = timed(Channel(None), 1.2)
-    assert isinstance(got, Empty) and 1.2 <= took < 1.2 + plugin.STEP
+    assert isinstance(got, Empty) and 1.2 <= took < 1.2 + 3 * plugin.STEP
     channel = Channel(1.6)
     got, took = timed(channel, None)
-    assert isinstance(got, dict) and 1.6 <= took < 1.6 + 2 * plugin.STEP and channel.polls >= 4
+    assert isinstance(got, dict) and 1.6 <= took < 1.6 + 4 * plugin.STEP and channel.polls >= 4
 
 
 def test_a_hanging_unit_test_fails_with_its_stack_and_the_run_goes_on(tmp_path: Path) -> None:

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.tuners.base import (AdapterLayer, BaseTuner, divide_by_scale, fusable, keep_output, kept_output,
-                                 linear_output, second_order_grads, watched_by_hooks)
+from peftlab.tuners.base import (AdapterLayer, BaseTuner, divide_by_scale, fusable, hookless_linear, keep_output,
+                                 kept_output, linear_output, second_order_grads, watched_by_hooks)
 from peftlab.tuners.lycoris import DEFAULT_TARGET_MODULES  # peft gives OFT and BOFT LoRA's map too
 
 #: the layer types peft 0.21.2 wraps with OFT and BOFT (here: Linear and Conv2d; no embeddings)
@@ -740,9 +740,10 @@ class OrthogonalLayer(AdapterLayer):
         base = self.get_base_layer()
         if scale is None:
             return self.base_layer(x.to(out_dtype), *args, **kwargs)
-        if type(base) is nn.Linear and not (args or kwargs or watched_by_hooks(base)) and x.dtype == base.weight.dtype:
-            out = F.linear(x, base.weight) * scale  # (W x')·s + b
-            return out + base.bias if base.bias is not None else out
+        plain = None if args or kwargs else hookless_linear(base)
+        if plain is not None and x.dtype == plain[0].dtype:
+            out = F.linear(x, plain[0]) * scale  # (W x')·s + b
+            return out + plain[1] if plain[1] is not None else out
         result = self.base_layer(x.to(out_dtype), *args, **kwargs)
         if base.bias is not None:  # s scales W x', not the bias
             return ((result - base.bias) * scale.to(result.dtype) + base.bias).to(out_dtype)

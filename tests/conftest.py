@@ -164,3 +164,9 @@ def fill_trainable(model: torch.nn.Module, adapter: str = "default", prefixes: t
     """``fill_`` every trainable tensor and every tensor of ``adapter`` (seeded by name, equal across libraries)."""
     fill_params(model, lambda n, p: p.requires_grad or (
         adapter in n.split(".") and is_method_tensor(n, (*prefixes, "modules_to_save"))))
+
+
+def every_row_dropped(n: int) -> torch.Tensor:
+    """A stand-in for ``torch.rand`` under LoHa/LoKr rank dropout: the mask's n draws (one per output row) all below
+    any p, so every row is dropped; a single draw (module dropout's) above any p, so the adapter still runs."""
+    return torch.zeros(n) if n > 1 else torch.ones(n)

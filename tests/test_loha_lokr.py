@@ -6,10 +6,11 @@ Bad input gets a clear error and leaves the model (and the files) as they were.
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import pytest
 import torch
-from conftest import base_model, fill_method_tensors, output
+from conftest import base_model, every_row_dropped, fill_method_tensors, output
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -304,6 +305,23 @@ def test_lokr_rank_dropout_scale_flag():
         kept = ~(dropped == 0).all(dim=1)
         factor = 16 / kept.sum() if scale_flag else 1.0
         torch.testing.assert_close(dropped[kept], full[kept] * factor)
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_rank_dropout_that_drops_every_row_leaves_the_base(method: str):
+    """When the mask drops every output row (likely for a high rank_dropout on a narrow layer), the rescaled ΔW is
+    zero and the layer gives its base output; peft divides by the mask's mean, 0, and returns NaN (a fuzzed
+    LoHaConfig(rank_dropout=0.9375) found it)."""
+    kwargs = dict(rank_dropout=0.99, init_weights=False)
+    if method == "lokr":
+        kwargs["rank_dropout_scale"] = True
+    cls = LoHaLayer if method == "loha" else LoKrLayer
+    layer = cls(nn.Linear(8, 4), "a", r=2, **kwargs)
+    x = torch.randn(3, 8)
+    with mock.patch.object(torch, "rand", every_row_dropped):
+        dropped = layer._delta_weight("a", rank_dropout=True)
+        torch.testing.assert_close(layer(x), layer.base_layer(x))
+    assert torch.equal(dropped, torch.zeros_like(dropped))
 
 
 def test_module_dropout_skips_the_adapter_in_training_only():

@@ -11,10 +11,11 @@ import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
-from conftest import quiet
+from conftest import every_row_dropped, quiet
 from torch import nn
 
 import peftlab
@@ -284,6 +285,25 @@ def test_difference_multihead_attention_out_proj_applied_once():
             plain.mha.in_proj_weight += d_in
             plain.mha.out_proj.weight += k * d_out
         torch.testing.assert_close(peft_parity.out(models[lib], x), peft_parity.out(plain, x), atol=1e-5, rtol=0)
+
+
+def test_difference_rank_dropout_that_drops_every_row():
+    """Deliberate difference: when LoHa's rank-dropout mask (or LoKr's with rank_dropout_scale) drops every output
+    row, peft 0.21.2 divides the mask by its mean, 0, and the layer outputs NaN; peftlab's ΔW is zero and the layer
+    gives its base output. Any other mask rescales the same in both."""
+    x = torch.randn(3, 8)
+    for lib in (peft, peftlab):
+        for config in (lib.LoHaConfig(target_modules=["0"], rank_dropout=0.9, init_weights=False),
+                       lib.LoKrConfig(target_modules=["0"], rank_dropout=0.9, rank_dropout_scale=True,
+                                      init_weights=False)):
+            pm = lib.get_peft_model(seeded(nn.Sequential, nn.Linear(8, 4)), config).train()
+            with torch.no_grad(), mock.patch.object(torch, "rand", every_row_dropped):
+                got = pm(x)
+                base = pm.get_base_model()[0].base_layer(x)
+            if lib is peft:
+                assert torch.isnan(got).all(), type(config).__name__
+            else:
+                torch.testing.assert_close(got, base)
 
 
 def test_difference_merged_adapter_with_an_active_unmerged_one():

@@ -199,8 +199,8 @@ class LycorisLayer(AdapterLayer):
         delta = (self.make_delta(adapter_name) * self.scaling[adapter_name]).reshape(self.weight_shape)
         if rank_dropout:  # drop whole output rows of ΔW (the mask is drawn on the CPU, as in peft)
             keep = (torch.rand(delta.shape[0]) > self.rank_dropout[adapter_name]).to(delta.dtype)
-            if self._rescale_rank_dropout(adapter_name):
-                keep = keep / keep.mean()
+            if self._rescale_rank_dropout(adapter_name):  # 1/mean(mask); every row dropped: ΔW = 0 (peft: 0/0 = NaN)
+                keep = keep / keep.mean().clamp_min(torch.finfo(keep.dtype).tiny)
             delta = delta * keep.view(-1, *[1] * (delta.dim() - 1)).to(delta.device)
         return delta
 

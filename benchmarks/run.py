@@ -51,6 +51,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules, however run.py is loaded
 from allocator import pin_allocator  # noqa: E402
@@ -166,11 +167,14 @@ def lora_products(model, n_tokens: int) -> tuple[Callable[[], None], int]:
 
 def fixed_cost(model, reps: int) -> dict[str, float]:
     """What an adapted LoRA layer costs before its products do: the first one of a peftlab ``model`` called on 2
-    tokens (forward, backward, its gradients accumulated), its frozen base layer called the same way, and the
-    bound's four rank-r products of one layer (:func:`lora_products`) on 2 tokens; µs each, medians of interleaved
-    runs. On 2 tokens a product costs its call and nothing more, so *adapted − frozen − products* is what every
-    adapted layer adds above the bound whatever the batch: its module call, its autograd node, the accumulation
-    of ∂A and ∂B. The adapted layer's own weights and gradients are left as they were."""
+    tokens (forward, backward, its gradients accumulated), its frozen base layer called the same way, the same
+    layer written as PyTorch's own operators on the same tensors (*native*: W x + b + s·B (A x), peft's graph,
+    no module call and no node written in Python), and the bound's four rank-r products of one layer
+    (:func:`lora_products`) on 2 tokens; µs each, medians of interleaved runs. On 2 tokens a product costs its
+    call and nothing more, so *adapted − frozen − products* is what every adapted layer adds above the bound
+    whatever the batch: its module call, its autograd node, the accumulation of ∂A and ∂B; *native* says whether
+    another way of writing the layer would add less. The adapted layer's own weights and gradients are left as
+    they were."""
     from peftlab.tuners.base import AdapterLayer
 
     layer = next(m for m in model.modules() if isinstance(m, AdapterLayer) and hasattr(m, "lora_A"))
@@ -186,8 +190,16 @@ def fixed_cost(model, reps: int) -> dict[str, float]:
         for p in params:
             p.grad = None
 
-    fns = {"adapted": lambda: layer(x).backward(g), "frozen": lambda: base(x).backward(g), "products": products}
-    t = interleave(fns, reps, max(reps // 10, 1), "cpu", after={"adapted": clear, "frozen": clear})
+    name = layer.active_adapters[0]
+    w, b, s = base.weight, base.bias, layer.scaling[name]
+    a_w, b_w = layer.lora_A[name].weight, layer.lora_B[name].weight
+
+    def native() -> None:
+        (F.linear(x, w, b) + s * F.linear(F.linear(x, a_w), b_w)).backward(g)
+
+    fns = {"adapted": lambda: layer(x).backward(g), "frozen": lambda: base(x).backward(g), "native": native,
+           "products": products}
+    t = interleave(fns, reps, max(reps // 10, 1), "cpu", after={"adapted": clear, "frozen": clear, "native": clear})
     for p, grad in zip(params, saved):
         p.grad = grad
     out = {k: statistics.median(v) * 1e6 for k, v in t.items()}

@@ -171,9 +171,17 @@ def test_fixed_cost_is_set_against_the_room():
     res = {"fixed_cost_us": {"adapted": 140.0, "frozen": 60.0, "products": 12.0}}
     over = report.fixed_cost_text(res, {"room": 0.7}, 21)[0]
     assert "the 68 µs that remain" in over and "1.4 ms over 21 layers" in over and "out of reach" in over
+    assert "own operators" not in over  # a run without the native probe says nothing of it
     assert "14% of the 10.0 ms" in report.fixed_cost_text(res, {"room": 10.0}, 21)[0]
     assert "already misses" in report.fixed_cost_text(res, {"room": -1.0}, 21)[0]
     assert report.fixed_cost_text({}, {"room": 1.0}, 21) == []
+    # with the same layer as PyTorch's own operators: 150 − 60 − 12 = 78 µs, 1.6 ms over 21 layers
+    both = {"fixed_cost_us": {**res["fixed_cost_us"], "native": 150.0}}
+    text = report.fixed_cost_text(both, {"room": 0.7}, 21)[0]
+    assert "takes 150 µs: 78 µs above" in text and "1.6 ms over the layers" in text and "Either way" in text
+    cheap = {"fixed_cost_us": {**res["fixed_cost_us"], "native": 80.0}}  # operators alone would fit the room
+    text = report.fixed_cost_text(cheap, {"room": 0.7}, 21)[0]
+    assert "Either way" not in text and "with one such node per layer the target is out of reach" in text
 
 
 def test_bound_products_run_what_their_methods_cannot_skip(tiny):
@@ -215,7 +223,7 @@ def test_bound_products_run_what_their_methods_cannot_skip(tiny):
         assert "bound" in res["median_ms"] and "peftlab/bound" in res["ratios"] and res["adapted_layers"] == n
     for name in ("lora_step", "lab_scale"):  # the LoRA steps also time a layer's fixed cost (2 tokens)
         fc = results["scenarios"][name]["fixed_cost_us"]
-        assert set(fc) == {"adapted", "frozen", "products"} and all(v > 0 for v in fc.values())
+        assert set(fc) == {"adapted", "frozen", "native", "products"} and all(v > 0 for v in fc.values())
     for t in results["targets"]:  # one missed target with room above the bound, one below it
         if (t["scenario"], t["ratio"]) == ("lora_step", "peftlab/limit"):
             t["met"], t["target"] = False, 100.0

@@ -173,8 +173,9 @@ class LoraLinearFunction(torch.autograd.Function):
 
     Backward, with g = ∂L/∂h and u = s·g B (T, r):
     ∂x = g W + u A = g (W + s·B A),  ∂A = uᵀ x,  ∂B = s·gᵀ (x Aᵀ),  (∂W = gᵀ x, ∂b = Σ_t g only when the base trains).
-    One node instead of the ~7 that linear/linear/addmm/reshape record: at the lab's scale the per-node
-    overhead of autograd costs more than the rank-r products themselves.
+    One node instead of the several that linear/linear/mul/add record. What that buys is not autograd's
+    bookkeeping (on two tokens, where a product costs only its call, the node is no faster than PyTorch's own
+    operators: the Benchmarks page times both) but the freedom to arrange the work, as follows.
 
     When the batch has more tokens T than in·out/(in + out) (training, in float32), the forward computes
     h = x (W + s·B A)ᵀ + b and the backward ∂x = g (W + s·B A): forming W + s·B A costs r·in·out

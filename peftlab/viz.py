@@ -29,8 +29,8 @@ ArrayLike = Any  # torch.Tensor, numpy array, nested lists, sympy Matrix of numb
 # Diverging map centred at 0 for signed matrices (weights, deltas), sequential otherwise.
 SIGNED_CMAP = "RdBu_r"
 UNSIGNED_CMAP = "viridis"
-# Line colours, in order (colour-blind-safe "tab10" subset).
-COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+# Line colours, in order (matplotlib's "tab10").
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 STYLE: dict[str, Any] = {
     "figure.figsize": (5.0, 3.4),
@@ -655,7 +655,6 @@ def pareto(
         err = None if spread is None else float(spread.get(n, 0.0))
         ax.errorbar(xs[k], ys[k], yerr=err, fmt="o", color=color, mfc=color if k in front else "white",
                     capsize=2, markersize=6)
-        ax.annotate(n, (xs[k], ys[k]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     order = sorted(front, key=lambda i: xs[i])
     ax.step(xs[order], ys[order], where="post", color="#444444", linewidth=1, alpha=0.6, label="Pareto front")
     if logx:
@@ -664,8 +663,68 @@ def pareto(
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    ax.legend(loc="lower right")
+    legend = ax.legend(loc="lower right")
+    place_labels(ax, names, xs, ys, colors=[COLORS[k % len(COLORS)] for k in range(len(names))], avoid=[legend])
     return ax
+
+
+#: where :func:`place_labels` tries a label, in points from its marker: beside it first, then above and below,
+#: then the same directions further out (a thin line then joins label and marker)
+_LABEL_SPOTS = [(dx * r, dy * r) for r in (1, 2, 3, 4, 6) for dx, dy in
+                ((6, 3), (6, -9), (-6, 3), (-6, -9), (0, 9), (0, -15), (10, 12), (-10, 12), (10, -18), (-10, -18))]
+
+
+def place_labels(ax: Axes, names: Sequence[str], xs: Sequence[float], ys: Sequence[float], *,
+                 colors: Optional[Sequence[Any]] = None, fontsize: float = 8, avoid: Sequence[Any] = ()) -> list[Any]:
+    """Label each point (xs[i], ys[i]) with names[i] (in colors[i], its marker's colour) where the label overlaps
+    no other label, no marker and nothing in ``avoid`` (artists such as a legend), inside the axes: each label
+    takes the first free spot of :data:`_LABEL_SPOTS`, crowded points first. A label set further than its first
+    ring of spots gets a thin line to its marker; one that finds no free spot takes the spot with the least area
+    overlapping or outside the axes. Call it when the axes' limits and scales are final (it places in screen space). Returns the
+    annotations. :func:`pareto` labels its points with it.
+    """
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer() if hasattr(fig.canvas, "get_renderer") else fig._get_renderer()
+    pix = ax.transData.transform(np.column_stack([np.asarray(xs, float), np.asarray(ys, float)]))
+    to_px = fig.dpi / 72.0
+    r = 4.5 * to_px  # a marker's half width (markersize 6 plus its edge), in pixels
+    markers = [(px - r, py - r, px + r, py + r) for px, py in pix]
+    blocked = [tuple(a.get_window_extent(renderer).extents) for a in avoid]
+    frame = ax.get_window_extent(renderer).extents
+
+    def overlap(a: tuple, b: tuple) -> float:
+        w = min(a[2], b[2]) - max(a[0], b[0])
+        h = min(a[3], b[3]) - max(a[1], b[1])
+        return w * h if w > 0 and h > 0 else 0.0
+
+    # the most crowded points choose first, while spots are still free
+    near = [sum(np.hypot(*(pix[i] - pix[j])) < 40 * to_px for j in range(len(pix))) for i in range(len(pix))]
+    placed: list[tuple] = []
+    anns: list[Any] = [None] * len(names)
+    for i in sorted(range(len(names)), key=lambda i: -near[i]):
+        ann = ax.annotate(names[i], (xs[i], ys[i]), textcoords="offset points", xytext=_LABEL_SPOTS[0],
+                          fontsize=fontsize, va="baseline")
+        best = None
+        for spot in _LABEL_SPOTS:
+            ann.set_position(spot)
+            ann.set_ha("left" if spot[0] > 0 else "right" if spot[0] < 0 else "center")
+            box = tuple(ann.get_window_extent(renderer).extents)
+            outside = (box[2] - box[0]) * (box[3] - box[1]) - overlap(box, frame)  # what sticks out of the axes
+            cost = (sum(overlap(box, o) for o in placed + blocked)
+                    + sum(overlap(box, m) for j, m in enumerate(markers) if j != i) + outside)
+            if best is None or cost < best[0]:
+                best = (cost, spot, box)
+            if cost == 0:
+                break
+        _, spot, box = best
+        ann.remove()  # the probe; the label itself, with a line to its marker when it sits beyond the first ring
+        line = {"arrowstyle": "-", "color": "#888888", "linewidth": 0.6, "shrinkA": 0, "shrinkB": 3}
+        anns[i] = ax.annotate(names[i], (xs[i], ys[i]), textcoords="offset points", xytext=spot, fontsize=fontsize,
+                              va="baseline", ha="left" if spot[0] > 0 else "right" if spot[0] < 0 else "center",
+                              color="black" if colors is None else colors[i],
+                              arrowprops=line if _LABEL_SPOTS.index(spot) >= 10 else None)
+        placed.append(box)
+    return anns
 
 
 # ----------------------------------------------------------------------------- method diagrams

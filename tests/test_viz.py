@@ -13,6 +13,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 from peftlab import viz
 
@@ -158,3 +159,31 @@ def test_pareto_plot_marks_front_and_labels():
     assert list(front.get_xdata()) == [10.0, 100.0]  # "full" is dominated by LoRA
     with pytest.raises(ValueError):
         viz.pareto({})
+
+
+def test_pareto_labels_do_not_overlap_in_a_cluster():
+    """Nine methods within a few parameters and points of each other (as in the method comparison): each label in
+    its marker's colour, no two labels overlapping, none on the legend; labels pushed out of the crowd are joined
+    to their marker by a line."""
+    names = [f"method {k}" for k in range(9)]
+    pts = {n: (4000 + 30 * k, 97.0 + 0.2 * (k % 4)) for k, n in enumerate(names)}
+    pts["far"] = (20000, 80.0)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.set_xlim(1000, 100000)  # "far" in the open, away from the frame and the legend
+    ax.set_ylim(0, 100)
+    viz.pareto(pts, ax)
+    fig.canvas.draw()  # places each annotation's text where it will be drawn
+    renderer = fig.canvas.get_renderer()
+    labels = {t.get_text(): t for t in ax.texts}
+    assert sorted(labels) == sorted(pts)  # one label per point, the placement probes gone
+    boxes = {n: Text.get_window_extent(t, renderer) for n, t in labels.items()}  # the text, not its line
+    for a in boxes:
+        for b in boxes:
+            assert a == b or not boxes[a].overlaps(boxes[b]), (a, b)
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert not any(box.overlaps(legend) for box in boxes.values())
+    assert labels["method 0"].get_color() == viz.COLORS[0]
+    assert labels["far"].get_color() == viz.COLORS[9 % len(viz.COLORS)]
+    assert labels["far"].arrow_patch is None  # alone: beside its marker, no line
+    assert any(labels[n].arrow_patch is not None for n in names)  # nine in a crowd: some pushed out, with lines
+    plt.close(fig)

@@ -6,6 +6,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +49,20 @@ def test_leaked_warning_and_stderr_are_caught(tmp_path: Path) -> None:
     assert any("warning leaks" in p for p in _page(tmp_path, leaked))
     stderr = CLEAN.replace('class="output stream', 'class="output stderr')
     assert any("stderr" in p for p in _page(tmp_path, stderr))
+
+
+def test_a_cell_cut_by_pandas_is_caught(tmp_path: Path) -> None:
+    key = "base_model.model.model.decoder.layers.0.self_attn.q_proj.lora_A.weight"
+    cut = pd.DataFrame({"key": [key]})._repr_html_().split("<td>")[1].split("</td>")[0]  # as a notebook shows it
+    assert cut == key[:46] + "..."
+    problems = _page(tmp_path, CLEAN.replace("<td>1</td>", f"<td>{cut}</td>"))
+    assert len(problems) == 1 and "cut short by pandas" in problems[0] and "layers.0.self_a" in problems[0]
+    assert _page(tmp_path, CLEAN.replace("<td>1</td>", f"<td>{key}</td>")) == []  # shown whole
+    assert _page(tmp_path, CLEAN.replace("<td>1</td>", "<td>to be continued...</td>")) == []  # short: prose
+    quoted = "RuntimeError: shape &#39;[1, 2, 4, 16]&#39; is invalid for input of size 96"
+    cut_quoted = "RuntimeError: shape &#39;[1, 2, 4, 16]&#39; is invalid..."  # 49 characters once unescaped
+    assert _page(tmp_path, CLEAN.replace("<td>1</td>", f"<td>{quoted}</td>")) == []
+    assert "cut short" in _page(tmp_path, CLEAN.replace("<td>1</td>", f'<td class="x">{cut_quoted}</td>'))[0]
 
 
 def test_nan_in_prose_is_caught_but_not_in_code_or_words(tmp_path: Path) -> None:

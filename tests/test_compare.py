@@ -85,6 +85,14 @@ def small_table():
     return entries, C.table(entries)
 
 
+def test_size_column_names_the_knobs():
+    assert C._knob_text("lokr", {"r": 8, "decompose_factor": -1}, None) == "r=8, f=auto"  # LoKr's default: auto
+    assert C._knob_text("lokr", {"r": 8, "decompose_factor": 2}, None) == "r=8, f=2"
+    assert C._knob_text("lokr", {}, C.method_config("lokr", "h1")) == "r=8, f=auto"  # read off a default config
+    assert C._knob_text("boft", {"boft_block_size": 4, "boft_n_butterfly_factor": 1}, None) == "b=4, m=1"
+    assert C._knob_text("ia3", {}, C.method_config("ia3", "h1")) == "no size knob"
+
+
 def test_table_columns_and_flags_come_from_the_registry(small_table):
     entries, df = small_table
     assert list(df.columns) == ["method", "setting", "size", "score % (mean)", "score % (spread)", "seeds",

@@ -11,8 +11,10 @@ Checks, each failing with the page and what was found:
    ``_static/vendor/widgets/embed.js``, and both files exist.
 3. Every notebook page has an "Open in Colab" link to its ``.ipynb`` on the repository.
 4. What a reader must not see (every page): a markdown table left as raw text (``| --- |`` outside
-   code), a Python warning (``UserWarning: ...``) or any stderr output in a cell's output, and
-   ``nan`` in the prose (a number that does not exist in this profile, glued as a float).
+   code), a Python warning (``UserWarning: ...``) or any stderr output in a cell's output, a table
+   cell that pandas cut at its ``display.max_colwidth`` (49 characters ending in ``...``: a key, a
+   module path or an error message with its end missing), and ``nan`` in the prose (a number that
+   does not exist in this profile, glued as a float).
    The site's CSS must give the text a font stack with CJK fallbacks (the Chinese terms).
 5. ``--render`` (default: when Chromium is installed; always under CI, ``CI=true``, where a
    missing browser fails the check instead of skipping it): headless Chromium, with its network
@@ -30,6 +32,7 @@ Usage: ``python tools/check_build.py [--html _build/html] [--render auto|yes|no]
 from __future__ import annotations
 
 import argparse
+import html
 import os
 import re
 import shutil
@@ -54,6 +57,10 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 RAW_TABLE = re.compile(r"\|\s*:?-{3,}:?\s*\|")
+# a DataFrame cell pandas cut at display.max_colwidth (default 50): max_colwidth − 4 characters of the value,
+# then "...", 49 characters in all
+CUT_CELL = re.compile(r"<t[dh][^>]*>([^<]*\.\.\.)</t[dh]>")
+PANDAS_CUT = 49
 WARNING = re.compile(r"\b[A-Z]\w*Warning: ")
 # Python prints a missing float as "nan"; the word NaN in a sentence about NaN values is prose, not a leak.
 NAN = re.compile(r"(?<![\w.\-])nan(?![\w])")
@@ -114,9 +121,10 @@ def _read(page: Path) -> str:
 
 def check_reader_view(page: Path, rel: str, text: str | None = None) -> list[str]:
     """Check 4 on one page (``text``: the page, when already read): raw markdown tables, leaked warnings and
-    stderr, ``nan`` in the prose."""
+    stderr, table cells cut short, ``nan`` in the prose."""
+    page_html = _read(page) if text is None else text
     reader = _Reader()
-    reader.feed(_read(page) if text is None else text)
+    reader.feed(page_html)
     prose, output = "".join(reader.prose), "".join(reader.output)
     problems = []
     for where, text in (("prose", prose), ("a cell output", output)):
@@ -124,6 +132,10 @@ def check_reader_view(page: Path, rel: str, text: str | None = None) -> list[str
         if m:
             problems.append(f"{rel}: a raw markdown table in {where}: {text[max(0, m.start() - 60):m.end() + 20]!r} "
                             "(show a DataFrame, or write a MyST table in markdown)")
+    for cut in (html.unescape(m.group(1)) for m in CUT_CELL.finditer(page_html)):
+        if len(cut) == PANDAS_CUT:
+            problems.append(f"{rel}: a table cell cut short by pandas: {cut!r} (display it whole: "
+                            "pd.option_context('display.max_colwidth', None), or a Styler)")
     m = WARNING.search(output)
     if m:
         problems.append(f"{rel}: a warning leaks into a cell output: {output[m.start():m.start() + 120]!r}")
@@ -410,7 +422,7 @@ def main() -> None:
         print("check_build: FAILED\n  " + "\n  ".join(problems), file=sys.stderr)
         sys.exit(1)
     print(f"check_build: {len(pages)} pages OK (offline assets, local MathJax and widgets, Colab links, no raw tables, "
-          "warnings or nan on a page, a bibliography that lists every entry)")
+          "cut cells, warnings or nan on a page, a bibliography that lists every entry)")
 
 
 if __name__ == "__main__":

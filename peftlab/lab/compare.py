@@ -349,7 +349,9 @@ def _knob_text(method: str, knob: Mapping[str, Any], config: Any) -> str:
         knob = {f: getattr(config, f) for f in fields}
     if not knob:
         return "no size knob"
-    return ", ".join(f"{names.get(k, k)}={v}" for k, v in knob.items())
+    # LoKr's decompose_factor −1 (its default) means "chosen for you": each size split near its square root
+    return ", ".join(f"{names.get(k, k)}={'auto' if k == 'decompose_factor' and v == -1 else v}"
+                     for k, v in knob.items())
 
 
 def table(entries: Sequence[Entry], target: Optional[float] = None) -> Any:

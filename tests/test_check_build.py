@@ -65,6 +65,15 @@ def test_a_cell_cut_by_pandas_is_caught(tmp_path: Path) -> None:
     assert "cut short" in _page(tmp_path, CLEAN.replace("<td>1</td>", f'<td class="x">{cut_quoted}</td>'))[0]
 
 
+def test_a_plotting_repr_left_as_a_result_is_caught(tmp_path: Path) -> None:
+    for leak in ("&lt;Axes: title={'center': 'update size'}, xlabel='rank r'&gt;",
+                 "[&lt;matplotlib.lines.Line2D at 0x7f3a2c1d0&gt;]"):
+        problems = _page(tmp_path, CLEAN.replace("score 0.93", leak))
+        assert len(problems) == 1 and "plotting object's repr" in problems[0], leak
+    # prose may name them, and an Axes in words is no leak
+    assert _page(tmp_path, CLEAN.replace("score 0.93", "score 0.93 on 2 Axes")) == []
+
+
 def test_nan_in_prose_is_caught_but_not_in_code_or_words(tmp_path: Path) -> None:
     problems = _page(tmp_path, CLEAN.replace("1,024 parameters", "nan parameters"))
     assert len(problems) == 1 and "'nan' in the prose" in problems[0]

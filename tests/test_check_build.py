@@ -74,6 +74,17 @@ def test_a_plotting_repr_left_as_a_result_is_caught(tmp_path: Path) -> None:
     assert _page(tmp_path, CLEAN.replace("score 0.93", "score 0.93 on 2 Axes")) == []
 
 
+def test_an_object_printed_whole_is_caught(tmp_path: Path) -> None:
+    steps, losses = ", ".join(map(str, range(1, 51))), ", ".join(["2.4570586681365967"] * 40)
+    history = f"History(steps=[{steps}], loss=[{losses}])"
+    problems = _page(tmp_path, CLEAN.replace("score 0.93", history))
+    assert len(problems) == 1 and f"line of {len(history)} characters" in problems[0]
+    message = "ValueError: the adapter does not fit this model: " + "x" * 400  # a long message is still a message
+    assert _page(tmp_path, CLEAN.replace("score 0.93", message)) == []
+    many = "\n".join(["score 0.93"] * 200)  # many short lines are not one long one
+    assert _page(tmp_path, CLEAN.replace("score 0.93", many)) == []
+
+
 def test_nan_in_prose_is_caught_but_not_in_code_or_words(tmp_path: Path) -> None:
     problems = _page(tmp_path, CLEAN.replace("1,024 parameters", "nan parameters"))
     assert len(problems) == 1 and "'nan' in the prose" in problems[0]

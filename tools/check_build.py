@@ -15,8 +15,9 @@ Checks, each failing with the page and what was found:
    cell that pandas cut at its ``display.max_colwidth`` (49 characters ending in ``...``: a key, a
    module path or an error message with its end missing), a plotting object's repr left as a cell's
    result (``<Axes: ...>``, ``<matplotlib.lines.Line2D at 0x...>``: a cell that ends on a plotting
-   call instead of ``plt.show()``), and ``nan`` in the prose (a number that does not exist in this
-   profile, glued as a float).
+   call instead of ``plt.show()``), an output line of more than 600 characters (an object's repr
+   printed whole, such as a cell ending on a call that returns a training history), and ``nan`` in
+   the prose (a number that does not exist in this profile, glued as a float).
    The site's CSS must give the text a font stack with CJK fallbacks (the Chinese terms).
 5. ``--render`` (default: when Chromium is installed; always under CI, ``CI=true``, where a
    missing browser fails the check instead of skipping it): headless Chromium, with its network
@@ -65,6 +66,7 @@ CUT_CELL = re.compile(r"<t[dh][^>]*>([^<]*\.\.\.)</t[dh]>")
 PANDAS_CUT = 49
 # the text/plain result of a cell that ends on a plotting call (a figure's own "<Figure size ...>" text never
 # shows: its image does)
+LONG_LINE = 600  # characters: no printed message is this long; a repr of a whole object is
 PLOT_REPR = re.compile(r"<(?:Axes: |Axes3D: |matplotlib\.[\w.]+ (?:at 0x|object at)|Figure size [^>]* with 0 Axes>)")
 WARNING = re.compile(r"\b[A-Z]\w*Warning: ")
 # Python prints a missing float as "nan"; the word NaN in a sentence about NaN values is prose, not a leak.
@@ -126,7 +128,7 @@ def _read(page: Path) -> str:
 
 def check_reader_view(page: Path, rel: str, text: str | None = None) -> list[str]:
     """Check 4 on one page (``text``: the page, when already read): raw markdown tables, leaked warnings and
-    stderr, table cells cut short, plotting reprs, ``nan`` in the prose."""
+    stderr, table cells cut short, plotting reprs, overlong output lines, ``nan`` in the prose."""
     page_html = _read(page) if text is None else text
     reader = _Reader()
     reader.feed(page_html)
@@ -145,6 +147,10 @@ def check_reader_view(page: Path, rel: str, text: str | None = None) -> list[str
     if m:
         problems.append(f"{rel}: a plotting object's repr in a cell output: {output[m.start():m.start() + 100]!r} "
                         "(end the cell with plt.show())")
+    longest = max(output.splitlines(), key=len, default="")
+    if len(longest) > LONG_LINE:
+        problems.append(f"{rel}: a cell output line of {len(longest)} characters: {longest[:100]!r}... (an object's "
+                        "repr printed whole? assign the result, or print what matters of it)")
     m = WARNING.search(output)
     if m:
         problems.append(f"{rel}: a warning leaks into a cell output: {output[m.start():m.start() + 120]!r}")
@@ -431,7 +437,8 @@ def main() -> None:
         print("check_build: FAILED\n  " + "\n  ".join(problems), file=sys.stderr)
         sys.exit(1)
     print(f"check_build: {len(pages)} pages OK (offline assets, local MathJax and widgets, Colab links, no raw tables, "
-          "cut cells, plot reprs, warnings or nan on a page, a bibliography that lists every entry)")
+          "cut cells, plot reprs, overlong output lines, warnings or nan on a page, a bibliography that lists every "
+          "entry)")
 
 
 if __name__ == "__main__":

@@ -122,6 +122,32 @@ def test_cjk_render_check_sees_missing_fonts(tmp_path: Path, monkeypatch: pytest
         assert check_build.check_cjk_render(tmp_path, browser) == []
 
 
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium (CI installs it)")
+def test_render_check_sees_inline_math_run_off_the_column(tmp_path: Path) -> None:
+    """A formula cannot wrap: one too long for the text column runs off the page, unless a box that scrolls
+    sideways (a wide table) holds it. Rendered by headless Chromium with the book's own MathJax."""
+    mathjax = ROOT / "_vendor" / "site" / "_static" / "vendor" / "mathjax"
+    if not mathjax.is_dir():
+        pytest.skip("MathJax is not fetched yet: make setup (which make test runs first) puts it in _vendor/")
+    vendor = tmp_path / "_static" / "vendor"
+    vendor.mkdir(parents=True)
+    (vendor / "mathjax").symlink_to(mathjax)
+    long = r"R^\top R = (I+Q)^{-\top}(I-Q)^\top(I-Q)(I+Q)^{-1} = (I-Q)^{-1}(I+Q)(I-Q)(I+Q)^{-1} = I"
+    page = tmp_path / "page.html"
+    page.write_text(
+        '<html><head><script defer src="_static/vendor/mathjax/tex-mml-chtml.js"></script></head><body>'
+        '<article class="bd-article" style="width: 320px">'
+        f'<p>short <span class="math notranslate nohighlight">\\(BA\\)</span> and long '
+        f'<span class="math notranslate nohighlight">\\({long}\\)</span> end.</p>'
+        f'<div style="overflow-x: auto"><table><tr><td style="white-space: nowrap">'
+        f'<span class="math notranslate nohighlight">\\(W_0 + {long}\\)</span></td></tr></table></div>'
+        "</article></body></html>", encoding="utf-8")
+    problems = check_build.check_render(tmp_path, [check_build.Page(tmp_path, page)], shutil.which("chromium"))
+    over = [p for p in problems if "runs past the text column" in p]
+    assert len(over) == 1 and "(I+Q)^{-1} = I$" in over[0] and "W_0" not in over[0], problems
+    assert not list(tmp_path.glob(".render-*"))  # the measuring copy is gone
+
+
 def test_raw_cite_role_in_prose_is_caught(tmp_path: Path) -> None:
     leaked = CLEAN.replace("1,024 parameters", "1,024 parameters ({cite}`hu2021lora`)")
     problems = _page(tmp_path, leaked)

@@ -22,7 +22,9 @@ Checks, each failing with the page and what was found:
 5. ``--render`` (default: when Chromium is installed; always under CI, ``CI=true``, where a
    missing browser fails the check instead of skipping it): headless Chromium, with its network
    features off, loads each page with math or widgets from ``file://`` and the rendered DOM
-   must contain MathJax output (``mjx-container``) and live widgets (``widget-...`` views); and
+   must contain MathJax output (``mjx-container``) and live widgets (``widget-...`` views); no inline
+   formula may run past the text column in a desktop window (a formula cannot wrap; one in a box that
+   scrolls sideways, such as a wide table, can be scrolled to); and
    Chinese text, in the site's font stack, must render differently from unassigned code points
    (identical screenshots mean every CJK glyph is an empty box: no CJK font reached).
 6. The bibliography: ``book/bibliography.html`` lists one entry per entry of the bib files that
@@ -35,7 +37,8 @@ Usage: ``python tools/check_build.py [--html _build/html] [--render auto|yes|no]
 from __future__ import annotations
 
 import argparse
-import html
+import html as html_lib  # several checks take the build folder as a parameter called html
+import json
 import os
 import re
 import shutil
@@ -139,7 +142,7 @@ def check_reader_view(page: Path, rel: str, text: str | None = None) -> list[str
         if m:
             problems.append(f"{rel}: a raw markdown table in {where}: {text[max(0, m.start() - 60):m.end() + 20]!r} "
                             "(show a DataFrame, or write a MyST table in markdown)")
-    for cut in (html.unescape(m.group(1)) for m in CUT_CELL.finditer(page_html)):
+    for cut in (html_lib.unescape(m.group(1)) for m in CUT_CELL.finditer(page_html)):
         if len(cut) == PANDAS_CUT:
             problems.append(f"{rel}: a table cell cut short by pandas: {cut!r} (display it whole: "
                             "pd.option_context('display.max_colwidth', None), or a Styler)")
@@ -382,6 +385,37 @@ def _chromium() -> str | None:
     return None
 
 
+# Injected into a copy of each page that check 5 renders: once MathJax has typeset, the TeX of every inline
+# formula whose right edge passes the text column's (a formula cannot wrap: the line runs off the page) and that
+# no sideways-scrolling box (a wide table) holds, written into the DOM for --dump-dom to carry out.
+MEASURE = """<script>
+window.addEventListener("load", () => {
+  const measure = () => {
+    const column = document.querySelector("article.bd-article") || document.querySelector("main") || document.body;
+    const right = column.getBoundingClientRect().right;
+    const over = [];
+    const doc = window.MathJax && MathJax.startup && MathJax.startup.document;
+    for (const item of (doc && doc.math) || []) {
+      if (item.display || !item.typesetRoot) continue;
+      let scrolls = false;  // a formula in a box that scrolls sideways (a wide table) can be scrolled to
+      for (let e = item.typesetRoot.parentElement; e && e !== column; e = e.parentElement) {
+        if (["auto", "scroll"].includes(getComputedStyle(e).overflowX)) { scrolls = true; break; }
+      }
+      if (scrolls) continue;
+      const box = item.typesetRoot.getBoundingClientRect();
+      if (box.width > 0 && box.right > right + 2) over.push(item.math);
+    }
+    document.body.setAttribute("data-overflow", JSON.stringify(over));
+  };
+  const ready = window.MathJax && MathJax.startup && MathJax.startup.promise;
+  ready ? ready.then(() => setTimeout(measure, 50)) : setTimeout(measure, 500);
+});
+</script>"""
+OVERFLOW = re.compile(r'data-overflow="([^"]*)"')
+#: the window check 5 renders in: a desktop browser's (the text column then is its full width)
+WINDOW = "1300,900"
+
+
 def check_render(html: Path, pages: list[Page], browser: str) -> list[str]:
     """Run check 5 with headless Chromium and no network features, on the ``pages`` with math or widgets."""
     problems = []
@@ -389,18 +423,23 @@ def check_render(html: Path, pages: list[Page], browser: str) -> list[str]:
         page, rel, parser = p.path, p.rel, p.assets
         if not (parser.has_math or parser.has_widget_view):
             continue
-        with tempfile.TemporaryDirectory() as profile:
-            cmd = [
-                browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--disable-quic", f"--user-data-dir={profile}",
-                "--virtual-time-budget=8000", "--dump-dom", page.resolve().as_uri(),
-            ]
-            try:
-                out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            except subprocess.TimeoutExpired:
-                problems.append(f"{rel}: Chromium timed out")
-                continue
+        copy = page.with_name(f".render-{page.name}")  # beside the page, so its relative links resolve
+        copy.write_text(_read(page).replace("</body>", MEASURE + "</body>", 1), encoding="utf-8")
+        try:
+            with tempfile.TemporaryDirectory() as profile:
+                cmd = [
+                    browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", "--disable-quic", f"--user-data-dir={profile}", f"--window-size={WINDOW}",
+                    "--virtual-time-budget=8000", "--dump-dom", copy.resolve().as_uri(),
+                ]
+                try:
+                    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                except subprocess.TimeoutExpired:
+                    problems.append(f"{rel}: Chromium timed out")
+                    continue
+        finally:
+            copy.unlink(missing_ok=True)
         dom = out.stdout
         if not dom:
             problems.append(f"{rel}: Chromium returned no DOM ({out.stderr.strip()[-300:]})")
@@ -409,6 +448,10 @@ def check_render(html: Path, pages: list[Page], browser: str) -> list[str]:
             problems.append(f"{rel}: math did not render (no mjx-container in the DOM)")
         if parser.has_widget_view and not re.search(r'class="[^"]*\bwidget-', dom):
             problems.append(f"{rel}: widgets did not render (no widget views in the DOM)")
+        m = OVERFLOW.search(dom)
+        for tex in json.loads(html_lib.unescape(m.group(1))) if m else []:
+            problems.append(f"{rel}: inline math runs past the text column: ${tex}$ (make it a display equation, "
+                            "or split it)")
         print(f"check_build: rendered {rel}: math={parser.has_math} widgets={parser.has_widget_view}")
     if any(CJK.search(p.text) for p in pages):
         problems += check_cjk_render(html, browser)

@@ -424,7 +424,8 @@ def check_render(html: Path, pages: list[Page], browser: str) -> list[str]:
         if not (parser.has_math or parser.has_widget_view):
             continue
         copy = page.with_name(f".render-{page.name}")  # beside the page, so its relative links resolve
-        copy.write_text(_read(page).replace("</body>", MEASURE + "</body>", 1), encoding="utf-8")
+        text = p.text if "</body>" in p.text else p.text + "</body>"
+        copy.write_text(text.replace("</body>", MEASURE + "</body>", 1), encoding="utf-8")
         try:
             with tempfile.TemporaryDirectory() as profile:
                 cmd = [

@@ -318,7 +318,8 @@ def fixed_cost_text(res: dict, room: dict, n: int) -> list[str]:
         text += (f"That is more than the {room['room']:.1f} ms the target leaves above the bound in this run: with "
                  f"one such node per layer the target is out of reach, however fast the products run.")
     else:
-        text += f"peftlab's share is {total / room['room']:.0%} of the {room['room']:.1f} ms the target leaves above the bound."
+        text += (f"peftlab's share is {total / room['room']:.0%} of the {room['room']:.1f} ms the target leaves "
+                 f"above the bound.")
     return [text, ""]
 
 

@@ -668,10 +668,15 @@ def pareto(
     return ax
 
 
-#: where :func:`place_labels` tries a label, in points from its marker: beside it first, then above and below,
-#: then the same directions further out (a thin line then joins label and marker)
-_LABEL_SPOTS = [(dx * r, dy * r) for r in (1, 2, 3, 4, 6) for dx, dy in
-                ((6, 3), (6, -9), (-6, 3), (-6, -9), (0, 9), (0, -15), (10, 12), (-10, 12), (10, -18), (-10, -18))]
+#: where :func:`place_labels` tries a label, in points from its marker: beside it first, then above and below
+#: (the first ring), then the same directions further out (a thin line then joins label and marker)
+_LABEL_RING = ((6, 3), (6, -9), (-6, 3), (-6, -9), (0, 9), (0, -15), (10, 12), (-10, 12), (10, -18), (-10, -18))
+_LABEL_SPOTS = [(dx * r, dy * r) for r in (1, 2, 3, 4, 6) for dx, dy in _LABEL_RING]
+
+
+def _label_ha(spot: tuple[float, float]) -> str:
+    """A label right of its marker starts there, one left of it ends there, one straight above or below centres."""
+    return "left" if spot[0] > 0 else "right" if spot[0] < 0 else "center"
 
 
 def place_labels(ax: Axes, names: Sequence[str], xs: Sequence[float], ys: Sequence[float], *,
@@ -680,8 +685,8 @@ def place_labels(ax: Axes, names: Sequence[str], xs: Sequence[float], ys: Sequen
     no other label, no marker and nothing in ``avoid`` (artists such as a legend), inside the axes: each label
     takes the first free spot of :data:`_LABEL_SPOTS`, crowded points first. A label set further than its first
     ring of spots gets a thin line to its marker; one that finds no free spot takes the spot with the least area
-    overlapping or outside the axes. Call it when the axes' limits and scales are final (it places in screen space). Returns the
-    annotations. :func:`pareto` labels its points with it.
+    overlapping or outside the axes. Call it when the axes' limits and scales are final (it places in screen
+    space). Returns the annotations. :func:`pareto` labels its points with it.
     """
     fig = ax.figure
     renderer = fig.canvas.get_renderer() if hasattr(fig.canvas, "get_renderer") else fig._get_renderer()
@@ -707,7 +712,7 @@ def place_labels(ax: Axes, names: Sequence[str], xs: Sequence[float], ys: Sequen
         best = None
         for spot in _LABEL_SPOTS:
             ann.set_position(spot)
-            ann.set_ha("left" if spot[0] > 0 else "right" if spot[0] < 0 else "center")
+            ann.set_ha(_label_ha(spot))
             box = tuple(ann.get_window_extent(renderer).extents)
             outside = (box[2] - box[0]) * (box[3] - box[1]) - overlap(box, frame)  # what sticks out of the axes
             cost = (sum(overlap(box, o) for o in placed + blocked)
@@ -720,9 +725,8 @@ def place_labels(ax: Axes, names: Sequence[str], xs: Sequence[float], ys: Sequen
         ann.remove()  # the probe; the label itself, with a line to its marker when it sits beyond the first ring
         line = {"arrowstyle": "-", "color": "#888888", "linewidth": 0.6, "shrinkA": 0, "shrinkB": 3}
         anns[i] = ax.annotate(names[i], (xs[i], ys[i]), textcoords="offset points", xytext=spot, fontsize=fontsize,
-                              va="baseline", ha="left" if spot[0] > 0 else "right" if spot[0] < 0 else "center",
-                              color="black" if colors is None else colors[i],
-                              arrowprops=line if _LABEL_SPOTS.index(spot) >= 10 else None)
+                              va="baseline", ha=_label_ha(spot), color="black" if colors is None else colors[i],
+                              arrowprops=line if _LABEL_SPOTS.index(spot) >= len(_LABEL_RING) else None)
         placed.append(box)
     return anns
 

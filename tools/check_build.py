@@ -67,9 +67,9 @@ RAW_TABLE = re.compile(r"\|\s*:?-{3,}:?\s*\|")
 # then "...", 49 characters in all
 CUT_CELL = re.compile(r"<t[dh][^>]*>([^<]*\.\.\.)</t[dh]>")
 PANDAS_CUT = 49
+LONG_LINE = 600  # characters: no printed message is this long; a repr of a whole object is
 # the text/plain result of a cell that ends on a plotting call (a figure's own "<Figure size ...>" text never
 # shows: its image does)
-LONG_LINE = 600  # characters: no printed message is this long; a repr of a whole object is
 PLOT_REPR = re.compile(r"<(?:Axes: |Axes3D: |matplotlib\.[\w.]+ (?:at 0x|object at)|Figure size [^>]* with 0 Axes>)")
 WARNING = re.compile(r"\b[A-Z]\w*Warning: ")
 # Python prints a missing float as "nan"; the word NaN in a sentence about NaN values is prose, not a leak.

@@ -663,6 +663,20 @@ def test_step_rotations_are_one_node_with_the_per_layer_gradients(name, skip):
             torch.testing.assert_close(together[key], want, rtol=1e-5, atol=1e-7)
 
 
+def test_a_step_finds_the_layers_model_modules_would():
+    """The layers a training forward gathers (``orthogonal_layers``, a plain walk, every step) are those
+    ``model.modules()`` yields, in its order: nested containers, a layer reached under two names counted once."""
+    from peftlab.tuners.orthogonal import OrthogonalLayer, orthogonal_layers
+
+    torch.manual_seed(0)
+    net = nn.Sequential(ThreeLayers(), nn.ModuleList([nn.Sequential(nn.Linear(16, 16), nn.ReLU()), nn.Linear(16, 16)]))
+    pm = get_peft_model(net, OFTConfig(oft_block_size=4, target_modules=["a", "b", "c", "1.0.0", "1.1"]))
+    inner = pm.base_model.model
+    inner.add_module("again", inner[0].b)  # the same adapted layer under a second name
+    want = [m for m in inner.modules() if isinstance(m, OrthogonalLayer)]
+    assert len(want) == 5 and orthogonal_layers(inner) == want
+
+
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 def test_step_rotations_under_activation_checkpointing(reentrant):
     """torch.utils.checkpoint runs the checkpointed layer again during the backward, when the step's rotations are

@@ -475,7 +475,7 @@ def rotated_weight_t(weight: torch.Tensor, blocks: torch.Tensor, scale: torch.Te
     block, contiguous in the layout a product with x reads (W may be some rows of a weight: (k, in) → (in, k))."""
     r, b, _ = blocks.shape
     w_rot_t = torch.bmm(blocks, weight.T.view(r, b, -1)).view(r * b, -1)
-    return w_rot_t if scale is None else w_rot_t * scale
+    return w_rot_t if scale is None else w_rot_t.mul_(scale)  # the product is fresh: scaled where it lies
 
 
 class RotatedLinear(torch.autograd.Function):
@@ -555,13 +555,12 @@ class RotatedLinear(torch.autograd.Function):
         grad_wide = torch.bmm(x.reshape(t, rk, bk).permute(1, 2, 0), gr.view(t, rk, bk).transpose(0, 1))
         grad_blocks = grad_wide if k == 1 else (
             grad_wide.view(rk, k, b, k, b).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(r, b, b))
-        if inverse is not None:
-            grad_blocks = torch.bmm(grad_blocks, inverse.mT)  # x_iᵀ ∂x_i R_i⁻ᵀ = x_iᵀ G_i
+        if inverse is not None:  # x_iᵀ ∂x_i R_i⁻ᵀ = x_iᵀ G_i (R⁻ᵀ = R when R is orthogonal)
+            grad_blocks = torch.bmm(grad_blocks, blocks if ctx.orthogonal else inverse.mT)
         if scale is not None and ctx.needs_input_grad[4]:
-            x2 = x.reshape(t, -1)
 
             def direct(idx: Any) -> torch.Tensor:  # Σ_tokens g ⊙ (x (W Rᵀ)ᵀ) for outputs idx, from x
-                return (g2[:, idx] * torch.mm(x2, rotated_weight_t(weight[idx], blocks))).sum(0)
+                return (g2[:, idx] * torch.mm(x.reshape(t, -1), rotated_weight_t(weight[idx], blocks))).sum(0)
             h = kept_output(ctx)
             if h is None:
                 grad_scale = direct(slice(None))
@@ -828,7 +827,7 @@ class OrthogonalTuner(BaseTuner):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not (self.batch_rotations and torch.is_grad_enabled()) or torch.compiler.is_compiling():
             return self.model(*args, **kwargs)
-        step = StepRotations(m for m in self.model.modules() if isinstance(m, OrthogonalLayer))
+        step = StepRotations(orthogonal_layers(self.model))
         if not step:
             return self.model(*args, **kwargs)
         token = _STEP_ROTATIONS.set(step)
@@ -850,6 +849,22 @@ class OrthogonalTuner(BaseTuner):
                 f"target module {key!r} is a grouped nn.Conv2d (groups={target.groups}); {self.method_name} rotates "
                 "the whole filter of an ungrouped convolution. Leave it out of target_modules"
             )
+
+
+def orthogonal_layers(model: nn.Module) -> list[OrthogonalLayer]:
+    """``model``'s OFT and BOFT layers in module order (what ``model.modules()`` would find, without its names and
+    memo: a training forward asks for them every step)."""
+    found, seen, stack = [], set(), [model]
+    while stack:
+        module = stack.pop()
+        if module is None or id(module) in seen:  # a slot set to None; a module reached twice counts once
+            continue
+        seen.add(id(module))
+        if isinstance(module, OrthogonalLayer):  # no adapter layer nests another
+            found.append(module)
+        else:
+            stack.extend(reversed(module._modules.values()))
+    return found
 
 
 def divisors(n: int) -> list[int]:

@@ -103,6 +103,8 @@ class BOFTLayer(OrthogonalLayer):
 
     def block_diagonal_blocks(self, adapter_name: str) -> torch.Tensor | None:
         """R's diagonal blocks (:func:`group_blocks`; the fused OFT path applies), or None when too wide."""
+        if self.boft_R[adapter_name].shape[0] == 1 and not (self.training and self.boft_dropout[adapter_name] > 0):
+            return self.source_blocks(adapter_name)  # one factor: its blocks, (blocks, b, b) as built
         return group_blocks(self.factors(adapter_name, self.training))
 
     def out_scale(self, adapter_name: str) -> torch.Tensor:

@@ -211,10 +211,13 @@ def rotation_products(model, n_tokens: int) -> tuple[Callable[[], None], int]:
     """The products no OFT or BOFT (one factor) training step can skip, per adapted linear layer with r blocks of
     b (grouped as the fused node groups narrow blocks): the rotated weight W Rᵀ ((r, b, b) times (r, b, out)), and
     the blocks' gradient Σ_tokens x_iᵀ G_i over the tokens; with BOFT's output scale s also the pass over the
-    tokens that gives ∂s (s itself can scale the weight's rows instead of the output). The rotation's construction
-    from its parameters (b×b products) is left out (a lower bound)."""
+    tokens that gives ∂s (s itself can scale the weight's rows instead of the output). Where a layer's input takes no
+    gradient (block 0's q, k and v: the floor's backward stops at their outputs) the bound adds G = g W, (tokens, out)
+    times (out, in): the rotation's gradient needs it there although no ∂x does (elsewhere the floor computes it as
+    ∂x). The rotation's construction from its parameters (b×b products) is left out (a lower bound)."""
     from peftlab.tuners.orthogonal import OrthogonalLayer, block_group
 
+    no_grad_in = inputs_without_grad(model, OrthogonalLayer)
     stand_in, xs, gs = [], {}, {}
     g = torch.Generator().manual_seed(0)
     for m in model.modules():
@@ -230,17 +233,93 @@ def rotation_products(model, n_tokens: int) -> tuple[Callable[[], None], int]:
                 xs[n_in] = (torch.randn(n_tokens, n_in, generator=g), torch.randn(n_tokens, n_in, generator=g))
             if n_out not in gs:
                 gs[n_out] = torch.randn(n_tokens, n_out, generator=g)
-            stand_in.append((blocks, w, xs[n_in][0], gs[n_out], xs[n_in][1], k, scaled))
+            stand_in.append((blocks, w, xs[n_in][0], gs[n_out], xs[n_in][1], k, scaled, id(m) in no_grad_in))
 
     def run() -> None:
-        for blocks, w, x, gr, gx, k, scaled in stand_in:
+        for blocks, w, x, gr, gx, k, scaled, needs_g in stand_in:
             r, b, _ = blocks.shape
             torch.bmm(blocks, w.T.view(r, b, w.shape[0]))  # R Wᵀ, block by block
+            if needs_g:
+                torch.mm(gr, w)  # G = g W, which the floor skips below its stop
             rk, bk = r // k, b * k
             torch.bmm(x.view(-1, rk, bk).permute(1, 2, 0), gx.view(-1, rk, bk).transpose(0, 1))  # Σ x_iᵀ G_i
             if scaled:
                 (gr * gr).sum(0)  # ∂s = Σ_tokens g ⊙ (unscaled output)
     return run, len(stand_in)
+
+
+class StrippedRotation(torch.autograd.Function):
+    """An instrument, not a layer: h = s ⊙ (x (W Rᵀ)ᵀ) for block-diagonal R with only the products peftlab's
+    ``RotatedLinear`` runs in its common case (the rotated weight kept, one token product for ∂x and G, the blocks'
+    gradient grouped as it groups them, ∂s read off the output) and nothing a library must check: no bias, no
+    second derivatives, no in-place change to the output noticed, no s near 0, no generic path. What a training
+    step would cost if an adapted layer were nothing but its products in one node."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor | None,
+                r_inv_t: torch.Tensor) -> torch.Tensor:
+        r, b, _ = blocks.shape
+        out = w.shape[0]
+        w_rot_t = torch.bmm(blocks, w.T.view(r, b, out)).view(r * b, out)
+        if scale is not None:
+            w_rot_t.mul_(scale.view(1, -1))
+        h = torch.empty(*x.shape[:-1], out)
+        torch.mm(x.view(-1, r * b), w_rot_t, out=h.view(-1, out))
+        ctx.save_for_backward(x, r_inv_t, w_rot_t, scale)
+        ctx.h = h.detach()
+        return h
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):
+        from peftlab.tuners.orthogonal import block_group
+
+        x, r_inv_t, w_rot_t, scale = ctx.saved_tensors
+        r, b, _ = r_inv_t.shape
+        out = w_rot_t.shape[1]
+        g2 = g.reshape(-1, out)
+        t = g2.shape[0]
+        gx = torch.mm(g2, w_rot_t.T)
+        k = block_group(r, b)
+        rk, bk = r // k, b * k
+        wide = torch.bmm(x.view(t, rk, bk).permute(1, 2, 0), gx.view(t, rk, bk).transpose(0, 1))
+        gb = wide if k == 1 else wide.view(rk, k, b, k, b).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(r, b, b)
+        gs = None if scale is None else (g2 * ctx.h.view(-1, out)).sum(0).div_(scale.view(-1)).view_as(scale)
+        return gx.view(x.shape), None, torch.bmm(gb, r_inv_t), gs, None
+
+
+def strip_rotations(model):
+    """``model`` (a peftlab OFT or BOFT model, one adapter, block-diagonal R) with every adapted layer's forward
+    replaced by :class:`StrippedRotation` on the blocks the step built: the instrument behind the *stripped*
+    candidate. Returns the model."""
+    from types import MethodType
+
+    from peftlab.tuners.orthogonal import OrthogonalLayer
+
+    def forward(layer, x):
+        name = layer.active_adapters[0]
+        blocks = layer.block_diagonal_blocks(name)
+        r_inv_t = blocks if layer.exactly_orthogonal(name) else layer._step_inverse(name, blocks).mT
+        scale = layer.boft_s[name] if hasattr(layer, "boft_s") else None  # (out, 1): its own gradient's shape
+        return StrippedRotation.apply(x, layer.base_layer.weight, blocks, scale, r_inv_t)
+    for m in model.modules():
+        if isinstance(m, OrthogonalLayer):
+            m.forward = MethodType(forward, m)
+    return model
+
+
+def inputs_without_grad(model, kind: type) -> set[int]:
+    """The ids of ``model``'s modules of ``kind`` whose input takes no gradient in a training forward (one forward on 2
+    tokens, watched by hooks): where a frozen model's backward computes no ∂x."""
+    found: set[int] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, args: None if args[0].requires_grad else found.add(id(mod)))
+             for m in model.modules() if isinstance(m, kind)]
+    try:
+        with torch.enable_grad():
+            model(input_ids=tokens(1, 2, next(model.parameters()).device.type))
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
 
 
 def optimiser_step_on(model) -> Callable[[], None]:
@@ -469,6 +548,8 @@ METHODS: dict[str, Method] = {
 
 #: the bound (floor + the products the method cannot skip + its optimizer step), where a method defines them
 BOUND_RATIOS = {"bound/peft": ("bound", "peft"), "bound/limit": ("bound", "limit"), "peftlab/bound": ("peftlab", "bound")}
+#: the OFT and BOFT steps with their layers stripped to the products (:func:`strip_rotations`)
+STRIPPED_RATIOS = {"stripped/peft": ("stripped", "peft"), "peftlab/stripped": ("peftlab", "stripped")}
 #: every training-step scenario reports these
 STEP_RATIOS = {"peftlab/peft": ("peftlab", "peft"), "peftlab/limit": ("peftlab", "limit"),
                "peft/limit": ("peft", "limit"), "limit/peft": ("limit", "peft"),
@@ -513,6 +594,10 @@ def s_step(a, dev, dt, method: str) -> dict:
     layers = None
     if spec.products is not None and dev == "cpu":  # the bound's products are CPU BLAS calls
         layers = add_step_bound(fns, ratios, spec.products, models["peftlab"], x.numel())
+        if spec.products is rotation_products:  # the same layers as bare products in one node each
+            m = strip_rotations(spec.model("peftlab", dev, dt).train())
+            fns["stripped"] = train_step(m, optimiser(m), batch)
+            ratios.update(STRIPPED_RATIOS)
     faults: dict[str, list[int]] = {}
     t = interleave(fns, a.reps, a.warmup, dev, faults=faults)
     out = summarise(t, ratios)

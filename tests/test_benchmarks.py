@@ -50,6 +50,8 @@ def test_scenario_runs_and_reports_its_targets(name, tiny):
         assert math.isfinite(r["median"]) and r["median"] > 0
     if name.endswith(("_step", "_inference", "_io")):
         assert res["about"]
+    if name in ("oft_step", "boft_step"):  # their layers stripped to the products, beside peftlab's
+        assert {"stripped/peft", "peftlab/stripped"} <= set(res["ratios"])
     if tiny.profile:
         assert set(res["profile"]) == {"peftlab", "peft", "limit"}
         assert all(row["self_ms"] >= 0 and row["op"] for rows in res["profile"].values() for row in rows)
@@ -184,11 +186,57 @@ def test_fixed_cost_is_set_against_the_room():
     assert "Either way" not in text and "with one such node per layer the target is out of reach" in text
 
 
+@pytest.mark.parametrize("method", ["oft", "boft"])
+def test_stripped_layers_compute_what_peftlabs_do(method):
+    """The *stripped* candidate's layers (bare products in one node, an instrument) give the loss and every gradient
+    of peftlab's own step, on trained-looking adapters; and the page sets their step against a missed target."""
+    torch = run.torch
+    x = run.tokens(2, 16, "cpu")
+    batch = {"input_ids": x, "labels": x}
+    models = [run.METHODS[method].model("peftlab", "cpu", torch.float32).train() for _ in range(2)]
+    run.strip_rotations(models[1])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p, q in zip(*(m.parameters() for m in models)):
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+                q.copy_(p)
+    losses = [m(**batch).loss for m in models]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0])
+    grads = [[p.grad for p in m.parameters() if p.requires_grad] for m in models]
+    assert len(grads[0]) == (16 if method == "oft" else 32)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert not any(type(m).__name__ == "RotatedLinearBackward" for m in _graph_nodes(models[1](**batch).loss))
+
+    target = {"scenario": "boft_step", "ratio": "peftlab/peft", "target": 0.70}
+    res = {"ratios": {"stripped/peft": {"median": 0.705}}}
+    def pinned(value):
+        return {"ratios": {"stripped/peft": {"median": value}}}
+    assert "misses the target too" in report.stripped_text(target, res, pinned(0.71))[0]
+    assert "in one pass" in report.stripped_text(target, res, pinned(0.69))[0]
+    assert "meets the target" in report.stripped_text({**target, "target": 0.8}, res, None)[0]
+    assert report.stripped_text(target, {"ratios": {}}, None) == []
+
+
+def _graph_nodes(t):
+    seen, stack = [], [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.append(node)
+            stack.extend(n for n, _ in node.next_functions)
+    return seen
+
+
 def test_bound_products_run_what_their_methods_cannot_skip(tiny):
     """The bound's stand-in products: four rank-r products per LoRA layer (A xᵀ, Bᵀ gᵀ, ∂A, ∂B: 2·r·T·(in + out)
-    multiply-adds), two batched products per OFT/BOFT layer (the rotated weight, the blocks' gradient) and BOFT's
-    pass for ∂s (a product and a sum over the tokens; s itself scales the weight), two per layer for serving; and
-    the page puts every missed target beside its bound."""
+    multiply-adds), two batched products per OFT/BOFT layer (the rotated weight, the blocks' gradient), BOFT's
+    pass for ∂s (a product and a sum over the tokens; s itself scales the weight) and G = g W on the three layers
+    whose input takes no gradient (block 0's q, k, v: the floor computes no ∂x there, the rotation's gradient needs
+    G all the same), two per layer for serving; and the page puts every missed target beside its bound."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     torch = run.torch
@@ -212,10 +260,14 @@ def test_bound_products_run_what_their_methods_cannot_skip(tiny):
     assert c.macs == sum(2 * m.r["default"] * 10 * (m.in_features + m.out_features) for m in model.modules()
                          if hasattr(m, "lora_A") and hasattr(m, "r"))
     for method, per_layer in (("oft", {"bmm": 2}), ("boft", {"bmm": 2, "mul": 1, "sum": 1})):
-        products, layers = run.rotation_products(run.METHODS[method].model("peftlab", "cpu", torch.float32), 10)
+        model = run.METHODS[method].model("peftlab", "cpu", torch.float32)
+        products, layers = run.rotation_products(model, 10)
         with Count() as c:
             products()
         assert layers == 16 and all(c.ops.count(op) == n * 16 for op, n in per_layer.items()), (method, c.ops[:8])
+        w = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+        assert c.ops.count("mm") == 3 and c.macs == 3 * 10 * w.shape[0] * w.shape[1]  # G on block 0's q, k, v
+        assert all(p.grad is None for p in model.parameters())  # finding them ran a forward only
 
     results = run.measure(["lora_step", "serving", "lab_scale"], tiny)
     for name, n in (("lora_step", 16), ("serving", 16), ("lab_scale", 21)):

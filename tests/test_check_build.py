@@ -85,6 +85,26 @@ def test_an_object_printed_whole_is_caught(tmp_path: Path) -> None:
     assert _page(tmp_path, CLEAN.replace("score 0.93", many)) == []
 
 
+def test_a_whole_module_left_as_a_cells_value_is_caught(tmp_path: Path) -> None:
+    """A cell that ends on ``model.eval()`` shows the whole module tree as its value; a printed layer, or another
+    value that opens with a bracket (a Dataset, a tensor), is no leak."""
+    import torch
+
+    tree = repr(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())).replace("<", "&lt;")
+
+    def value(text: str) -> str:
+        return CLEAN.replace('<div class="output stream highlight-myst-ansi notranslate">\n<div class="highlight"><pre>'
+                             'score 0.93</pre>',
+                             '<div class="output text_plain highlight-myst-ansi notranslate"><div class="highlight">'
+                             f'<pre><span></span>{text}</pre>')
+    assert value("x") != CLEAN
+    problems = _page(tmp_path, value(tree))
+    assert len(problems) == 1 and "a whole module's repr" in problems[0] and "Sequential(" in problems[0]
+    assert _page(tmp_path, CLEAN.replace("score 0.93", tree)) == []  # printed on purpose (a stream)
+    for other in ("Dataset({\n    features: ['task'],\n    num_rows: 2\n})", "tensor([[1., 2.],\n        [3., 4.]])"):
+        assert _page(tmp_path, value(other)) == [], other
+
+
 def test_nan_in_prose_is_caught_but_not_in_code_or_words(tmp_path: Path) -> None:
     problems = _page(tmp_path, CLEAN.replace("1,024 parameters", "nan parameters"))
     assert len(problems) == 1 and "'nan' in the prose" in problems[0]

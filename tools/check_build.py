@@ -71,6 +71,11 @@ LONG_LINE = 600  # characters: no printed message is this long; a repr of a whol
 # the text/plain result of a cell that ends on a plotting call (a figure's own "<Figure size ...>" text never
 # shows: its image does)
 PLOT_REPR = re.compile(r"<(?:Axes: |Axes3D: |matplotlib\.[\w.]+ (?:at 0x|object at)|Figure size [^>]* with 0 Axes>)")
+# a cell's value (not a print) that is a torch module's repr: "Name(" and then a line per child, "  (name): ...";
+# a cell that ends on model.eval() / model.train() / model.to(...) shows the whole module tree
+RESULT_TEXT = re.compile(r'<div class="output text_plain[^"]*">(?:<div class="highlight">)?<pre><span></span>(.*?)</pre>',
+                         re.S)
+MODULE_REPR = re.compile(r"\A[A-Za-z_][\w.]*\(\n(?:.*\n)*?\s+\([\w.-]+\): ")
 WARNING = re.compile(r"\b[A-Z]\w*Warning: ")
 # Python prints a missing float as "nan"; the word NaN in a sentence about NaN values is prose, not a leak.
 NAN = re.compile(r"(?<![\w.\-])nan(?![\w])")
@@ -150,6 +155,11 @@ def check_reader_view(page: Path, rel: str, text: str | None = None) -> list[str
     if m:
         problems.append(f"{rel}: a plotting object's repr in a cell output: {output[m.start():m.start() + 100]!r} "
                         "(end the cell with plt.show())")
+    for m in RESULT_TEXT.finditer(page_html):
+        value = html_lib.unescape(re.sub(r"<[^>]+>", "", m.group(1)))
+        if MODULE_REPR.match(value):
+            problems.append(f"{rel}: a cell's value is a whole module's repr: {value[:80]!r}... (a cell that ends on "
+                            "model.eval(), .train() or .to(): end it with ';', or print the part that matters)")
     longest = max(output.splitlines(), key=len, default="")
     if len(longest) > LONG_LINE:
         problems.append(f"{rel}: a cell output line of {len(longest)} characters: {longest[:100]!r}... (an object's "

@@ -105,6 +105,16 @@ def test_a_whole_module_left_as_a_cells_value_is_caught(tmp_path: Path) -> None:
         assert _page(tmp_path, value(other)) == [], other
 
 
+def test_a_printed_trainer_log_is_caught(tmp_path: Path) -> None:
+    """A Trainer without a progress bar prints one dict per logging step: a few lines show a run's course, a page of
+    them is the log the page should plot."""
+    def log(n: int) -> str:
+        return "\n".join(f"{{&#39;loss&#39;: &#39;{2.0 / (i + 1):.4g}&#39;, &#39;epoch&#39;: &#39;{i}&#39;}}" for i in range(n))
+    problems = _page(tmp_path, CLEAN.replace("score 0.93", log(30)))
+    assert len(problems) == 1 and "30 lines of Trainer log" in problems[0]
+    assert _page(tmp_path, CLEAN.replace("score 0.93", log(4))) == []
+
+
 def test_nan_in_prose_is_caught_but_not_in_code_or_words(tmp_path: Path) -> None:
     problems = _page(tmp_path, CLEAN.replace("1,024 parameters", "nan parameters"))
     assert len(problems) == 1 and "'nan' in the prose" in problems[0]

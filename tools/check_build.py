@@ -76,6 +76,9 @@ PLOT_REPR = re.compile(r"<(?:Axes: |Axes3D: |matplotlib\.[\w.]+ (?:at 0x|object 
 RESULT_TEXT = re.compile(r'<div class="output text_plain[^"]*">(?:<div class="highlight">)?<pre><span></span>(.*?)</pre>',
                          re.S)
 MODULE_REPR = re.compile(r"\A[A-Za-z_][\w.]*\(\n(?:.*\n)*?\s+\([\w.-]+\): ")
+# transformers.Trainer's log entries, one printed per logging step when the progress bar is off (PrinterCallback)
+TRAINER_LOG = re.compile(r"^\{'(?:loss|eval_loss|train_runtime)': ", re.M)
+TRAINER_LOG_LINES = 12  # a few show a run's course; more are the log the page should plot
 WARNING = re.compile(r"\b[A-Z]\w*Warning: ")
 # Python prints a missing float as "nan"; the word NaN in a sentence about NaN values is prose, not a leak.
 NAN = re.compile(r"(?<![\w.\-])nan(?![\w])")
@@ -136,7 +139,8 @@ def _read(page: Path) -> str:
 
 def check_reader_view(page: Path, rel: str, text: str | None = None) -> list[str]:
     """Check 4 on one page (``text``: the page, when already read): raw markdown tables, leaked warnings and
-    stderr, table cells cut short, plotting reprs, overlong output lines, ``nan`` in the prose."""
+    stderr, table cells cut short, plotting reprs, a whole module as a cell's value, a printed
+    Trainer log, overlong output lines, ``nan`` in the prose."""
     page_html = _read(page) if text is None else text
     reader = _Reader()
     reader.feed(page_html)
@@ -160,6 +164,10 @@ def check_reader_view(page: Path, rel: str, text: str | None = None) -> list[str
         if MODULE_REPR.match(value):
             problems.append(f"{rel}: a cell's value is a whole module's repr: {value[:80]!r}... (a cell that ends on "
                             "model.eval(), .train() or .to(): end it with ';', or print the part that matters)")
+    logged = len(TRAINER_LOG.findall(output))
+    if logged > TRAINER_LOG_LINES:
+        problems.append(f"{rel}: {logged} lines of Trainer log in the cell outputs (remove its PrinterCallback and "
+                        "plot trainer.state.log_history, or raise logging_steps)")
     longest = max(output.splitlines(), key=len, default="")
     if len(longest) > LONG_LINE:
         problems.append(f"{rel}: a cell output line of {len(longest)} characters: {longest[:100]!r}... (an object's "
@@ -491,8 +499,8 @@ def main() -> None:
         print("check_build: FAILED\n  " + "\n  ".join(problems), file=sys.stderr)
         sys.exit(1)
     print(f"check_build: {len(pages)} pages OK (offline assets, local MathJax and widgets, Colab links, no raw tables, "
-          "cut cells, plot reprs, overlong output lines, warnings or nan on a page, a bibliography that lists every "
-          "entry)")
+          "cut cells, plot reprs, module trees, Trainer logs, overlong output lines, warnings or nan on a page, a "
+          "bibliography that lists every entry)")
 
 
 if __name__ == "__main__":

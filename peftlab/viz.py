@@ -422,12 +422,14 @@ def curves(
     log: bool = False,
     title: Optional[str] = None,
     raw_alpha: float = 0.25,
+    legend: bool = True,
 ) -> Axes:
     """Plot named curves (loss or accuracy against steps) on one axes.
 
     Each value is a list/array of numbers (x = 0, 1, …), a pair ``(xs, ys)``, a list of
     ``(x, y)`` pairs, or a History-like object with a ``.loss`` list. ``smooth=w`` draws the
-    trailing running mean over w points, with the raw curve faint behind it.
+    trailing running mean over w points, with the raw curve faint behind it. ``legend=False``
+    leaves the legend to the caller (one for a row of panels that share their curves' names).
 
     Explained in: book/products.ipynb
     """
@@ -452,7 +454,8 @@ def curves(
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    ax.legend()
+    if legend:
+        ax.legend()
     return ax
 
 

@@ -90,6 +90,9 @@ def test_curves_lists_pairs_history_and_smoothing():
     ax2 = viz.curves({"s": np.array([0.0, 2.0, 4.0])}, smooth=2)
     assert len(ax2.lines) == 2  # raw (faint) + smoothed
     np.testing.assert_allclose(ax2.lines[1].get_ydata(), [0.0, 1.0, 3.0])
+    assert ax.get_legend() is not None and [t.get_text() for t in ax.get_legend().get_texts()][0] == "list"
+    bare = viz.curves({"a": [1.0, 2.0], "b": [2.0, 1.0]}, legend=False)  # a row of panels shares one legend
+    assert bare.get_legend() is None and bare.get_legend_handles_labels()[1] == ["a", "b"]
 
 
 def test_bars_counts_labelled():

@@ -422,14 +422,15 @@ def curves(
     log: bool = False,
     title: Optional[str] = None,
     raw_alpha: float = 0.25,
-    legend: bool = True,
+    legend: bool | str = True,
 ) -> Axes:
     """Plot named curves (loss or accuracy against steps) on one axes.
 
     Each value is a list/array of numbers (x = 0, 1, …), a pair ``(xs, ys)``, a list of
     ``(x, y)`` pairs, or a History-like object with a ``.loss`` list. ``smooth=w`` draws the
     trailing running mean over w points, with the raw curve faint behind it. ``legend=False``
-    leaves the legend to the caller (one for a row of panels that share their curves' names).
+    leaves the legend to the caller (one for a row of panels that share their curves' names);
+    ``legend="outside"`` puts it right of the axes, for curves that fill the whole box.
 
     Explained in: book/products.ipynb
     """
@@ -454,7 +455,9 @@ def curves(
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    if legend:
+    if legend == "outside":
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
+    elif legend:
         ax.legend()
     return ax
 

@@ -93,6 +93,10 @@ def test_curves_lists_pairs_history_and_smoothing():
     assert ax.get_legend() is not None and [t.get_text() for t in ax.get_legend().get_texts()][0] == "list"
     bare = viz.curves({"a": [1.0, 2.0], "b": [2.0, 1.0]}, legend=False)  # a row of panels shares one legend
     assert bare.get_legend() is None and bare.get_legend_handles_labels()[1] == ["a", "b"]
+    outside = viz.curves({"a": [1.0, 2.0], "b": [2.0, 1.0]}, legend="outside")  # right of the box, clear of the curves
+    outside.figure.canvas.draw()
+    box, axes_box = outside.get_legend().get_window_extent(), outside.get_window_extent()
+    assert box.x0 >= axes_box.x1
 
 
 def test_bars_counts_labelled():

@@ -436,6 +436,8 @@ def curves(
     """
     if not isinstance(data, Mapping) or not data:
         raise ValueError("curves needs a non-empty dict name -> values")
+    if legend not in (True, False, "outside"):
+        raise ValueError(f"legend={legend!r}: use True (inside the axes), False (none) or 'outside' (right of them)")
     ax = _new_ax(ax)
     integer_x = True
     for k, (name, v) in enumerate(data.items()):

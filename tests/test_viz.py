@@ -97,6 +97,8 @@ def test_curves_lists_pairs_history_and_smoothing():
     outside.figure.canvas.draw()
     box, axes_box = outside.get_legend().get_window_extent(), outside.get_window_extent()
     assert box.x0 >= axes_box.x1
+    with pytest.raises(ValueError, match="legend='right'.*'outside'"):
+        viz.curves({"a": [1.0]}, legend="right")
 
 
 def test_bars_counts_labelled():

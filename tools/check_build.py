@@ -15,9 +15,11 @@ Checks, each failing with the page and what was found:
    cell that pandas cut at its ``display.max_colwidth`` (49 characters ending in ``...``: a key, a
    module path or an error message with its end missing), a plotting object's repr left as a cell's
    result (``<Axes: ...>``, ``<matplotlib.lines.Line2D at 0x...>``: a cell that ends on a plotting
-   call instead of ``plt.show()``), an output line of more than 600 characters (an object's repr
-   printed whole, such as a cell ending on a call that returns a training history), and ``nan`` in
-   the prose (a number that does not exist in this profile, glued as a float).
+   call instead of ``plt.show()``), a whole torch module's repr as a cell's value (a cell that ends on
+   ``model.eval()``), more than 12 lines of printed ``transformers.Trainer`` log (the log a page
+   should plot), an output line of more than 600 characters (an object's repr printed whole, such as
+   a cell ending on a call that returns a training history), and ``nan`` in the prose (a number that
+   does not exist in this profile, glued as a float).
    The site's CSS must give the text a font stack with CJK fallbacks (the Chinese terms).
 5. ``--render`` (default: when Chromium is installed; always under CI, ``CI=true``, where a
    missing browser fails the check instead of skipping it): headless Chromium, with its network

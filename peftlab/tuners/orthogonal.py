@@ -555,8 +555,8 @@ class RotatedLinear(torch.autograd.Function):
         grad_wide = torch.bmm(x.reshape(t, rk, bk).permute(1, 2, 0), gr.view(t, rk, bk).transpose(0, 1))
         grad_blocks = grad_wide if k == 1 else (
             grad_wide.view(rk, k, b, k, b).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(r, b, b))
-        if inverse is not None:  # x_iᵀ ∂x_i R_i⁻ᵀ = x_iᵀ G_i (R⁻ᵀ = R when R is orthogonal)
-            grad_blocks = torch.bmm(grad_blocks, blocks if ctx.orthogonal else inverse.mT)
+        if inverse is not None:
+            grad_blocks = torch.bmm(grad_blocks, inverse.mT)  # x_iᵀ ∂x_i R_i⁻ᵀ = x_iᵀ G_i
         if scale is not None and ctx.needs_input_grad[4]:
 
             def direct(idx: Any) -> torch.Tensor:  # Σ_tokens g ⊙ (x (W Rᵀ)ᵀ) for outputs idx, from x

@@ -79,11 +79,15 @@ class BOFTLayer(OrthogonalLayer):
         """
         m, nb, b, _ = self.boft_R[adapter_name].shape
         blocks = self.source_blocks(adapter_name).view(m, nb, b, b)  # in a training forward: the shared node's
-        p = self.boft_dropout[adapter_name]
-        if training and p > 0:  # one random factor loses int(p·blocks) blocks to I
+        if self._drops(adapter_name, training):  # one random factor loses int(p·blocks) blocks to I
             i = int(torch.randint(0, m, (1,)))
+            p = self.boft_dropout[adapter_name]
             blocks = torch.cat([blocks[:i], multiplicative_dropout(blocks[i], p)[None], blocks[i + 1:]])
         return blocks
+
+    def _drops(self, adapter_name: str, training: bool) -> bool:
+        """Whether this forward applies BOFT's dropout to the factors."""
+        return training and self.boft_dropout[adapter_name] > 0
 
     def rotation_source(self, adapter_name: str) -> tuple[torch.Tensor, int, bool, None]:
         """Every factor's blocks as (m·blocks, b, b) square matrices, Q = ½(A − Aᵀ), exact Cayley."""
@@ -103,7 +107,7 @@ class BOFTLayer(OrthogonalLayer):
 
     def block_diagonal_blocks(self, adapter_name: str) -> torch.Tensor | None:
         """R's diagonal blocks (:func:`group_blocks`; the fused OFT path applies), or None when too wide."""
-        if self.boft_R[adapter_name].shape[0] == 1 and not (self.training and self.boft_dropout[adapter_name] > 0):
+        if self.boft_R[adapter_name].shape[0] == 1 and not self._drops(adapter_name, self.training):
             return self.source_blocks(adapter_name)  # one factor: its blocks, (blocks, b, b) as built
         return group_blocks(self.factors(adapter_name, self.training))
 
